@@ -1,0 +1,1 @@
+"""loraserve server: configuration, the gRPC layer (server.api) and the engine (server.engine)."""

@@ -1,0 +1,1 @@
+"""The gRPC layer: protobuf <-> domain objects, authentication, status codes. Thin by design."""

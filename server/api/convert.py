@@ -1,0 +1,60 @@
+"""Protobuf <-> domain conversions, kept apart so the servicers stay one-liners."""
+
+from __future__ import annotations
+
+from adapters.store import AdapterRecord
+from loraserve.v1 import adapters_pb2, inference_pb2
+from server.engine.engine import SamplingOverrides
+from server.engine.types import FinishReason, Usage
+
+FINISH_REASONS = {
+    FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,
+    FinishReason.STOP: inference_pb2.FINISH_REASON_STOP,
+    FinishReason.EOS: inference_pb2.FINISH_REASON_EOS,
+}
+
+FILE_KINDS = {
+    adapters_pb2.ADAPTER_FILE_CONFIG: "config",
+    adapters_pb2.ADAPTER_FILE_WEIGHTS: "weights",
+}
+
+
+def sampling_overrides(params: inference_pb2.SamplingParams) -> SamplingOverrides:
+    def opt(name: str):
+        return getattr(params, name) if params.HasField(name) else None
+
+    return SamplingOverrides(
+        max_new_tokens=opt("max_new_tokens"),
+        temperature=opt("temperature"),
+        top_p=opt("top_p"),
+        top_k=opt("top_k"),
+        seed=opt("seed"),
+        stop=tuple(params.stop),
+        ignore_eos=opt("ignore_eos"),
+    )
+
+
+def usage_pb(usage: Usage) -> inference_pb2.Usage:
+    return inference_pb2.Usage(
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        queue_seconds=usage.queue_seconds,
+        time_to_first_token_seconds=usage.time_to_first_token_seconds,
+        total_seconds=usage.total_seconds,
+    )
+
+
+def adapter_info(record: AdapterRecord) -> adapters_pb2.AdapterInfo:
+    return adapters_pb2.AdapterInfo(
+        name=record.name,
+        tenant=record.tenant,
+        version=record.version,
+        rank=record.rank,
+        alpha=record.alpha,
+        use_rslora=record.use_rslora,
+        target_modules=list(record.target_modules),
+        size_bytes=record.size_bytes,
+        sha256=record.sha256,
+        created_at=record.created_at,
+        description=record.description,
+    )

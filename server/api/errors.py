@@ -1,0 +1,53 @@
+"""Maps domain errors to gRPC status codes (never a blanket INTERNAL for bad input)."""
+
+from __future__ import annotations
+
+import logging
+
+import grpc
+
+from adapters.errors import (
+    AdapterCorruptError,
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterValidationError,
+)
+from server.engine.types import EngineError, ErrorKind
+
+log = logging.getLogger(__name__)
+
+_ENGINE_CODES = {
+    ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
+    ErrorKind.NOT_FOUND: grpc.StatusCode.NOT_FOUND,
+    ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
+    ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
+    ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
+}
+
+
+def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
+    """The status and message for a known domain error; None for anything unexpected."""
+    if isinstance(exc, EngineError):
+        return _ENGINE_CODES[exc.kind], exc.message
+    if isinstance(exc, AdapterValidationError):
+        return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, AdapterNotFoundError):
+        return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, AdapterCorruptError):
+        return grpc.StatusCode.INTERNAL, f"stored adapter is corrupt: {exc}"
+    if isinstance(exc, AdapterError):
+        return grpc.StatusCode.INTERNAL, str(exc)
+    return None
+
+
+async def abort_for(
+    context: grpc.aio.ServicerContext, exc: Exception, request_id: str = ""
+) -> None:
+    """Aborts the call with the status matching `exc` (INTERNAL, logged, for anything unknown)."""
+    mapped = status_of(exc)
+    if mapped is None:
+        log.exception("unexpected error%s", f" in request {request_id}" if request_id else "")
+        suffix = f" (request {request_id})" if request_id else ""
+        mapped = (grpc.StatusCode.INTERNAL, f"internal error{suffix}: {type(exc).__name__}")
+    await context.abort(*mapped)

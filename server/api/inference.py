@@ -1,0 +1,150 @@
+"""The Inference service: Generate, GenerateStream, GetServerInfo."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+from collections.abc import AsyncIterator
+
+import grpc
+
+import loraserve
+from adapters.errors import AdapterError
+from loraserve.v1 import inference_pb2, inference_pb2_grpc
+from server.api.auth import Authorizer
+from server.api.convert import FINISH_REASONS, sampling_overrides, usage_pb
+from server.api.errors import abort_for
+from server.engine.types import (
+    AdapterRef,
+    EngineError,
+    ErrorEvent,
+    Event,
+    FinishEvent,
+    TokenEvent,
+)
+from server.runtime import Runtime
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    """Thin: authenticate, turn the request into an engine submission, relay its events."""
+
+    def __init__(self, runtime: Runtime, auth: Authorizer) -> None:
+        self._runtime = runtime
+        self._auth = auth
+
+    async def Generate(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.GenerateResponse:
+        async for request_id, event in self._events(request, context):
+            if isinstance(event, FinishEvent):
+                return inference_pb2.GenerateResponse(
+                    text=event.text,
+                    token_ids=list(event.token_ids),
+                    finish_reason=FINISH_REASONS[event.finish_reason],
+                    usage=usage_pb(event.usage),
+                    request_id=request_id,
+                    adapter_version=event.adapter_version,
+                )
+        raise AssertionError("the event stream ended without a finish event")
+
+    async def GenerateStream(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        async for request_id, event in self._events(request, context):
+            if isinstance(event, TokenEvent):
+                yield inference_pb2.GenerateStreamResponse(
+                    text=event.text,
+                    token_ids=list(event.token_ids),
+                    request_id=request_id,
+                    adapter_version=event.adapter_version,
+                )
+            elif isinstance(event, FinishEvent):
+                yield inference_pb2.GenerateStreamResponse(
+                    text=event.text_delta,
+                    token_ids=list(event.new_token_ids),
+                    finish_reason=FINISH_REASONS[event.finish_reason],
+                    usage=usage_pb(event.usage),
+                    request_id=request_id,
+                    adapter_version=event.adapter_version,
+                )
+
+    async def GetServerInfo(
+        self, request: inference_pb2.GetServerInfoRequest, context: grpc.aio.ServicerContext
+    ) -> inference_pb2.ServerInfo:
+        principal = await self._auth.principal(context)
+        try:
+            engine, _ = self._runtime.require()
+        except EngineError as exc:
+            await abort_for(context, exc)
+            raise
+        loaded = engine.loaded
+        config = engine.config
+        return inference_pb2.ServerInfo(
+            model_path=str(loaded.model_path),
+            model_type=loaded.model_type,
+            architecture=loaded.architecture,
+            device=str(loaded.device),
+            dtype=str(loaded.dtype).removeprefix("torch."),
+            max_lora_rank=config.max_lora_rank,
+            max_new_tokens=config.max_new_tokens_limit,
+            max_prompt_tokens=engine.max_prompt_tokens,
+            max_adapter_bytes=config.max_adapter_bytes,
+            target_modules=loaded.spec.leaf_names(),
+            max_batch_size=config.max_batch_size,
+            version=loraserve.__version__,
+            tenant=principal.tenant,
+            has_chat_template=engine.has_chat_template,
+        )
+
+    async def _events(
+        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+    ) -> AsyncIterator[tuple[str, Event]]:
+        """Submits the request and yields (request_id, event) until it finishes or fails.
+
+        Leaving early (client gone, deadline) cancels the request inside the engine.
+        """
+        principal = await self._auth.principal(context)
+        try:
+            engine, adapters = self._runtime.require()
+            ref = None
+            if request.adapter:
+                # Existence check up front: an unknown (or another tenant's) adapter is NOT_FOUND
+                # right away, never a silent fallback to the base model.
+                await asyncio.to_thread(adapters.get, principal.tenant, request.adapter)
+                ref = AdapterRef(principal.tenant, request.adapter)
+            messages = [(m.role, m.content) for m in request.messages]
+            prompt_ids = engine.encode(request.prompt, messages)
+            sampling = engine.sampling(sampling_overrides(request.sampling))
+        except (AdapterError, EngineError) as exc:
+            await abort_for(context, exc)
+            return
+        loop = asyncio.get_running_loop()
+        queue: asyncio.Queue[Event] = asyncio.Queue()
+
+        def sink(event: Event) -> None:
+            # Runs on the engine thread; the loop may be gone if the server is stopping.
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(queue.put_nowait, event)
+
+        try:
+            handle = engine.submit(
+                tenant=principal.tenant,
+                adapter=ref,
+                prompt_ids=prompt_ids,
+                sampling=sampling,
+                sink=sink,
+            )
+        except EngineError as exc:
+            await abort_for(context, exc)
+            return
+        try:
+            while True:
+                event = await queue.get()
+                if isinstance(event, ErrorEvent):
+                    await abort_for(context, event.error, handle.request_id)
+                    return
+                yield handle.request_id, event
+                if isinstance(event, FinishEvent):
+                    return
+        finally:
+            handle.cancel()

@@ -1,0 +1,135 @@
+"""Builds a running server from a ServerConfig: model, store, engine, gRPC services.
+
+`Server.start()` binds the port (health NOT_SERVING), loads the model, then flips health to
+SERVING; `Server.stop(grace)` flips it back, stops accepting calls and lets in-flight ones finish.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from pathlib import Path
+
+import grpc
+from grpc_health.v1 import health, health_pb2, health_pb2_grpc
+from grpc_reflection.v1alpha import reflection
+
+from adapters.store import AdapterStore
+from loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
+from server.adapter_service import AdapterService
+from server.api.adapters import AdaptersServicer
+from server.api.auth import Authorizer
+from server.api.inference import InferenceServicer
+from server.config import ServerConfig
+from server.engine.engine import Engine
+from server.engine.model import load_base_model
+from server.runtime import Runtime
+from server.tenants import TenantRegistry
+
+log = logging.getLogger(__name__)
+
+SERVICE_NAMES = (
+    inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
+    adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
+)
+
+
+def resolve_model_path(config: ServerConfig) -> Path:
+    """The checkpoint to load: the configured one, or the embedded default (built on first use)."""
+    if config.model_path is not None:
+        return config.model_path
+    from server.engine.embedded import default_model_path
+
+    return default_model_path()
+
+
+class Server:
+    """One loraserve process: gRPC server, engine thread, adapter store."""
+
+    def __init__(self, config: ServerConfig) -> None:
+        self.config = config.validate()
+        self.registry = (
+            TenantRegistry.development()
+            if config.tenants_file is None
+            else TenantRegistry.from_file(config.tenants_file)
+        )
+        self.health = health.aio.HealthServicer()
+        self.grpc_server = grpc.aio.server(
+            options=[
+                ("grpc.max_receive_message_length", config.max_message_bytes),
+                ("grpc.max_send_message_length", config.max_message_bytes),
+            ]
+        )
+        self.port = 0
+        self.runtime = Runtime()
+
+    async def start(self) -> int:
+        """Binds, loads the model and starts serving; returns the bound port."""
+        config = self.config
+        health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        auth = Authorizer(self.registry)
+        # grpc.aio registers handlers only before start; they answer UNAVAILABLE until loaded.
+        inference_pb2_grpc.add_InferenceServicer_to_server(
+            InferenceServicer(self.runtime, auth), self.grpc_server
+        )
+        adapters_pb2_grpc.add_AdaptersServicer_to_server(
+            AdaptersServicer(self.runtime, auth), self.grpc_server
+        )
+        reflection.enable_server_reflection(
+            (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
+        )
+        self.port = self.grpc_server.add_insecure_port(
+            f"{_host_for_bind(config.host)}:{config.port}"
+        )
+        if self.port == 0:
+            raise OSError(f"cannot bind {config.host}:{config.port}")
+        # Serve health (NOT_SERVING) while the model loads, so orchestrators can watch it.
+        await self.grpc_server.start()
+        model_path = await asyncio.to_thread(resolve_model_path, config)
+        loaded = await asyncio.to_thread(
+            load_base_model,
+            model_path,
+            device=config.device,
+            dtype=config.dtype,
+            num_slots=config.max_loaded_adapters,
+            max_rank=config.max_lora_rank,
+        )
+        store = await asyncio.to_thread(AdapterStore, Path(config.data_dir) / "adapters")
+        adapter_service = AdapterService(config, store, loaded.spec)
+        engine = Engine(config, loaded, adapter_service.resolve, adapter_service.load)
+        adapter_service.attach_engine(engine.forget_adapter)
+        engine.start()
+        self.runtime.ready(engine, adapter_service)
+        await self._set_health(health_pb2.HealthCheckResponse.SERVING)
+        log.info(
+            "serving %s (%s) on %s:%d, device %s, dtype %s%s",
+            model_path,
+            loaded.architecture,
+            config.host,
+            self.port,
+            loaded.device,
+            str(loaded.dtype).removeprefix("torch."),
+            " [development mode: single tenant 'dev', no API keys, loopback only]"
+            if config.dev_mode
+            else f" [{len(self.registry.tenants)} tenants]",
+        )
+        return self.port
+
+    async def stop(self, grace: float | None = None) -> None:
+        """NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` seconds."""
+        await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
+        await self.grpc_server.stop(self.config.grace_seconds if grace is None else grace)
+        if self.runtime.engine is not None:
+            await asyncio.to_thread(self.runtime.engine.stop, 5.0)
+
+    async def wait(self) -> None:
+        await self.grpc_server.wait_for_termination()
+
+    async def _set_health(self, status: int) -> None:
+        for name in ("", *SERVICE_NAMES):
+            await self.health.set(name, status)
+
+
+def _host_for_bind(host: str) -> str:
+    return f"[{host}]" if ":" in host and not host.startswith("[") else host

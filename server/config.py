@@ -1,0 +1,118 @@
+"""The one typed configuration of a loraserve server, validated at start.
+
+Every field has a docstring; `ServerConfig.validate()` checks bounds and cross-field rules and
+raises ConfigError with a message naming the field.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal
+
+DeviceChoice = Literal["auto", "cpu", "cuda"]
+DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ConfigError(ValueError):
+    """A configuration value is out of bounds or inconsistent."""
+
+
+@dataclass(frozen=True)
+class ServerConfig:
+    """Everything a server needs to start; built from CLI flags by server.main."""
+
+    model_path: Path | None = None
+    """Local Hugging Face checkpoint directory; None means the embedded tiny default model."""
+    host: str = "127.0.0.1"
+    """Address the gRPC port binds to."""
+    port: int = 50051
+    """gRPC port; 0 picks a free one (tests)."""
+    data_dir: Path = Path("./loraserve-data")
+    """Durable state: uploaded adapters under data_dir/adapters."""
+    tenants_file: Path | None = None
+    """TOML file of tenants and hashed API keys; None means single-tenant development mode."""
+    device: DeviceChoice = "auto"
+    """"auto" picks CUDA when available, else CPU."""
+    dtype: DtypeChoice = "auto"
+    """"auto" is bfloat16 on CUDA and float32 on CPU."""
+    metrics_port: int = 9400
+    """Prometheus /metrics HTTP port on host; 0 disables the exporter."""
+    max_lora_rank: int = 64
+    """Largest adapter rank accepted at upload and held in a slot."""
+    max_loaded_adapters: int = 16
+    """Adapter slots on the device: distinct adapters one batch can use at once."""
+    max_batch_size: int = 32
+    """Requests run together in one forward pass, at most."""
+    max_waiting_requests: int = 1024
+    """Requests queued for a batch, at most; beyond it calls get RESOURCE_EXHAUSTED."""
+    max_new_tokens_limit: int = 1024
+    """Largest max_new_tokens a request may ask for."""
+    default_max_new_tokens: int = 64
+    """max_new_tokens when a request does not set it."""
+    max_prompt_tokens: int = 4096
+    """Longest prompt in tokens (also bounded by the model's context length)."""
+    max_adapter_bytes: int = 512 * 1024 * 1024
+    """Largest adapter_model.safetensors accepted at upload."""
+    max_adapter_config_bytes: int = 64 * 1024
+    """Largest adapter_config.json accepted at upload."""
+    max_stop_sequences: int = 8
+    """Stop sequences per request, at most."""
+    max_message_bytes: int = 8 * 1024 * 1024
+    """Largest single gRPC message (prompts, upload chunks)."""
+    grace_seconds: float = 10.0
+    """On SIGTERM, time in-flight requests get to finish before the server exits."""
+
+    def validate(self) -> ServerConfig:
+        """Checks bounds and cross-field rules; returns self for chaining."""
+        if not 0 <= self.port <= 65535:
+            raise ConfigError(f"port: {self.port} is not in 0..65535")
+        if not 0 <= self.metrics_port <= 65535:
+            raise ConfigError(f"metrics_port: {self.metrics_port} is not in 0..65535")
+        _positive = (
+            "max_lora_rank",
+            "max_loaded_adapters",
+            "max_batch_size",
+            "max_waiting_requests",
+            "max_new_tokens_limit",
+            "default_max_new_tokens",
+            "max_prompt_tokens",
+            "max_adapter_bytes",
+            "max_adapter_config_bytes",
+            "max_message_bytes",
+        )
+        for name in _positive:
+            if getattr(self, name) < 1:
+                raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.max_lora_rank > 1024:
+            raise ConfigError(f"max_lora_rank: {self.max_lora_rank} is above 1024")
+        if self.default_max_new_tokens > self.max_new_tokens_limit:
+            raise ConfigError(
+                f"default_max_new_tokens: {self.default_max_new_tokens} exceeds "
+                f"max_new_tokens_limit {self.max_new_tokens_limit}"
+            )
+        if self.grace_seconds < 0:
+            raise ConfigError("grace_seconds: must not be negative")
+        if self.tenants_file is None and not is_loopback(self.host):
+            raise ConfigError(
+                f"host: {self.host!r} is not a loopback address; without --tenants the server runs "
+                "in single-tenant development mode with no authentication and binds loopback only "
+                "(pass --tenants FILE to serve other hosts)"
+            )
+        return self
+
+    @property
+    def dev_mode(self) -> bool:
+        """True without a tenants file: one tenant, no API keys, loopback only."""
+        return self.tenants_file is None
+
+
+def is_loopback(host: str) -> bool:
+    """True for localhost and loopback IP literals (127.0.0.0/8, ::1)."""
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

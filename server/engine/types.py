@@ -1,0 +1,131 @@
+"""Domain types shared by the engine and its callers: requests, sampling, events, errors."""
+
+from __future__ import annotations
+
+import enum
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+
+class FinishReason(enum.Enum):
+    """Why a sequence stopped."""
+
+    LENGTH = "length"
+    STOP = "stop"
+    EOS = "eos"
+
+
+class ErrorKind(enum.Enum):
+    """Engine failure classes; the gRPC layer maps each to one status code."""
+
+    INVALID_ARGUMENT = "invalid_argument"
+    NOT_FOUND = "not_found"
+    RESOURCE_EXHAUSTED = "resource_exhausted"
+    UNAVAILABLE = "unavailable"
+    CANCELLED = "cancelled"
+    INTERNAL = "internal"
+
+
+class EngineError(Exception):
+    """A request cannot be (or could not be) served; `kind` says why."""
+
+    def __init__(self, kind: ErrorKind, message: str) -> None:
+        super().__init__(message)
+        self.kind = kind
+        self.message = message
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """Resolved sampling parameters of one request (defaults already applied)."""
+
+    max_new_tokens: int = 64
+    temperature: float = 0.0
+    top_p: float = 1.0
+    top_k: int = 0
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    ignore_eos: bool = False
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class AdapterRef:
+    """An adapter as a request names it; the engine resolves the current version at admission."""
+
+    tenant: str
+    name: str
+
+
+@dataclass(frozen=True)
+class AdapterKey:
+    """One immutable adapter version; a re-upload is a new key, so running requests keep theirs."""
+
+    tenant: str
+    name: str
+    version: int
+
+
+@dataclass(frozen=True)
+class Usage:
+    """Token counts and timings of one request, in seconds since its arrival."""
+
+    prompt_tokens: int
+    completion_tokens: int
+    queue_seconds: float
+    time_to_first_token_seconds: float
+    total_seconds: float
+
+
+@dataclass(frozen=True)
+class TokenEvent:
+    """New tokens were produced; `text` is the newly safe-to-show text (may be empty)."""
+
+    token_ids: tuple[int, ...]
+    text: str
+    adapter_version: int
+    """The adapter version serving this request (0 for the base model)."""
+
+
+@dataclass(frozen=True)
+class FinishEvent:
+    """The request finished normally; the whole completion and its usage."""
+
+    text: str
+    token_ids: tuple[int, ...]
+    finish_reason: FinishReason
+    usage: Usage
+    text_delta: str
+    """Text not yet sent in a TokenEvent (the tail held back for stop-sequence matching)."""
+    new_token_ids: tuple[int, ...]
+    """Tokens produced in the finishing step (not sent in a TokenEvent)."""
+    adapter_version: int
+
+
+@dataclass(frozen=True)
+class ErrorEvent:
+    """The request failed; no further events follow."""
+
+    error: EngineError
+
+
+Event = TokenEvent | FinishEvent | ErrorEvent
+EventSink = Callable[[Event], None]
+"""Called from the engine thread; must not block (the gRPC layer hops onto its event loop)."""
+
+
+@dataclass
+class GenerationRequest:
+    """A tokenized request as the engine receives it."""
+
+    request_id: str
+    tenant: str
+    adapter: AdapterRef | None
+    """None means the bare base model."""
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    arrival_time: float = field(default_factory=time.monotonic)

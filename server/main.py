@@ -1,0 +1,145 @@
+"""`loraserve serve`: flags -> ServerConfig -> a running server; SIGTERM/SIGINT stop it cleanly."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import logging
+import signal
+import sys
+from pathlib import Path
+
+from server.config import ConfigError, ServerConfig
+
+log = logging.getLogger("loraserve")
+
+
+def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
+    """The `serve` flags; defaults come from ServerConfig so there is one source of truth."""
+    d = ServerConfig()
+    parser.add_argument(
+        "--model",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="local Hugging Face checkpoint directory (default: the embedded tiny model)",
+    )
+    parser.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
+    parser.add_argument("--port", type=int, default=d.port, help=f"gRPC port (default {d.port})")
+    parser.add_argument(
+        "--data-dir",
+        type=Path,
+        default=d.data_dir,
+        help=f"where adapters are stored (default {d.data_dir})",
+    )
+    parser.add_argument(
+        "--tenants",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="TOML tenants file with hashed API keys (default: development mode)",
+    )
+    parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
+    parser.add_argument(
+        "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d.dtype
+    )
+    parser.add_argument(
+        "--metrics-port",
+        type=int,
+        default=d.metrics_port,
+        help=f"Prometheus /metrics port, 0 disables (default {d.metrics_port})",
+    )
+    parser.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
+    parser.add_argument(
+        "--max-loaded-adapters",
+        type=int,
+        default=d.max_loaded_adapters,
+        help="adapter slots on the device",
+    )
+    parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    parser.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests)
+    parser.add_argument(
+        "--max-new-tokens",
+        type=int,
+        default=d.max_new_tokens_limit,
+        dest="max_new_tokens_limit",
+        help="largest max_new_tokens a request may ask",
+    )
+    parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
+    parser.add_argument("--max-adapter-bytes", type=int, default=d.max_adapter_bytes)
+    parser.add_argument(
+        "--grace-seconds",
+        type=float,
+        default=d.grace_seconds,
+        help="time in-flight requests get to finish on SIGTERM",
+    )
+    parser.add_argument("--log-level", default="INFO")
+
+
+def config_from_args(args: argparse.Namespace) -> ServerConfig:
+    return ServerConfig(
+        model_path=args.model,
+        host=args.host,
+        port=args.port,
+        data_dir=args.data_dir,
+        tenants_file=args.tenants,
+        device=args.device,
+        dtype=args.dtype,
+        metrics_port=args.metrics_port,
+        max_lora_rank=args.max_lora_rank,
+        max_loaded_adapters=args.max_loaded_adapters,
+        max_batch_size=args.max_batch_size,
+        max_waiting_requests=args.max_waiting_requests,
+        max_new_tokens_limit=args.max_new_tokens_limit,
+        max_prompt_tokens=args.max_prompt_tokens,
+        max_adapter_bytes=args.max_adapter_bytes,
+        grace_seconds=args.grace_seconds,
+    ).validate()
+
+
+async def serve(config: ServerConfig) -> None:
+    """Runs until SIGTERM or SIGINT, then drains and returns."""
+    from server.app import Server  # heavy imports (torch) only when actually serving
+
+    server = Server(config)
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    port = await server.start()
+    if config.metrics_port:
+        from prometheus_client import start_http_server
+
+        start_http_server(config.metrics_port, addr=config.host)
+    # A line scripts and tests can wait for.
+    print(f"loraserve: serving on {config.host}:{port}", flush=True)
+    await stop.wait()
+    log.info("stopping: draining in-flight requests for up to %.1f s", config.grace_seconds)
+    await server.stop()
+
+
+def run_serve(args: argparse.Namespace) -> int:
+    logging.basicConfig(
+        level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
+    try:
+        config = config_from_args(args)
+    except ConfigError as exc:
+        print(f"loraserve serve: {exc}", file=sys.stderr)
+        return 2
+    if config.dev_mode:
+        log.warning(
+            "development mode: no --tenants file, so every call is tenant 'dev' with no API key; "
+            "binding loopback only"
+        )
+    try:
+        asyncio.run(serve(config))
+    except Exception as exc:  # a start failure: say what, not a traceback wall
+        from server.engine.model import ModelLoadError
+        from server.tenants import TenantsFileError
+
+        if isinstance(exc, (ModelLoadError, TenantsFileError, OSError)):
+            print(f"loraserve serve: {exc}", file=sys.stderr)
+            return 1
+        raise
+    return 0

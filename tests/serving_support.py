@@ -1,0 +1,207 @@
+"""Shared test helpers: tiny base models per architecture, PEFT adapters, a real server in a thread.
+
+Models are built with the project's own deterministic builder (no hub) with a large
+initializer_range, so logits are well separated and float noise cannot flip a greedy near-tie.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import threading
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from transformers import AutoModelForCausalLM
+
+from server.app import Server
+from server.config import ServerConfig
+from server.engine.embedded import TinyModelSpec, cached_model_path
+
+ARCH_TARGETS = {
+    "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "qwen2": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "mistral": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
+    "gpt2": ["c_attn", "c_proj", "c_fc"],
+}
+
+
+def model_spec_for(arch: str) -> TinyModelSpec:
+    """A small model of `arch` with well-separated logits."""
+    return TinyModelSpec(
+        arch=arch,  # type: ignore[arg-type]
+        hidden_size=64,
+        num_layers=2,
+        num_heads=4,
+        num_kv_heads=2,
+        intermediate_size=128,
+        max_position_embeddings=256,
+        initializer_range=0.2,
+        seed=7,
+    )
+
+
+def build_test_model(arch: str, cache_dir: Path) -> Path:
+    return cached_model_path(model_spec_for(arch), cache_dir=cache_dir)
+
+
+@dataclass(frozen=True)
+class AdapterShape:
+    """One LoRA configuration to test."""
+
+    rank: int
+    alpha: float
+    targets: list[str] | str
+    use_rslora: bool = False
+    seed: int = 0
+
+
+def make_peft_adapter(model_dir: Path, out_dir: Path, shape: AdapterShape) -> Path:
+    """Saves a non-trivial PEFT adapter (init_lora_weights=False: B is not zero)."""
+    torch.manual_seed(shape.seed)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True)
+    config = LoraConfig(
+        r=shape.rank,
+        lora_alpha=shape.alpha,
+        use_rslora=shape.use_rslora,
+        target_modules=shape.targets,
+        init_lora_weights=False,
+        task_type="CAUSAL_LM",
+    )
+    peft_model = get_peft_model(base, config)
+    # init_lora_weights=False draws B like A; shrink it so outputs change but stay sane.
+    with torch.no_grad():
+        for name, param in peft_model.named_parameters():
+            if "lora_B" in name:
+                param.mul_(0.5)
+    peft_model.save_pretrained(out_dir)
+    return out_dir
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+@dataclass
+class ServerThread:
+    """A real loraserve Server running on its own event loop in a background thread."""
+
+    config: ServerConfig
+    server: Server | None = None
+    port: int = 0
+    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
+    _thread: threading.Thread | None = None
+
+    def start(self) -> ServerThread:
+        started = threading.Event()
+        errors: list[BaseException] = []
+
+        def run() -> None:
+            asyncio.set_event_loop(self._loop)
+            try:
+                self.server = Server(self.config)
+                self.port = self._loop.run_until_complete(self.server.start())
+            except BaseException as exc:
+                errors.append(exc)
+                started.set()
+                return
+            started.set()
+            self._loop.run_forever()
+
+        self._thread = threading.Thread(target=run, name="test-server", daemon=True)
+        self._thread.start()
+        started.wait(120)
+        if errors:
+            raise errors[0]
+        return self
+
+    @property
+    def target(self) -> str:
+        return f"127.0.0.1:{self.port}"
+
+    def stop(self, grace: float = 1.0) -> None:
+        if self.server is not None and self._loop.is_running():
+            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(30)
+            self._loop.call_soon_threadsafe(self._loop.stop)
+        if self._thread is not None:
+            self._thread.join(30)
+
+
+def store_adapter(service, tenant: str, name: str, adapter_dir: Path):  # noqa: ANN001, ANN201
+    """Uploads a PEFT directory through AdapterService's upload session (validation included)."""
+    import hashlib
+
+    from server.adapter_service import FileDeclaration
+
+    files = {
+        "config": (adapter_dir / "adapter_config.json").read_bytes(),
+        "weights": (adapter_dir / "adapter_model.safetensors").read_bytes(),
+    }
+    declarations = [
+        FileDeclaration(kind, len(data), hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
+        for kind, data in files.items()
+    ]
+    session = service.begin_upload(tenant, name, "", declarations)
+    for kind, data in files.items():
+        session.add_chunk(kind, data)
+    return session.finish()
+
+
+class EngineHarness:
+    """An Engine over a tiny model with a real store, driven synchronously for tests."""
+
+    def __init__(self, model_dir: Path, data_dir: Path, **config_overrides: object) -> None:
+        from adapters.store import AdapterStore
+        from server.adapter_service import AdapterService
+        from server.engine.engine import Engine
+        from server.engine.model import load_base_model
+
+        self.config = ServerConfig(model_path=model_dir, data_dir=data_dir, **config_overrides)
+        self.loaded = load_base_model(
+            model_dir,
+            device="cpu",
+            dtype="float32",
+            num_slots=self.config.max_loaded_adapters,
+            max_rank=self.config.max_lora_rank,
+        )
+        self.service = AdapterService(
+            self.config, AdapterStore(data_dir / "adapters"), self.loaded.spec
+        )
+        self.engine = Engine(self.config, self.loaded, self.service.resolve, self.service.load)
+        self.service.attach_engine(self.engine.forget_adapter)
+
+    def submit(self, prompt_ids: list[int], adapter: str | None, tenant: str = "t", **sampling):  # noqa: ANN003, ANN201
+        """Queues one request; returns the list its events will be appended to."""
+        from server.engine.engine import SamplingOverrides
+        from server.engine.types import AdapterRef
+
+        events: list = []
+        self.engine.submit(
+            tenant=tenant,
+            adapter=None if adapter is None else AdapterRef(tenant, adapter),
+            prompt_ids=prompt_ids,
+            sampling=self.engine.sampling(SamplingOverrides(**sampling)),
+            sink=events.append,
+        )
+        return events
+
+    def run(self, jobs: list[list], timeout: float = 120.0) -> None:
+        """Starts the engine thread (if needed) and waits until every job finished or failed."""
+        import time
+
+        from server.engine.types import ErrorEvent, FinishEvent
+
+        if self.engine._thread is None:
+            self.engine.start()
+        deadline = time.monotonic() + timeout
+        while any(not ev or not isinstance(ev[-1], FinishEvent | ErrorEvent) for ev in jobs):
+            if time.monotonic() > deadline:
+                raise TimeoutError("engine did not finish the jobs")
+            time.sleep(0.005)
+
+    def close(self) -> None:
+        self.engine.stop(10)
