@@ -1,1 +1,4 @@
-"""Adapters: validation of PEFT LoRA files against the base model, and the durable per-tenant store."""
+"""Adapters: validating PEFT LoRA files against the base model, and the durable per-tenant store.
+
+Knows nothing of torch devices or gRPC.
+"""

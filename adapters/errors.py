@@ -31,5 +31,18 @@ class AdapterTooLargeError(AdapterValidationError):
 class AdapterCorruptError(AdapterError):
     """Stored adapter files no longer match the checksums recorded at upload (INTERNAL/DATA_LOSS).
 
-    Not the tenant's fault: the disk changed under us. The message names the file and both sums.
+    Not the tenant's fault: the disk changed under us. The message names the file at fault.
     """
+
+
+def clip(text: str, limit: int = 200) -> str:
+    """`text` cut to `limit` characters, for tenant-chosen names put into error fields/messages.
+
+    Messages travel back in gRPC status trailers (a few KiB at most), so never echo input whole.
+    """
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def echo(value: object, limit: int = 120) -> str:
+    """repr() of a tenant-supplied value for an error message, cut to `limit` characters."""
+    return clip(repr(value), limit)

@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 
 @dataclass(frozen=True)
 class TargetModule:
-    """One linear layer an adapter may change: y = W0 x with W0 of shape (out_features, in_features)."""
+    """One linear layer an adapter may change: y = W0 x, W0 of shape (out_features, in_features)."""
 
     name: str
     """Full dotted module name inside the base model, e.g. "model.layers.0.self_attn.q_proj"."""

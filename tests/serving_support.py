@@ -80,6 +80,19 @@ def make_peft_adapter(model_dir: Path, out_dir: Path, shape: AdapterShape) -> Pa
     return out_dir
 
 
+KEYS = {"acme": "acme-secret-key", "globex": "globex-secret-key", "root": "root-admin-key"}
+"""API keys of the integration tests' tenants (root is an admin)."""
+
+
+def client_for(server: ServerThread, tenant: str | None):
+    """A sync client for `tenant` (a KEYS name, or any other string used as a raw key)."""
+    from client.config import ClientConfig
+    from client.sync import LoraServeClient
+
+    key = None if tenant is None else KEYS.get(tenant, tenant)
+    return LoraServeClient(ClientConfig(target=server.target, api_key=key, timeout_s=60))
+
+
 def free_port() -> int:
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", 0))
@@ -131,7 +144,7 @@ class ServerThread:
             self._thread.join(30)
 
 
-def store_adapter(service, tenant: str, name: str, adapter_dir: Path):  # noqa: ANN001, ANN201
+def store_adapter(service, tenant: str, name: str, adapter_dir: Path):
     """Uploads a PEFT directory through AdapterService's upload session (validation included)."""
     import hashlib
 
@@ -174,7 +187,7 @@ class EngineHarness:
         self.engine = Engine(self.config, self.loaded, self.service.resolve, self.service.load)
         self.service.attach_engine(self.engine.forget_adapter)
 
-    def submit(self, prompt_ids: list[int], adapter: str | None, tenant: str = "t", **sampling):  # noqa: ANN003, ANN201
+    def submit(self, prompt_ids: list[int], adapter: str | None, tenant: str = "t", **sampling):
         """Queues one request; returns the list its events will be appended to."""
         from server.engine.engine import SamplingOverrides
         from server.engine.types import AdapterRef

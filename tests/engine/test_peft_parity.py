@@ -70,7 +70,7 @@ class ArchCase:
 
 
 @pytest.fixture(scope="module", params=sorted(SHAPES))
-def case(request: pytest.FixtureRequest, model_cache: Path, tmp_path_factory) -> ArchCase:  # noqa: ANN001
+def case(request: pytest.FixtureRequest, model_cache: Path, tmp_path_factory) -> ArchCase:
     arch = request.param
     model_dir = build_test_model(arch, model_cache)
     root = tmp_path_factory.mktemp(f"adapters-{arch}")

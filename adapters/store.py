@@ -1,0 +1,532 @@
+"""Durable per-tenant adapter store on local disk: all-or-nothing uploads, versions, deletes.
+
+Layout under the root directory:
+
+    tenants/<tenant>/<name>/v<version>/adapter_config.json
+                                      /adapter_model.safetensors
+                                      /meta.json           (checksums, sizes, summary; written last)
+    tenants/<tenant>/<name>/.last_version                   (highest version ever assigned)
+    tmp/                                                    (uploads in progress, deletes in flight)
+
+Visibility rests on one atomic step: an upload is written, fsynced and checksummed in its own
+directory under tmp/, then os.rename()d to its version directory; a delete renames away before it
+removes anything. So a reader sees a whole version or none, and a crash leaves only debris under
+tmp/, which the next start removes. The store knows files and checksums only: validating the
+contents against the base model is the caller's job (adapters.weights) before commit().
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import math
+import os
+import re
+import shutil
+import tempfile
+import threading
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass
+from pathlib import Path
+from types import TracebackType
+from typing import Any, BinaryIO, Literal
+
+from adapters.errors import (
+    AdapterCorruptError,
+    AdapterNotFoundError,
+    AdapterValidationError,
+)
+from adapters.names import validate_adapter_name, validate_tenant_name
+
+log = logging.getLogger(__name__)
+
+AdapterFileKind = Literal["config", "weights"]
+"""Which of the two adapter files a call is about."""
+
+FILE_NAMES: dict[AdapterFileKind, str] = {
+    "config": "adapter_config.json",
+    "weights": "adapter_model.safetensors",
+}
+"""On-disk name of each adapter file (PEFT's names)."""
+
+META_FILE = "meta.json"
+LAST_VERSION_FILE = ".last_version"
+MAX_DESCRIPTION_BYTES = 1024
+"""Longest description accepted, in UTF-8 bytes (the public API's bound)."""
+
+_META_FORMAT = 1
+_VERSION_DIR = re.compile(r"v([1-9][0-9]{0,17})")
+
+
+@dataclass(frozen=True)
+class AdapterRecord:
+    """One stored adapter version, as described by its meta.json."""
+
+    tenant: str
+    name: str
+    version: int
+    """Starts at 1 and increases by one on every upload of the name, also across deletes."""
+    rank: int
+    alpha: float
+    use_rslora: bool
+    target_modules: tuple[str, ...]
+    """Full names of the base modules the adapter changes, sorted."""
+    size_bytes: int
+    """Size of adapter_model.safetensors."""
+    sha256: str
+    """Lowercase hex sha256 of adapter_model.safetensors."""
+    created_at: float
+    """Commit time, seconds since the Unix epoch."""
+    description: str
+    path: Path
+    """The version directory holding the files."""
+
+
+def _fsync_dir(path: Path) -> None:
+    """Make a rename or file creation inside `path` durable."""
+    fd = os.open(path, os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _check_meta(meta: Mapping[str, Any]) -> dict[str, Any]:
+    """Normalize the caller's summary of a validated adapter; raise on anything malformed."""
+    rank = meta.get("rank")
+    if not isinstance(rank, int) or isinstance(rank, bool) or rank < 1:
+        raise AdapterValidationError("rank", f"must be an integer >= 1, got {rank!r}")
+    alpha = meta.get("alpha")
+    if not isinstance(alpha, int | float) or isinstance(alpha, bool) or not math.isfinite(alpha):
+        raise AdapterValidationError("alpha", f"must be a finite number, got {alpha!r}")
+    use_rslora = meta.get("use_rslora")
+    if not isinstance(use_rslora, bool):
+        raise AdapterValidationError("use_rslora", f"must be a bool, got {use_rslora!r}")
+    targets = meta.get("target_modules")
+    # A lone string is iterable too, but as characters: refuse it rather than store "q", "_", ...
+    if isinstance(targets, str | bytes) or not isinstance(targets, Iterable):
+        raise AdapterValidationError("target_modules", "must be a collection of module names")
+    targets = list(targets)
+    if not all(isinstance(t, str) for t in targets):
+        raise AdapterValidationError("target_modules", "must be a collection of module names")
+    description = meta.get("description", "")
+    if not isinstance(description, str):
+        raise AdapterValidationError("description", "must be a string")
+    if len(description.encode("utf-8")) > MAX_DESCRIPTION_BYTES:
+        raise AdapterValidationError(
+            "description", f"must be at most {MAX_DESCRIPTION_BYTES} bytes of UTF-8"
+        )
+    return {
+        "rank": rank,
+        "alpha": float(alpha),
+        "use_rslora": use_rslora,
+        "target_modules": sorted(targets),
+        "description": description,
+    }
+
+
+def _record_from_meta(path: Path, tenant: str, name: str, version: int) -> AdapterRecord:
+    """Read a version directory's meta.json; raise AdapterCorruptError if it is missing or bad."""
+    try:
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        record = AdapterRecord(
+            tenant=tenant,
+            name=name,
+            version=version,
+            rank=int(meta["rank"]),
+            alpha=float(meta["alpha"]),
+            use_rslora=bool(meta["use_rslora"]),
+            target_modules=tuple(str(t) for t in meta["target_modules"]),
+            size_bytes=int(meta["weights_size"]),
+            sha256=str(meta["weights_sha256"]),
+            created_at=float(meta["created_at"]),
+            description=str(meta["description"]),
+            path=path,
+        )
+        ok = (
+            meta["format"] == _META_FORMAT
+            and meta["tenant"] == tenant
+            and meta["name"] == name
+            and isinstance(meta["config_sha256"], str)
+            and isinstance(meta["config_size"], int)
+        )
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        raise AdapterCorruptError(f"{path / META_FILE} is unreadable: {exc}") from None
+    if not ok:
+        raise AdapterCorruptError(f"{path / META_FILE} does not describe {tenant}/{name}")
+    return record
+
+
+def _hash_file(handle: BinaryIO) -> tuple[str, int, bytes]:
+    """Read an open file whole: (sha256 hex, size, contents). One copy in memory, not two."""
+    data = handle.read()
+    return hashlib.sha256(data).hexdigest(), len(data), data
+
+
+class UploadTransaction:
+    """One upload in progress: two files growing in a private temp directory until commit.
+
+    Not visible to any reader until commit() returns. Use as a context manager: leaving the block
+    without a successful commit() aborts and removes everything written.
+    """
+
+    def __init__(self, store: AdapterStore, tenant: str, name: str, directory: Path) -> None:
+        self._store = store
+        self.tenant = tenant
+        self.name = name
+        self._dir = directory
+        self._lock = threading.Lock()
+        self._files: dict[AdapterFileKind, BinaryIO] = {
+            kind: open(directory / filename, "xb")  # noqa: SIM115 (closed in commit/abort)
+            for kind, filename in FILE_NAMES.items()
+        }
+        self._hashes = {kind: hashlib.sha256() for kind in FILE_NAMES}
+        self._sizes: dict[AdapterFileKind, int] = dict.fromkeys(FILE_NAMES, 0)
+        self._state: Literal["open", "committed", "aborted"] = "open"
+
+    def _require_open(self) -> None:
+        if self._state != "open":
+            raise RuntimeError(f"upload of {self.tenant}/{self.name} is already {self._state}")
+
+    def write(self, file: AdapterFileKind, chunk: bytes) -> None:
+        """Append `chunk` to `file`, hashing as it goes."""
+        with self._lock:
+            self._require_open()
+            self._files[file].write(chunk)
+            self._hashes[file].update(chunk)
+            self._sizes[file] += len(chunk)
+
+    def bytes_written(self, file: AdapterFileKind) -> int:
+        """Bytes appended to `file` so far."""
+        return self._sizes[file]
+
+    def sha256(self, file: AdapterFileKind) -> str:
+        """Lowercase hex sha256 of the bytes appended to `file` so far."""
+        with self._lock:
+            return self._hashes[file].copy().hexdigest()
+
+    def read(self, file: AdapterFileKind) -> bytes:
+        """The bytes written to `file` so far (for validation before commit)."""
+        with self._lock:
+            self._require_open()
+            self._files[file].flush()
+            return (self._dir / FILE_NAMES[file]).read_bytes()
+
+    def commit(self, meta: Mapping[str, Any]) -> AdapterRecord:
+        """Make the upload visible as the next version of the name and drop older versions.
+
+        `meta` summarizes the validated adapter: rank, alpha, use_rslora, target_modules (full
+        module names) and optionally description. Files and meta.json are fsynced before the
+        atomic rename, so after a crash the version either exists whole or not at all.
+        """
+        with self._lock:
+            self._require_open()
+            summary = _check_meta(meta)
+            for handle in self._files.values():
+                handle.flush()
+                os.fsync(handle.fileno())
+                handle.close()
+            created_at = time.time()
+            meta_json = {
+                "format": _META_FORMAT,
+                "tenant": self.tenant,
+                "name": self.name,
+                **summary,
+                "created_at": created_at,
+                "config_sha256": self._hashes["config"].hexdigest(),
+                "config_size": self._sizes["config"],
+                "weights_sha256": self._hashes["weights"].hexdigest(),
+                "weights_size": self._sizes["weights"],
+            }
+            with open(self._dir / META_FILE, "x", encoding="utf-8") as handle:
+                json.dump(meta_json, handle, indent=2, sort_keys=True)
+                handle.flush()
+                os.fsync(handle.fileno())
+            _fsync_dir(self._dir)
+            version = self._store._publish(self.tenant, self.name, self._dir)
+            self._state = "committed"
+        # Built from memory: a concurrent commit may already have replaced this version on disk.
+        return AdapterRecord(
+            tenant=self.tenant,
+            name=self.name,
+            version=version,
+            rank=summary["rank"],
+            alpha=summary["alpha"],
+            use_rslora=summary["use_rslora"],
+            target_modules=tuple(summary["target_modules"]),
+            size_bytes=meta_json["weights_size"],
+            sha256=meta_json["weights_sha256"],
+            created_at=created_at,
+            description=summary["description"],
+            path=self._store.version_dir(self.tenant, self.name, version),
+        )
+
+    def abort(self) -> None:
+        """Discard everything written; a no-op after commit() or a previous abort()."""
+        with self._lock:
+            if self._state != "open":
+                return
+            self._state = "aborted"
+            for handle in self._files.values():
+                handle.close()
+            shutil.rmtree(self._dir, ignore_errors=True)
+
+    def __enter__(self) -> UploadTransaction:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.abort()
+
+
+class AdapterStore:
+    """All tenants' adapters under one root directory. Safe to call from many threads.
+
+    One lock guards every change of what is visible (the publish rename, the delete rename) and
+    every directory scan, so readers never see a version between its rename and the removal of
+    the one it replaced. Slow work (writing, fsyncing and hashing files, removing trees) happens
+    outside the lock.
+
+    Construction removes everything under root/tmp, so open one AdapterStore per root, once, at
+    process start (before any upload can be in progress).
+    """
+
+    def __init__(self, root: Path) -> None:
+        self.root = Path(root)
+        self._tenants_dir = self.root / "tenants"
+        self._tmp_dir = self.root / "tmp"
+        self._lock = threading.Lock()
+        self._tenants_dir.mkdir(parents=True, exist_ok=True)
+        self._tmp_dir.mkdir(parents=True, exist_ok=True)
+        self._recover()
+
+    # ----- paths and scanning (callers hold self._lock where it matters) -----
+
+    def _name_dir(self, tenant: str, name: str) -> Path:
+        return self._tenants_dir / tenant / name
+
+    def version_dir(self, tenant: str, name: str, version: int) -> Path:
+        """Where version `version` of tenant/name lives (whether or not it exists)."""
+        return self._name_dir(tenant, name) / f"v{version}"
+
+    @staticmethod
+    def _versions(name_dir: Path) -> list[int]:
+        """Versions present under a name directory, ascending."""
+        try:
+            entries = list(name_dir.iterdir())
+        except FileNotFoundError:
+            return []
+        found = []
+        for entry in entries:
+            match = _VERSION_DIR.fullmatch(entry.name)
+            if match and entry.is_dir():
+                found.append(int(match.group(1)))
+        return sorted(found)
+
+    @staticmethod
+    def _last_version(name_dir: Path) -> int:
+        """The highest version ever assigned to the name (survives deletes), 0 if none."""
+        try:
+            return int((name_dir / LAST_VERSION_FILE).read_text(encoding="ascii"))
+        except (FileNotFoundError, ValueError):
+            return 0
+
+    def _move_to_tmp(self, path: Path) -> Path:
+        """Atomically take `path` out of view; the caller removes the returned path later."""
+        target = Path(tempfile.mkdtemp(dir=self._tmp_dir, prefix="removed-"))
+        destination = target / path.name
+        os.rename(path, destination)
+        return target
+
+    # ----- recovery -----
+
+    def _recover(self) -> None:
+        """Remove what a crash can leave behind: temp dirs, invalid or superseded versions."""
+        for entry in self._tmp_dir.iterdir():
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry, ignore_errors=True)
+            else:
+                entry.unlink(missing_ok=True)
+        garbage: list[Path] = []
+        for tenant_dir in self._tenants_dir.iterdir():
+            if not tenant_dir.is_dir():
+                continue
+            for name_dir in tenant_dir.iterdir():
+                if not name_dir.is_dir():
+                    continue
+                valid = []
+                for version in self._versions(name_dir):
+                    path = name_dir / f"v{version}"
+                    if self._is_whole(path, tenant_dir.name, name_dir.name, version):
+                        valid.append(version)
+                    else:
+                        log.warning("removing incomplete adapter version %s", path)
+                        garbage.append(self._move_to_tmp(path))
+                for version in valid[:-1]:
+                    garbage.append(self._move_to_tmp(name_dir / f"v{version}"))
+        for path in garbage:
+            shutil.rmtree(path, ignore_errors=True)
+
+    @staticmethod
+    def _is_whole(path: Path, tenant: str, name: str, version: int) -> bool:
+        try:
+            _record_from_meta(path, tenant, name, version)
+        except AdapterCorruptError:
+            return False
+        return all((path / filename).is_file() for filename in FILE_NAMES.values())
+
+    # ----- writes -----
+
+    def begin_upload(self, tenant: str, name: str) -> UploadTransaction:
+        """Start an upload of adapter `name` for `tenant`; nothing is visible until commit()."""
+        validate_tenant_name(tenant)
+        validate_adapter_name(name)
+        directory = Path(tempfile.mkdtemp(dir=self._tmp_dir, prefix="upload-"))
+        try:
+            return UploadTransaction(self, tenant, name, directory)
+        except BaseException:
+            shutil.rmtree(directory, ignore_errors=True)
+            raise
+
+    def _publish(self, tenant: str, name: str, directory: Path) -> int:
+        """Rename a finished upload directory into place as the next version; return it."""
+        name_dir = self._name_dir(tenant, name)
+        with self._lock:
+            created = not name_dir.exists()
+            name_dir.mkdir(parents=True, exist_ok=True)
+            if created:
+                _fsync_dir(name_dir.parent)
+                _fsync_dir(self._tenants_dir)
+            existing = self._versions(name_dir)
+            version = max([self._last_version(name_dir), *existing]) + 1
+            # Record the number before using it, so a later delete cannot lead to its reuse
+            # (caches key on (tenant, name, version)). Losing this write in a crash is harmless.
+            counter = name_dir / f"{LAST_VERSION_FILE}.tmp"
+            counter.write_text(str(version), encoding="ascii")
+            os.replace(counter, name_dir / LAST_VERSION_FILE)
+            os.rename(directory, name_dir / f"v{version}")
+            _fsync_dir(name_dir)
+            garbage = [self._move_to_tmp(name_dir / f"v{old}") for old in existing]
+        for path in garbage:
+            shutil.rmtree(path, ignore_errors=True)
+        return version
+
+    def delete(self, tenant: str, name: str) -> AdapterRecord:
+        """Remove every version of tenant/name; return the record of the latest one."""
+        validate_tenant_name(tenant)
+        validate_adapter_name(name)
+        name_dir = self._name_dir(tenant, name)
+        with self._lock:
+            corrupt: AdapterCorruptError | None = None
+            try:
+                record = self._latest(tenant, name)
+            except AdapterCorruptError as exc:
+                # Still delete: a tenant must be able to get rid of a broken adapter.
+                corrupt = exc
+            garbage = [self._move_to_tmp(name_dir / f"v{v}") for v in self._versions(name_dir)]
+            _fsync_dir(name_dir)
+        for path in garbage:
+            shutil.rmtree(path, ignore_errors=True)
+        if corrupt is not None:
+            raise AdapterCorruptError(
+                f"deleted {tenant}/{name}, whose files were corrupt: {corrupt}"
+            )
+        return record
+
+    # ----- reads -----
+
+    def _latest(self, tenant: str, name: str) -> AdapterRecord:
+        versions = self._versions(self._name_dir(tenant, name))
+        if not versions:
+            raise AdapterNotFoundError(f"adapter {name!r} not found")
+        version = versions[-1]
+        return _record_from_meta(self.version_dir(tenant, name, version), tenant, name, version)
+
+    def get(self, tenant: str, name: str) -> AdapterRecord:
+        """The latest version of tenant/name; AdapterNotFoundError if there is none."""
+        validate_tenant_name(tenant)
+        validate_adapter_name(name)
+        with self._lock:
+            return self._latest(tenant, name)
+
+    def list(self, tenant: str) -> list[AdapterRecord]:
+        """The latest version of each of the tenant's adapters, sorted by name."""
+        validate_tenant_name(tenant)
+        tenant_dir = self._tenants_dir / tenant
+        with self._lock:
+            try:
+                names = sorted(entry.name for entry in tenant_dir.iterdir() if entry.is_dir())
+            except FileNotFoundError:
+                return []
+            records = []
+            for name in names:
+                try:
+                    records.append(self._latest(tenant, name))
+                except AdapterNotFoundError:
+                    continue  # deleted: only its version counter is left
+                except AdapterCorruptError as exc:
+                    # One broken adapter must not hide the tenant's others; get() reports it.
+                    log.error("skipping corrupt adapter in listing: %s", exc)
+            return records
+
+    def tenants(self) -> list[str]:
+        """Tenants that have at least one adapter, sorted."""
+        with self._lock:
+            return sorted(
+                tenant_dir.name
+                for tenant_dir in self._tenants_dir.iterdir()
+                if tenant_dir.is_dir()
+                and any(
+                    self._versions(name_dir)
+                    for name_dir in tenant_dir.iterdir()
+                    if name_dir.is_dir()
+                )
+            )
+
+    def read_files(self, record: AdapterRecord) -> tuple[bytes, bytes]:
+        """(adapter_config.json, adapter_model.safetensors) of `record`, checksums verified.
+
+        AdapterNotFoundError if the version was replaced or deleted meanwhile (get() again);
+        AdapterCorruptError if the bytes on disk no longer match meta.json.
+        """
+        try:
+            # Open all three first: once open, a concurrent replace or delete (rename, then
+            # unlink) cannot change what we read, so the three always belong together.
+            with (
+                open(record.path / META_FILE, "rb") as meta_handle,
+                open(record.path / FILE_NAMES["config"], "rb") as config_handle,
+                open(record.path / FILE_NAMES["weights"], "rb") as weights_handle,
+            ):
+                meta_bytes = meta_handle.read()
+                config_sum, config_size, config = _hash_file(config_handle)
+                weights_sum, weights_size, weights = _hash_file(weights_handle)
+        except FileNotFoundError:
+            raise AdapterNotFoundError(
+                f"adapter {record.name!r} version {record.version} was replaced or deleted"
+            ) from None
+        try:
+            meta = json.loads(meta_bytes)
+            expected = {
+                "adapter_config.json": (meta["config_sha256"], meta["config_size"]),
+                "adapter_model.safetensors": (meta["weights_sha256"], meta["weights_size"]),
+            }
+        except (ValueError, KeyError, TypeError) as exc:
+            raise AdapterCorruptError(f"{record.path / META_FILE} is unreadable: {exc}") from None
+        actual = {
+            "adapter_config.json": (config_sum, config_size),
+            "adapter_model.safetensors": (weights_sum, weights_size),
+        }
+        for filename, (want_sum, want_size) in expected.items():
+            got_sum, got_size = actual[filename]
+            if (got_sum, got_size) != (want_sum, want_size):
+                raise AdapterCorruptError(
+                    f"{record.path / filename}: sha256 {got_sum} ({got_size} bytes) does not "
+                    f"match the {want_sum} ({want_size} bytes) recorded at upload"
+                )
+        return config, weights

@@ -1,0 +1,119 @@
+"""Loading an uploaded PEFT LoRA adapter into checked float32 CPU tensors, keyed by base module.
+
+Order of trust: the config is parsed and checked, the safetensors structure is checked by our own
+code, tensor names and shapes are checked against the base model from the header alone, and only
+then does the safetensors library materialize tensors (from bytes, never via pickle). Values are
+checked last (finite), so a bad upload costs little and always gets a message naming the tensor.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as load_safetensors_bytes
+
+from adapters.config import LoraAdapterConfig, parse_adapter_config, resolve_target_modules
+from adapters.errors import AdapterValidationError, clip, echo
+from adapters.safetensors_check import WEIGHTS_FILE, TensorHeader, check_safetensors
+from adapters.spec import BaseModelSpec, TargetModule
+
+PEFT_KEY_PREFIX = "base_model.model."
+"""PEFT's save_pretrained prefixes every key with this (the PeftModel -> base model path)."""
+
+
+@dataclass
+class AdapterWeights:
+    """A validated adapter: its config and, per targeted module, the two LoRA factors."""
+
+    config: LoraAdapterConfig
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
+    """Full module name -> (A (r, d_in), B (d_out, r)); float32, CPU, contiguous, finite."""
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes held by all A and B tensors."""
+        return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+
+
+def lora_keys(module_name: str) -> tuple[str, str]:
+    """The safetensors keys PEFT writes for one module's lora_A and lora_B weights."""
+    base = f"{PEFT_KEY_PREFIX}{module_name}"
+    return f"{base}.lora_A.weight", f"{base}.lora_B.weight"
+
+
+def _error(key: str, message: str) -> AdapterValidationError:
+    return AdapterValidationError(f"{WEIGHTS_FILE}:{clip(key)}", message)
+
+
+def _unexpected_reason(key: str, targets: set[str]) -> str:
+    """Why a tensor we did not ask for is there, as precisely as the name tells."""
+    if "lora_embedding_" in key:
+        return "embedding LoRA weights are not supported by loraserve"
+    if "lora_magnitude_vector" in key:
+        return "DoRA magnitude vectors are not supported by loraserve"
+    if key.endswith(".bias"):
+        return "LoRA biases are not supported by loraserve"
+    if not key.startswith(PEFT_KEY_PREFIX):
+        return f"unexpected tensor: PEFT adapter keys start with {PEFT_KEY_PREFIX!r}"
+    for suffix in (".lora_A.weight", ".lora_B.weight"):
+        if key.endswith(suffix):
+            module = key[len(PEFT_KEY_PREFIX) : -len(suffix)]
+            if module not in targets:
+                return f"unexpected tensor: module {echo(module)} is not selected by target_modules"
+    return "unexpected tensor: not a lora_A/lora_B weight of a targeted module"
+
+
+def _check_names_and_shapes(
+    headers: dict[str, TensorHeader], targets: list[TargetModule], rank: int
+) -> None:
+    """Every target has exactly its A (r, d_in) and B (d_out, r); nothing else is present."""
+    expected: dict[str, tuple[int, int]] = {}
+    for module in targets:
+        key_a, key_b = lora_keys(module.name)
+        expected[key_a] = (rank, module.in_features)
+        expected[key_b] = (module.out_features, rank)
+    target_names = {module.name for module in targets}
+    for key in sorted(headers):
+        if key not in expected:
+            raise _error(key, _unexpected_reason(key, target_names))
+    for key, shape in expected.items():
+        if key not in headers:
+            raise _error(
+                key, "missing: target_modules selects this layer but the file has no such tensor"
+            )
+        actual = headers[key].shape
+        if actual != shape:
+            raise _error(
+                key,
+                f"has shape {list(actual)}, expected {list(shape)} "
+                f"(r={rank} from adapter_config.json and this base model's layer size)",
+            )
+
+
+def load_adapter_weights(
+    config_bytes: bytes, weights_bytes: bytes, spec: BaseModelSpec, *, max_rank: int
+) -> AdapterWeights:
+    """Parse, check and load one adapter for the base model described by `spec`.
+
+    Raise AdapterValidationError naming the file and key of the first problem found.
+    """
+    config = parse_adapter_config(config_bytes, max_rank=max_rank)
+    target_names = resolve_target_modules(config, spec)
+    targets = [spec.modules[name] for name in target_names]
+    headers = check_safetensors(weights_bytes)
+    _check_names_and_shapes(headers, targets, config.rank)
+
+    # The structure is verified; the library now only decodes tensors we already agreed to.
+    tensors = load_safetensors_bytes(bytes(weights_bytes))
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    for module in targets:
+        pair: list[torch.Tensor] = []
+        for key in lora_keys(module.name):
+            # A: (r, d_in) or B: (d_out, r), float32
+            tensor = tensors[key].to(dtype=torch.float32, device="cpu").contiguous()
+            if not bool(torch.isfinite(tensor).all()):
+                raise _error(key, "contains NaN or Inf")
+            pair.append(tensor)
+        modules[module.name] = (pair[0], pair[1])
+    return AdapterWeights(config=config, modules=modules)
