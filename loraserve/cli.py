@@ -46,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
         args, extras = parser.parse_known_args(argv)
         if args.command == "serve":
             return _serve(extras)
+        if args.command == "hash-key":
+            return _hash_key(args)
         if extras:
             parser.error(f"unrecognized arguments: {' '.join(extras)}")
         config = _client_config(args, parser)
@@ -87,6 +89,10 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "serve", add_help=False, help="run the server (see `loraserve serve --help`)"
     )
+    hash_cmd = commands.add_parser(
+        "hash-key", help="print the tenants-file form of an API key (sha256:<hex>)"
+    )
+    hash_cmd.add_argument("key", help="the API key; '-' reads it from stdin")
 
     adapters = commands.add_parser("adapters", parents=[common], help="manage your adapters")
     adapter_commands = adapters.add_subparsers(
@@ -300,6 +306,17 @@ def _generate(client: LoraServeClient, args: argparse.Namespace) -> int:
         _print_json(generate_response_to_dict(accumulator.result()))
     else:
         sys.stdout.write("\n")
+    return 0
+
+
+def _hash_key(args: argparse.Namespace) -> int:
+    from server.tenants import hash_key  # no torch: tenants imports only the adapters' names
+
+    key = sys.stdin.readline().strip() if args.key == "-" else args.key
+    if not key:
+        print("error: the API key is empty", file=sys.stderr)
+        return 1
+    print(hash_key(key))
     return 0
 
 

@@ -106,7 +106,11 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
-    port = await server.start()
+    try:
+        port = await server.start()
+    except BaseException:
+        await server.stop(0)
+        raise
     if config.metrics_port:
         from prometheus_client import start_http_server
 

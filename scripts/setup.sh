@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Creates ./.venv and installs loraserve with its test tools. Idempotent; safe to re-run.
+#
+#   bash scripts/setup.sh            # CPU: torch 2.13.0 (a CPU build)
+#   TORCH_SPEC=torch bash scripts/setup.sh   # GPU: the default PyPI torch, a CUDA build on Linux
+set -euo pipefail
+cd "$(dirname "$0")/.."
+python="${PYTHON:-python3}"
+if [ ! -x .venv/bin/python ]; then
+  "$python" -m venv .venv
+fi
+.venv/bin/python -m pip install -q --upgrade pip
+# torch first and pinned, so the project's own `torch>=...` does not pull a multi-GB CUDA build.
+.venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+.venv/bin/python -m pip install -q -e ".[dev]"

@@ -1,0 +1,35 @@
+"""`loraserve hash-key` prints the tenants-file form of a key, which the registry accepts."""
+
+from __future__ import annotations
+
+import hashlib
+import io
+from pathlib import Path
+
+import pytest
+
+from loraserve.cli import main
+from server.tenants import TenantRegistry
+
+
+def test_hash_key_matches_registry(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    assert main(["hash-key", "s3cret"]) == 0
+    line = capsys.readouterr().out.strip()
+    assert line == "sha256:" + hashlib.sha256(b"s3cret").hexdigest()
+    tenants = tmp_path / "tenants.toml"
+    tenants.write_text(f'[tenants.acme]\napi_keys = ["{line}"]\n')
+    registry = TenantRegistry.from_file(tenants)
+    principal = registry.authenticate("s3cret")
+    assert principal is not None and principal.tenant == "acme"
+    assert registry.authenticate("s3cret ") is None
+
+
+def test_hash_key_from_stdin_and_empty(
+    capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr("sys.stdin", io.StringIO("from-stdin\n"))
+    assert main(["hash-key", "-"]) == 0
+    assert capsys.readouterr().out.strip().endswith(hashlib.sha256(b"from-stdin").hexdigest())
+    monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
+    assert main(["hash-key", "-"]) == 1
+    assert "empty" in capsys.readouterr().err
