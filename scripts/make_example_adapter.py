@@ -1,4 +1,4 @@
-"""Writes a random (but valid, non-trivial) PEFT LoRA adapter for a base model, for trying things out.
+"""Writes a random but valid, non-trivial PEFT LoRA adapter for a base model, to try things out.
 
     python scripts/make_example_adapter.py OUT_DIR [--model PATH] [--rank 8] [--alpha 16]
         [--targets q_proj,v_proj] [--seed 0]
