@@ -164,6 +164,10 @@ class AdapterService:
             record = self.store.get(ref.tenant, ref.name)
         except AdapterNotFoundError as exc:
             raise EngineError(ErrorKind.NOT_FOUND, f"adapter {ref.name!r} not found") from exc
+        except AdapterError as exc:
+            raise EngineError(
+                ErrorKind.INTERNAL, f"adapter {ref.name!r} is unusable: {exc}"
+            ) from exc
         return AdapterKey(ref.tenant, ref.name, record.version)
 
     def load(self, key: AdapterKey) -> AdapterWeights:

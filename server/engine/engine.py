@@ -176,3 +176,4 @@ class Engine:
     def forget_adapter(self, tenant: str, name: str, below_version: int | None = None) -> None:
         """Frees device memory of a deleted (or replaced) adapter once no request uses it."""
         self.slots.forget(tenant, name, below_version)
+        self.scheduler.request_collect()

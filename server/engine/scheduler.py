@@ -98,6 +98,7 @@ class Scheduler:
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
+        self._collect_requested = False
         self.running: list[Sequence] = []
         self.steps = 0
         """Forward passes run so far (prefills and decode steps): tests use it to see batching."""
@@ -146,14 +147,26 @@ class Scheduler:
         """The engine thread's body; returns after stop() once the queue is drained."""
         while True:
             with self._cond:
-                while not self._waiting and not self._stopping:
+                while not self._waiting and not self._stopping and not self._collect_requested:
                     self._cond.wait()
                 if self._stopping and not self._waiting:
                     return
-            self._slots.collect()
-            batch = self._admit()
-            if batch:
-                self._run_batch(batch)
+                self._collect_requested = False
+            try:
+                self._slots.collect()
+                batch = self._admit()
+                if batch:
+                    self._run_batch(batch)
+            except Exception:
+                # _run_batch fails its own requests; this only guards the loop itself, so one
+                # unexpected error can never stop the engine thread and hang every caller.
+                log.exception("engine loop iteration failed; continuing")
+
+    def request_collect(self) -> None:
+        """Wakes an idle engine so it frees doomed adapter slots now (after a delete)."""
+        with self._cond:
+            self._collect_requested = True
+            self._cond.notify()
 
     def _admit(self) -> list[Sequence]:
         """Takes queued requests in arrival order while their distinct adapters fit the slots."""
