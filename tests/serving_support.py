@@ -167,7 +167,15 @@ def store_adapter(service, tenant: str, name: str, adapter_dir: Path):
 class EngineHarness:
     """An Engine over a tiny model with a real store, driven synchronously for tests."""
 
-    def __init__(self, model_dir: Path, data_dir: Path, **config_overrides: object) -> None:
+    def __init__(
+        self,
+        model_dir: Path,
+        data_dir: Path,
+        *,
+        device: str = "cpu",
+        dtype: str = "float32",
+        **config_overrides: object,
+    ) -> None:
         from adapters.store import AdapterStore
         from server.adapter_service import AdapterService
         from server.engine.engine import Engine
@@ -176,8 +184,8 @@ class EngineHarness:
         self.config = ServerConfig(model_path=model_dir, data_dir=data_dir, **config_overrides)
         self.loaded = load_base_model(
             model_dir,
-            device="cpu",
-            dtype="float32",
+            device=device,
+            dtype=dtype,
             num_slots=self.config.max_loaded_adapters,
             max_rank=self.config.max_lora_rank,
         )

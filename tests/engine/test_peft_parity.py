@@ -1,9 +1,9 @@
 """Golden parity with PEFT: loraserve's outputs equal PeftModel's for every supported adapter shape.
 
-Per architecture (Llama, Qwen2, GPT-2), three adapters of different rank, alpha, rsLoRA and target
-sets (list, regex, all-linear) are made with PEFT. loraserve must produce PEFT's greedy tokens
-exactly and its logits within float32 tolerance, both one request at a time and with base and
-all adapters mixed in ONE batch.
+Per architecture (Llama, Qwen2, Mistral, GPT-2), three adapters of different rank, alpha,
+rsLoRA and target sets (list, regex, all-linear) are made with PEFT. loraserve must produce
+PEFT's greedy tokens exactly and its logits within float32 tolerance, both one request at a
+time and with base and all adapters mixed in ONE batch.
 """
 
 from __future__ import annotations
@@ -47,6 +47,13 @@ SHAPES = {
             rank=8, alpha=32, use_rslora=True, targets="all-linear", seed=5
         ),
         "o-down": AdapterShape(rank=12, alpha=6, targets=["o_proj", "down_proj"], seed=6),
+    },
+    "mistral": {
+        "qo": AdapterShape(rank=6, alpha=12, targets=["q_proj", "o_proj"], seed=10),
+        "mlp-rs": AdapterShape(
+            rank=8, alpha=8, use_rslora=True, targets=["gate_proj", "up_proj"], seed=11
+        ),
+        "all-linear": AdapterShape(rank=3, alpha=9, targets="all-linear", seed=12),
     },
     "gpt2": {
         "attn": AdapterShape(rank=4, alpha=8, targets=["c_attn"], seed=7),
