@@ -178,6 +178,8 @@ class Scheduler:
             while self._waiting and len(chosen) < self._limits.max_batch_size:
                 seq = self._waiting.popleft()
                 if seq.handle.cancelled:
+                    cancelled = EngineError(ErrorKind.CANCELLED, "the request was cancelled")
+                    failed.append((seq, cancelled))
                     continue
                 ref = seq.request.adapter
                 if ref is not None:

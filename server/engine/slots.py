@@ -72,10 +72,15 @@ class SlotTable:
             return sum(s.nbytes for s in self._slots.values())
 
     def fits(self, keys: Iterable[AdapterKey]) -> bool:
-        """Whether all `keys` could be pinned at once (resident ones, or free/evictable slots)."""
+        """Whether all `keys` could be pinned at once (resident ones, or free/evictable slots).
+
+        A warm slot holding one of `keys` is needed for that key, so it is not evictable room.
+        """
         with self._lock:
-            missing = {k for k in keys if k not in self._by_key}
-            return len(missing) <= len(self._free) + len(self._lru)
+            wanted = set(keys)
+            missing = {k for k in wanted if k not in self._by_key}
+            evictable = sum(1 for slot in self._lru if self._slots[slot].key not in wanted)
+            return len(missing) <= len(self._free) + evictable
 
     def acquire(self, key: AdapterKey) -> int:
         """Pins `key` in a slot, loading it (and evicting the LRU unpinned slot) if needed."""
