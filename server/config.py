@@ -92,8 +92,12 @@ class ServerConfig:
                 f"default_max_new_tokens: {self.default_max_new_tokens} exceeds "
                 f"max_new_tokens_limit {self.max_new_tokens_limit}"
             )
-        if self.grace_seconds < 0:
-            raise ConfigError("grace_seconds: must not be negative")
+        if not self.grace_seconds >= 0:  # also refuses NaN
+            raise ConfigError(f"grace_seconds: must be a number >= 0, got {self.grace_seconds}")
+        if self.max_stop_sequences < 0:
+            raise ConfigError(
+                f"max_stop_sequences: must not be negative, got {self.max_stop_sequences}"
+            )
         if self.tenants_file is None and not is_loopback(self.host):
             raise ConfigError(
                 f"host: {self.host!r} is not a loopback address; without --tenants the server runs "

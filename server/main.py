@@ -65,6 +65,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         dest="max_new_tokens_limit",
         help="largest max_new_tokens a request may ask",
     )
+    parser.add_argument(
+        "--default-max-new-tokens",
+        type=int,
+        default=None,
+        help=f"max_new_tokens when a request sets none (default {d.default_max_new_tokens}, "
+        "capped at --max-new-tokens)",
+    )
     parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
     parser.add_argument("--max-adapter-bytes", type=int, default=d.max_adapter_bytes)
     parser.add_argument(
@@ -91,6 +98,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_batch_size=args.max_batch_size,
         max_waiting_requests=args.max_waiting_requests,
         max_new_tokens_limit=args.max_new_tokens_limit,
+        default_max_new_tokens=(
+            min(ServerConfig.default_max_new_tokens, args.max_new_tokens_limit)
+            if args.default_max_new_tokens is None
+            else args.default_max_new_tokens
+        ),
         max_prompt_tokens=args.max_prompt_tokens,
         max_adapter_bytes=args.max_adapter_bytes,
         grace_seconds=args.grace_seconds,

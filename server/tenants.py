@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import hashlib
 import hmac
+import re
 import tomllib
 from dataclasses import dataclass
 from pathlib import Path
@@ -21,6 +22,7 @@ from adapters.errors import AdapterValidationError
 from adapters.names import validate_tenant_name
 
 DEV_TENANT = "dev"
+_HEX64 = re.compile(r"[0-9a-fA-F]{64}")
 
 
 class TenantsFileError(ValueError):
@@ -113,7 +115,6 @@ def _parse_hash(value: object, where: str) -> bytes:
     hex_part = value.removeprefix("sha256:")
     if len(hex_part) != 64:
         raise TenantsFileError(f"{where}: sha256 hash must have 64 hex digits")
-    try:
-        return bytes.fromhex(hex_part)
-    except ValueError as exc:
-        raise TenantsFileError(f"{where}: sha256 hash is not hex") from exc
+    if not _HEX64.fullmatch(hex_part):
+        raise TenantsFileError(f"{where}: sha256 hash is not hex")
+    return bytes.fromhex(hex_part)

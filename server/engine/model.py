@@ -179,6 +179,7 @@ def load_base_model(
     model.eval()
     model.requires_grad_(False)
     spec, layers, context = wrap_lora_layers(model, num_slots=num_slots, max_rank=max_rank)
+    model.eval()  # again: the wrappers are new modules and start in training mode
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id
     if pad is None:

@@ -1,0 +1,431 @@
+"""AdapterService over a real AdapterStore: upload checks, sessions, list/get/delete, engine."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import pytest
+import torch
+from serving_support import AdapterShape, build_test_model, make_peft_adapter, store_adapter
+
+from adapters.errors import AdapterNotFoundError, AdapterValidationError
+from adapters.spec import BaseModelSpec
+from adapters.store import AdapterStore
+from server.adapter_service import AdapterService, FileDeclaration
+from server.config import ServerConfig
+from server.engine.model import load_base_model
+from server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
+
+TENANT = "acme"
+ForgetCall = tuple[str, str, int | None]
+
+
+@pytest.fixture(scope="module")
+def model_dir(model_cache: Path) -> Path:
+    return build_test_model("llama", model_cache)
+
+
+@pytest.fixture(scope="module")
+def spec(model_dir: Path) -> BaseModelSpec:
+    loaded = load_base_model(model_dir, device="cpu", dtype="float32", num_slots=4, max_rank=16)
+    return loaded.spec
+
+
+@pytest.fixture(scope="module")
+def adapter_files(model_dir: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, bytes]:
+    out = tmp_path_factory.mktemp("peft") / "qv"
+    make_peft_adapter(model_dir, out, AdapterShape(rank=4, alpha=8, targets=["q_proj", "v_proj"]))
+    return {
+        "config": (out / "adapter_config.json").read_bytes(),
+        "weights": (out / "adapter_model.safetensors").read_bytes(),
+    }
+
+
+class Harness:
+    """An AdapterService with a store in tmp_path and a recording forget callback."""
+
+    def __init__(self, root: Path, spec: BaseModelSpec, **overrides: object) -> None:
+        self.config = ServerConfig(data_dir=root, max_lora_rank=16, **overrides)  # type: ignore[arg-type]
+        self.store = AdapterStore(root / "adapters")
+        self.service = AdapterService(self.config, self.store, spec)
+        self.forgotten: list[ForgetCall] = []
+        self.service.attach_engine(lambda t, n, v: self.forgotten.append((t, n, v)))
+
+    def tmp_entries(self) -> list[Path]:
+        return list((self.store.root / "tmp").iterdir())
+
+    def assert_nothing_stored(self) -> None:
+        assert self.service.list(TENANT) == []
+        assert self.tmp_entries() == [], "a refused upload left files in the store's tmp dir"
+        assert list((self.store.root / "tenants").iterdir()) == []
+
+
+@pytest.fixture
+def h(tmp_path: Path, spec: BaseModelSpec) -> Harness:
+    return Harness(tmp_path, spec)
+
+
+def _decl(kind: str, data: bytes) -> FileDeclaration:
+    return FileDeclaration(kind, len(data), hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
+
+
+def _decls(files: dict[str, bytes]) -> list[FileDeclaration]:
+    return [_decl(kind, data) for kind, data in files.items()]
+
+
+def _upload(h: Harness, files: dict[str, bytes], name: str = "qv", description: str = ""):
+    session = h.service.begin_upload(TENANT, name, description, _decls(files))
+    for kind, data in files.items():
+        session.add_chunk(kind, data)  # type: ignore[arg-type]
+    return session.finish()
+
+
+# ---- begin_upload: declaration checks ----------------------------------------------------------
+
+
+def _bad_declarations(files: dict[str, bytes]) -> dict[str, tuple[str, str, list[FileDeclaration]]]:
+    config, weights = _decl("config", files["config"]), _decl("weights", files["weights"])
+    return {
+        "missing weights": ("qv", "", [config]),
+        "missing config": ("qv", "", [weights]),
+        "nothing declared": ("qv", "", []),
+        "duplicate kind": ("qv", "", [config, weights, config]),
+        "sha not hex": ("qv", "", [config, FileDeclaration("weights", weights.size, "z" * 64)]),
+        "sha uppercase": (
+            "qv",
+            "",
+            [config, FileDeclaration("weights", weights.size, weights.sha256.upper())],
+        ),
+        "sha short": ("qv", "", [config, FileDeclaration("weights", weights.size, "ab" * 31)]),
+        "weights over limit": (
+            "qv",
+            "",
+            [config, FileDeclaration("weights", weights.size + 1, weights.sha256)],
+        ),
+        "config over limit": (
+            "qv",
+            "",
+            [FileDeclaration("config", config.size + 1, config.sha256), weights],
+        ),
+        "zero size": ("qv", "", [config, FileDeclaration("weights", 0, weights.sha256)]),
+        "bad name": ("../evil", "", [config, weights]),
+        "empty name": ("", "", [config, weights]),
+        "long description": ("qv", "é" * 513, [config, weights]),
+    }
+
+
+BAD_CASES = [
+    "missing weights",
+    "missing config",
+    "nothing declared",
+    "duplicate kind",
+    "sha not hex",
+    "sha uppercase",
+    "sha short",
+    "weights over limit",
+    "config over limit",
+    "zero size",
+    "bad name",
+    "empty name",
+    "long description",
+]
+
+
+def _exact_limits(files: dict[str, bytes]) -> dict[str, object]:
+    return {
+        "max_adapter_bytes": len(files["weights"]),
+        "max_adapter_config_bytes": len(files["config"]),
+    }
+
+
+def test_files_of_exactly_the_limit_are_accepted(
+    tmp_path: Path, spec: BaseModelSpec, adapter_files: dict[str, bytes]
+) -> None:
+    h = Harness(tmp_path, spec, **_exact_limits(adapter_files))
+    assert _upload(h, adapter_files).version == 1
+
+
+@pytest.mark.parametrize("case", BAD_CASES)
+def test_begin_upload_refuses_bad_declarations(
+    case: str, tmp_path: Path, spec: BaseModelSpec, adapter_files: dict[str, bytes]
+) -> None:
+    # Limits at exactly the real sizes: each case fails for its own reason only.
+    h = Harness(tmp_path, spec, **_exact_limits(adapter_files))
+    name, description, declarations = _bad_declarations(adapter_files)[case]
+    with pytest.raises(AdapterValidationError) as err:
+        h.service.begin_upload(TENANT, name, description, declarations)
+    assert err.value.field and err.value.message
+    h.assert_nothing_stored()
+    assert h.forgotten == []
+
+
+def test_refusal_messages_name_the_problem(h: Harness, adapter_files: dict[str, bytes]) -> None:
+    config, weights = (
+        _decl("config", adapter_files["config"]),
+        _decl("weights", adapter_files["weights"]),
+    )
+    cases = [
+        ([config], "files", "both"),
+        ([config, config, weights], "files", "declared twice"),
+        (
+            [config, FileDeclaration("weights", 10, "0" * 63)],
+            "files.adapter_model.safetensors.sha256",
+            "64 lowercase hex",
+        ),
+        (
+            [config, FileDeclaration("weights", 10**12, weights.sha256)],
+            "adapter_model.safetensors",
+            "exceeds the limit",
+        ),
+        ([FileDeclaration("config", 0, config.sha256), weights], "adapter_config.json", "0"),
+    ]
+    for declarations, field, needle in cases:
+        with pytest.raises(AdapterValidationError) as err:
+            h.service.begin_upload(TENANT, "qv", "", declarations)
+        assert err.value.field == field and needle in err.value.message, str(err.value)
+    with pytest.raises(AdapterValidationError) as err:
+        h.service.begin_upload(TENANT, "qv", "x" * 1025, _decls(adapter_files))
+    assert err.value.field == "description"
+    h.assert_nothing_stored()
+
+
+def test_description_of_exactly_1024_bytes_is_accepted(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    record = _upload(h, adapter_files, description="d" * 1024)
+    assert record.description == "d" * 1024
+
+
+# ---- upload session: chunks and finish ---------------------------------------------------------
+
+
+def test_add_chunk_refuses_bytes_beyond_the_declared_size(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    config = adapter_files["config"]
+    session = h.service.begin_upload(TENANT, "qv", "", _decls(adapter_files))
+    session.add_chunk("config", config[:10])
+    with pytest.raises(AdapterValidationError) as err:
+        session.add_chunk("config", config[10:] + b" ")
+    assert err.value.field == "adapter_config.json"
+    assert str(len(config)) in err.value.message
+    assert session.txn.bytes_written("config") == 10, "the refused chunk was written"
+    # The exact remainder still fits.
+    session.add_chunk("config", config[10:])
+    with pytest.raises(AdapterValidationError):
+        session.add_chunk("config", b"x")
+    session.abort()
+    h.assert_nothing_stored()
+
+
+def test_finish_refuses_a_truncated_stream(h: Harness, adapter_files: dict[str, bytes]) -> None:
+    weights = adapter_files["weights"]
+    session = h.service.begin_upload(TENANT, "qv", "", _decls(adapter_files))
+    session.add_chunk("config", adapter_files["config"])
+    session.add_chunk("weights", weights[:-1])
+    with pytest.raises(AdapterValidationError) as err:
+        session.finish()
+    assert err.value.field == "adapter_model.safetensors"
+    assert "truncated" in err.value.message and f"{len(weights) - 1} of {len(weights)}" in str(
+        err.value
+    )
+    assert h.service.list(TENANT) == []
+    session.abort()
+    h.assert_nothing_stored()
+    assert h.forgotten == []
+
+
+def test_finish_refuses_a_checksum_mismatch(h: Harness, adapter_files: dict[str, bytes]) -> None:
+    config = adapter_files["config"]
+    session = h.service.begin_upload(TENANT, "qv", "", _decls(adapter_files))
+    tampered = bytearray(config)
+    tampered[-2] ^= 0x01
+    session.add_chunk("config", bytes(tampered))
+    session.add_chunk("weights", adapter_files["weights"])
+    with pytest.raises(AdapterValidationError) as err:
+        session.finish()
+    assert err.value.field == "adapter_config.json" and "sha256" in err.value.message
+    assert h.service.list(TENANT) == []
+    session.abort()
+    h.assert_nothing_stored()
+    assert h.forgotten == []
+
+
+def test_finish_refuses_an_adapter_that_does_not_fit_the_base(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    files = {**adapter_files, "config": adapter_files["config"].replace(b'"r": 4', b'"r": 5')}
+    assert files["config"] != adapter_files["config"]
+    with pytest.raises(AdapterValidationError):
+        _upload(h, files)
+    assert h.service.list(TENANT) == []
+
+
+def test_abort_is_idempotent_and_a_no_op_after_commit(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    session = h.service.begin_upload(TENANT, "qv", "", _decls(adapter_files))
+    session.abort()
+    session.abort()
+    h.assert_nothing_stored()
+    session = h.service.begin_upload(TENANT, "qv", "", _decls(adapter_files))
+    for kind, data in adapter_files.items():
+        session.add_chunk(kind, data)  # type: ignore[arg-type]
+    record = session.finish()
+    session.abort()
+    assert h.service.get(TENANT, "qv") == record
+
+
+def test_good_upload_commits_and_tells_the_engine(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    session = h.service.begin_upload(TENANT, "qv", "my adapter", _decls(adapter_files))
+    # Chunked, interleaved arrival.
+    for start in range(0, max(len(d) for d in adapter_files.values()), 997):
+        for kind, data in adapter_files.items():
+            if start < len(data):
+                session.add_chunk(kind, data[start : start + 997])  # type: ignore[arg-type]
+    assert h.service.list(TENANT) == [], "visible before finish()"
+    record = session.finish()
+    assert (record.tenant, record.name, record.version) == (TENANT, "qv", 1)
+    assert record.rank == 4 and record.alpha == 8.0 and not record.use_rslora
+    assert record.description == "my adapter"
+    assert record.size_bytes == len(adapter_files["weights"])
+    assert record.sha256 == hashlib.sha256(adapter_files["weights"]).hexdigest()
+    assert set(record.target_modules) == {
+        f"model.layers.{i}.self_attn.{p}" for i in (0, 1) for p in ("q_proj", "v_proj")
+    }
+    assert list(record.target_modules) == sorted(record.target_modules)
+    assert h.forgotten == [(TENANT, "qv", 1)]
+    assert h.service.list(TENANT) == [record]
+    assert h.service.get(TENANT, "qv") == record
+    assert h.service.list("globex") == []
+    assert h.tmp_entries() == []
+
+
+def test_reupload_is_a_new_version_and_forgets_the_old(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    first = _upload(h, adapter_files)
+    second = _upload(h, adapter_files)
+    assert (first.version, second.version) == (1, 2)
+    assert h.forgotten == [(TENANT, "qv", 1), (TENANT, "qv", 2)]
+    assert h.service.list(TENANT) == [second]
+
+
+def test_delete_forgets_every_version(h: Harness, adapter_files: dict[str, bytes]) -> None:
+    record = _upload(h, adapter_files)
+    h.forgotten.clear()
+    assert h.service.delete(TENANT, "qv") == record
+    assert h.forgotten == [(TENANT, "qv", None)]
+    assert h.service.list(TENANT) == []
+    with pytest.raises(AdapterNotFoundError):
+        h.service.get(TENANT, "qv")
+    with pytest.raises(AdapterNotFoundError):
+        h.service.delete(TENANT, "qv")
+    assert h.forgotten == [(TENANT, "qv", None)], "a failed delete still told the engine"
+
+
+@pytest.mark.parametrize("name", ["../x", "", "a/b"])
+def test_get_and_delete_validate_names(h: Harness, name: str) -> None:
+    with pytest.raises(AdapterValidationError):
+        h.service.get(TENANT, name)
+    with pytest.raises(AdapterValidationError):
+        h.service.delete(TENANT, name)
+    assert h.forgotten == []
+
+
+def test_tenants_are_isolated(h: Harness, adapter_files: dict[str, bytes]) -> None:
+    _upload(h, adapter_files)
+    with pytest.raises(AdapterNotFoundError):
+        h.service.get("globex", "qv")
+    with pytest.raises(EngineError) as err:
+        h.service.resolve(AdapterRef("globex", "qv"))
+    assert err.value.kind == ErrorKind.NOT_FOUND
+
+
+# ---- the engine's view: resolve and load -------------------------------------------------------
+
+
+def test_resolve_returns_the_current_version(h: Harness, adapter_files: dict[str, bytes]) -> None:
+    _upload(h, adapter_files)
+    assert h.service.resolve(AdapterRef(TENANT, "qv")) == AdapterKey(TENANT, "qv", 1)
+    _upload(h, adapter_files)
+    assert h.service.resolve(AdapterRef(TENANT, "qv")) == AdapterKey(TENANT, "qv", 2)
+
+
+def test_resolve_unknown_is_not_found(h: Harness) -> None:
+    with pytest.raises(EngineError) as err:
+        h.service.resolve(AdapterRef(TENANT, "nope"))
+    assert err.value.kind == ErrorKind.NOT_FOUND
+    assert "'nope'" in err.value.message
+
+
+def test_load_returns_validated_weights(
+    h: Harness, adapter_files: dict[str, bytes], spec: BaseModelSpec
+) -> None:
+    record = _upload(h, adapter_files)
+    weights = h.service.load(h.service.resolve(AdapterRef(TENANT, "qv")))
+    assert weights.config.rank == 4 and weights.config.alpha == 8
+    assert set(weights.modules) == set(record.target_modules)
+    for name, (a, b) in weights.modules.items():
+        target = spec.modules[name]
+        assert a.shape == (4, target.in_features) and b.shape == (target.out_features, 4)
+        assert a.dtype == b.dtype == torch.float32
+        assert bool(torch.isfinite(a).all()) and bool(b.abs().sum() > 0)
+
+
+def test_load_of_a_replaced_version_is_not_found(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    _upload(h, adapter_files)
+    old = h.service.resolve(AdapterRef(TENANT, "qv"))
+    _upload(h, adapter_files)
+    with pytest.raises(EngineError) as err:
+        h.service.load(old)
+    assert err.value.kind == ErrorKind.NOT_FOUND and "replaced" in err.value.message
+    new = h.service.resolve(AdapterRef(TENANT, "qv"))
+    assert new.version == 2 and h.service.load(new).config.rank == 4
+    # A version from the future (never uploaded) is not found either.
+    with pytest.raises(EngineError) as err:
+        h.service.load(AdapterKey(TENANT, "qv", 3))
+    assert err.value.kind == ErrorKind.NOT_FOUND
+
+
+def test_load_of_a_deleted_adapter_is_not_found(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    _upload(h, adapter_files)
+    key = h.service.resolve(AdapterRef(TENANT, "qv"))
+    h.service.delete(TENANT, "qv")
+    with pytest.raises(EngineError) as err:
+        h.service.load(key)
+    assert err.value.kind == ErrorKind.NOT_FOUND
+    with pytest.raises(EngineError) as err:
+        h.service.load(AdapterKey(TENANT, "never", 1))
+    assert err.value.kind == ErrorKind.NOT_FOUND
+
+
+def test_load_of_corrupted_files_is_internal(h: Harness, adapter_files: dict[str, bytes]) -> None:
+    record = _upload(h, adapter_files)
+    weights_path = record.path / "adapter_model.safetensors"
+    data = bytearray(weights_path.read_bytes())
+    data[-1] ^= 0xFF
+    weights_path.write_bytes(bytes(data))
+    with pytest.raises(EngineError) as err:
+        h.service.load(AdapterKey(TENANT, "qv", record.version))
+    assert err.value.kind == ErrorKind.INTERNAL and "'qv'" in err.value.message
+
+
+def test_store_adapter_helper_agrees_with_the_service(
+    h: Harness, adapter_files: dict[str, bytes], tmp_path: Path
+) -> None:
+    # serving_support.store_adapter drives the same session; other suites depend on it.
+    peft_dir = tmp_path / "peft-copy"
+    peft_dir.mkdir()
+    (peft_dir / "adapter_config.json").write_bytes(adapter_files["config"])
+    (peft_dir / "adapter_model.safetensors").write_bytes(adapter_files["weights"])
+    record = store_adapter(h.service, TENANT, "helper", peft_dir)
+    assert h.service.get(TENANT, "helper") == record
+    assert h.forgotten == [(TENANT, "helper", 1)]

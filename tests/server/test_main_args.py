@@ -1,0 +1,153 @@
+"""`loraserve serve` flags: parsing into ServerConfig, defaults, exit code of a bad config."""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import typing
+from pathlib import Path
+
+import pytest
+
+import server.main
+from server.config import ConfigError, DeviceChoice, DtypeChoice, ServerConfig
+from server.main import add_serve_arguments, config_from_args, run_serve
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="loraserve serve")
+    add_serve_arguments(parser)
+    return parser
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    return _parser().parse_args(list(argv))
+
+
+@pytest.fixture
+def served(monkeypatch: pytest.MonkeyPatch) -> list[ServerConfig]:
+    """Replaces serve() so a run_serve that gets past validation returns at once, recorded."""
+    calls: list[ServerConfig] = []
+
+    async def fake_serve(config: ServerConfig) -> None:
+        calls.append(config)
+
+    monkeypatch.setattr(server.main, "serve", fake_serve)
+    return calls
+
+
+def _choices(dest: str) -> list[str]:
+    action = next(a for a in _parser()._actions if a.dest == dest)
+    assert action.choices is not None
+    return list(action.choices)
+
+
+def test_defaults_equal_server_config_defaults() -> None:
+    config = config_from_args(_parse())
+    assert config == ServerConfig()
+    assert config.dev_mode and config.model_path is None and config.tenants_file is None
+
+
+def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
+    argv = {
+        "--model": str(tmp_path / "model"),
+        "--host": "0.0.0.0",
+        "--port": "6000",
+        "--data-dir": str(tmp_path / "data"),
+        "--tenants": str(tmp_path / "tenants.toml"),
+        "--device": "cpu",
+        "--dtype": "bfloat16",
+        "--metrics-port": "9999",
+        "--max-lora-rank": "8",
+        "--max-loaded-adapters": "3",
+        "--max-batch-size": "5",
+        "--max-waiting-requests": "77",
+        "--max-new-tokens": "128",
+        "--max-prompt-tokens": "900",
+        "--max-adapter-bytes": "12345",
+        "--grace-seconds": "2.5",
+    }
+    config = config_from_args(_parse(*[part for item in argv.items() for part in item]))
+    expected = dataclasses.replace(
+        ServerConfig(),
+        model_path=tmp_path / "model",
+        host="0.0.0.0",
+        port=6000,
+        data_dir=tmp_path / "data",
+        tenants_file=tmp_path / "tenants.toml",
+        device="cpu",
+        dtype="bfloat16",
+        metrics_port=9999,
+        max_lora_rank=8,
+        max_loaded_adapters=3,
+        max_batch_size=5,
+        max_waiting_requests=77,
+        max_new_tokens_limit=128,
+        max_prompt_tokens=900,
+        max_adapter_bytes=12345,
+        grace_seconds=2.5,
+    )
+    assert config == expected
+    assert isinstance(config.model_path, Path) and isinstance(config.data_dir, Path)
+    assert not config.dev_mode
+
+
+def test_every_flag_reaches_a_config_field() -> None:
+    fields = {f.name for f in dataclasses.fields(ServerConfig)}
+    renamed = {"model": "model_path", "tenants": "tenants_file"}
+    dests = {a.dest for a in _parser()._actions} - {"help", "log_level"}
+    assert {renamed.get(d, d) for d in dests} <= fields
+
+
+def test_device_and_dtype_choices_match_the_config_types() -> None:
+    assert set(_choices("device")) == set(typing.get_args(DeviceChoice))
+    assert set(_choices("dtype")) == set(typing.get_args(DtypeChoice))
+    with pytest.raises(SystemExit):
+        _parse("--device", "tpu")
+
+
+def test_config_from_args_validates() -> None:
+    with pytest.raises(ConfigError, match=r"^port:"):
+        config_from_args(_parse("--port", "70000"))
+    with pytest.raises(ConfigError, match=r"^max_lora_rank:"):
+        config_from_args(_parse("--max-lora-rank", "0"))
+
+
+def test_a_small_max_new_tokens_flag_is_usable() -> None:
+    # default_max_new_tokens (64) has no flag, so `--max-new-tokens 32` must not be refused
+    # because of it: the user has no way to fix "default_max_new_tokens: 64 exceeds ...".
+    config = config_from_args(_parse("--max-new-tokens", "32"))
+    assert config.max_new_tokens_limit == 32
+    assert 1 <= config.default_max_new_tokens <= 32
+
+
+@pytest.mark.parametrize("host", ["0.0.0.0", "10.1.2.3", "server.example.com"])
+def test_run_serve_refuses_a_dev_mode_public_host(
+    host: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, served: list[ServerConfig]
+) -> None:
+    code = run_serve(_parse("--host", host, "--data-dir", str(tmp_path), "--metrics-port", "0"))
+    assert code == 2
+    out, err = capsys.readouterr()
+    assert out == ""
+    assert err.startswith("loraserve serve: host: ")
+    assert repr(host) in err and "--tenants" in err
+    assert "Traceback" not in err
+    assert served == [], "the server was started despite the config error"
+    assert list(tmp_path.iterdir()) == [], "nothing should be created before the config is valid"
+
+
+def test_run_serve_reports_other_config_errors(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, served: list[ServerConfig]
+) -> None:
+    code = run_serve(_parse("--grace-seconds", "-1", "--data-dir", str(tmp_path)))
+    assert code == 2
+    assert "loraserve serve: grace_seconds:" in capsys.readouterr().err
+    assert served == []
+
+
+def test_run_serve_starts_with_a_valid_config(tmp_path: Path, served: list[ServerConfig]) -> None:
+    code = run_serve(_parse("--port", "0", "--metrics-port", "0", "--data-dir", str(tmp_path)))
+    assert code == 0
+    assert served == [
+        dataclasses.replace(ServerConfig(), port=0, metrics_port=0, data_dir=tmp_path)
+    ]
