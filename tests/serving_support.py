@@ -11,12 +11,12 @@ import socket
 import threading
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from server.app import Server
 from server.config import ServerConfig
 from server.engine.embedded import TinyModelSpec, cached_model_path
 
@@ -104,7 +104,8 @@ class ServerThread:
     """A real loraserve Server running on its own event loop in a background thread."""
 
     config: ServerConfig
-    server: Server | None = None
+    server: Any = None
+    """The running server.app.Server (imported lazily: the engine tests need no gRPC)."""
     port: int = 0
     _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
     _thread: threading.Thread | None = None
@@ -112,6 +113,8 @@ class ServerThread:
     def start(self) -> ServerThread:
         started = threading.Event()
         errors: list[BaseException] = []
+
+        from server.app import Server
 
         def run() -> None:
             asyncio.set_event_loop(self._loop)

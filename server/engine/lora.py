@@ -13,7 +13,7 @@ batch: there is no Python loop over adapters or rows in the hot path.
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from torch import nn
@@ -30,6 +30,13 @@ class BatchLoRAState:
     """The distinct non-zero slots in slot_ids, to skip layers no row's adapter touches."""
     rank: int
     """The largest rank among the batch's adapters: slots are sliced to it (exact, rest is zero)."""
+    gathered: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = field(
+        default_factory=dict, compare=False, repr=False
+    )
+    """Per layer: (its slot generation, each row's A (batch, rank, d_in), B (batch, d_out, rank)),
+    gathered on the first forward and reused by every decode step of the same batch, so a step
+    costs two batched matmuls per layer and no gathers. Rows' slots are pinned and do not
+    change; the generation still guards against any slot write in between."""
 
 
 class LoRAContext:
@@ -66,10 +73,19 @@ def lora_delta_bgmv(
     x: (batch, seq, d_in); lora_a: (slots, r, d_in); lora_b: (slots, d_out, r); slot_ids: (batch,).
     Returns (batch, seq, d_out).
     """
-    a_rows = lora_a.index_select(0, slot_ids)  # (batch, r, d_in)
-    b_rows = lora_b.index_select(0, slot_ids)  # (batch, d_out, r)
+    a_rows, b_rows = gather_rows(lora_a, lora_b, slot_ids)
     xa = torch.bmm(x, a_rows.transpose(1, 2))  # (batch, seq, r)
     return torch.bmm(xa, b_rows.transpose(1, 2))  # (batch, seq, d_out)
+
+
+def gather_rows(
+    lora_a: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Each row's factors. lora_a: (slots, r, d_in), lora_b: (slots, d_out, r), slot_ids: (batch,).
+
+    Returns A rows (batch, r, d_in) and B rows (batch, d_out, r).
+    """
+    return lora_a.index_select(0, slot_ids), lora_b.index_select(0, slot_ids)
 
 
 class MultiLoRALinear(nn.Module):
@@ -92,6 +108,8 @@ class MultiLoRALinear(nn.Module):
         self.lora_a: torch.Tensor | None = None  # (num_slots + 1, max_rank, d_in)
         self.lora_b: torch.Tensor | None = None  # (num_slots + 1, d_out, max_rank)
         self.occupied: set[int] = set()
+        self.generation = 0
+        """Bumped on every slot write, so gathered copies of the old contents are never used."""
 
     def _allocate(self) -> None:
         weight = self.base_layer.weight
@@ -114,6 +132,7 @@ class MultiLoRALinear(nn.Module):
         self.lora_a[slot, :rank].copy_(lora_a)
         self.lora_b[slot, :, :rank].copy_(lora_b * scale)
         self.occupied.add(slot)
+        self.generation += 1
 
     def clear_slot(self, slot: int) -> None:
         """Zeroes `slot` so rows routed to it get exactly the base output."""
@@ -122,6 +141,7 @@ class MultiLoRALinear(nn.Module):
             self.lora_a[slot].zero_()
             self.lora_b[slot].zero_()
             self.occupied.discard(slot)
+            self.generation += 1
 
     def release_memory(self) -> None:
         """Frees the slot stacks when no slot is occupied any more."""
@@ -136,14 +156,18 @@ class MultiLoRALinear(nn.Module):
         if state is None or self.occupied.isdisjoint(state.slot_set):
             return y
         assert self.lora_a is not None and self.lora_b is not None
-        rank = state.rank
-        delta = lora_delta_bgmv(
-            x.to(self.lora_a.dtype),
-            self.lora_a[:, :rank],
-            self.lora_b[:, :, :rank],
-            state.slot_ids,
-        )  # (batch, seq, d_out)
-        return y + delta.to(y.dtype)
+        cached = state.gathered.get(id(self))
+        if cached is None or cached[0] != self.generation:
+            rank = state.rank
+            a, b = gather_rows(self.lora_a[:, :rank], self.lora_b[:, :, :rank], state.slot_ids)
+            cached = (self.generation, a, b)
+            state.gathered[id(self)] = cached
+        _, a_rows, b_rows = cached  # (batch, rank, d_in), (batch, d_out, rank)
+        xa = torch.bmm(x.to(a_rows.dtype), a_rows.transpose(1, 2))  # (batch, seq, rank)
+        if y.dtype == xa.dtype:
+            # y += xa @ B^T in one kernel.
+            return torch.baddbmm(y, xa, b_rows.transpose(1, 2))  # (batch, seq, d_out)
+        return y + torch.bmm(xa, b_rows.transpose(1, 2)).to(y.dtype)
 
 
 def is_lora_target(module: nn.Module) -> bool:

@@ -249,13 +249,13 @@ def test_layer_untouched_by_the_batch_skips_the_lora_path(
     monkeypatch: pytest.MonkeyPatch,
 ) -> None:
     calls: list[int] = []
-    real = lora_module.lora_delta_bgmv
+    real = lora_module.gather_rows
 
-    def spy(*args: torch.Tensor) -> torch.Tensor:
+    def spy(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         calls.append(1)
         return real(*args)
 
-    monkeypatch.setattr(lora_module, "lora_delta_bgmv", spy)
+    monkeypatch.setattr(lora_module, "gather_rows", spy)
     base = _linear()
     layer, context = _wrap(base)
     layer.set_slot(2, *_adapter(4, seed=60), scale=1.0)
@@ -293,3 +293,27 @@ def test_half_precision_layer_matches_hand_computed_lora() -> None:
 def test_wrapping_anything_else_raises(module: nn.Module) -> None:
     with pytest.raises(TypeError, match=type(module).__name__):
         MultiLoRALinear(module, context=LoRAContext(), num_slots=2, max_rank=4)
+
+
+def test_gathered_rows_are_reused_across_steps_and_refreshed_after_slot_writes(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    calls: list[int] = []
+    real = lora_module.gather_rows
+
+    def spy(*args: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        calls.append(1)
+        return real(*args)
+
+    monkeypatch.setattr(lora_module, "gather_rows", spy)
+    base = _linear()
+    layer, context = _wrap(base)
+    layer.set_slot(1, *_adapter(4, seed=80), scale=1.0)
+    x = torch.randn(2, 1, D_IN)
+    context.current = _state([1, 0], rank=4)
+    first = layer(x)
+    assert torch.equal(layer(x), first)  # a second decode step of the same batch
+    assert calls == [1], "the batch's rows must be gathered once, not per step"
+    layer.set_slot(1, *_adapter(4, seed=81), scale=1.0)  # a write invalidates the copy
+    assert not torch.allclose(layer(x)[0], first[0])
+    assert calls == [1, 1]
