@@ -118,20 +118,21 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    started = False
     try:
         port = await server.start()
-    except BaseException:
-        await server.stop(0)
-        raise
-    if config.metrics_port:
-        from prometheus_client import start_http_server
+        started = True
+        if config.metrics_port:
+            from prometheus_client import start_http_server
 
-        start_http_server(config.metrics_port, addr=config.host)
-    # A line scripts and tests can wait for.
-    print(f"loraserve: serving on {config.host}:{port}", flush=True)
-    await stop.wait()
-    log.info("stopping: draining in-flight requests for up to %.1f s", config.grace_seconds)
-    await server.stop()
+            start_http_server(config.metrics_port, addr=config.host)
+        # A line scripts and tests can wait for.
+        print(f"loraserve: serving on {config.host}:{port}", flush=True)
+        await stop.wait()
+        log.info("stopping: draining in-flight requests for up to %.1f s", config.grace_seconds)
+    finally:
+        # Also on a failed start (model missing, metrics port taken): never leave the port bound.
+        await server.stop(None if started else 0)
 
 
 def run_serve(args: argparse.Namespace) -> int:

@@ -32,6 +32,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         request_iterator: AsyncIterator[adapters_pb2.UploadAdapterRequest],
         context: grpc.aio.ServicerContext,
     ) -> adapters_pb2.AdapterInfo:
+        # Authenticate before reading any bytes of the stream.
         principal = await self._auth.principal(context)
         session: UploadSession | None = None
         try:
@@ -39,8 +40,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
             if first is None or first.WhichOneof("part") != "header":
                 raise AdapterValidationError("header", "the first message must be an UploadHeader")
             header = first.header
-            tenant = await self._auth.acting_tenant(context, header.tenant)
-            del principal
+            tenant = await self._auth.acting_tenant(context, header.tenant, principal)
             declarations = [
                 FileDeclaration(kind=FILE_KINDS[f.file], size=f.size, sha256=f.sha256)
                 for f in header.files

@@ -36,9 +36,15 @@ class Authorizer:
         assert principal is not None
         return principal
 
-    async def acting_tenant(self, context: grpc.aio.ServicerContext, requested: str) -> str:
+    async def acting_tenant(
+        self,
+        context: grpc.aio.ServicerContext,
+        requested: str,
+        principal: Principal | None = None,
+    ) -> str:
         """The tenant a call acts for: the caller's own, or (admins only) the one it names."""
-        principal = await self.principal(context)
+        if principal is None:
+            principal = await self.principal(context)
         if not requested or requested == principal.tenant:
             return principal.tenant
         if not principal.admin:

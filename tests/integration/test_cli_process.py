@@ -8,6 +8,7 @@ import signal
 import subprocess
 import sys
 import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -50,10 +51,19 @@ def test_serve_cli_roundtrip_and_sigterm(
     model_cache: Path, adapter_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     env = _env(model_cache)
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     target = f"127.0.0.1:{port}"
     proc = subprocess.Popen(
-        [*CLI, "serve", "--port", str(port), "--metrics-port", "0", "--data-dir", str(tmp_path)],
+        [
+            *CLI,
+            "serve",
+            "--port",
+            str(port),
+            "--metrics-port",
+            str(metrics_port),
+            "--data-dir",
+            str(tmp_path),
+        ],
         env=env,
         stdout=subprocess.PIPE,
         stderr=subprocess.STDOUT,
@@ -61,6 +71,8 @@ def test_serve_cli_roundtrip_and_sigterm(
     )
     try:
         _wait_for_line(proc, "loraserve: serving on")
+        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+            assert b"python_info" in r.read()
         upload = _cli(
             ["adapters", "upload", str(adapter_dirs["qv"]), "--name", "cli-adapter", "--json"],
             env,
