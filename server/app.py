@@ -23,6 +23,8 @@ from server.api.inference import InferenceServicer
 from server.config import ServerConfig
 from server.engine.engine import Engine
 from server.engine.model import load_base_model
+from server.metrics import Metrics
+from server.request_log import RequestLogger
 from server.runtime import Runtime
 from server.tenants import TenantRegistry
 
@@ -61,7 +63,16 @@ class Server:
             ]
         )
         self.port = 0
+        self.metrics_port = 0
         self.runtime = Runtime()
+        self.metrics = Metrics(
+            price_per_device_hour=config.price_per_device_hour,
+            price_per_gb_hour=config.price_per_gb_hour,
+        )
+        self.metrics.declare_tenants(self.registry.tenants)
+        self.request_log = RequestLogger.open(
+            self.metrics, config.access_log, config.access_log_content
+        )
 
     async def start(self) -> int:
         """Binds, loads the model and starts serving; returns the bound port."""
@@ -71,10 +82,10 @@ class Server:
         auth = Authorizer(self.registry)
         # grpc.aio registers handlers only before start; they answer UNAVAILABLE until loaded.
         inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.runtime, auth), self.grpc_server
+            InferenceServicer(self.runtime, auth, self.request_log), self.grpc_server
         )
         adapters_pb2_grpc.add_AdaptersServicer_to_server(
-            AdaptersServicer(self.runtime, auth), self.grpc_server
+            AdaptersServicer(self.runtime, auth, self.metrics), self.grpc_server
         )
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
@@ -86,6 +97,8 @@ class Server:
             raise OSError(f"cannot bind {config.host}:{config.port}")
         # Serve health (NOT_SERVING) while the model loads, so orchestrators can watch it.
         await self.grpc_server.start()
+        if config.metrics_port:
+            self.metrics_port = self.metrics.serve(config.metrics_port, config.host)
         model_path = await asyncio.to_thread(resolve_model_path, config)
         loaded = await asyncio.to_thread(
             load_base_model,
@@ -97,8 +110,9 @@ class Server:
         )
         store = await asyncio.to_thread(AdapterStore, Path(config.data_dir) / "adapters")
         adapter_service = AdapterService(config, store, loaded.spec)
-        engine = Engine(config, loaded, adapter_service.resolve, adapter_service.load)
+        engine = Engine(config, loaded, adapter_service.resolve, adapter_service.load, self.metrics)
         adapter_service.attach_engine(engine.forget_adapter)
+        self.metrics.watch(engine, store, loaded, self.registry.tenants, config.currency)
         engine.start()
         self.runtime.ready(engine, adapter_service)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)

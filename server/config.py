@@ -63,6 +63,17 @@ class ServerConfig:
     """Largest single gRPC message (prompts, upload chunks)."""
     grace_seconds: float = 10.0
     """On SIGTERM, time in-flight requests get to finish before the server exits."""
+    price_per_device_hour: float = 0.0
+    """Price of one hour of the whole device (GPU, or the CPU box), in `currency`: prices each
+    tenant's attributed compute seconds (loraserve_tenant_cost_total, Usage.cost)."""
+    price_per_gb_hour: float = 0.0
+    """Price of holding 1 GB (1e9 bytes) of adapter weights on the device for an hour."""
+    currency: str = "USD"
+    """Unit of every cost figure; a label on loraserve_build_info."""
+    access_log: str = "-"
+    """Where the JSON access log goes: "-" for stderr, a file path, or "" to disable."""
+    access_log_content: bool = False
+    """Also log prompts and completions (off by default: tenants' data stays private)."""
 
     def validate(self) -> ServerConfig:
         """Checks bounds and cross-field rules; returns self for chaining."""
@@ -94,6 +105,12 @@ class ServerConfig:
             )
         if not self.grace_seconds >= 0:  # also refuses NaN
             raise ConfigError(f"grace_seconds: must be a number >= 0, got {self.grace_seconds}")
+        for name in ("price_per_device_hour", "price_per_gb_hour"):
+            value = getattr(self, name)
+            if not 0 <= value < float("inf"):
+                raise ConfigError(f"{name}: must be a finite number >= 0, got {value}")
+        if not self.currency or not self.currency.isascii() or len(self.currency) > 16:
+            raise ConfigError(f"currency: {self.currency!r} must be 1-16 ASCII characters")
         if self.max_stop_sequences < 0:
             raise ConfigError(
                 f"max_stop_sequences: must not be negative, got {self.max_stop_sequences}"

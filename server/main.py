@@ -80,6 +80,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         default=d.grace_seconds,
         help="time in-flight requests get to finish on SIGTERM",
     )
+    parser.add_argument(
+        "--price-per-device-hour",
+        type=float,
+        default=d.price_per_device_hour,
+        help="price of one device-hour, for per-tenant cost (default 0)",
+    )
+    parser.add_argument(
+        "--price-per-gb-hour",
+        type=float,
+        default=d.price_per_gb_hour,
+        help="price of holding 1 GB of adapter weights on the device for an hour (default 0)",
+    )
+    parser.add_argument("--currency", default=d.currency, help=f"cost unit (default {d.currency})")
+    parser.add_argument(
+        "--access-log",
+        default=d.access_log,
+        metavar="PATH",
+        help="JSON access log: '-' for stderr (default), a file path, or '' to disable",
+    )
+    parser.add_argument(
+        "--access-log-content",
+        action="store_true",
+        help="also log prompts and completions (off by default: tenants' data stays private)",
+    )
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -106,6 +130,11 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_prompt_tokens=args.max_prompt_tokens,
         max_adapter_bytes=args.max_adapter_bytes,
         grace_seconds=args.grace_seconds,
+        price_per_device_hour=args.price_per_device_hour,
+        price_per_gb_hour=args.price_per_gb_hour,
+        currency=args.currency,
+        access_log=args.access_log,
+        access_log_content=args.access_log_content,
     ).validate()
 
 
@@ -122,10 +151,6 @@ async def serve(config: ServerConfig) -> None:
     try:
         port = await server.start()
         started = True
-        if config.metrics_port:
-            from prometheus_client import start_http_server
-
-            start_http_server(config.metrics_port, addr=config.host)
         # A line scripts and tests can wait for.
         print(f"loraserve: serving on {config.host}:{port}", flush=True)
         await stop.wait()

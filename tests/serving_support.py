@@ -177,6 +177,7 @@ class EngineHarness:
         *,
         device: str = "cpu",
         dtype: str = "float32",
+        observer: object = None,
         **config_overrides: object,
     ) -> None:
         from adapters.store import AdapterStore
@@ -195,7 +196,13 @@ class EngineHarness:
         self.service = AdapterService(
             self.config, AdapterStore(data_dir / "adapters"), self.loaded.spec
         )
-        self.engine = Engine(self.config, self.loaded, self.service.resolve, self.service.load)
+        self.engine = Engine(
+            self.config,
+            self.loaded,
+            self.service.resolve,
+            self.service.load,
+            observer,  # type: ignore[arg-type]
+        )
         self.service.attach_engine(self.engine.forget_adapter)
 
     def submit(self, prompt_ids: list[int], adapter: str | None, tenant: str = "t", **sampling):

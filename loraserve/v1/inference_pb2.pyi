@@ -57,18 +57,22 @@ class GenerateRequest(_message.Message):
     def __init__(self, adapter: _Optional[str] = ..., prompt: _Optional[str] = ..., messages: _Optional[_Iterable[_Union[ChatMessage, _Mapping]]] = ..., sampling: _Optional[_Union[SamplingParams, _Mapping]] = ...) -> None: ...
 
 class Usage(_message.Message):
-    __slots__ = ("prompt_tokens", "completion_tokens", "queue_seconds", "time_to_first_token_seconds", "total_seconds")
+    __slots__ = ("prompt_tokens", "completion_tokens", "queue_seconds", "time_to_first_token_seconds", "total_seconds", "compute_seconds", "cost")
     PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
     COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
     QUEUE_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TIME_TO_FIRST_TOKEN_SECONDS_FIELD_NUMBER: _ClassVar[int]
     TOTAL_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
     prompt_tokens: int
     completion_tokens: int
     queue_seconds: float
     time_to_first_token_seconds: float
     total_seconds: float
-    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ...) -> None: ...
+    compute_seconds: float
+    cost: float
+    def __init__(self, prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., queue_seconds: _Optional[float] = ..., time_to_first_token_seconds: _Optional[float] = ..., total_seconds: _Optional[float] = ..., compute_seconds: _Optional[float] = ..., cost: _Optional[float] = ...) -> None: ...
 
 class GenerateResponse(_message.Message):
     __slots__ = ("text", "token_ids", "finish_reason", "usage", "request_id", "adapter_version")
@@ -107,7 +111,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_path", "model_type", "architecture", "device", "dtype", "max_lora_rank", "max_new_tokens", "max_prompt_tokens", "max_adapter_bytes", "target_modules", "max_batch_size", "version", "tenant", "has_chat_template")
+    __slots__ = ("model_path", "model_type", "architecture", "device", "dtype", "max_lora_rank", "max_new_tokens", "max_prompt_tokens", "max_adapter_bytes", "target_modules", "max_batch_size", "version", "tenant", "has_chat_template", "currency")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -122,6 +126,7 @@ class ServerInfo(_message.Message):
     VERSION_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
+    CURRENCY_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     model_type: str
     architecture: str
@@ -136,4 +141,5 @@ class ServerInfo(_message.Message):
     version: str
     tenant: str
     has_chat_template: bool
-    def __init__(self, model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., version: _Optional[str] = ..., tenant: _Optional[str] = ..., has_chat_template: _Optional[bool] = ...) -> None: ...
+    currency: str
+    def __init__(self, model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., version: _Optional[str] = ..., tenant: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., currency: _Optional[str] = ...) -> None: ...

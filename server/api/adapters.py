@@ -12,17 +12,19 @@ from loraserve.v1 import adapters_pb2, adapters_pb2_grpc
 from server.adapter_service import AdapterService, FileDeclaration, UploadSession
 from server.api.auth import Authorizer
 from server.api.convert import FILE_KINDS, adapter_info
-from server.api.errors import abort_for
+from server.api.errors import abort_for, status_for
 from server.engine.types import EngineError
+from server.metrics import Metrics
 from server.runtime import Runtime
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     """Thin: authenticate, pick the acting tenant, call AdapterService, encode."""
 
-    def __init__(self, runtime: Runtime, auth: Authorizer) -> None:
+    def __init__(self, runtime: Runtime, auth: Authorizer, metrics: Metrics) -> None:
         self._runtime = runtime
         self._auth = auth
+        self._metrics = metrics
 
     def _service(self) -> AdapterService:
         return self._runtime.require()[1]
@@ -58,11 +60,14 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                     raise AdapterValidationError("chunk.file", "unknown file kind")
                 session.add_chunk(FILE_KINDS[message.chunk.file], message.chunk.data)
             record = await asyncio.to_thread(session.finish)
+            self._metrics.uploads.labels(principal.tenant, "ok").inc()
             return adapter_info(record)
         except (AdapterError, EngineError) as exc:
             if session is not None:
                 await asyncio.to_thread(session.abort)
-            await abort_for(context, exc)
+            code, message = status_for(exc)
+            self._metrics.uploads.labels(principal.tenant, code.name.lower()).inc()
+            await context.abort(code, message)
             raise
         except BaseException:
             # Client gone, deadline, or a bug: never leave a half-written upload behind.

@@ -6,6 +6,7 @@ import grpc
 
 from adapters.errors import AdapterValidationError
 from adapters.names import validate_tenant_name
+from server.engine.types import EngineError, ErrorKind
 from server.tenants import Principal, TenantRegistry
 
 
@@ -20,6 +21,14 @@ def bearer_key(context: grpc.aio.ServicerContext) -> str | None:
     return None
 
 
+UNAUTHENTICATED_MESSAGE = "missing or unknown API key: send metadata 'authorization: Bearer <key>'"
+
+
+def unauthenticated() -> EngineError:
+    """The error of a call without a valid key."""
+    return EngineError(ErrorKind.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
+
+
 class Authorizer:
     """Turns call metadata into a Principal, or aborts the call."""
 
@@ -29,10 +38,7 @@ class Authorizer:
     async def principal(self, context: grpc.aio.ServicerContext) -> Principal:
         principal = self.registry.authenticate(bearer_key(context))
         if principal is None:
-            await context.abort(
-                grpc.StatusCode.UNAUTHENTICATED,
-                "missing or unknown API key: send metadata 'authorization: Bearer <key>'",
-            )
+            await context.abort(grpc.StatusCode.UNAUTHENTICATED, UNAUTHENTICATED_MESSAGE)
         assert principal is not None
         return principal
 

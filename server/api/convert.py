@@ -41,6 +41,8 @@ def usage_pb(usage: Usage) -> inference_pb2.Usage:
         queue_seconds=usage.queue_seconds,
         time_to_first_token_seconds=usage.time_to_first_token_seconds,
         total_seconds=usage.total_seconds,
+        compute_seconds=usage.compute_seconds,
+        cost=usage.cost,
     )
 
 

@@ -22,6 +22,7 @@ _ENGINE_CODES = {
     ErrorKind.RESOURCE_EXHAUSTED: grpc.StatusCode.RESOURCE_EXHAUSTED,
     ErrorKind.UNAVAILABLE: grpc.StatusCode.UNAVAILABLE,
     ErrorKind.CANCELLED: grpc.StatusCode.CANCELLED,
+    ErrorKind.UNAUTHENTICATED: grpc.StatusCode.UNAUTHENTICATED,
     ErrorKind.INTERNAL: grpc.StatusCode.INTERNAL,
 }
 
@@ -41,13 +42,18 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
     return None
 
 
+def status_for(exc: Exception, request_id: str = "") -> tuple[grpc.StatusCode, str]:
+    """The status and message for `exc`; INTERNAL (logged, with the request id) if unknown."""
+    mapped = status_of(exc)
+    if mapped is not None:
+        return mapped
+    log.error("unexpected error%s", f" in request {request_id}" if request_id else "", exc_info=exc)
+    suffix = f" (request {request_id})" if request_id else ""
+    return grpc.StatusCode.INTERNAL, f"internal error{suffix}: {type(exc).__name__}"
+
+
 async def abort_for(
     context: grpc.aio.ServicerContext, exc: Exception, request_id: str = ""
 ) -> None:
     """Aborts the call with the status matching `exc` (INTERNAL, logged, for anything unknown)."""
-    mapped = status_of(exc)
-    if mapped is None:
-        log.exception("unexpected error%s", f" in request {request_id}" if request_id else "")
-        suffix = f" (request {request_id})" if request_id else ""
-        mapped = (grpc.StatusCode.INTERNAL, f"internal error{suffix}: {type(exc).__name__}")
-    await context.abort(*mapped)
+    await context.abort(*status_for(exc, request_id))

@@ -11,9 +11,9 @@ import grpc
 import loraserve
 from adapters.errors import AdapterError
 from loraserve.v1 import inference_pb2, inference_pb2_grpc
-from server.api.auth import Authorizer
+from server.api.auth import Authorizer, bearer_key, unauthenticated
 from server.api.convert import FINISH_REASONS, sampling_overrides, usage_pb
-from server.api.errors import abort_for
+from server.api.errors import abort_for, status_for
 from server.engine.types import (
     AdapterRef,
     EngineError,
@@ -22,20 +22,22 @@ from server.engine.types import (
     FinishEvent,
     TokenEvent,
 )
+from server.request_log import RequestLogger, RequestRecord
 from server.runtime import Runtime
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     """Thin: authenticate, turn the request into an engine submission, relay its events."""
 
-    def __init__(self, runtime: Runtime, auth: Authorizer) -> None:
+    def __init__(self, runtime: Runtime, auth: Authorizer, request_log: RequestLogger) -> None:
         self._runtime = runtime
         self._auth = auth
+        self._log = request_log
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GenerateResponse:
-        async for request_id, event in self._events(request, context):
+        async for request_id, event in self._events(request, context, "Generate"):
             if isinstance(event, FinishEvent):
                 return inference_pb2.GenerateResponse(
                     text=event.text,
@@ -50,7 +52,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
-        async for request_id, event in self._events(request, context):
+        async for request_id, event in self._events(request, context, "GenerateStream"):
             if isinstance(event, TokenEvent):
                 yield inference_pb2.GenerateStreamResponse(
                     text=event.text,
@@ -94,57 +96,95 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             version=loraserve.__version__,
             tenant=principal.tenant,
             has_chat_template=engine.has_chat_template,
+            currency=config.currency,
         )
 
     async def _events(
-        self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
+        self,
+        request: inference_pb2.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+        rpc: str,
     ) -> AsyncIterator[tuple[str, Event]]:
         """Submits the request and yields (request_id, event) until it finishes or fails.
 
-        Leaving early (client gone, deadline) cancels the request inside the engine.
+        Leaving early (client gone, deadline) cancels the request inside the engine. Every
+        outcome is recorded once (metrics and access log).
         """
-        principal = await self._auth.principal(context)
-        try:
-            engine, adapters = self._runtime.require()
-            ref = None
-            if request.adapter:
-                # Existence check up front: an unknown (or another tenant's) adapter is NOT_FOUND
-                # right away, never a silent fallback to the base model.
-                await asyncio.to_thread(adapters.get, principal.tenant, request.adapter)
-                ref = AdapterRef(principal.tenant, request.adapter)
-            messages = [(m.role, m.content) for m in request.messages]
-            prompt_ids = engine.encode(request.prompt, messages)
-            sampling = engine.sampling(sampling_overrides(request.sampling))
-        except (AdapterError, EngineError) as exc:
-            await abort_for(context, exc)
-            return
-        loop = asyncio.get_running_loop()
-        queue: asyncio.Queue[Event] = asyncio.Queue()
+        record = RequestRecord(rpc=rpc, adapter=request.adapter)
+        logged = False
 
-        def sink(event: Event) -> None:
-            # Runs on the engine thread; the loop may be gone if the server is stopping.
-            with contextlib.suppress(RuntimeError):
-                loop.call_soon_threadsafe(queue.put_nowait, event)
+        async def fail(exc: Exception, request_id: str = "") -> None:
+            nonlocal logged
+            code, message = status_for(exc, request_id)
+            record.outcome, record.message, logged = code.name.lower(), message, True
+            self._log.record(record)
+            await context.abort(code, message)
 
+        handle = None
         try:
-            handle = engine.submit(
-                tenant=principal.tenant,
-                adapter=ref,
-                prompt_ids=prompt_ids,
-                sampling=sampling,
-                sink=sink,
-            )
-        except EngineError as exc:
-            await abort_for(context, exc)
-            return
-        try:
+            principal = self._auth.registry.authenticate(bearer_key(context))
+            if principal is None:
+                await fail(unauthenticated())
+            assert principal is not None
+            record.tenant = principal.tenant
+            try:
+                engine, adapters = self._runtime.require()
+                ref = None
+                if request.adapter:
+                    # Existence check up front: an unknown (or another tenant's) adapter is
+                    # NOT_FOUND right away, never a silent fallback to the base model.
+                    await asyncio.to_thread(adapters.get, principal.tenant, request.adapter)
+                    ref = AdapterRef(principal.tenant, request.adapter)
+                messages = [(m.role, m.content) for m in request.messages]
+                prompt_ids = engine.encode(request.prompt, messages)
+                sampling = engine.sampling(sampling_overrides(request.sampling))
+            except (AdapterError, EngineError) as exc:
+                await fail(exc)
+                return
+            loop = asyncio.get_running_loop()
+            queue: asyncio.Queue[Event] = asyncio.Queue()
+
+            def sink(event: Event) -> None:
+                # Runs on the engine thread; the loop may be gone if the server is stopping.
+                with contextlib.suppress(RuntimeError):
+                    loop.call_soon_threadsafe(queue.put_nowait, event)
+
+            try:
+                handle = engine.submit(
+                    tenant=principal.tenant,
+                    adapter=ref,
+                    prompt_ids=prompt_ids,
+                    sampling=sampling,
+                    sink=sink,
+                )
+            except EngineError as exc:
+                await fail(exc)
+                return
+            record.request_id = handle.request_id
             while True:
                 event = await queue.get()
                 if isinstance(event, ErrorEvent):
-                    await abort_for(context, event.error, handle.request_id)
+                    await fail(event.error, handle.request_id)
+                    return
+                if isinstance(event, FinishEvent):
+                    record.adapter_version = event.adapter_version
+                    record.usage = event.usage
+                    record.finish_reason = event.finish_reason.value
+                    record.prompt, record.completion = request.prompt, event.text
+                    logged = True
+                    self._log.record(record)
+                    yield handle.request_id, event
                     return
                 yield handle.request_id, event
-                if isinstance(event, FinishEvent):
-                    return
+        except asyncio.CancelledError:
+            if not logged:
+                remaining = context.time_remaining()
+                record.outcome = (
+                    "deadline" if remaining is not None and remaining <= 0 else "cancelled"
+                )
+                logged = True
+                self._log.record(record)
+            raise
         finally:
-            handle.cancel()
+            if handle is not None:
+                handle.cancel()

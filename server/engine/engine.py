@@ -12,8 +12,9 @@ from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
 from server.config import ServerConfig
+from server.engine.accounting import EngineObserver
 from server.engine.model import LoadedModel
-from server.engine.scheduler import RequestHandle, Scheduler, SchedulerLimits
+from server.engine.scheduler import RequestHandle, Scheduler, SchedulerSettings
 from server.engine.slots import AdapterLoader, AdapterResolver, SlotTable
 from server.engine.types import (
     AdapterRef,
@@ -47,18 +48,21 @@ class Engine:
         loaded: LoadedModel,
         resolver: AdapterResolver,
         loader: AdapterLoader,
+        observer: EngineObserver | None = None,
     ) -> None:
         self.config = config
         self.loaded = loaded
-        self.slots = SlotTable(loaded.lora_layers, config.max_loaded_adapters, loader)
+        self.slots = SlotTable(loaded.lora_layers, config.max_loaded_adapters, loader, observer)
         self.scheduler = Scheduler(
             loaded,
             self.slots,
             resolver,
-            SchedulerLimits(
+            SchedulerSettings(
                 max_batch_size=config.max_batch_size,
                 max_waiting_requests=config.max_waiting_requests,
+                price_per_device_hour=config.price_per_device_hour,
             ),
+            observer,
         )
         self._thread: threading.Thread | None = None
 

@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 import torch
 
 from server.engine import runner
+from server.engine.accounting import EngineObserver, step_stats
 from server.engine.detokenize import TextState
 from server.engine.model import LoadedModel
 from server.engine.sampling import make_generator, select_next_tokens
@@ -70,15 +71,20 @@ class Sequence:
     generated: list[int] = field(default_factory=list)
     prefill_start: float = 0.0
     first_token_time: float = 0.0
+    last_token_time: float = 0.0
+    compute_seconds: float = 0.0
+    """This request's attributed share of every step it was part of."""
     done: bool = False
 
 
 @dataclass(frozen=True)
-class SchedulerLimits:
-    """The scheduler's bounds (taken from ServerConfig)."""
+class SchedulerSettings:
+    """The scheduler's bounds and pricing (taken from ServerConfig)."""
 
     max_batch_size: int
     max_waiting_requests: int
+    price_per_device_hour: float = 0.0
+    """Prices each request's attributed compute seconds for Usage.cost."""
 
 
 class Scheduler:
@@ -89,12 +95,14 @@ class Scheduler:
         loaded: LoadedModel,
         slots: SlotTable,
         resolver: AdapterResolver,
-        limits: SchedulerLimits,
+        limits: SchedulerSettings,
+        observer: EngineObserver | None = None,
     ) -> None:
         self._loaded = loaded
         self._slots = slots
         self._resolver = resolver
         self._limits = limits
+        self._observer = observer or EngineObserver()
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
@@ -148,7 +156,9 @@ class Scheduler:
         while True:
             with self._cond:
                 while not self._waiting and not self._stopping and not self._collect_requested:
-                    self._cond.wait()
+                    # Wake once a second while idle so adapter residency keeps being accounted.
+                    if not self._cond.wait(timeout=1.0):
+                        self._slots.tick()
                 if self._stopping and not self._waiting:
                     return
                 self._collect_requested = False
@@ -217,20 +227,21 @@ class Scheduler:
         self.running = batch
         self.batch_sizes = [*self.batch_sizes[-99:], len(batch)]
         try:
-            now = time.monotonic()
+            started = time.monotonic()
             for seq in batch:
-                seq.prefill_start = now
+                seq.prefill_start = started
             tensors, logits = runner.prefill(
                 self._loaded,
                 [s.request.prompt_ids for s in batch],
                 [s.slot for s in batch],
                 [s.rank for s in batch],
             )
-            self.steps += 1
+            kind, step_tokens = "prefill", [len(s.request.prompt_ids) for s in batch]
             while True:
                 tokens = select_next_tokens(
                     logits, [s.request.sampling for s in batch], [s.generator for s in batch]
                 )
+                self._account(kind, time.monotonic() - started, batch, step_tokens)
                 keep = self._advance(batch, tokens)
                 if not keep:
                     break
@@ -238,10 +249,11 @@ class Scheduler:
                     batch = [batch[i] for i in keep]
                     self.running = batch
                     runner.keep_rows(tensors, keep, [s.rank for s in batch])
+                started = time.monotonic()
                 logits = runner.decode_one_token(
                     self._loaded, tensors, [s.generated[-1] for s in batch]
                 )
-                self.steps += 1
+                kind, step_tokens = "decode", [1] * len(batch)
         except Exception as exc:
             # A failed step fails only this batch's requests; the engine keeps serving.
             log.exception("engine step failed; failing %d requests", len(batch))
@@ -251,11 +263,26 @@ class Scheduler:
         finally:
             self.running = []
 
+    def _account(self, kind: str, seconds: float, batch: list[Sequence], tokens: list[int]) -> None:
+        """Splits one step's wall time across its rows (and so tenants) by token share."""
+        self.steps += 1
+        stats, shares = step_stats(
+            kind,
+            seconds,
+            [s.request.tenant for s in batch],
+            tokens,
+            [s.key for s in batch],
+        )
+        for seq, share in zip(batch, shares, strict=True):
+            seq.compute_seconds += share
+        self._observer.on_step(stats)
+        self._slots.tick()
+
     def _advance(self, batch: list[Sequence], tokens: list[int]) -> list[int]:
         """Appends each row's token, emits events, retires finished rows; returns rows kept."""
         now = time.monotonic()
-        keep: list[int] = []
-        eos_ids = self._loaded.eos_token_ids
+        live: list[tuple[int, Sequence, int]] = []
+        produced: dict[str, int] = {}
         for row, (seq, token) in enumerate(zip(batch, tokens, strict=True)):
             if seq.handle.cancelled:
                 cancelled = EngineError(ErrorKind.CANCELLED, "the request was cancelled")
@@ -263,7 +290,17 @@ class Scheduler:
                 continue
             if not seq.generated:
                 seq.first_token_time = now
+            else:
+                self._observer.on_token_gap(seq.request.tenant, now - seq.last_token_time)
+            seq.last_token_time = now
             seq.generated.append(token)
+            produced[seq.request.tenant] = produced.get(seq.request.tenant, 0) + 1
+            live.append((row, seq, token))
+        # Counted before any response goes out, so metrics never lag what clients saw.
+        self._observer.on_generated(produced)
+        keep: list[int] = []
+        eos_ids = self._loaded.eos_token_ids
+        for row, seq, token in live:
             delta = seq.text.update(seq.generated)
             reason: FinishReason | None = None
             if seq.text.stopped:
@@ -290,6 +327,8 @@ class Scheduler:
             queue_seconds=seq.prefill_start - arrival,
             time_to_first_token_seconds=seq.first_token_time - arrival,
             total_seconds=now - arrival,
+            compute_seconds=seq.compute_seconds,
+            cost=seq.compute_seconds * self._limits.price_per_device_hour / 3600.0,
         )
         return FinishEvent(
             text=seq.text.text,

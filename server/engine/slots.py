@@ -8,11 +8,13 @@ or their adapter is deleted. Slot 0 is reserved for "no adapter".
 from __future__ import annotations
 
 import threading
+import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from adapters.weights import AdapterWeights
+from server.engine.accounting import EngineObserver
 from server.engine.lora import MultiLoRALinear
 from server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
 
@@ -40,9 +42,17 @@ class SlotTable:
     """
 
     def __init__(
-        self, layers: dict[str, MultiLoRALinear], num_slots: int, loader: AdapterLoader
+        self,
+        layers: dict[str, MultiLoRALinear],
+        num_slots: int,
+        loader: AdapterLoader,
+        observer: EngineObserver | None = None,
     ) -> None:
         self._layers = layers
+        self._observer = observer or EngineObserver()
+        self._last_tick = time.monotonic()
+        first = next(iter(layers.values()), None)
+        self._itemsize = first.base_layer.weight.element_size() if first is not None else 4
         self._loader = loader
         self._num_slots = num_slots
         self._free: list[int] = list(range(num_slots, 0, -1))
@@ -90,25 +100,29 @@ class SlotTable:
                 entry = self._slots[slot]
                 entry.pins += 1
                 self._lru.pop(slot, None)
+                self._observer.on_adapter_cache("hit")
                 return slot
             if not self._free and not self._lru:
                 raise EngineError(
                     ErrorKind.RESOURCE_EXHAUSTED, "every adapter slot is pinned by running requests"
                 )
         # Load outside the lock: disk I/O and validation can take a while.
+        started = time.monotonic()
         weights = self._loader(key)
         with self._lock:
+            self._tick_locked()  # residency so far is accounted before the set changes
             if not self._free:
                 victim, _ = self._lru.popitem(last=False)
                 self._evict(victim)
             slot = self._free.pop()
             for name, (lora_a, lora_b) in weights.modules.items():
                 self._layers[name].set_slot(slot, lora_a, lora_b, weights.config.scale)
-            self._slots[slot] = _Slot(
-                key=key, rank=weights.config.rank, nbytes=weights.nbytes, pins=1
-            )
+            # Device bytes of the adapter's own factors (weights are float32 on the host).
+            nbytes = weights.nbytes * self._itemsize // 4
+            self._slots[slot] = _Slot(key=key, rank=weights.config.rank, nbytes=nbytes, pins=1)
             self._by_key[key] = slot
-            return slot
+        self._observer.on_adapter_cache("miss", time.monotonic() - started)
+        return slot
 
     def release(self, key: AdapterKey) -> None:
         """Unpins one use of `key`; the slot stays warm unless its adapter was deleted."""
@@ -143,7 +157,23 @@ class SlotTable:
                     self._lru.pop(slot, None)
                     self._evict(slot)
 
+    def tick(self) -> None:
+        """Reports each tenant's device byte-seconds since the last tick (for cost metrics)."""
+        with self._lock:
+            self._tick_locked()
+
+    def _tick_locked(self) -> None:
+        now = time.monotonic()
+        elapsed, self._last_tick = now - self._last_tick, now
+        held: dict[str, float] = {}
+        for entry in self._slots.values():
+            held[entry.key.tenant] = held.get(entry.key.tenant, 0.0) + entry.nbytes * elapsed
+        if held:
+            self._observer.on_residency(held)
+
     def _evict(self, slot: int) -> None:
+        self._tick_locked()
+        self._observer.on_adapter_cache("eviction")
         entry = self._slots.pop(slot)
         del self._by_key[entry.key]
         for layer in self._layers.values():

@@ -24,6 +24,7 @@ class ErrorKind(enum.Enum):
     RESOURCE_EXHAUSTED = "resource_exhausted"
     UNAVAILABLE = "unavailable"
     CANCELLED = "cancelled"
+    UNAUTHENTICATED = "unauthenticated"
     INTERNAL = "internal"
 
 
@@ -79,6 +80,10 @@ class Usage:
     queue_seconds: float
     time_to_first_token_seconds: float
     total_seconds: float
+    compute_seconds: float = 0.0
+    """Engine busy time attributed to this request (its token share of every step it was in)."""
+    cost: float = 0.0
+    """compute_seconds priced at the configured price per device-hour."""
 
 
 @dataclass(frozen=True)
