@@ -6,6 +6,7 @@ import json
 import math
 import shutil
 import subprocess
+import time
 import urllib.request
 from collections.abc import Iterator
 from pathlib import Path
@@ -130,3 +131,26 @@ def test_promtool_accepts_a_real_scrape(metered: ServerThread) -> None:
         [promtool, "check", "metrics"], input=text, capture_output=True, text=True, timeout=60
     )
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
+
+
+def test_cancelled_and_deadline_outcomes_are_counted(metered: ServerThread) -> None:
+    def outcome(tenant: str, name: str) -> float:
+        return value(
+            samples(scrape(metered)), "loraserve_requests_total", tenant=tenant, outcome=name
+        )
+
+    before_cancel, before_deadline = outcome("globex", "cancelled"), outcome("globex", "deadline")
+    with client_for(metered, "globex") as globex:
+        stream = globex.generate_stream("long", max_new_tokens=1000, ignore_eos=True)
+        next(stream)
+        stream.close()  # the client goes away mid-generation
+        with pytest.raises(grpc.RpcError) as err:
+            globex.generate("long", max_new_tokens=1000, ignore_eos=True, timeout_s=0.2)
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    deadline = time.monotonic() + 10
+    while (outcome("globex", "cancelled"), outcome("globex", "deadline")) != (
+        before_cancel + 1,
+        before_deadline + 1,
+    ):
+        assert time.monotonic() < deadline, "cancel/deadline outcomes were not recorded"
+        time.sleep(0.05)
