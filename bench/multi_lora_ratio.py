@@ -30,6 +30,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig
 
 from server.engine import runner
 from server.engine.embedded import build_tokenizer
+from server.engine.kv_cache import SlotKVCache
 from server.engine.model import load_base_model
 
 SIZES = {
@@ -85,14 +86,29 @@ def load_random_adapters(loaded, count: int, rank: int) -> None:
 
 
 def time_mode(loaded, prompts: list[list[int]], slots: list[int], rank: int, steps: int) -> float:
-    """Seconds for one prefill plus `steps` decode steps of the whole batch."""
+    """Seconds for one prefill plus `steps` decode steps of the whole batch (rows 0..batch-1)."""
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
     ranks = [rank if s else 0 for s in slots]
+    cache = SlotKVCache(
+        loaded.model.config,
+        max_rows=len(prompts),
+        max_len=max(len(p) for p in prompts) + steps + 1,
+        dtype=loaded.dtype,
+        device=loaded.device,
+    )
+    lora = runner.lora_state(slots, ranks, loaded.device)
     sync()
     start = time.perf_counter()
-    tensors, logits = runner.prefill(loaded, prompts, slots, ranks)
+    inputs = [runner.RowInput(row=i, tokens=p, start=0) for i, p in enumerate(prompts)]
+    logits = runner.forward_rows(loaded, cache, inputs, lora)
+    positions = [len(p) for p in prompts]
     for _ in range(steps):
-        logits = runner.decode_one_token(loaded, tensors, logits.argmax(-1).tolist())
+        tokens = logits.argmax(-1).tolist()
+        inputs = [
+            runner.RowInput(row=i, tokens=[t], start=positions[i]) for i, t in enumerate(tokens)
+        ]
+        positions = [p + 1 for p in positions]
+        logits = runner.forward_rows(loaded, cache, inputs, lora)
     sync()
     return time.perf_counter() - start
 

@@ -44,7 +44,13 @@ class ServerConfig:
     max_loaded_adapters: int = 16
     """Adapter slots on the device: distinct adapters one batch can use at once."""
     max_batch_size: int = 32
-    """Requests run together in one forward pass, at most."""
+    """Requests running at once (each holds one KV row of max_seq_len tokens)."""
+    max_batch_tokens: int = 2048
+    """Tokens per engine iteration: prompt chunks plus one per decoding request. A long prompt
+    is read in chunks under this budget, so it never stalls everyone else's decoding."""
+    max_seq_len: int = 2048
+    """Longest request, prompt plus completion (also bounded by the model's context); sizes the
+    preallocated KV memory: max_batch_size x max_seq_len tokens."""
     max_waiting_requests: int = 1024
     """Requests queued for a batch, at most; beyond it calls get RESOURCE_EXHAUSTED."""
     max_new_tokens_limit: int = 1024
@@ -85,6 +91,8 @@ class ServerConfig:
             "max_lora_rank",
             "max_loaded_adapters",
             "max_batch_size",
+            "max_batch_tokens",
+            "max_seq_len",
             "max_waiting_requests",
             "max_new_tokens_limit",
             "default_max_new_tokens",

@@ -59,6 +59,18 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     parser.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests)
     parser.add_argument(
+        "--max-batch-tokens",
+        type=int,
+        default=d.max_batch_tokens,
+        help="tokens per engine iteration (prompt chunks + one per decoding request)",
+    )
+    parser.add_argument(
+        "--max-seq-len",
+        type=int,
+        default=d.max_seq_len,
+        help="longest request, prompt + completion; sizes the KV memory",
+    )
+    parser.add_argument(
         "--max-new-tokens",
         type=int,
         default=d.max_new_tokens_limit,
@@ -121,6 +133,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         max_loaded_adapters=args.max_loaded_adapters,
         max_batch_size=args.max_batch_size,
         max_waiting_requests=args.max_waiting_requests,
+        max_batch_tokens=args.max_batch_tokens,
+        max_seq_len=args.max_seq_len,
         max_new_tokens_limit=args.max_new_tokens_limit,
         default_max_new_tokens=(
             min(ServerConfig.default_max_new_tokens, args.max_new_tokens_limit)

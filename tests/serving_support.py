@@ -236,3 +236,32 @@ class EngineHarness:
 
     def close(self) -> None:
         self.engine.stop(10)
+
+
+def prefill_then_decode(loaded, prompts: list[list[int]], slots: list[int], ranks: list[int]):
+    """Logits after each prompt (batch, vocab), then after one greedy decode step (batch, vocab).
+
+    The prefill writes rows in reverse order (gathered K/V); the decode step uses rows
+    0..batch-1 (K/V views): both cache paths are exercised.
+    """
+    from server.engine.kv_cache import SlotKVCache
+    from server.engine.runner import RowInput, forward_rows, lora_state
+
+    batch = len(prompts)
+    cache = SlotKVCache(
+        loaded.model.config,
+        max_rows=batch,
+        max_len=max(len(p) for p in prompts) + 8,
+        dtype=loaded.dtype,
+        device=loaded.device,
+    )
+    rows = list(range(batch))[::-1]
+    prefill = [RowInput(row=rows[i], tokens=p, start=0) for i, p in enumerate(prompts)]
+    first = forward_rows(loaded, cache, prefill, lora_state(slots, ranks, loaded.device))
+    next_tokens = first.argmax(-1).tolist()
+    by_row = sorted(range(batch), key=lambda i: rows[i])
+    decode = [RowInput(row=rows[i], tokens=[next_tokens[i]], start=len(prompts[i])) for i in by_row]
+    lora = lora_state([slots[i] for i in by_row], [ranks[i] for i in by_row], loaded.device)
+    second_by_row = forward_rows(loaded, cache, decode, lora)
+    second = second_by_row[[by_row.index(i) for i in range(batch)]]
+    return first, next_tokens, second

@@ -60,6 +60,8 @@ class Engine:
             SchedulerSettings(
                 max_batch_size=config.max_batch_size,
                 max_waiting_requests=config.max_waiting_requests,
+                max_batch_tokens=config.max_batch_tokens,
+                max_seq_len=self.max_seq_len,
                 price_per_device_hour=config.price_per_device_hour,
             ),
             observer,
@@ -67,8 +69,13 @@ class Engine:
         self._thread: threading.Thread | None = None
 
     @property
+    def max_seq_len(self) -> int:
+        """Tokens per request (prompt plus completion): the KV row length."""
+        return min(self.config.max_seq_len, self.loaded.max_context)
+
+    @property
     def max_prompt_tokens(self) -> int:
-        return min(self.config.max_prompt_tokens, self.loaded.max_context - 1)
+        return min(self.config.max_prompt_tokens, self.max_seq_len - 1)
 
     @property
     def has_chat_template(self) -> bool:

@@ -1,8 +1,9 @@
-"""Prefill and decode over one padded batch of sequences, each row with its own adapter slot.
+"""One forward pass over a set of KV rows: the prefill chunks of new requests, or a decode step.
 
-In the style of gpt-fast: short standalone functions. Prompts are left-padded so every row's
-next token sits in the last column; position ids count real tokens only, so a row's logits do
-not depend on the padding (and so not on what else shares its batch).
+In the style of gpt-fast: short standalone functions. Each batch row feeds its own tokens at its
+own positions (left-padded to a common width, so every row's last token is in the last column
+and `logits_to_keep=1` suffices); the KV cache and the 4D masks keep rows independent, so a
+row's logits do not depend on what else shares the forward.
 """
 
 from __future__ import annotations
@@ -10,24 +11,22 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-from transformers import DynamicCache
 
+from server.engine.kv_cache import ForwardPlan, SlotKVCache
 from server.engine.lora import BatchLoRAState
 from server.engine.model import LoadedModel
 
 
-@dataclass
-class BatchTensors:
-    """The device-side state of a running batch."""
+@dataclass(frozen=True)
+class RowInput:
+    """What one batch row feeds in this forward."""
 
-    cache: DynamicCache
-    attention_mask: torch.Tensor
-    """(batch, past_len) int64: 1 for real tokens, 0 for left padding."""
-    next_positions: torch.Tensor
-    """(batch,) int64: position id of each row's next input token."""
-    slot_ids: torch.Tensor
-    """(batch,) int64: each row's adapter slot (0 = base model)."""
-    lora: BatchLoRAState
+    row: int
+    """Its KV row."""
+    tokens: list[int]
+    """Tokens to feed (a prompt chunk, or the last generated token); empty for an idle row."""
+    start: int
+    """Position of tokens[0] in the sequence."""
 
 
 def lora_state(slot_ids: list[int], ranks: list[int], device: torch.device) -> BatchLoRAState:
@@ -41,83 +40,52 @@ def lora_state(slot_ids: list[int], ranks: list[int], device: torch.device) -> B
 
 
 @torch.inference_mode()
-def prefill(
-    loaded: LoadedModel, prompts: list[list[int]], slot_ids: list[int], ranks: list[int]
-) -> tuple[BatchTensors, torch.Tensor]:
-    """Runs the prompts through the model; returns the batch state and the last logits.
+def forward_rows(
+    loaded: LoadedModel,
+    cache: SlotKVCache,
+    inputs: list[RowInput],
+    lora: BatchLoRAState,
+) -> torch.Tensor:
+    """Runs one forward; returns logits (batch, vocab) after each row's last token.
 
-    Returns logits (batch, vocab) for each row's first generated token.
+    Rows whose inputs are empty are idle: they compute on a pad token that writes only to the
+    scratch column and is masked from everything (their logits are meaningless).
     """
     device = loaded.device
-    batch = len(prompts)
-    width = max(len(p) for p in prompts)
+    batch = len(inputs)
+    width = max(1, max(len(r.tokens) for r in inputs))
     input_ids = torch.full((batch, width), loaded.pad_token_id, dtype=torch.long)  # (batch, width)
-    attention_mask = torch.zeros((batch, width), dtype=torch.long)  # (batch, width)
-    for row, prompt in enumerate(prompts):
-        input_ids[row, width - len(prompt) :] = torch.tensor(prompt, dtype=torch.long)
-        attention_mask[row, width - len(prompt) :] = 1
-    input_ids = input_ids.to(device)
-    attention_mask = attention_mask.to(device)
-    position_ids = (attention_mask.cumsum(-1) - 1).clamp(min=0)  # (batch, width)
-    state = lora_state(slot_ids, ranks, device)
-    cache = DynamicCache(config=loaded.model.config)
-    logits = _forward(loaded, state, input_ids, attention_mask, position_ids, cache)
-    tensors = BatchTensors(
-        cache=cache,
-        attention_mask=attention_mask,
-        next_positions=attention_mask.sum(-1),  # (batch,)
-        slot_ids=state.slot_ids,
-        lora=state,
+    positions = torch.zeros((batch, width), dtype=torch.long)  # (batch, width)
+    valid = torch.zeros((batch, width), dtype=torch.bool)  # (batch, width)
+    kv_len = 1
+    for b, row in enumerate(inputs):
+        n = len(row.tokens)
+        if n == 0:
+            continue
+        input_ids[b, width - n :] = torch.tensor(row.tokens, dtype=torch.long)
+        positions[b, width - n :] = torch.arange(row.start, row.start + n)
+        valid[b, width - n :] = True
+        kv_len = max(kv_len, row.start + n)
+    rows = [r.row for r in inputs]
+    input_ids, positions, valid = input_ids.to(device), positions.to(device), valid.to(device)
+    cache.plan = ForwardPlan(
+        rows=torch.tensor(rows, dtype=torch.long, device=device),
+        write_positions=torch.where(valid, positions, cache.scratch),  # (batch, width)
+        kv_len=kv_len,
+        contiguous=rows == list(range(batch)),
     )
-    return tensors, logits
-
-
-@torch.inference_mode()
-def decode_one_token(
-    loaded: LoadedModel, tensors: BatchTensors, last_tokens: list[int]
-) -> torch.Tensor:
-    """Feeds each row's latest token; returns logits (batch, vocab) for the next one."""
-    device = loaded.device
-    input_ids = torch.tensor(last_tokens, dtype=torch.long, device=device)[:, None]  # (batch, 1)
-    ones = torch.ones((len(last_tokens), 1), dtype=torch.long, device=device)  # (batch, 1)
-    tensors.attention_mask = torch.cat([tensors.attention_mask, ones], dim=1)  # (batch, past+1)
-    position_ids = tensors.next_positions[:, None]  # (batch, 1)
-    logits = _forward(
-        loaded, tensors.lora, input_ids, tensors.attention_mask, position_ids, tensors.cache
-    )
-    tensors.next_positions = tensors.next_positions + 1
-    return logits
-
-
-def keep_rows(tensors: BatchTensors, keep: list[int], ranks: list[int]) -> None:
-    """Drops finished rows from the batch state (their KV memory is freed with them)."""
-    index = torch.tensor(keep, dtype=torch.long, device=tensors.attention_mask.device)  # (kept,)
-    tensors.cache.batch_select_indices(index)
-    tensors.attention_mask = tensors.attention_mask.index_select(0, index)  # (kept, past)
-    tensors.next_positions = tensors.next_positions.index_select(0, index)  # (kept,)
-    tensors.slot_ids = tensors.slot_ids.index_select(0, index)  # (kept,)
-    tensors.lora = lora_state(tensors.slot_ids.tolist(), ranks, tensors.slot_ids.device)
-
-
-def _forward(
-    loaded: LoadedModel,
-    state: BatchLoRAState,
-    input_ids: torch.Tensor,
-    attention_mask: torch.Tensor,
-    position_ids: torch.Tensor,
-    cache: DynamicCache,
-) -> torch.Tensor:
-    """One model forward with the batch's adapter routing installed; returns (batch, vocab)."""
-    loaded.context.current = state
+    masks = cache.attention_masks(positions, valid, loaded.dtype)
+    loaded.context.current = lora
     try:
         out = loaded.model(
-            input_ids=input_ids,  # (batch, new)
-            attention_mask=attention_mask,  # (batch, past + new)
-            position_ids=position_ids,  # (batch, new)
+            input_ids=input_ids,  # (batch, width)
+            attention_mask=masks,  # (batch, 1, width, kv_len), or one per layer type
+            position_ids=positions,  # (batch, width)
             use_cache=True,
             logits_to_keep=1,
             **{loaded.cache_kwarg: cache},
         )
     finally:
         loaded.context.current = None
+        cache.plan = None
     return out.logits[:, -1, :]  # (batch, vocab)

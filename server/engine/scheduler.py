@@ -1,10 +1,18 @@
-"""Owns the waiting queue and the running batch; runs on the engine thread.
+"""Continuous (iteration-level) batching; owns the waiting queue and the running rows.
 
-Requests submitted from any thread wait in a bounded FIFO queue. When the engine is idle it
-admits up to max_batch_size of them together, whatever their tenants and adapters (as long as
-their distinct adapters fit the device slots), prefills them in one forward pass and decodes them
-together, one token per row per step. Finished or cancelled rows leave the batch at the next step
-and free their KV memory and adapter pins.
+Runs on the engine thread. Each iteration:
+
+1. admits queued requests into free KV rows, in arrival order, while their distinct adapters fit
+   the device slots (the adapters are pinned for as long as the request runs);
+2. runs one prefill forward over the prompts still being read, in chunks under a token budget
+   (`max_batch_tokens` minus the rows decoding), so a long prompt never stalls everyone's
+   decoding; a request whose prompt is complete gets its first token;
+3. runs one decode forward over every decoding row, whatever its tenant or adapter.
+
+A request that finishes, is cancelled or times out leaves at the next step and frees its row
+and adapter pin; a request that arrives while others decode joins at the next iteration. KV
+memory is one preallocated row per request (server.engine.kv_cache): joining or leaving never
+copies anyone else's cache.
 """
 
 from __future__ import annotations
@@ -20,6 +28,8 @@ import torch
 from server.engine import runner
 from server.engine.accounting import EngineObserver, step_stats
 from server.engine.detokenize import TextState
+from server.engine.kv_cache import SlotKVCache
+from server.engine.lora import BatchLoRAState
 from server.engine.model import LoadedModel
 from server.engine.sampling import make_generator, select_next_tokens
 from server.engine.slots import AdapterResolver, SlotTable
@@ -56,7 +66,7 @@ class RequestHandle:
 
 @dataclass
 class Sequence:
-    """One request while it runs."""
+    """One request while it waits or runs."""
 
     request: GenerationRequest
     sink: EventSink
@@ -68,6 +78,10 @@ class Sequence:
     """The adapter version this request runs on, fixed at admission."""
     slot: int = 0
     rank: int = 0
+    row: int = -1
+    """Its KV row while admitted."""
+    prefilled: int = 0
+    """Prompt tokens already in the KV cache."""
     generated: list[int] = field(default_factory=list)
     prefill_start: float = 0.0
     first_token_time: float = 0.0
@@ -76,64 +90,102 @@ class Sequence:
     """This request's attributed share of every step it was part of."""
     done: bool = False
 
+    @property
+    def prompt_len(self) -> int:
+        return len(self.request.prompt_ids)
+
+    @property
+    def decoding(self) -> bool:
+        return not self.done and bool(self.generated)
+
 
 @dataclass(frozen=True)
 class SchedulerSettings:
     """The scheduler's bounds and pricing (taken from ServerConfig)."""
 
     max_batch_size: int
+    """KV rows: requests running at once."""
     max_waiting_requests: int
+    max_batch_tokens: int = 2048
+    """Tokens per iteration (prefill chunks plus one per decoding row)."""
+    max_seq_len: int = 2048
+    """Tokens per KV row (prompt plus completion)."""
     price_per_device_hour: float = 0.0
     """Prices each request's attributed compute seconds for Usage.cost."""
 
 
+MIN_PREFILL_CHUNK = 16
+"""Prefill always progresses by at least this many tokens per iteration, however busy decoding."""
+
+
 class Scheduler:
-    """Continuous loop: admit a batch, prefill it, decode it to completion, repeat."""
+    """The engine loop: admit, prefill a chunk, decode a step, repeat."""
 
     def __init__(
         self,
         loaded: LoadedModel,
         slots: SlotTable,
         resolver: AdapterResolver,
-        limits: SchedulerSettings,
+        settings: SchedulerSettings,
         observer: EngineObserver | None = None,
     ) -> None:
         self._loaded = loaded
         self._slots = slots
         self._resolver = resolver
-        self._limits = limits
+        self._settings = settings
         self._observer = observer or EngineObserver()
+        self._cache = SlotKVCache(
+            loaded.model.config,
+            max_rows=settings.max_batch_size,
+            max_len=settings.max_seq_len,
+            dtype=loaded.dtype,
+            device=loaded.device,
+        )
+        self._rows: list[Sequence | None] = [None] * settings.max_batch_size
         self._waiting: collections.deque[Sequence] = collections.deque()
         self._cond = threading.Condition()
         self._stopping = False
         self._collect_requested = False
-        self.running: list[Sequence] = []
+        self._decode_lora: tuple[tuple[int, ...], BatchLoRAState] | None = None
         self.steps = 0
-        """Forward passes run so far (prefills and decode steps): tests use it to see batching."""
-        self.batch_sizes: list[int] = []
-        """Rows in each prefill, most recent last (bounded): tests use it to see batching."""
+        """Forward passes run so far (prefills and decode steps)."""
+        self.prefill_sizes: list[int] = []
+        """Rows in each prefill forward, most recent last (bounded): tests read batching here."""
+        self.decode_sizes: list[int] = []
+        """Requests in each decode forward, most recent last (bounded)."""
+
+    @property
+    def running(self) -> list[Sequence]:
+        """Admitted requests (prefilling or decoding)."""
+        return [s for s in self._rows if s is not None]
 
     # ---- any thread -------------------------------------------------------------------------
 
     def submit(self, request: GenerationRequest, sink: EventSink) -> RequestHandle:
         """Queues a request; raises EngineError when the queue is full or the engine stops."""
         handle = RequestHandle(request.request_id)
-        context_room = self._loaded.max_context - len(request.prompt_ids)
+        room = self._settings.max_seq_len - len(request.prompt_ids)
+        if room < 1:
+            raise EngineError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"prompt: {len(request.prompt_ids)} tokens leave no room in the "
+                f"{self._settings.max_seq_len}-token context",
+            )
         seq = Sequence(
             request=request,
             sink=sink,
             handle=handle,
             text=TextState(self._loaded.tokenizer, request.sampling.stop),
             generator=make_generator(request.sampling),
-            max_new_tokens=min(request.sampling.max_new_tokens, context_room),
+            max_new_tokens=min(request.sampling.max_new_tokens, room),
         )
         with self._cond:
             if self._stopping:
                 raise EngineError(ErrorKind.UNAVAILABLE, "the server is shutting down")
-            if len(self._waiting) >= self._limits.max_waiting_requests:
+            if len(self._waiting) >= self._settings.max_waiting_requests:
                 raise EngineError(
                     ErrorKind.RESOURCE_EXHAUSTED,
-                    f"the waiting queue is full ({self._limits.max_waiting_requests} requests); "
+                    f"the waiting queue is full ({self._settings.max_waiting_requests} requests); "
                     "retry later",
                 )
             self._waiting.append(seq)
@@ -149,47 +201,63 @@ class Scheduler:
         with self._cond:
             return len(self._waiting)
 
-    # ---- engine thread ----------------------------------------------------------------------
-
-    def run_forever(self) -> None:
-        """The engine thread's body; returns after stop() once the queue is drained."""
-        while True:
-            with self._cond:
-                while not self._waiting and not self._stopping and not self._collect_requested:
-                    # Wake once a second while idle so adapter residency keeps being accounted.
-                    if not self._cond.wait(timeout=1.0):
-                        self._slots.tick()
-                if self._stopping and not self._waiting:
-                    return
-                self._collect_requested = False
-            try:
-                self._slots.collect()
-                batch = self._admit()
-                if batch:
-                    self._run_batch(batch)
-            except Exception:
-                # _run_batch fails its own requests; this only guards the loop itself, so one
-                # unexpected error can never stop the engine thread and hang every caller.
-                log.exception("engine loop iteration failed; continuing")
-
     def request_collect(self) -> None:
         """Wakes an idle engine so it frees doomed adapter slots now (after a delete)."""
         with self._cond:
             self._collect_requested = True
             self._cond.notify()
 
-    def _admit(self) -> list[Sequence]:
-        """Takes queued requests in arrival order while their distinct adapters fit the slots."""
+    def kv_cache_bytes(self) -> int:
+        return self._cache.nbytes()
+
+    # ---- engine thread ----------------------------------------------------------------------
+
+    def run_forever(self) -> None:
+        """The engine thread's body; returns after stop() once nothing waits or runs."""
+        while True:
+            with self._cond:
+                while (
+                    not self._waiting
+                    and not self.running
+                    and not self._stopping
+                    and not self._collect_requested
+                ):
+                    # Wake once a second while idle so adapter residency keeps being accounted.
+                    if not self._cond.wait(timeout=1.0):
+                        self._slots.tick()
+                if self._stopping and not self._waiting and not self.running:
+                    return
+                self._collect_requested = False
+            try:
+                self.iterate()
+            except Exception:
+                # Steps fail their own requests; this only guards the loop itself, so one
+                # unexpected error can never stop the engine thread and hang every caller.
+                log.exception("engine loop iteration failed; continuing")
+
+    def iterate(self) -> None:
+        """One scheduling iteration: admit, prefill a chunk, decode one step."""
+        self._slots.collect()
+        self._admit()
+        self._prefill_step()
+        self._decode_step()
+
+    def _admit(self) -> None:
+        """Moves queued requests into free rows in arrival order while their adapters fit."""
+        free_rows = [i for i, s in enumerate(self._rows) if s is None]
+        if not free_rows:
+            return
         chosen: list[Sequence] = []
-        keys: set[AdapterKey] = set()
+        new_keys: set[AdapterKey] = set()
         skipped: list[Sequence] = []
         failed: list[tuple[Sequence, EngineError]] = []
         with self._cond:
-            while self._waiting and len(chosen) < self._limits.max_batch_size:
+            while self._waiting and len(chosen) < len(free_rows):
                 seq = self._waiting.popleft()
                 if seq.handle.cancelled:
-                    cancelled = EngineError(ErrorKind.CANCELLED, "the request was cancelled")
-                    failed.append((seq, cancelled))
+                    failed.append(
+                        (seq, EngineError(ErrorKind.CANCELLED, "the request was cancelled"))
+                    )
                     continue
                 ref = seq.request.adapter
                 if ref is not None:
@@ -198,70 +266,126 @@ class Scheduler:
                     except EngineError as exc:
                         failed.append((seq, exc))
                         continue
-                    if seq.key not in keys and not self._slots.fits(keys | {seq.key}):
+                    if seq.key not in new_keys and not self._slots.fits(new_keys | {seq.key}):
                         skipped.append(seq)
                         continue
-                    keys.add(seq.key)
+                    new_keys.add(seq.key)
                 chosen.append(seq)
             # Requests whose adapter did not fit keep their place at the head of the queue.
             self._waiting.extendleft(reversed(skipped))
         for seq, exc in failed:
-            seq.sink(ErrorEvent(exc))
-        admitted: list[Sequence] = []
+            self._emit(seq, ErrorEvent(exc))
+        now = time.monotonic()
         for seq in chosen:
             try:
                 if seq.key is not None:
                     seq.slot = self._slots.acquire(seq.key)
                     seq.rank = self._slots.rank_of(seq.slot)
             except EngineError as exc:
-                seq.sink(ErrorEvent(exc))
+                self._emit(seq, ErrorEvent(exc))
                 continue
             except Exception as exc:
                 log.exception("loading adapter for request %s failed", seq.request.request_id)
-                seq.sink(ErrorEvent(EngineError(ErrorKind.INTERNAL, f"adapter load failed: {exc}")))
+                self._emit(
+                    seq, ErrorEvent(EngineError(ErrorKind.INTERNAL, f"adapter load failed: {exc}"))
+                )
                 continue
-            admitted.append(seq)
-        return admitted
+            seq.row = free_rows.pop(0)
+            seq.prefill_start = now
+            self._rows[seq.row] = seq
 
-    def _run_batch(self, batch: list[Sequence]) -> None:
-        self.running = batch
-        self.batch_sizes = [*self.batch_sizes[-99:], len(batch)]
+    def _prefill_step(self) -> None:
+        """Feeds the next prompt chunk of every request still reading its prompt."""
+        self._drop_cancelled()
+        reading = [s for s in self.running if s.prefilled < s.prompt_len]
+        if not reading:
+            return
+        decoding = sum(1 for s in self.running if s.decoding)
+        budget = max(self._settings.max_batch_tokens - decoding, MIN_PREFILL_CHUNK)
+        inputs: list[runner.RowInput] = []
+        batch: list[Sequence] = []
+        for seq in reading:
+            if budget <= 0:
+                break
+            take = min(seq.prompt_len - seq.prefilled, budget)
+            chunk = seq.request.prompt_ids[seq.prefilled : seq.prefilled + take]
+            inputs.append(runner.RowInput(row=seq.row, tokens=chunk, start=seq.prefilled))
+            batch.append(seq)
+            budget -= take
+        self.prefill_sizes = [*self.prefill_sizes[-99:], len(batch)]
+        started = time.monotonic()
         try:
-            started = time.monotonic()
-            for seq in batch:
-                seq.prefill_start = started
-            tensors, logits = runner.prefill(
-                self._loaded,
-                [s.request.prompt_ids for s in batch],
-                [s.slot for s in batch],
-                [s.rank for s in batch],
+            lora = runner.lora_state(
+                [s.slot for s in batch], [s.rank for s in batch], self._loaded.device
             )
-            kind, step_tokens = "prefill", [len(s.request.prompt_ids) for s in batch]
-            while True:
-                tokens = select_next_tokens(
-                    logits, [s.request.sampling for s in batch], [s.generator for s in batch]
-                )
-                self._account(kind, time.monotonic() - started, batch, step_tokens)
-                keep = self._advance(batch, tokens)
-                if not keep:
-                    break
-                if len(keep) < len(batch):
-                    batch = [batch[i] for i in keep]
-                    self.running = batch
-                    runner.keep_rows(tensors, keep, [s.rank for s in batch])
-                started = time.monotonic()
-                logits = runner.decode_one_token(
-                    self._loaded, tensors, [s.generated[-1] for s in batch]
-                )
-                kind, step_tokens = "decode", [1] * len(batch)
+            logits = runner.forward_rows(self._loaded, self._cache, inputs, lora)  # (batch, vocab)
+            for seq, row_input in zip(batch, inputs, strict=True):
+                seq.prefilled += len(row_input.tokens)
+            complete = [i for i, s in enumerate(batch) if s.prefilled == s.prompt_len]
+            tokens = self._sample(logits, [batch[i] for i in complete], complete)
         except Exception as exc:
-            # A failed step fails only this batch's requests; the engine keeps serving.
-            log.exception("engine step failed; failing %d requests", len(batch))
-            for seq in batch:
-                message = f"engine step failed (request {seq.request.request_id}): {exc}"
-                self._retire(seq, ErrorEvent(EngineError(ErrorKind.INTERNAL, message)))
-        finally:
-            self.running = []
+            self._fail_step(batch, exc)
+            return
+        self._account("prefill", time.monotonic() - started, batch, [len(r.tokens) for r in inputs])
+        self._advance([batch[i] for i in complete], tokens)
+
+    def _decode_step(self) -> None:
+        """One token for every decoding request, in one forward over rows 0..highest."""
+        self._drop_cancelled()
+        decoding = [s for s in self.running if s.decoding]
+        if not decoding:
+            return
+        width = max(s.row for s in decoding) + 1
+        inputs = [runner.RowInput(row=i, tokens=[], start=0) for i in range(width)]
+        slots, ranks = [0] * width, [0] * width
+        for seq in decoding:
+            position = seq.prompt_len + len(seq.generated) - 1
+            inputs[seq.row] = runner.RowInput(
+                row=seq.row, tokens=[seq.generated[-1]], start=position
+            )
+            slots[seq.row], ranks[seq.row] = seq.slot, seq.rank
+        self.decode_sizes = [*self.decode_sizes[-99:], len(decoding)]
+        started = time.monotonic()
+        try:
+            logits = runner.forward_rows(
+                self._loaded, self._cache, inputs, self._lora_for(slots, ranks)
+            )
+            tokens = self._sample(logits, decoding, [s.row for s in decoding])
+        except Exception as exc:
+            self._fail_step(decoding, exc)
+            return
+        self._account("decode", time.monotonic() - started, decoding, [1] * len(decoding))
+        self._advance(decoding, tokens)
+
+    def _lora_for(self, slots: list[int], ranks: list[int]) -> BatchLoRAState:
+        """The decode routing, reused while the rows' adapters stay the same, so every layer's
+        gathered adapter rows are reused across steps too."""
+        signature = tuple(slots)
+        if self._decode_lora is None or self._decode_lora[0] != signature:
+            self._decode_lora = (signature, runner.lora_state(slots, ranks, self._loaded.device))
+        return self._decode_lora[1]
+
+    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> list[int]:
+        if not seqs:
+            return []
+        picked = logits[rows] if len(rows) != logits.shape[0] else logits  # (len(seqs), vocab)
+        return select_next_tokens(
+            picked, [s.request.sampling for s in seqs], [s.generator for s in seqs]
+        )
+
+    def _drop_cancelled(self) -> None:
+        for seq in self.running:
+            if seq.handle.cancelled:
+                self._retire(
+                    seq, ErrorEvent(EngineError(ErrorKind.CANCELLED, "the request was cancelled"))
+                )
+
+    def _fail_step(self, batch: list[Sequence], exc: Exception) -> None:
+        # A failed step fails only the requests in it; the engine keeps serving.
+        log.error("engine step failed; failing %d requests", len(batch), exc_info=exc)
+        for seq in batch:
+            message = f"engine step failed (request {seq.request.request_id}): {exc}"
+            self._retire(seq, ErrorEvent(EngineError(ErrorKind.INTERNAL, message)))
 
     def _account(self, kind: str, seconds: float, batch: list[Sequence], tokens: list[int]) -> None:
         """Splits one step's wall time across its rows (and so tenants) by token share."""
@@ -278,16 +402,11 @@ class Scheduler:
         self._observer.on_step(stats)
         self._slots.tick()
 
-    def _advance(self, batch: list[Sequence], tokens: list[int]) -> list[int]:
-        """Appends each row's token, emits events, retires finished rows; returns rows kept."""
+    def _advance(self, batch: list[Sequence], tokens: list[int]) -> None:
+        """Appends each request's new token, emits events, retires finished requests."""
         now = time.monotonic()
-        live: list[tuple[int, Sequence, int]] = []
         produced: dict[str, int] = {}
-        for row, (seq, token) in enumerate(zip(batch, tokens, strict=True)):
-            if seq.handle.cancelled:
-                cancelled = EngineError(ErrorKind.CANCELLED, "the request was cancelled")
-                self._retire(seq, ErrorEvent(cancelled))
-                continue
+        for seq, token in zip(batch, tokens, strict=True):
             if not seq.generated:
                 seq.first_token_time = now
             else:
@@ -295,12 +414,10 @@ class Scheduler:
             seq.last_token_time = now
             seq.generated.append(token)
             produced[seq.request.tenant] = produced.get(seq.request.tenant, 0) + 1
-            live.append((row, seq, token))
         # Counted before any response goes out, so metrics never lag what clients saw.
         self._observer.on_generated(produced)
-        keep: list[int] = []
         eos_ids = self._loaded.eos_token_ids
-        for row, seq, token in live:
+        for seq, token in zip(batch, tokens, strict=True):
             delta = seq.text.update(seq.generated)
             reason: FinishReason | None = None
             if seq.text.stopped:
@@ -311,24 +428,22 @@ class Scheduler:
                 reason = FinishReason.LENGTH
             if reason is None:
                 version = seq.key.version if seq.key else 0
-                seq.sink(TokenEvent(token_ids=(token,), text=delta, adapter_version=version))
-                keep.append(row)
+                self._emit(seq, TokenEvent(token_ids=(token,), text=delta, adapter_version=version))
             else:
                 self._retire(seq, self._finish_event(seq, reason, delta, now))
-        return keep
 
     def _finish_event(
         self, seq: Sequence, reason: FinishReason, delta: str, now: float
     ) -> FinishEvent:
         arrival = seq.request.arrival_time
         usage = Usage(
-            prompt_tokens=len(seq.request.prompt_ids),
+            prompt_tokens=seq.prompt_len,
             completion_tokens=len(seq.generated),
             queue_seconds=seq.prefill_start - arrival,
             time_to_first_token_seconds=seq.first_token_time - arrival,
             total_seconds=now - arrival,
             compute_seconds=seq.compute_seconds,
-            cost=seq.compute_seconds * self._limits.price_per_device_hour / 3600.0,
+            cost=seq.compute_seconds * self._settings.price_per_device_hour / 3600.0,
         )
         return FinishEvent(
             text=seq.text.text,
@@ -340,11 +455,22 @@ class Scheduler:
             adapter_version=seq.key.version if seq.key else 0,
         )
 
+    def _emit(self, seq: Sequence, event: TokenEvent | FinishEvent | ErrorEvent) -> None:
+        """Hands an event to the caller; a failing sink must not break the engine loop."""
+        try:
+            seq.sink(event)
+        except Exception:
+            log.exception("event sink of request %s failed", seq.request.request_id)
+            seq.handle.cancel()
+
     def _retire(self, seq: Sequence, event: FinishEvent | ErrorEvent) -> None:
+        """Frees the request's row and adapter pin, then tells the caller."""
         if seq.done:
             return
         seq.done = True
+        if 0 <= seq.row < len(self._rows) and self._rows[seq.row] is seq:
+            self._rows[seq.row] = None
         if seq.key is not None and seq.slot:
             self._slots.release(seq.key)
             seq.slot = 0
-        seq.sink(event)
+        self._emit(seq, event)

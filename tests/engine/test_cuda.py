@@ -15,11 +15,11 @@ from serving_support import (
     EngineHarness,
     build_test_model,
     make_peft_adapter,
+    prefill_then_decode,
     store_adapter,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.engine import runner
 from server.engine.types import AdapterRef, FinishEvent
 
 pytestmark = [
@@ -71,7 +71,7 @@ def test_cuda_mixed_batch_matches_peft(
         )
         slots.append(slot)
         ranks.append(harness.engine.slots.rank_of(slot) if slot else 0)
-    _, logits = runner.prefill(harness.loaded, [ids for _, ids in rows], slots, ranks)
+    logits, _, _ = prefill_then_decode(harness.loaded, [ids for _, ids in rows], slots, ranks)
     atol, rtol = TOLERANCE[dtype]
     for row, (adapter, ids) in enumerate(rows):
         with torch.no_grad():

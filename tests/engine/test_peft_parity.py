@@ -19,11 +19,11 @@ from serving_support import (
     EngineHarness,
     build_test_model,
     make_peft_adapter,
+    prefill_then_decode,
     store_adapter,
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.engine import runner
 from server.engine.types import FinishEvent
 
 MAX_NEW = 12
@@ -135,7 +135,8 @@ def test_greedy_tokens_match_peft_one_at_a_time(case: ArchCase, tmp_path: Path) 
                 job = harness.submit(ids, adapter, max_new_tokens=MAX_NEW)
                 harness.run([job])
                 assert _tokens(job) == case.reference[(adapter, i)], (adapter, i)
-        assert max(harness.engine.scheduler.batch_sizes) == 1
+        scheduler = harness.engine.scheduler
+        assert max(scheduler.prefill_sizes) == 1 and max(scheduler.decode_sizes) == 1
     finally:
         harness.close()
 
@@ -149,7 +150,9 @@ def test_greedy_tokens_match_peft_mixed_in_one_batch(case: ArchCase, tmp_path: P
             for adapter in [None, *case.adapter_dirs]:
                 jobs[(adapter, i)] = harness.submit(ids, adapter, max_new_tokens=MAX_NEW)
         harness.run(list(jobs.values()))
-        assert harness.engine.scheduler.batch_sizes == [len(jobs)], "all rows must share a batch"
+        scheduler = harness.engine.scheduler
+        assert scheduler.prefill_sizes == [len(jobs)], "all prompts must share one prefill"
+        assert scheduler.decode_sizes[0] == len(jobs), "all rows must decode together"
         for key, events in jobs.items():
             assert _tokens(events) == case.reference[key], key
     finally:
@@ -174,9 +177,9 @@ def test_logits_match_peft_in_mixed_batch(case: ArchCase, tmp_path: Path) -> Non
             slot = harness.engine.slots.acquire(key)
             slots.append(slot)
             ranks.append(harness.engine.slots.rank_of(slot))
-        tensors, logits = runner.prefill(harness.loaded, [ids for _, ids in rows], slots, ranks)
-        next_tokens = logits.argmax(-1).tolist()
-        step2 = runner.decode_one_token(harness.loaded, tensors, next_tokens)
+        logits, next_tokens, step2 = prefill_then_decode(
+            harness.loaded, [ids for _, ids in rows], slots, ranks
+        )
         for row, (adapter, ids) in enumerate(rows):
             full = torch.tensor([[*ids, next_tokens[row]]])  # (1, prompt + 1)
             with torch.no_grad():

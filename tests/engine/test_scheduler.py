@@ -110,7 +110,7 @@ def _submit(
     def sink(event: Event) -> None:
         job = jobs[0]
         if isinstance(event, TokenEvent | FinishEvent) and job.batch is None:
-            job.batch = len(scheduler.batch_sizes)
+            job.batch = len(scheduler.prefill_sizes)
         job.events.append(event)
         if on_event is not None:
             on_event(job, event)
@@ -157,7 +157,7 @@ def setup(model_cache: Path, tmp_path_factory: pytest.TempPathFactory) -> Setup:
                 job = _submit(harness, adapter, i, partial)
                 _run(harness, [job])
                 reference[(adapter, i)] = job.tokens
-        assert harness.engine.scheduler.batch_sizes == [1] * len(reference)
+        assert harness.engine.scheduler.prefill_sizes == [1] * len(reference)
     finally:
         harness.close()
     # The adapters must change the output, or "matches the reference" would prove little.
@@ -194,7 +194,7 @@ def test_requests_queued_before_start_run_in_one_batch(
     jobs = [_submit(harness, adapter, prompt, setup) for adapter, prompt in order]
     assert harness.engine.scheduler.waiting_count() == len(jobs)
     _run(harness, jobs)
-    assert harness.engine.scheduler.batch_sizes == [len(jobs)]
+    assert harness.engine.scheduler.prefill_sizes == [len(jobs)]
     assert [job.batch for job in jobs] == [1] * len(jobs)
     _check_reference(setup, jobs)
     for job in jobs:
@@ -214,7 +214,7 @@ def test_max_batch_size_splits_in_arrival_order(
     order = [("c", 2), (None, 0), ("a", 1), ("b", 0), (None, 2)]
     jobs = [_submit(harness, adapter, prompt, setup) for adapter, prompt in order]
     _run(harness, jobs)
-    assert harness.engine.scheduler.batch_sizes == [2, 2, 1]
+    assert harness.engine.scheduler.prefill_sizes == [2, 2, 1]
     assert [job.batch for job in jobs] == [1, 1, 2, 2, 3]
     _check_reference(setup, jobs)
 
@@ -245,7 +245,7 @@ def test_more_adapters_than_slots_are_split_across_batches(
     jobs = [_submit(harness, adapter, prompt, setup) for adapter, prompt in order]
     _run(harness, jobs)
     # c does not fit next to a and b: it waits (keeping its order) while the rest run.
-    assert harness.engine.scheduler.batch_sizes == [4, 2]
+    assert harness.engine.scheduler.prefill_sizes == [4, 2]
     assert [job.batch for job in jobs] == [1, 1, 2, 1, 1, 2]
     for batch in (1, 2):
         adapters = {job.adapter for job in jobs if job.batch == batch} - {None}
@@ -269,7 +269,7 @@ def test_warm_adapters_are_not_counted_twice_when_admitting(
     _run(harness, jobs)
     for job in jobs:
         assert isinstance(job.events[-1], FinishEvent), (job.adapter, job.events[-1])
-    assert harness.engine.scheduler.batch_sizes == [2, 1]
+    assert harness.engine.scheduler.prefill_sizes == [2, 1]
     _check_reference(setup, jobs)
 
 
@@ -295,7 +295,7 @@ def test_cancelled_request_stops_within_one_step_and_releases_its_pin(
     assert [type(e) for e in victim.events] == [TokenEvent, ErrorEvent], "one step, then stop"
     key_a, key_b = _key(harness, "a"), _key(harness, "b")
     assert seen_at_cancel == [{key_a: 0, key_b: 1}], "the pin goes when the request is retired"
-    assert harness.engine.scheduler.batch_sizes == [3]
+    assert harness.engine.scheduler.prefill_sizes == [3]
     _check_reference(setup, others)  # the others ran on to the end, unchanged
     _assert_unpinned(harness)
 
@@ -308,7 +308,7 @@ def test_request_cancelled_while_queued_never_runs(
     kept = _submit(harness, None, 1, setup)
     cancelled.handle.cancel()
     _run(harness, [kept])
-    assert harness.engine.scheduler.batch_sizes == [1]
+    assert harness.engine.scheduler.prefill_sizes == [1]
     _check_reference(setup, [kept])
     assert not any(isinstance(e, TokenEvent | FinishEvent) for e in cancelled.events)
     assert harness.engine.slots.resident() == {}, "a cancelled request must not load its adapter"
@@ -324,7 +324,7 @@ def test_rows_finishing_early_leave_without_changing_the_others(
         _submit(harness, adapter, prompt, setup, max_new_tokens=n) for adapter, prompt, n in plan
     ]
     _run(harness, jobs)
-    assert harness.engine.scheduler.batch_sizes == [len(jobs)]
+    assert harness.engine.scheduler.prefill_sizes == [len(jobs)]
     for job, (adapter, prompt, n) in zip(jobs, plan, strict=True):
         assert job.tokens == setup.reference[(adapter, prompt)][:n], (adapter, prompt, n)
         assert job.finish.finish_reason is FinishReason.LENGTH
@@ -392,16 +392,18 @@ def test_failed_forward_fails_only_its_batch(
     setup: Setup, make_harness: Callable[..., EngineHarness], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     harness = make_harness()
-    real = runner.decode_one_token
+    real = runner.forward_rows
+    calls: list[int] = []
     failures: list[int] = []
 
     def flaky(*args: object, **kwargs: object) -> torch.Tensor:
-        if not failures:
+        calls.append(1)
+        if len(calls) == 2:  # the first decode step, after a good prefill
             failures.append(1)
             raise RuntimeError("injected device fault")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(runner, "decode_one_token", flaky)
+    monkeypatch.setattr(runner, "forward_rows", flaky)
     failed = [_submit(harness, "a", 0, setup), _submit(harness, None, 1, setup)]
     _run(harness, failed)
     for job in failed:
@@ -419,4 +421,4 @@ def test_failed_forward_fails_only_its_batch(
     _run(harness, later)
     _check_reference(setup, later)
     assert failures == [1]
-    assert harness.engine.scheduler.batch_sizes == [2, 2]
+    assert harness.engine.scheduler.prefill_sizes == [2, 2]
