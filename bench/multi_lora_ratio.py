@@ -29,6 +29,7 @@ import torch
 from transformers import AutoModelForCausalLM, LlamaConfig
 
 from server.engine import runner
+from server.engine.device_pool import DEFAULT_PAGE_RANK as PAGE_RANK
 from server.engine.embedded import build_tokenizer
 from server.engine.kv_cache import SlotKVCache
 from server.engine.model import load_base_model
@@ -70,25 +71,33 @@ def build_model(size: str, out: Path) -> Path:
     return out
 
 
-def load_random_adapters(loaded, count: int, rank: int) -> None:
+def load_random_adapters(loaded, count: int, rank: int) -> list[tuple[int, ...]]:
+    """Writes `count` random adapters into device pages; returns each adapter's pages."""
     generator = torch.Generator().manual_seed(1)
     targets = [
         n
         for n in loaded.lora_layers
         if n.rsplit(".", 1)[-1] in {"q_proj", "k_proj", "v_proj", "o_proj"}
     ]
-    for slot in range(1, count + 1):
+    per = -(-rank // PAGE_RANK)
+    placements = [tuple(range(1 + i * per, 1 + (i + 1) * per)) for i in range(count)]
+    for pages in placements:
         for name in targets:
             layer = loaded.lora_layers[name]
             a = torch.randn(rank, layer.in_features, generator=generator) * 0.01  # (r, d_in)
             b = torch.randn(layer.out_features, rank, generator=generator) * 0.01  # (d_out, r)
-            layer.set_slot(slot, a.to(loaded.device), b.to(loaded.device), 2.0)
+            layer.write(list(pages), PAGE_RANK, count * per, a, b, 2.0)
+    return placements
 
 
-def time_mode(loaded, prompts: list[list[int]], slots: list[int], rank: int, steps: int) -> float:
+def time_mode(
+    loaded,
+    prompts: list[list[int]],
+    pages: list[tuple[int, ...]],
+    steps: int,
+) -> float:
     """Seconds for one prefill plus `steps` decode steps of the whole batch (rows 0..batch-1)."""
     sync = torch.cuda.synchronize if loaded.device.type == "cuda" else (lambda: None)
-    ranks = [rank if s else 0 for s in slots]
     cache = SlotKVCache(
         loaded.model.config,
         max_rows=len(prompts),
@@ -96,7 +105,7 @@ def time_mode(loaded, prompts: list[list[int]], slots: list[int], rank: int, ste
         dtype=loaded.dtype,
         device=loaded.device,
     )
-    lora = runner.lora_state(slots, ranks, loaded.device)
+    lora = runner.lora_state(pages, loaded.device)
     sync()
     start = time.perf_counter()
     inputs = [runner.RowInput(row=i, tokens=p, start=0) for i, p in enumerate(prompts)]
@@ -133,23 +142,21 @@ def main() -> int:
             model_dir,
             device=args.device,
             dtype=args.dtype,
-            num_slots=args.adapters,
-            max_rank=args.rank,
         )
-    load_random_adapters(loaded, args.adapters, args.rank)
+    placements = load_random_adapters(loaded, args.adapters, args.rank)
     prompts = [
         [(7 * i + j) % 31000 + 100 for j in range(args.prompt_len)] for i in range(args.batch)
     ]
-    modes = {
-        "base": [0] * args.batch,
-        "identical": [1] * args.batch,
-        "distinct": [1 + i % args.adapters for i in range(args.batch)],
+    modes: dict[str, list[tuple[int, ...]]] = {
+        "base": [()] * args.batch,
+        "identical": [placements[0]] * args.batch,
+        "distinct": [placements[i % args.adapters] for i in range(args.batch)],
     }
-    time_mode(loaded, prompts, modes["distinct"], args.rank, 4)  # warm-up
+    time_mode(loaded, prompts, modes["distinct"], 4)  # warm-up
     times: dict[str, list[float]] = {m: [] for m in modes}
     for _ in range(args.repeats):
-        for mode, slots in modes.items():
-            times[mode].append(time_mode(loaded, prompts, slots, args.rank, args.steps))
+        for mode, pages in modes.items():
+            times[mode].append(time_mode(loaded, prompts, pages, args.steps))
     tokens = args.batch * (args.steps + 1)
     result = {
         "device": str(loaded.device),

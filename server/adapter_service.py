@@ -1,6 +1,6 @@
 """Adapter management as the gRPC layer sees it: upload sessions, list, get, delete.
 
-Ties the durable store, validation against the base model and the engine's device slots
+Ties the durable store, validation against the base model and the engine's device pages
 together, so the gRPC handlers only decode, call one method and encode.
 """
 
@@ -168,7 +168,7 @@ class AdapterService:
             raise EngineError(
                 ErrorKind.INTERNAL, f"adapter {ref.name!r} is unusable: {exc}"
             ) from exc
-        return AdapterKey(ref.tenant, ref.name, record.version)
+        return AdapterKey(ref.tenant, ref.name, record.version, rank=record.rank)
 
     def load(self, key: AdapterKey) -> AdapterWeights:
         """Reads, checksums and validates one adapter version (engine loader)."""

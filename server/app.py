@@ -105,8 +105,6 @@ class Server:
             model_path,
             device=config.device,
             dtype=config.dtype,
-            num_slots=config.max_loaded_adapters,
-            max_rank=config.max_lora_rank,
         )
         store = await asyncio.to_thread(AdapterStore, Path(config.data_dir) / "adapters")
         adapter_service = AdapterService(config, store, loaded.spec)

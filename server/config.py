@@ -41,8 +41,11 @@ class ServerConfig:
     """Prometheus /metrics HTTP port on host; 0 disables the exporter."""
     max_lora_rank: int = 64
     """Largest adapter rank accepted at upload and held in a slot."""
-    max_loaded_adapters: int = 16
-    """Adapter slots on the device: distinct adapters one batch can use at once."""
+    adapter_device_bytes: int = 1 << 30
+    """Device tier budget for adapter weights, in bytes (pages of 8 ranks across every target
+    layer; memory is taken as pages are used, up to this budget)."""
+    adapter_host_bytes: int = 4 << 30
+    """Host-memory tier budget (LRU) for validated adapters, in bytes."""
     max_batch_size: int = 32
     """Requests running at once (each holds one KV row of max_seq_len tokens)."""
     max_batch_tokens: int = 2048
@@ -89,7 +92,8 @@ class ServerConfig:
             raise ConfigError(f"metrics_port: {self.metrics_port} is not in 0..65535")
         _positive = (
             "max_lora_rank",
-            "max_loaded_adapters",
+            "adapter_device_bytes",
+            "adapter_host_bytes",
             "max_batch_size",
             "max_batch_tokens",
             "max_seq_len",

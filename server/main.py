@@ -51,10 +51,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     parser.add_argument(
-        "--max-loaded-adapters",
+        "--adapter-device-bytes",
         type=int,
-        default=d.max_loaded_adapters,
-        help="adapter slots on the device",
+        default=d.adapter_device_bytes,
+        help="device memory budget for adapter weights (default 1 GiB)",
+    )
+    parser.add_argument(
+        "--adapter-host-bytes",
+        type=int,
+        default=d.adapter_host_bytes,
+        help="host memory budget for validated adapters, LRU (default 4 GiB)",
     )
     parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     parser.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests)
@@ -130,7 +136,8 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         dtype=args.dtype,
         metrics_port=args.metrics_port,
         max_lora_rank=args.max_lora_rank,
-        max_loaded_adapters=args.max_loaded_adapters,
+        adapter_device_bytes=args.adapter_device_bytes,
+        adapter_host_bytes=args.adapter_host_bytes,
         max_batch_size=args.max_batch_size,
         max_waiting_requests=args.max_waiting_requests,
         max_batch_tokens=args.max_batch_tokens,

@@ -134,7 +134,9 @@ class Metrics(EngineObserver):
         )
         self.adapter_load_duration = Histogram(
             "loraserve_adapter_load_duration_seconds",
-            "Time to load an adapter into the device tier (read, verify, validate, copy).",
+            "Time to load an adapter into a tier: host (read, checksum, validate from disk, also "
+            "prefetches) or device (from host memory into pages, including any host load).",
+            ["tier"],
             buckets=LATENCY_BUCKETS,
             registry=r,
         )
@@ -197,11 +199,13 @@ class Metrics(EngineObserver):
             str(loaded.dtype).removeprefix("torch."),
             currency,
         ).set(1)
-        scheduler, slots = engine.scheduler, engine.slots
+        scheduler, device, host = engine.scheduler, engine.device_pool, engine.host_cache
         self.requests_running.set_function(lambda: len(scheduler.running))
         self.requests_waiting.set_function(scheduler.waiting_count)
-        self.adapters_resident.labels("device").set_function(lambda: len(slots.resident()))
-        self.adapter_resident_bytes.labels("device").set_function(slots.resident_bytes)
+        self.adapters_resident.labels("device").set_function(lambda: len(device.resident()))
+        self.adapter_resident_bytes.labels("device").set_function(device.resident_bytes)
+        self.adapters_resident.labels("host").set_function(lambda: len(host.resident()))
+        self.adapter_resident_bytes.labels("host").set_function(host.resident_bytes)
         for tenant in tenants:
             self.adapters_stored.labels(tenant).set_function(lambda t=tenant: len(store.list(t)))
 
@@ -240,10 +244,11 @@ class Metrics(EngineObserver):
             self.adapter_byte_seconds.labels(tenant).inc(byte_seconds)
             self.cost.labels(tenant).inc(byte_seconds * self._price_per_byte_second)
 
-    def on_adapter_cache(self, event: str, seconds: float = 0.0) -> None:
+    def on_adapter_cache(self, tier: str, event: str, seconds: float = 0.0) -> None:
         if event == "eviction":
-            self.adapter_evictions.labels("device").inc()
+            self.adapter_evictions.labels(tier).inc()
             return
-        self.adapter_cache.labels("device", event).inc()
-        if event == "miss":
-            self.adapter_load_duration.observe(seconds)
+        if event in ("hit", "miss"):
+            self.adapter_cache.labels(tier, event).inc()
+        if event in ("miss", "prefetch"):
+            self.adapter_load_duration.labels(tier).observe(seconds)

@@ -190,8 +190,6 @@ class EngineHarness:
             model_dir,
             device=device,
             dtype=dtype,
-            num_slots=self.config.max_loaded_adapters,
-            max_rank=self.config.max_lora_rank,
         )
         self.service = AdapterService(
             self.config, AdapterStore(data_dir / "adapters"), self.loaded.spec
@@ -238,7 +236,7 @@ class EngineHarness:
         self.engine.stop(10)
 
 
-def prefill_then_decode(loaded, prompts: list[list[int]], slots: list[int], ranks: list[int]):
+def prefill_then_decode(loaded, prompts: list[list[int]], pages: list[tuple[int, ...]]):
     """Logits after each prompt (batch, vocab), then after one greedy decode step (batch, vocab).
 
     The prefill writes rows in reverse order (gathered K/V); the decode step uses rows
@@ -257,11 +255,11 @@ def prefill_then_decode(loaded, prompts: list[list[int]], slots: list[int], rank
     )
     rows = list(range(batch))[::-1]
     prefill = [RowInput(row=rows[i], tokens=p, start=0) for i, p in enumerate(prompts)]
-    first = forward_rows(loaded, cache, prefill, lora_state(slots, ranks, loaded.device))
+    first = forward_rows(loaded, cache, prefill, lora_state(pages, loaded.device))
     next_tokens = first.argmax(-1).tolist()
     by_row = sorted(range(batch), key=lambda i: rows[i])
     decode = [RowInput(row=rows[i], tokens=[next_tokens[i]], start=len(prompts[i])) for i in by_row]
-    lora = lora_state([slots[i] for i in by_row], [ranks[i] for i in by_row], loaded.device)
+    lora = lora_state([pages[i] for i in by_row], loaded.device)
     second_by_row = forward_rows(loaded, cache, decode, lora)
     second = second_by_row[[by_row.index(i) for i in range(batch)]]
     return first, next_tokens, second

@@ -78,5 +78,9 @@ class EngineObserver:
     def on_residency(self, tenant_byte_seconds: dict[str, float]) -> None:
         """Device bytes held by each tenant's adapters, times the seconds they were held."""
 
-    def on_adapter_cache(self, event: str, seconds: float = 0.0) -> None:
-        """ "hit", "miss" (with the load time in seconds) or "eviction" in the device tier."""
+    def on_adapter_cache(self, tier: str, event: str, seconds: float = 0.0) -> None:
+        """An adapter cache event in tier "device" or "host".
+
+        Events: "hit", "miss" (with the load time in seconds), "prefetch" (host only, with the
+        load time) or "eviction".
+        """

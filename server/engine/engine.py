@@ -13,9 +13,10 @@ from dataclasses import dataclass
 
 from server.config import ServerConfig
 from server.engine.accounting import EngineObserver
+from server.engine.device_pool import AdapterLoader, AdapterResolver, DevicePool
+from server.engine.host_cache import HostCache
 from server.engine.model import LoadedModel
 from server.engine.scheduler import RequestHandle, Scheduler, SchedulerSettings
-from server.engine.slots import AdapterLoader, AdapterResolver, SlotTable
 from server.engine.types import (
     AdapterRef,
     EngineError,
@@ -52,10 +53,17 @@ class Engine:
     ) -> None:
         self.config = config
         self.loaded = loaded
-        self.slots = SlotTable(loaded.lora_layers, config.max_loaded_adapters, loader, observer)
+        # Tiers: disk (the store, via `loader`) -> host memory (LRU) -> device pages.
+        self.host_cache = HostCache(loader, config.adapter_host_bytes, observer)
+        self.device_pool = DevicePool(
+            loaded.lora_layers,
+            budget_bytes=config.adapter_device_bytes,
+            loader=self.host_cache.get,
+            observer=observer,
+        )
         self.scheduler = Scheduler(
             loaded,
-            self.slots,
+            self.device_pool,
             resolver,
             SchedulerSettings(
                 max_batch_size=config.max_batch_size,
@@ -65,6 +73,7 @@ class Engine:
                 price_per_device_hour=config.price_per_device_hour,
             ),
             observer,
+            prefetch=self.host_cache.prefetch,
         )
         self._thread: threading.Thread | None = None
 
@@ -92,6 +101,7 @@ class Engine:
         self.scheduler.stop()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.host_cache.close()
 
     def encode(self, prompt: str, messages: Seq[tuple[str, str]]) -> list[int]:
         """Token ids of a plain prompt or of chat messages rendered with the chat template."""
@@ -186,5 +196,6 @@ class Engine:
 
     def forget_adapter(self, tenant: str, name: str, below_version: int | None = None) -> None:
         """Frees device memory of a deleted (or replaced) adapter once no request uses it."""
-        self.slots.forget(tenant, name, below_version)
+        self.device_pool.forget(tenant, name, below_version)
+        self.host_cache.forget(tenant, name, below_version)
         self.scheduler.request_collect()

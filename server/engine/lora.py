@@ -1,14 +1,19 @@
 """Multi-LoRA linear layer: one shared W0 matmul for the whole batch plus each row's own B_i A_i x.
 
-Semantics (BGMV, as in Punica): for a batch of rows b with adapter slot s_b,
+Adapter weights live in pages, as in S-LoRA's unified paging: a page holds `page_rank` rank rows
+of A and the matching columns of B, so an adapter of rank r uses ceil(r / page_rank) pages and
+device memory follows the adapters' actual ranks, not a maximum. Page 0 is all zeros.
 
-    y[b, t] = W0 x[b, t] (+ bias) + B[s_b] (A[s_b] x[b, t])
+Semantics (BGMV, as in Punica): for a batch of rows b whose adapter occupies pages P_b (padded
+with page 0 to the batch's longest page list),
 
-where A[s] is (r_max, d_in), B[s] is (d_out, r_max) with the adapter's scale already folded into
-B and ranks below r_max zero-padded (so padding adds exact zeros). Slot 0 is all zeros and stands
-for "no adapter on this layer" (the base model, or an adapter that does not target this layer).
-The gather + two batched matmuls cost the same whatever the number of distinct adapters in the
-batch: there is no Python loop over adapters or rows in the hot path.
+    y[b, t] = W0 x[b, t] (+ bias) + B[P_b] (A[P_b] x[b, t])
+
+where A[P_b] is (len(P_b) * page_rank, d_in) and B[P_b] is (d_out, len(P_b) * page_rank), the
+adapter's scale folded into B and unused rank rows zero (so padding adds exact zeros). Rows
+without an adapter (the base model) have only page 0. The gather and two batched matmuls cost
+the same whatever the number of distinct adapters in the batch: there is no Python loop over
+adapters or rows in the hot path.
 """
 
 from __future__ import annotations
@@ -22,21 +27,19 @@ from transformers.pytorch_utils import Conv1D
 
 @dataclass(frozen=True)
 class BatchLoRAState:
-    """Which adapter slot each batch row uses, for the forward pass in progress."""
+    """Which adapter pages each batch row uses, for the forward pass in progress."""
 
-    slot_ids: torch.Tensor
-    """(batch,) int64 on the model device: each row's slot (0 = no adapter)."""
-    slot_set: frozenset[int]
-    """The distinct non-zero slots in slot_ids, to skip layers no row's adapter touches."""
-    rank: int
-    """The largest rank among the batch's adapters: slots are sliced to it (exact, rest is zero)."""
+    page_table: torch.Tensor
+    """(batch, max_pages) int64 on the model device: each row's pages, padded with page 0."""
+    pages: frozenset[int]
+    """The distinct non-zero pages in page_table, to skip layers no row's adapter touches."""
     gathered: dict[int, tuple[int, torch.Tensor, torch.Tensor]] = field(
         default_factory=dict, compare=False, repr=False
     )
-    """Per layer: (its slot generation, each row's A (batch, rank, d_in), B (batch, d_out, rank)),
-    gathered on the first forward and reused by every decode step of the same batch, so a step
-    costs two batched matmuls per layer and no gathers. Rows' slots are pinned and do not
-    change; the generation still guards against any slot write in between."""
+    """Per layer: (its write generation, each row's A (batch, rank, d_in), B (batch, d_out,
+    rank)), gathered on the first forward and reused by every decode step of the same batch, so
+    a step costs two batched matmuls per layer and no gathers. Rows' pages are pinned and do not
+    change; the generation still guards against any page write in between."""
 
 
 class LoRAContext:
@@ -51,47 +54,55 @@ class LoRAContext:
 
 
 def lora_delta_reference(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
+    x: torch.Tensor, factors: list[tuple[torch.Tensor, torch.Tensor] | None], d_out: int
 ) -> torch.Tensor:
     """Pure-torch ground truth of the low-rank term, row by row (slow, for tests).
 
-    x: (batch, seq, d_in); lora_a: (slots, r, d_in); lora_b: (slots, d_out, r); slot_ids: (batch,).
-    Returns (batch, seq, d_out).
+    x: (batch, seq, d_in); factors[b]: row b's (A (r, d_in), B (d_out, r)) with the scale already
+    in B, or None for no adapter. Returns (batch, seq, d_out).
     """
-    rows = []
-    for b in range(x.shape[0]):
-        s = int(slot_ids[b])
-        rows.append((x[b] @ lora_a[s].T) @ lora_b[s].T)  # (seq, d_out)
-    return torch.stack(rows)
-
-
-def lora_delta_bgmv(
-    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
-) -> torch.Tensor:
-    """Gathered batched low-rank term; same semantics as lora_delta_reference.
-
-    x: (batch, seq, d_in); lora_a: (slots, r, d_in); lora_b: (slots, d_out, r); slot_ids: (batch,).
-    Returns (batch, seq, d_out).
-    """
-    a_rows, b_rows = gather_rows(lora_a, lora_b, slot_ids)
-    xa = torch.bmm(x, a_rows.transpose(1, 2))  # (batch, seq, r)
-    return torch.bmm(xa, b_rows.transpose(1, 2))  # (batch, seq, d_out)
+    out = x.new_zeros(x.shape[0], x.shape[1], d_out)  # (batch, seq, d_out)
+    for b, pair in enumerate(factors):
+        if pair is not None:
+            a, bb = pair
+            out[b] = (x[b] @ a.T) @ bb.T  # (seq, d_out)
+    return out
 
 
 def gather_rows(
-    lora_a: torch.Tensor, lora_b: torch.Tensor, slot_ids: torch.Tensor
+    lora_a: torch.Tensor, lora_b: torch.Tensor, page_table: torch.Tensor
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Each row's factors. lora_a: (slots, r, d_in), lora_b: (slots, d_out, r), slot_ids: (batch,).
+    """Each row's factors from its pages.
 
-    Returns A rows (batch, r, d_in) and B rows (batch, d_out, r).
+    lora_a: (pages, page_rank, d_in); lora_b: (pages, d_out, page_rank); page_table: (batch, n).
+    Returns A rows (batch, n * page_rank, d_in) and B rows (batch, d_out, n * page_rank).
     """
-    return lora_a.index_select(0, slot_ids), lora_b.index_select(0, slot_ids)
+    batch, n = page_table.shape
+    _, page_rank, d_in = lora_a.shape
+    d_out = lora_b.shape[1]
+    a_rows = lora_a[page_table].reshape(batch, n * page_rank, d_in)  # (batch, n * page, d_in)
+    b_pages = lora_b[page_table]  # (batch, n, d_out, page)
+    b_rows = b_pages.permute(0, 2, 1, 3).reshape(batch, d_out, n * page_rank)  # (b, d_out, n*page)
+    return a_rows, b_rows
+
+
+def lora_delta_bgmv(
+    x: torch.Tensor, lora_a: torch.Tensor, lora_b: torch.Tensor, page_table: torch.Tensor
+) -> torch.Tensor:
+    """The gathered batched low-rank term; same semantics as lora_delta_reference.
+
+    x: (batch, seq, d_in); lora_a: (pages, page_rank, d_in); lora_b: (pages, d_out, page_rank);
+    page_table: (batch, n). Returns (batch, seq, d_out).
+    """
+    a_rows, b_rows = gather_rows(lora_a, lora_b, page_table)
+    xa = torch.bmm(x, a_rows.transpose(1, 2))  # (batch, seq, rank)
+    return torch.bmm(xa, b_rows.transpose(1, 2))  # (batch, seq, d_out)
 
 
 class MultiLoRALinear(nn.Module):
-    """Wraps a frozen nn.Linear or GPT-2 Conv1D with per-row adapters held in slots."""
+    """Wraps a frozen nn.Linear or GPT-2 Conv1D with per-row adapters held in pages."""
 
-    def __init__(self, base: nn.Module, *, context: LoRAContext, num_slots: int, max_rank: int):
+    def __init__(self, base: nn.Module, *, context: LoRAContext) -> None:
         super().__init__()
         if isinstance(base, Conv1D):
             # Conv1D stores W0 as (d_in, d_out) and computes x @ W0 + b.
@@ -102,64 +113,102 @@ class MultiLoRALinear(nn.Module):
             raise TypeError(f"cannot wrap {type(base).__name__}: not nn.Linear or Conv1D")
         self.base_layer = base
         self.context = context
-        self.num_slots = num_slots
-        self.max_rank = max_rank
         # Allocated on the first adapter that targets this layer: most adapters touch a subset.
-        self.lora_a: torch.Tensor | None = None  # (num_slots + 1, max_rank, d_in)
-        self.lora_b: torch.Tensor | None = None  # (num_slots + 1, d_out, max_rank)
+        self.lora_a: torch.Tensor | None = None  # (num_pages + 1, page_rank, d_in)
+        self.lora_b: torch.Tensor | None = None  # (num_pages + 1, d_out, page_rank)
         self.occupied: set[int] = set()
+        """Pages holding this layer's part of some adapter."""
         self.generation = 0
-        """Bumped on every slot write, so gathered copies of the old contents are never used."""
+        """Bumped on every page write, so gathered copies of old contents are never used."""
 
-    def _allocate(self) -> None:
-        weight = self.base_layer.weight
-        slots = self.num_slots + 1
-        self.lora_a = torch.zeros(
-            slots, self.max_rank, self.in_features, dtype=weight.dtype, device=weight.device
-        )
-        self.lora_b = torch.zeros(
-            slots, self.out_features, self.max_rank, dtype=weight.dtype, device=weight.device
-        )
+    def page_bytes(self, page_rank: int, itemsize: int) -> int:
+        """Device bytes one page takes in this layer once allocated."""
+        return page_rank * (self.in_features + self.out_features) * itemsize
 
-    def set_slot(self, slot: int, lora_a: torch.Tensor, lora_b: torch.Tensor, scale: float) -> None:
-        """Loads one adapter's A (r, d_in) and B (d_out, r) into `slot`, folding in `scale`."""
-        if self.lora_a is None:
-            self._allocate()
-        assert self.lora_a is not None and self.lora_b is not None
+    def write(
+        self,
+        pages: list[int],
+        page_rank: int,
+        num_pages: int,
+        lora_a: torch.Tensor,
+        lora_b: torch.Tensor,
+        scale: float,
+    ) -> None:
+        """Stores one adapter's A (r, d_in) and B (d_out, r) * scale in `pages` (in order)."""
+        self._ensure_capacity(max(pages), page_rank, num_pages)
+        assert self.lora_b is not None
         rank = lora_a.shape[0]
-        self.lora_a[slot].zero_()
-        self.lora_b[slot].zero_()
-        self.lora_a[slot, :rank].copy_(lora_a)
-        self.lora_b[slot, :, :rank].copy_(lora_b * scale)
-        self.occupied.add(slot)
+        device, dtype = self.lora_a.device, self.lora_a.dtype
+        a = lora_a.to(device=device, dtype=torch.float32)  # (r, d_in)
+        b = lora_b.to(device=device, dtype=torch.float32) * scale  # (d_out, r)
+        for i, page in enumerate(pages):
+            lo, hi = i * page_rank, min((i + 1) * page_rank, rank)
+            self.lora_a[page].zero_()
+            self.lora_b[page].zero_()
+            self.lora_a[page, : hi - lo].copy_(a[lo:hi].to(dtype))
+            self.lora_b[page, :, : hi - lo].copy_(b[:, lo:hi].to(dtype))
+            self.occupied.add(page)
         self.generation += 1
 
-    def clear_slot(self, slot: int) -> None:
-        """Zeroes `slot` so rows routed to it get exactly the base output."""
-        if slot in self.occupied:
-            assert self.lora_a is not None and self.lora_b is not None
-            self.lora_a[slot].zero_()
-            self.lora_b[slot].zero_()
-            self.occupied.discard(slot)
-            self.generation += 1
+    def _ensure_capacity(self, page: int, page_rank: int, num_pages: int) -> None:
+        """Grows the page stacks (doubling, up to the pool's pages) so `page` fits.
+
+        Memory follows the pages in use rather than the whole budget; growing copies adapter
+        weights only, never KV, and bumps the generation so no stale gather survives.
+        """
+        have = 0 if self.lora_a is None else self.lora_a.shape[0]
+        if page < have:
+            return
+        size = min(max(page + 1, 2 * have, 8), num_pages + 1)
+        weight = self.base_layer.weight
+        new_a = torch.zeros(
+            (size, page_rank, self.in_features), dtype=weight.dtype, device=weight.device
+        )  # (size, page_rank, d_in)
+        new_b = torch.zeros(
+            (size, self.out_features, page_rank), dtype=weight.dtype, device=weight.device
+        )  # (size, d_out, page_rank)
+        if self.lora_a is not None and self.lora_b is not None:
+            new_a[:have].copy_(self.lora_a)
+            new_b[:have].copy_(self.lora_b)
+        self.lora_a, self.lora_b = new_a, new_b
+        self.generation += 1
+
+    def clear(self, pages: list[int]) -> None:
+        """Zeroes `pages` so rows routed to them get exactly the base output."""
+        touched = [p for p in pages if p in self.occupied]
+        if not touched:
+            return
+        assert self.lora_a is not None and self.lora_b is not None
+        for page in touched:
+            self.lora_a[page].zero_()
+            self.lora_b[page].zero_()
+            self.occupied.discard(page)
+        self.generation += 1
 
     def release_memory(self) -> None:
-        """Frees the slot stacks when no slot is occupied any more."""
+        """Frees the page stacks when no page is occupied any more."""
         if not self.occupied:
             self.lora_a = None
             self.lora_b = None
+
+    def allocated_bytes(self) -> int:
+        if self.lora_a is None or self.lora_b is None:
+            return 0
+        return self.lora_a.nbytes + self.lora_b.nbytes
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, seq, d_in) -> (batch, seq, d_out)."""
         y = self.base_layer(x)  # (batch, seq, d_out)
         state = self.context.current
-        if state is None or self.occupied.isdisjoint(state.slot_set):
+        if state is None or self.occupied.isdisjoint(state.pages):
             return y
         assert self.lora_a is not None and self.lora_b is not None
         cached = state.gathered.get(id(self))
         if cached is None or cached[0] != self.generation:
-            rank = state.rank
-            a, b = gather_rows(self.lora_a[:, :rank], self.lora_b[:, :, :rank], state.slot_ids)
+            # Pages past this layer's stack belong to adapters that do not target it: zeros.
+            table = state.page_table
+            table = table.masked_fill(table >= self.lora_a.shape[0], 0)  # (batch, n)
+            a, b = gather_rows(self.lora_a, self.lora_b, table)
             cached = (self.generation, a, b)
             state.gathered[id(self)] = cached
         _, a_rows, b_rows = cached  # (batch, rank, d_in), (batch, d_out, rank)

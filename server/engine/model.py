@@ -140,7 +140,7 @@ def _spec_for(model: PreTrainedModel, targets: dict[str, nn.Module], untargetabl
 
 
 def wrap_lora_layers(
-    model: PreTrainedModel, *, num_slots: int, max_rank: int
+    model: PreTrainedModel,
 ) -> tuple[BaseModelSpec, dict[str, MultiLoRALinear], LoRAContext]:
     """Replaces every targetable linear with a MultiLoRALinear sharing one LoRAContext."""
     targets, untargetable = find_lora_targets(model)
@@ -150,15 +150,13 @@ def wrap_lora_layers(
     for name, module in targets.items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        wrapped = MultiLoRALinear(module, context=context, num_slots=num_slots, max_rank=max_rank)
+        wrapped = MultiLoRALinear(module, context=context)
         setattr(parent, child, wrapped)
         layers[name] = wrapped
     return spec, layers, context
 
 
-def load_base_model(
-    model_path: Path, *, device: str, dtype: str, num_slots: int, max_rank: int
-) -> LoadedModel:
+def load_base_model(model_path: Path, *, device: str, dtype: str) -> LoadedModel:
     """Loads a local checkpoint directory, frozen in eval mode, with its LoRA layers wrapped."""
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
@@ -178,7 +176,7 @@ def load_base_model(
     model.to(torch_device)
     model.eval()
     model.requires_grad_(False)
-    spec, layers, context = wrap_lora_layers(model, num_slots=num_slots, max_rank=max_rank)
+    spec, layers, context = wrap_lora_layers(model)
     model.eval()  # again: the wrappers are new modules and start in training mode
     eos = _eos_ids(model, tokenizer)
     pad = tokenizer.pad_token_id

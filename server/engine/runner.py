@@ -29,13 +29,16 @@ class RowInput:
     """Position of tokens[0] in the sequence."""
 
 
-def lora_state(slot_ids: list[int], ranks: list[int], device: torch.device) -> BatchLoRAState:
-    """Routing for one forward: each row's slot, and the batch's largest adapter rank."""
-    slots = torch.tensor(slot_ids, dtype=torch.long, device=device)  # (batch,)
+def lora_state(pages: list[tuple[int, ...]], device: torch.device) -> BatchLoRAState:
+    """Routing for one forward: each row's adapter pages (empty for the base model)."""
+    width = max(1, max((len(p) for p in pages), default=1))
+    table = torch.zeros((len(pages), width), dtype=torch.long)  # (batch, width), 0 = zero page
+    for row, row_pages in enumerate(pages):
+        if row_pages:
+            table[row, : len(row_pages)] = torch.tensor(row_pages, dtype=torch.long)
     return BatchLoRAState(
-        slot_ids=slots,
-        slot_set=frozenset(s for s in slot_ids if s != 0),
-        rank=max(ranks, default=0),
+        page_table=table.to(device),
+        pages=frozenset(p for row_pages in pages for p in row_pages),
     )
 
 

@@ -3,7 +3,8 @@
 Runs on the engine thread. Each iteration:
 
 1. admits queued requests into free KV rows, in arrival order, while their distinct adapters fit
-   the device slots (the adapters are pinned for as long as the request runs);
+   the device adapter budget (the adapters are pinned for as long as the request runs), and
+   prefetches the adapters of the next queued requests into host memory;
 2. runs one prefill forward over the prompts still being read, in chunks under a token budget
    (`max_batch_tokens` minus the rows decoding), so a long prompt never stalls everyone's
    decoding; a request whose prompt is complete gets its first token;
@@ -21,6 +22,7 @@ import collections
 import logging
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 
 import torch
@@ -28,11 +30,11 @@ import torch
 from server.engine import runner
 from server.engine.accounting import EngineObserver, step_stats
 from server.engine.detokenize import TextState
+from server.engine.device_pool import AdapterResolver, DevicePool
 from server.engine.kv_cache import SlotKVCache
 from server.engine.lora import BatchLoRAState
 from server.engine.model import LoadedModel
 from server.engine.sampling import make_generator, select_next_tokens
-from server.engine.slots import AdapterResolver, SlotTable
 from server.engine.types import (
     AdapterKey,
     EngineError,
@@ -76,8 +78,8 @@ class Sequence:
     max_new_tokens: int
     key: AdapterKey | None = None
     """The adapter version this request runs on, fixed at admission."""
-    slot: int = 0
-    rank: int = 0
+    pages: tuple[int, ...] = ()
+    """Its adapter's device pages while pinned (empty for the base model)."""
     row: int = -1
     """Its KV row while admitted."""
     prefilled: int = 0
@@ -114,6 +116,9 @@ class SchedulerSettings:
     """Prices each request's attributed compute seconds for Usage.cost."""
 
 
+PREFETCH_AHEAD = 8
+"""Queued requests whose adapters are prefetched into host memory ahead of admission."""
+
 MIN_PREFILL_CHUNK = 16
 """Prefill always progresses by at least this many tokens per iteration, however busy decoding."""
 
@@ -124,13 +129,15 @@ class Scheduler:
     def __init__(
         self,
         loaded: LoadedModel,
-        slots: SlotTable,
+        pool: DevicePool,
         resolver: AdapterResolver,
         settings: SchedulerSettings,
         observer: EngineObserver | None = None,
+        prefetch: Callable[[AdapterKey], None] | None = None,
     ) -> None:
         self._loaded = loaded
-        self._slots = slots
+        self._pool = pool
+        self._prefetch = prefetch
         self._resolver = resolver
         self._settings = settings
         self._observer = observer or EngineObserver()
@@ -202,7 +209,7 @@ class Scheduler:
             return len(self._waiting)
 
     def request_collect(self) -> None:
-        """Wakes an idle engine so it frees doomed adapter slots now (after a delete)."""
+        """Wakes an idle engine so it frees a deleted adapter's device pages now."""
         with self._cond:
             self._collect_requested = True
             self._cond.notify()
@@ -224,7 +231,7 @@ class Scheduler:
                 ):
                     # Wake once a second while idle so adapter residency keeps being accounted.
                     if not self._cond.wait(timeout=1.0):
-                        self._slots.tick()
+                        self._pool.tick()
                 if self._stopping and not self._waiting and not self.running:
                     return
                 self._collect_requested = False
@@ -237,8 +244,9 @@ class Scheduler:
 
     def iterate(self) -> None:
         """One scheduling iteration: admit, prefill a chunk, decode one step."""
-        self._slots.collect()
+        self._pool.collect()
         self._admit()
+        self._prefetch_waiting(PREFETCH_AHEAD)
         self._prefill_step()
         self._decode_step()
 
@@ -259,17 +267,16 @@ class Scheduler:
                         (seq, EngineError(ErrorKind.CANCELLED, "the request was cancelled"))
                     )
                     continue
-                ref = seq.request.adapter
-                if ref is not None:
+                if seq.request.adapter is not None:
                     try:
-                        seq.key = self._resolver(ref)
+                        key = self._key_of(seq)
                     except EngineError as exc:
                         failed.append((seq, exc))
                         continue
-                    if seq.key not in new_keys and not self._slots.fits(new_keys | {seq.key}):
+                    if key not in new_keys and not self._pool.fits(new_keys | {key}):
                         skipped.append(seq)
                         continue
-                    new_keys.add(seq.key)
+                    new_keys.add(key)
                 chosen.append(seq)
             # Requests whose adapter did not fit keep their place at the head of the queue.
             self._waiting.extendleft(reversed(skipped))
@@ -279,8 +286,7 @@ class Scheduler:
         for seq in chosen:
             try:
                 if seq.key is not None:
-                    seq.slot = self._slots.acquire(seq.key)
-                    seq.rank = self._slots.rank_of(seq.slot)
+                    seq.pages = self._pool.acquire(seq.key).pages
             except EngineError as exc:
                 self._emit(seq, ErrorEvent(exc))
                 continue
@@ -315,9 +321,7 @@ class Scheduler:
         self.prefill_sizes = [*self.prefill_sizes[-99:], len(batch)]
         started = time.monotonic()
         try:
-            lora = runner.lora_state(
-                [s.slot for s in batch], [s.rank for s in batch], self._loaded.device
-            )
+            lora = runner.lora_state([s.pages for s in batch], self._loaded.device)
             logits = runner.forward_rows(self._loaded, self._cache, inputs, lora)  # (batch, vocab)
             for seq, row_input in zip(batch, inputs, strict=True):
                 seq.prefilled += len(row_input.tokens)
@@ -337,19 +341,17 @@ class Scheduler:
             return
         width = max(s.row for s in decoding) + 1
         inputs = [runner.RowInput(row=i, tokens=[], start=0) for i in range(width)]
-        slots, ranks = [0] * width, [0] * width
+        pages: list[tuple[int, ...]] = [()] * width
         for seq in decoding:
             position = seq.prompt_len + len(seq.generated) - 1
             inputs[seq.row] = runner.RowInput(
                 row=seq.row, tokens=[seq.generated[-1]], start=position
             )
-            slots[seq.row], ranks[seq.row] = seq.slot, seq.rank
+            pages[seq.row] = seq.pages
         self.decode_sizes = [*self.decode_sizes[-99:], len(decoding)]
         started = time.monotonic()
         try:
-            logits = runner.forward_rows(
-                self._loaded, self._cache, inputs, self._lora_for(slots, ranks)
-            )
+            logits = runner.forward_rows(self._loaded, self._cache, inputs, self._lora_for(pages))
             tokens = self._sample(logits, decoding, [s.row for s in decoding])
         except Exception as exc:
             self._fail_step(decoding, exc)
@@ -357,13 +359,35 @@ class Scheduler:
         self._account("decode", time.monotonic() - started, decoding, [1] * len(decoding))
         self._advance(decoding, tokens)
 
-    def _lora_for(self, slots: list[int], ranks: list[int]) -> BatchLoRAState:
+    def _lora_for(self, pages: list[tuple[int, ...]]) -> BatchLoRAState:
         """The decode routing, reused while the rows' adapters stay the same, so every layer's
         gathered adapter rows are reused across steps too."""
-        signature = tuple(slots)
+        signature = tuple(pages)
         if self._decode_lora is None or self._decode_lora[0] != signature:
-            self._decode_lora = (signature, runner.lora_state(slots, ranks, self._loaded.device))
+            self._decode_lora = (signature, runner.lora_state(pages, self._loaded.device))
         return self._decode_lora[1]
+
+    def _key_of(self, seq: Sequence) -> AdapterKey:
+        """The adapter version a request runs on, resolved once (at prefetch or admission)."""
+        if seq.key is None:
+            assert seq.request.adapter is not None
+            seq.key = self._resolver(seq.request.adapter)
+        return seq.key
+
+    def _prefetch_waiting(self, limit: int) -> None:
+        """Starts loading the adapters of the next queued requests into host memory, so they
+        are ready (from memory, not disk) by the time those requests are admitted."""
+        if self._prefetch is None:
+            return
+        with self._cond:
+            upcoming = [s for s in list(self._waiting)[:limit] if s.request.adapter is not None]
+        for seq in upcoming:
+            try:
+                key = self._key_of(seq)
+            except EngineError:
+                continue  # admission reports it
+            if self._pool.placement(key) is None:
+                self._prefetch(key)
 
     def _sample(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> list[int]:
         if not seqs:
@@ -400,7 +424,7 @@ class Scheduler:
         for seq, share in zip(batch, shares, strict=True):
             seq.compute_seconds += share
         self._observer.on_step(stats)
-        self._slots.tick()
+        self._pool.tick()
 
     def _advance(self, batch: list[Sequence], tokens: list[int]) -> None:
         """Appends each request's new token, emits events, retires finished requests."""
@@ -470,7 +494,7 @@ class Scheduler:
         seq.done = True
         if 0 <= seq.row < len(self._rows) and self._rows[seq.row] is seq:
             self._rows[seq.row] = None
-        if seq.key is not None and seq.slot:
-            self._slots.release(seq.key)
-            seq.slot = 0
+        if seq.key is not None and seq.pages:
+            self._pool.release(seq.key)
+            seq.pages = ()
         self._emit(seq, event)

@@ -69,6 +69,8 @@ class AdapterKey:
     tenant: str
     name: str
     version: int
+    rank: int = field(default=0, compare=False)
+    """The version's rank, known from the store before loading (to plan device pages)."""
 
 
 @dataclass(frozen=True)

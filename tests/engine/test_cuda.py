@@ -62,16 +62,12 @@ def test_cuda_mixed_batch_matches_peft(
     peft.load_adapter(dirs[1], adapter_name=names[1])
     tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
     rows = [(a, tokenizer(p)["input_ids"]) for p in PROMPTS for a in [None, *names]]
-    slots, ranks = [], []
-    for adapter, _ in rows:
-        slot = (
-            0
-            if adapter is None
-            else harness.engine.slots.acquire(harness.service.resolve(AdapterRef("t", adapter)))
-        )
-        slots.append(slot)
-        ranks.append(harness.engine.slots.rank_of(slot) if slot else 0)
-    logits, _, _ = prefill_then_decode(harness.loaded, [ids for _, ids in rows], slots, ranks)
+    pool = harness.engine.device_pool
+    pages = [
+        () if a is None else pool.acquire(harness.service.resolve(AdapterRef("t", a))).pages
+        for a, _ in rows
+    ]
+    logits, _, _ = prefill_then_decode(harness.loaded, [ids for _, ids in rows], pages)
     atol, rtol = TOLERANCE[dtype]
     for row, (adapter, ids) in enumerate(rows):
         with torch.no_grad():
@@ -86,7 +82,9 @@ def test_cuda_mixed_batch_matches_peft(
         # Greedy tokens through the scheduler, all rows in one batch, equal PEFT's one by one.
         for adapter, _ in rows:
             if adapter is not None:
-                harness.engine.slots.release(harness.service.resolve(AdapterRef("t", adapter)))
+                harness.engine.device_pool.release(
+                    harness.service.resolve(AdapterRef("t", adapter))
+                )
         jobs = [(a, ids, harness.submit(ids, a, max_new_tokens=10)) for a, ids in rows]
         harness.run([job for *_, job in jobs])
         for adapter, ids, job in jobs:

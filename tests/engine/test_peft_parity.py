@@ -167,18 +167,16 @@ def test_logits_match_peft_in_mixed_batch(case: ArchCase, tmp_path: Path) -> Non
         rows: list[tuple[str | None, list[int]]] = [
             (adapter, ids) for ids in case.prompts for adapter in [None, *case.adapter_dirs]
         ]
-        slots, ranks = [], []
-        for adapter, _ in rows:
-            if adapter is None:
-                slots.append(0)
-                ranks.append(0)
-                continue
-            key = harness.service.resolve(AdapterRef("t", adapter))
-            slot = harness.engine.slots.acquire(key)
-            slots.append(slot)
-            ranks.append(harness.engine.slots.rank_of(slot))
+        pages = [
+            ()
+            if adapter is None
+            else harness.engine.device_pool.acquire(
+                harness.service.resolve(AdapterRef("t", adapter))
+            ).pages
+            for adapter, _ in rows
+        ]
         logits, next_tokens, step2 = prefill_then_decode(
-            harness.loaded, [ids for _, ids in rows], slots, ranks
+            harness.loaded, [ids for _, ids in rows], pages
         )
         for row, (adapter, ids) in enumerate(rows):
             full = torch.tensor([[*ids, next_tokens[row]]])  # (1, prompt + 1)

@@ -23,7 +23,9 @@ from serving_support import (
 from transformers import AutoTokenizer
 
 from server.engine import runner
+from server.engine.device_pool import DEFAULT_PAGE_RANK
 from server.engine.engine import SamplingOverrides
+from server.engine.model import load_base_model
 from server.engine.scheduler import RequestHandle
 from server.engine.types import (
     AdapterKey,
@@ -135,7 +137,7 @@ def _key(harness: EngineHarness, name: str) -> AdapterKey:
 
 
 def _assert_unpinned(harness: EngineHarness) -> None:
-    resident = harness.engine.slots.resident()
+    resident = harness.engine.device_pool.resident()
     assert all(pins == 0 for pins in resident.values()), resident
 
 
@@ -237,10 +239,19 @@ def test_full_waiting_queue_is_resource_exhausted(
     _check_reference(setup, [later])
 
 
-def test_more_adapters_than_slots_are_split_across_batches(
+def _pages_bytes(setup: Setup, pages: int) -> int:
+    """A device budget of exactly `pages` adapter pages for the test model."""
+    loaded = load_base_model(setup.model_dir, device="cpu", dtype="float32")
+    return pages * sum(
+        layer.page_bytes(DEFAULT_PAGE_RANK, 4) for layer in loaded.lora_layers.values()
+    )
+
+
+def test_more_adapters_than_fit_the_device_budget_are_split_across_batches(
     setup: Setup, make_harness: Callable[..., EngineHarness]
 ) -> None:
-    harness = make_harness(max_loaded_adapters=2)
+    # Two pages: a (rank 4) and b (rank 8) take one each, c (rank 16) needs both.
+    harness = make_harness(adapter_device_bytes=_pages_bytes(setup, 2))
     order = [("a", 0), ("b", 1), ("c", 2), ("a", 1), (None, 2), ("c", 0)]
     jobs = [_submit(harness, adapter, prompt, setup) for adapter, prompt in order]
     _run(harness, jobs)
@@ -257,9 +268,9 @@ def test_more_adapters_than_slots_are_split_across_batches(
 def test_warm_adapters_are_not_counted_twice_when_admitting(
     setup: Setup, make_harness: Callable[..., EngineHarness]
 ) -> None:
-    """a and b are warm in both slots; a batch of a, c and b needs three slots, so b must wait."""
-    harness = make_harness(max_loaded_adapters=2)
-    slots = harness.engine.slots
+    """a and b are warm in both pages; a batch of a, c and b needs four pages, so c must wait."""
+    harness = make_harness(adapter_device_bytes=_pages_bytes(setup, 2))
+    slots = harness.engine.device_pool
     for name in ("a", "b"):
         slots.acquire(_key(harness, name))
         slots.release(_key(harness, name))
@@ -283,7 +294,7 @@ def test_cancelled_request_stops_within_one_step_and_releases_its_pin(
         if isinstance(event, TokenEvent):
             job.handle.cancel()
         elif isinstance(event, ErrorEvent):
-            seen_at_cancel.append(harness.engine.slots.resident())
+            seen_at_cancel.append(harness.engine.device_pool.resident())
 
     others = [_submit(harness, "b", 0, setup)]
     victim = _submit(harness, "a", 1, setup, on_event=cancel_on_first_token)
@@ -311,7 +322,9 @@ def test_request_cancelled_while_queued_never_runs(
     assert harness.engine.scheduler.prefill_sizes == [1]
     _check_reference(setup, [kept])
     assert not any(isinstance(e, TokenEvent | FinishEvent) for e in cancelled.events)
-    assert harness.engine.slots.resident() == {}, "a cancelled request must not load its adapter"
+    assert harness.engine.device_pool.resident() == {}, (
+        "a cancelled request must not load its adapter"
+    )
 
 
 def test_rows_finishing_early_leave_without_changing_the_others(
@@ -362,7 +375,7 @@ def test_adapter_deleted_after_submission_is_not_found(
     assert "'a'" in gone.error.message
     assert not any(isinstance(e, TokenEvent) for e in gone.events)
     _check_reference(setup, others)
-    assert all(k.name != "a" for k in harness.engine.slots.resident())
+    assert all(k.name != "a" for k in harness.engine.device_pool.resident())
     # The engine keeps serving.
     later = _submit(harness, "c", 0, setup)
     _run(harness, [later])
@@ -382,7 +395,9 @@ def test_running_request_keeps_its_adapter_when_deleted_mid_generation(
     running = _submit(harness, "b", 0, setup, on_event=delete_on_first_token)
     _run(harness, [running])
     _check_reference(setup, [running])
-    assert key_b not in harness.engine.slots.resident(), "a deleted version is freed on release"
+    assert key_b not in harness.engine.device_pool.resident(), (
+        "a deleted version is freed on release"
+    )
     again = _submit(harness, "b", 0, setup)
     _run(harness, [again])
     assert again.error.kind is ErrorKind.NOT_FOUND

@@ -107,10 +107,10 @@ def test_delete_frees_device_slots(
     engine = server.server.runtime.engine  # type: ignore[union-attr]
     acme.upload_adapter(adapter_dirs["wide"], "temporary")
     acme.generate("load it", adapter="temporary", max_new_tokens=2)
-    assert any(k.name == "temporary" for k in engine.slots.resident())
-    assert engine.slots.resident_bytes() > 0
+    assert any(k.name == "temporary" for k in engine.device_pool.resident())
+    assert engine.device_pool.resident_bytes() > 0
     acme.delete_adapter("temporary")
     deadline = time.monotonic() + 10
-    while any(k.name == "temporary" for k in engine.slots.resident()):
+    while any(k.name == "temporary" for k in engine.device_pool.resident()):
         assert time.monotonic() < deadline, "deleted adapter still holds a device slot"
         time.sleep(0.01)

@@ -28,7 +28,7 @@ def model_dir(model_cache: Path) -> Path:
 
 @pytest.fixture(scope="module")
 def spec(model_dir: Path) -> BaseModelSpec:
-    loaded = load_base_model(model_dir, device="cpu", dtype="float32", num_slots=4, max_rank=16)
+    loaded = load_base_model(model_dir, device="cpu", dtype="float32")
     return loaded.spec
 
 

@@ -12,7 +12,10 @@ from server.config import ConfigError, ServerConfig, is_loopback
 
 POSITIVE_FIELDS = [
     "max_lora_rank",
-    "max_loaded_adapters",
+    "adapter_device_bytes",
+    "adapter_host_bytes",
+    "max_batch_tokens",
+    "max_seq_len",
     "max_batch_size",
     "max_waiting_requests",
     "max_new_tokens_limit",

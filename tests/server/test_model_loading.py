@@ -27,7 +27,7 @@ INTERMEDIATE = model_spec_for("llama").intermediate_size
 
 
 def _load(model_dir: Path, dtype: str = "float32", device: str = "cpu") -> LoadedModel:
-    return load_base_model(model_dir, device=device, dtype=dtype, num_slots=4, max_rank=16)
+    return load_base_model(model_dir, device=device, dtype=dtype)
 
 
 @pytest.fixture(scope="module", params=ARCHS)
@@ -51,7 +51,7 @@ def test_every_linear_except_lm_head_is_wrapped(loaded: LoadedModel) -> None:
     for name, layer in loaded.lora_layers.items():
         assert modules[name] is layer
         assert layer.context is loaded.context, "wrappers must share one LoRAContext"
-        assert layer.num_slots == 4 and layer.max_rank == 16
+        assert layer.lora_a is None, "page stacks are allocated only when an adapter arrives"
 
 
 def test_expected_targets_per_architecture(loaded: LoadedModel) -> None:

@@ -1,0 +1,113 @@
+"""Host-memory tier of the adapter cache: validated adapters in CPU memory, LRU, byte budget.
+
+Sits between the durable store on disk (slow: read, checksum, validate) and the device pages
+(fast to fill from here). Adapters that queued requests will need are prefetched into it on a
+background thread, so loading overlaps with the engine's compute.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from collections import OrderedDict
+from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
+
+from adapters.weights import AdapterWeights
+from server.engine.accounting import EngineObserver
+from server.engine.types import AdapterKey
+
+log = logging.getLogger(__name__)
+
+StoreLoader = Callable[[AdapterKey], AdapterWeights]
+"""Reads, checksums and validates one adapter version from disk (raises EngineError)."""
+
+
+class HostCache:
+    """LRU of validated adapters in host memory, bounded in bytes; thread-safe."""
+
+    def __init__(
+        self,
+        load: StoreLoader,
+        budget_bytes: int,
+        observer: EngineObserver | None = None,
+        prefetch_workers: int = 1,
+    ) -> None:
+        self._load = load
+        self.budget_bytes = budget_bytes
+        self._observer = observer or EngineObserver()
+        self._entries: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
+        self._bytes = 0
+        self._inflight: dict[AdapterKey, Future[AdapterWeights]] = {}
+        self._lock = threading.Lock()
+        self._pool = ThreadPoolExecutor(prefetch_workers, thread_name_prefix="adapter-prefetch")
+
+    def get(self, key: AdapterKey) -> AdapterWeights:
+        """The adapter's weights: from memory, from a prefetch in flight, or from disk now."""
+        with self._lock:
+            weights = self._entries.get(key)
+            if weights is not None:
+                self._entries.move_to_end(key)
+                self._observer.on_adapter_cache("host", "hit")
+                return weights
+            future = self._inflight.get(key)
+        if future is not None:
+            return future.result()
+        started = time.monotonic()
+        weights = self._load(key)
+        self._observer.on_adapter_cache("host", "miss", time.monotonic() - started)
+        self._insert(key, weights)
+        return weights
+
+    def prefetch(self, key: AdapterKey) -> None:
+        """Starts loading `key` in the background unless it is here or on its way."""
+        with self._lock:
+            if key in self._entries or key in self._inflight:
+                return
+            self._inflight[key] = self._pool.submit(self._prefetch, key)
+
+    def _prefetch(self, key: AdapterKey) -> AdapterWeights:
+        try:
+            started = time.monotonic()
+            weights = self._load(key)
+            self._observer.on_adapter_cache("host", "prefetch", time.monotonic() - started)
+            self._insert(key, weights)
+            return weights
+        except Exception:
+            # The request that needs it will load it itself and report the error.
+            log.debug("prefetch of %s failed", key, exc_info=True)
+            raise
+        finally:
+            with self._lock:
+                self._inflight.pop(key, None)
+
+    def _insert(self, key: AdapterKey, weights: AdapterWeights) -> None:
+        with self._lock:
+            if key in self._entries:
+                return
+            self._entries[key] = weights
+            self._bytes += weights.nbytes
+            while self._bytes > self.budget_bytes and len(self._entries) > 1:
+                _, evicted = self._entries.popitem(last=False)
+                self._bytes -= evicted.nbytes
+                self._observer.on_adapter_cache("host", "eviction")
+
+    def forget(self, tenant: str, name: str, below_version: int | None = None) -> None:
+        """Drops a deleted (or replaced) adapter's versions from host memory."""
+        with self._lock:
+            for key in list(self._entries):
+                same = key.tenant == tenant and key.name == name
+                if same and (below_version is None or key.version < below_version):
+                    self._bytes -= self._entries.pop(key).nbytes
+
+    def resident(self) -> list[AdapterKey]:
+        with self._lock:
+            return list(self._entries)
+
+    def resident_bytes(self) -> int:
+        with self._lock:
+            return self._bytes
+
+    def close(self) -> None:
+        self._pool.shutdown(wait=False, cancel_futures=True)
