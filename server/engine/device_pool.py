@@ -85,6 +85,10 @@ class DevicePool:
         self._entries: dict[AdapterKey, _Entry] = {}
         self._lock = threading.Lock()
         self._last_tick = time.monotonic()
+        self._loading: AdapterKey | None = None
+        """The adapter `acquire` is loading outside the lock (the engine thread loads one at a
+        time), so a concurrent `forget` can doom it before it lands."""
+        self._loading_doomed = False
 
     def pages_for(self, rank: int) -> int:
         return max(1, math.ceil(rank / self.page_rank))
@@ -134,21 +138,22 @@ class DevicePool:
                 self._lru.pop(key, None)
                 self._observer.on_adapter_cache("device", "hit")
                 return entry.placement
+            if key.rank:
+                self._check_room(key, self.pages_for(key.rank))  # before paying for a load
+            self._loading, self._loading_doomed = key, False
         started = time.monotonic()
-        weights = self._loader(key)  # outside the lock: may read and validate from disk
-        rank = weights.config.rank
-        needed = self.pages_for(rank)
+        try:
+            weights = self._loader(key)  # outside the lock: may read and validate from disk
+        finally:
+            with self._lock:
+                self._loading, doomed = None, self._loading_doomed
+        needed = self.pages_for(weights.config.rank)
         with self._lock:
             self._tick_locked()  # residency so far is accounted before the set changes
-            while len(self._free) < needed and self._lru:
+            self._check_room(key, needed)
+            while len(self._free) < needed:
                 victim, _ = self._lru.popitem(last=False)
-                self._evict(victim)
-            if len(self._free) < needed:
-                raise EngineError(
-                    ErrorKind.RESOURCE_EXHAUSTED,
-                    f"adapter {key.name!r} needs {needed} device pages but running requests pin "
-                    f"the rest of the {self.num_pages}-page adapter budget",
-                )
+                self._evict(victim, pressure=True)
             pages = tuple(self._free.pop() for _ in range(needed))
             for name, (lora_a, lora_b) in weights.modules.items():
                 self._layers[name].write(
@@ -159,11 +164,23 @@ class DevicePool:
                     lora_b,
                     weights.config.scale,
                 )
-            placement = Placement(pages=pages, rank=rank)
+            placement = Placement(pages=pages, rank=weights.config.rank)
             nbytes = weights.nbytes * self._itemsize // 4  # host weights are float32
-            self._entries[key] = _Entry(key=key, placement=placement, nbytes=nbytes, pins=1)
+            self._entries[key] = _Entry(
+                key=key, placement=placement, nbytes=nbytes, pins=1, doomed=doomed
+            )
         self._observer.on_adapter_cache("device", "miss", time.monotonic() - started)
         return placement
+
+    def _check_room(self, key: AdapterKey, needed: int) -> None:
+        """Raises (evicting nothing) unless free plus evictable pages can hold `needed`."""
+        evictable = sum(len(self._entries[k].placement.pages) for k in self._lru)
+        if len(self._free) + evictable < needed:
+            raise EngineError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"adapter {key.name!r} needs {needed} device pages but running requests pin "
+                f"the rest of the {self.num_pages}-page adapter budget",
+            )
 
     def release(self, key: AdapterKey) -> None:
         """Unpins one use of `key`; it stays warm unless its adapter was deleted."""
@@ -182,11 +199,17 @@ class DevicePool:
         The engine thread frees doomed pages in `collect()`, so a forward in progress never sees
         its layers change underneath it.
         """
+
+        def matches(key: AdapterKey) -> bool:
+            same = key.tenant == tenant and key.name == name
+            return same and (below_version is None or key.version < below_version)
+
         with self._lock:
             for key, entry in self._entries.items():
-                same = key.tenant == tenant and key.name == name
-                if same and (below_version is None or key.version < below_version):
+                if matches(key):
                     entry.doomed = True
+            if self._loading is not None and matches(self._loading):
+                self._loading_doomed = True  # being loaded right now: doomed on arrival
 
     def collect(self) -> None:
         """Frees every doomed adapter no running request pins (engine thread, between steps)."""
@@ -210,9 +233,11 @@ class DevicePool:
         if held:
             self._observer.on_residency(held)
 
-    def _evict(self, key: AdapterKey) -> None:
+    def _evict(self, key: AdapterKey, *, pressure: bool = False) -> None:
+        """Frees an adapter's pages; `pressure` marks an LRU eviction (vs. a delete)."""
         self._tick_locked()
-        self._observer.on_adapter_cache("device", "eviction")
+        if pressure:
+            self._observer.on_adapter_cache("device", "eviction")
         entry = self._entries.pop(key)
         pages = list(entry.placement.pages)
         for layer in self._layers.values():

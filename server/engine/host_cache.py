@@ -40,6 +40,9 @@ class HostCache:
         self._entries: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
         self._bytes = 0
         self._inflight: dict[AdapterKey, Future[AdapterWeights]] = {}
+        self._dropped: set[AdapterKey] = set()
+        """Forgotten while being loaded: the load must not land in memory."""
+        self._loading_now: AdapterKey | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(prefetch_workers, thread_name_prefix="adapter-prefetch")
 
@@ -55,7 +58,14 @@ class HostCache:
         if future is not None:
             return future.result()
         started = time.monotonic()
-        weights = self._load(key)
+        with self._lock:
+            self._dropped.discard(key)
+            self._loading_now = key
+        try:
+            weights = self._load(key)
+        finally:
+            with self._lock:
+                self._loading_now = None
         self._observer.on_adapter_cache("host", "miss", time.monotonic() - started)
         self._insert(key, weights)
         return weights
@@ -65,6 +75,7 @@ class HostCache:
         with self._lock:
             if key in self._entries or key in self._inflight:
                 return
+            self._dropped.discard(key)
             self._inflight[key] = self._pool.submit(self._prefetch, key)
 
     def _prefetch(self, key: AdapterKey) -> AdapterWeights:
@@ -84,7 +95,8 @@ class HostCache:
 
     def _insert(self, key: AdapterKey, weights: AdapterWeights) -> None:
         with self._lock:
-            if key in self._entries:
+            if key in self._entries or key in self._dropped:
+                self._dropped.discard(key)
                 return
             self._entries[key] = weights
             self._bytes += weights.nbytes
@@ -95,11 +107,17 @@ class HostCache:
 
     def forget(self, tenant: str, name: str, below_version: int | None = None) -> None:
         """Drops a deleted (or replaced) adapter's versions from host memory."""
+
+        def matches(key: AdapterKey) -> bool:
+            same = key.tenant == tenant and key.name == name
+            return same and (below_version is None or key.version < below_version)
+
         with self._lock:
             for key in list(self._entries):
-                same = key.tenant == tenant and key.name == name
-                if same and (below_version is None or key.version < below_version):
+                if matches(key):
                     self._bytes -= self._entries.pop(key).nbytes
+            loading = [*self._inflight, *([self._loading_now] if self._loading_now else [])]
+            self._dropped.update(k for k in loading if matches(k))
 
     def resident(self) -> list[AdapterKey]:
         with self._lock:
