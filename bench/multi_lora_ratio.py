@@ -5,10 +5,10 @@
 
 All modes run in one process on the same model and the same prompts, interleaved per repeat
 (machines are noisy; compare ratios, not absolute numbers):
-  base       every row uses slot 0 (no adapter): the physical limit of this engine
+  base       every row has no adapter (page 0 only): the physical limit of this engine
   identical  every row uses the same adapter
   distinct   rows spread over --adapters different adapters (one per row when equal to --batch)
-Adapters are random rank --rank on q/k/v/o, loaded into device slots before timing.
+Adapters are random rank --rank on q/k/v/o, written into device pages before timing.
 """
 
 from __future__ import annotations

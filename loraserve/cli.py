@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         args, extras = parser.parse_known_args(argv)
         if args.command == "serve":
             return _serve(extras)
+        if args.command == "bench":
+            from bench.run import main as bench_main  # imports torch: only when benchmarking
+
+            return bench_main(extras)
         if args.command == "hash-key":
             return _hash_key(args)
         if extras:
@@ -88,6 +92,9 @@ def build_parser() -> argparse.ArgumentParser:
     # No flags here: they belong to the server (server.main), which is imported only when run.
     commands.add_parser(
         "serve", add_help=False, help="run the server (see `loraserve serve --help`)"
+    )
+    commands.add_parser(
+        "bench", add_help=False, help="run the benchmark (see `loraserve bench --help`)"
     )
     hash_cmd = commands.add_parser(
         "hash-key", help="print the tenants-file form of an API key (sha256:<hex>)"

@@ -1,0 +1,50 @@
+"""`--profile`: where the time goes in loraserve-distinct, base, and naive-swap.
+
+Runs each once more under bench.sampler.StackSampler (the engine thread for loraserve, this
+thread for naive-swap) and writes the reports to <out>/profile.txt.
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+from pathlib import Path
+
+from bench.batch_modes import POOL_TENANT, pool_assignments
+from bench.context import BenchContext
+from bench.sampler import StackSampler
+
+log = logging.getLogger("bench")
+
+
+def run_profile(ctx: BenchContext, path: Path) -> Path:
+    s = ctx.settings
+    engine = ctx.engine
+    assignments = pool_assignments(ctx)
+    reports = []
+    for mode in ("loraserve-distinct", "base"):
+        requests = ctx.batch_requests(assignments[mode], POOL_TENANT)
+        engine.run(requests)  # warm
+        with StackSampler(thread_prefix="loraserve-engine") as sampler:
+            result = engine.run(requests)
+        reports.append(sampler.report(f"{mode}: {result.tokens_per_s:.1f} tokens/s"))
+    if "naive" in s.only or "peft" in s.only:
+        from bench.baselines import PeftBaseline
+
+        adapters = assignments["loraserve-distinct"]
+        used = sorted({a for a in adapters if a})
+        dirs = {f"a{i:04d}": d for i, d in enumerate(ctx.adapter_dirs(s.adapters))}
+        baseline = PeftBaseline(
+            ctx.model_dir, {n: dirs[n] for n in used}, device=s.device, dtype=s.dtype
+        )
+        prompts = [r.prompt_ids for r in ctx.batch_requests(adapters)][:4]
+        baseline.naive_swap(prompts[:1], adapters[:1], s.output_len)  # warm
+        with StackSampler(ident=threading.get_ident()) as sampler:
+            result = baseline.naive_swap(prompts, adapters[:4], s.output_len)
+        reports.append(
+            sampler.report(f"naive-swap (4 requests): {result.tokens_per_s:.1f} tokens/s")
+        )
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text("\n\n".join(reports) + "\n")
+    log.info("profile written to %s", path)
+    return path
