@@ -136,18 +136,21 @@ class MultiLoRALinear(nn.Module):
     ) -> None:
         """Stores one adapter's A (r, d_in) and B (d_out, r) * scale in `pages` (in order)."""
         self._ensure_capacity(max(pages), page_rank, num_pages)
-        assert self.lora_b is not None
-        rank = lora_a.shape[0]
+        assert self.lora_a is not None and self.lora_b is not None
+        rank, n = lora_a.shape[0], len(pages)
         device, dtype = self.lora_a.device, self.lora_a.dtype
-        a = lora_a.to(device=device, dtype=torch.float32)  # (r, d_in)
-        b = lora_b.to(device=device, dtype=torch.float32) * scale  # (d_out, r)
-        for i, page in enumerate(pages):
-            lo, hi = i * page_rank, min((i + 1) * page_rank, rank)
-            self.lora_a[page].zero_()
-            self.lora_b[page].zero_()
-            self.lora_a[page, : hi - lo].copy_(a[lo:hi].to(dtype))
-            self.lora_b[page, :, : hi - lo].copy_(b[:, lo:hi].to(dtype))
-            self.occupied.add(page)
+        # Build the pages on the host, then one copy and one index_copy per factor: few kernel
+        # launches, which is what a cold adapter load costs on a GPU.
+        block_a = torch.zeros(n * page_rank, self.in_features, dtype=dtype)  # (n * page, d_in)
+        block_a[:rank] = lora_a.to(dtype)
+        block_b = torch.zeros(self.out_features, n * page_rank, dtype=dtype)  # (d_out, n * page)
+        block_b[:, :rank] = (lora_b.float() * scale).to(dtype)
+        index = torch.tensor(pages, dtype=torch.long).to(device)  # (n,)
+        a_pages = block_a.view(n, page_rank, self.in_features)  # (n, page, d_in)
+        b_pages = block_b.view(self.out_features, n, page_rank).permute(1, 0, 2)  # (n, d_out, page)
+        self.lora_a.index_copy_(0, index, a_pages.to(device))
+        self.lora_b.index_copy_(0, index, b_pages.contiguous().to(device))
+        self.occupied.update(pages)
         self.generation += 1
 
     def _ensure_capacity(self, page: int, page_rank: int, num_pages: int) -> None:
