@@ -37,6 +37,7 @@ def plot_results(results: dict[str, Any], path: Path) -> Path | None:
                 )
         left.set_xscale("log", base=2)
         left.set_xticks(ks, [str(k) for k in ks])
+        left.minorticks_off()
         left.set_xlabel("distinct adapters in the batch")
         left.set_ylabel("generated tokens / s")
         left.set_title(f"batch of {meta.get('batch', '?')} requests")
@@ -50,6 +51,7 @@ def plot_results(results: dict[str, Any], path: Path) -> Path | None:
             right.axhline(nbase, color="gray", linestyle="--", label="base model, same requests")
         right.set_xscale("log")
         right.set_xticks(ns, [str(n) for n in ns])
+        right.minorticks_off()  # log-scale minor labels collide with few n values
         right.set_xlabel("registered adapters n")
         right.set_ylabel("generated tokens / s")
         alpha = (results.get("nsweep") or {}).get("alpha")
