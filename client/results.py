@@ -26,6 +26,8 @@ def usage_to_dict(usage: inference_pb2.Usage) -> JsonObject:
         "queue_seconds": usage.queue_seconds,
         "time_to_first_token_seconds": usage.time_to_first_token_seconds,
         "total_seconds": usage.total_seconds,
+        "compute_seconds": usage.compute_seconds,
+        "cost": usage.cost,
     }
 
 
@@ -75,6 +77,7 @@ def server_info_to_dict(info: inference_pb2.ServerInfo) -> JsonObject:
         "version": info.version,
         "tenant": info.tenant,
         "has_chat_template": info.has_chat_template,
+        "currency": info.currency,
     }
 
 

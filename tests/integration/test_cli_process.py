@@ -98,6 +98,7 @@ def test_serve_cli_roundtrip_and_sigterm(
         result = json.loads(gen.stdout)
         assert len(result["token_ids"]) == 5 and result["finish_reason"] == "length"
         assert result["adapter_version"] == 1 and result["usage"]["completion_tokens"] == 5
+        assert result["usage"]["compute_seconds"] > 0 and result["usage"]["cost"] == 0
         stream = _cli(["generate", "--stream", "--max-new-tokens", "3", "hello"], env, target)
         assert stream.returncode == 0, stream.stderr
         listing = _cli(["adapters", "list", "--json"], env, target)
