@@ -302,6 +302,8 @@ class AdapterStore:
         self._tenants_dir = self.root / "tenants"
         self._tmp_dir = self.root / "tmp"
         self._lock = threading.Lock()
+        self._records: dict[tuple[str, str], AdapterRecord] = {}
+        """Latest record per (tenant, name), read once from meta.json (guarded by _lock)."""
         self._tenants_dir.mkdir(parents=True, exist_ok=True)
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         self._recover()
@@ -412,6 +414,7 @@ class AdapterStore:
             os.replace(counter, name_dir / LAST_VERSION_FILE)
             os.rename(directory, name_dir / f"v{version}")
             _fsync_dir(name_dir)
+            self._records.pop((tenant, name), None)
             garbage = [self._move_to_tmp(name_dir / f"v{old}") for old in existing]
         for path in garbage:
             shutil.rmtree(path, ignore_errors=True)
@@ -431,6 +434,7 @@ class AdapterStore:
                 corrupt = exc
             garbage = [self._move_to_tmp(name_dir / f"v{v}") for v in self._versions(name_dir)]
             _fsync_dir(name_dir)
+            self._records.pop((tenant, name), None)
         for path in garbage:
             shutil.rmtree(path, ignore_errors=True)
         if corrupt is not None:
@@ -442,11 +446,18 @@ class AdapterStore:
     # ----- reads -----
 
     def _latest(self, tenant: str, name: str) -> AdapterRecord:
+        # Every write goes through this process (commit, delete), which drops the entry, so a
+        # cached record is current; this keeps disk reads out of each request's path.
+        cached = self._records.get((tenant, name))
+        if cached is not None:
+            return cached
         versions = self._versions(self._name_dir(tenant, name))
         if not versions:
             raise AdapterNotFoundError(f"adapter {name!r} not found")
         version = versions[-1]
-        return _record_from_meta(self.version_dir(tenant, name, version), tenant, name, version)
+        record = _record_from_meta(self.version_dir(tenant, name, version), tenant, name, version)
+        self._records[(tenant, name)] = record
+        return record
 
     def get(self, tenant: str, name: str) -> AdapterRecord:
         """The latest version of tenant/name; AdapterNotFoundError if there is none."""
