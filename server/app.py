@@ -90,9 +90,12 @@ class Server:
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server
         )
-        self.port = self.grpc_server.add_insecure_port(
-            f"{_host_for_bind(config.host)}:{config.port}"
-        )
+        address = f"{_host_for_bind(config.host)}:{config.port}"
+        credentials = _server_credentials(config)
+        if credentials is None:
+            self.port = self.grpc_server.add_insecure_port(address)
+        else:
+            self.port = self.grpc_server.add_secure_port(address, credentials)
         if self.port == 0:
             raise OSError(f"cannot bind {config.host}:{config.port}")
         # Serve health (NOT_SERVING) while the model loads, so orchestrators can watch it.
@@ -141,6 +144,18 @@ class Server:
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
+
+
+def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:
+    """TLS (and, with a client CA, mutual TLS) credentials; None for plaintext."""
+    if config.tls_cert is None or config.tls_key is None:
+        return None
+    client_ca = config.tls_client_ca.read_bytes() if config.tls_client_ca else None
+    return grpc.ssl_server_credentials(
+        [(config.tls_key.read_bytes(), config.tls_cert.read_bytes())],
+        root_certificates=client_ca,
+        require_client_auth=client_ca is not None,
+    )
 
 
 def _host_for_bind(host: str) -> str:

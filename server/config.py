@@ -33,6 +33,12 @@ class ServerConfig:
     """Durable state: uploaded adapters under data_dir/adapters."""
     tenants_file: Path | None = None
     """TOML file of tenants and hashed API keys; None means single-tenant development mode."""
+    tls_cert: Path | None = None
+    """PEM server certificate chain: serve gRPC over TLS (needs tls_key)."""
+    tls_key: Path | None = None
+    """PEM private key of tls_cert."""
+    tls_client_ca: Path | None = None
+    """PEM CA bundle for mutual TLS: clients must present a certificate it signed."""
     device: DeviceChoice = "auto"
     """"auto" picks CUDA when available, else CPU."""
     dtype: DtypeChoice = "auto"
@@ -127,6 +133,14 @@ class ServerConfig:
             raise ConfigError(
                 f"max_stop_sequences: must not be negative, got {self.max_stop_sequences}"
             )
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConfigError("tls_cert/tls_key: TLS needs both a certificate and its key")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            raise ConfigError("tls_client_ca: mutual TLS needs the server's tls_cert and tls_key")
+        for name in ("tls_cert", "tls_key", "tls_client_ca"):
+            path = getattr(self, name)
+            if path is not None and not Path(path).is_file():
+                raise ConfigError(f"{name}: {path} is not a readable file")
         if self.tenants_file is None and not is_loopback(self.host):
             raise ConfigError(
                 f"host: {self.host!r} is not a loopback address; without --tenants the server runs "

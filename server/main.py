@@ -39,6 +39,23 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         metavar="FILE",
         help="TOML tenants file with hashed API keys (default: development mode)",
     )
+    parser.add_argument(
+        "--tls-cert",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="server certificate chain: serve over TLS (with --tls-key)",
+    )
+    parser.add_argument(
+        "--tls-key", type=Path, default=None, metavar="PEM", help="private key of --tls-cert"
+    )
+    parser.add_argument(
+        "--tls-client-ca",
+        type=Path,
+        default=None,
+        metavar="PEM",
+        help="require client certificates signed by this CA (mutual TLS)",
+    )
     parser.add_argument("--device", choices=["auto", "cpu", "cuda"], default=d.device)
     parser.add_argument(
         "--dtype", choices=["auto", "float32", "bfloat16", "float16"], default=d.dtype
@@ -132,6 +149,9 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         port=args.port,
         data_dir=args.data_dir,
         tenants_file=args.tenants,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_client_ca=args.tls_client_ca,
         device=args.device,
         dtype=args.dtype,
         metrics_port=args.metrics_port,

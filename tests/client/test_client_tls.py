@@ -44,7 +44,7 @@ def _issue(directory: Path, name: str, san: str | None) -> None:
 @pytest.fixture(scope="module")
 def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     if shutil.which("openssl") is None:
-        pytest.skip("openssl binary not available")
+        pytest.fail("openssl missing: install the Debian package openssl (.ci/run does)")
     directory = tmp_path_factory.mktemp("pki")
     _openssl(
         "req", "-x509", "-newkey", "ec", "-pkeyopt", "ec_paramgen_curve:prime256v1", "-nodes",
