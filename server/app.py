@@ -79,7 +79,7 @@ class Server:
         config = self.config
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
-        auth = Authorizer(self.registry)
+        auth = self.auth = Authorizer(self.registry)
         # grpc.aio registers handlers only before start; they answer UNAVAILABLE until loaded.
         inference_pb2_grpc.add_InferenceServicer_to_server(
             InferenceServicer(self.runtime, auth, self.request_log), self.grpc_server
@@ -130,6 +130,20 @@ class Server:
             else f" [{len(self.registry.tenants)} tenants]",
         )
         return self.port
+
+    def reload_tenants(self) -> None:
+        """Re-reads the tenants file; new calls use it, calls in flight keep their principal.
+
+        A bad file raises TenantsFileError and the old tenants stay in force.
+        """
+        if self.config.tenants_file is None:
+            log.info("tenants reload ignored: development mode has no tenants file")
+            return
+        registry = TenantRegistry.from_file(self.config.tenants_file)
+        self.registry = registry
+        self.auth.registry = registry  # one reference swap: handlers see old or new, whole
+        self.metrics.declare_tenants(registry.tenants)
+        log.info("tenants reloaded: %d tenants", len(registry.tenants))
 
     async def stop(self, grace: float | None = None) -> None:
         """NOT_SERVING, refuse new calls, let in-flight ones finish within `grace` seconds."""

@@ -1,4 +1,7 @@
-"""`loraserve serve`: flags -> ServerConfig -> a running server; SIGTERM/SIGINT stop it cleanly."""
+"""`loraserve serve`: flags -> ServerConfig -> a running server.
+
+SIGTERM/SIGINT stop it cleanly; SIGHUP reloads the tenants file.
+"""
 
 from __future__ import annotations
 
@@ -8,8 +11,12 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from server.config import ConfigError, ServerConfig
+
+if TYPE_CHECKING:
+    from server.app import Server
 
 log = logging.getLogger("loraserve")
 
@@ -188,6 +195,7 @@ async def serve(config: ServerConfig) -> None:
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: _reload_tenants(server))
     started = False
     try:
         port = await server.start()
@@ -199,6 +207,16 @@ async def serve(config: ServerConfig) -> None:
     finally:
         # Also on a failed start (model missing, metrics port taken): never leave the port bound.
         await server.stop(None if started else 0)
+
+
+def _reload_tenants(server: Server) -> None:
+    """SIGHUP: re-read the tenants file; on a bad file, keep the old one and say why."""
+    from server.tenants import TenantsFileError
+
+    try:
+        server.reload_tenants()
+    except TenantsFileError as exc:
+        log.error("tenants reload failed, keeping the previous tenants: %s", exc)
 
 
 def run_serve(args: argparse.Namespace) -> int:
