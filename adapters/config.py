@@ -134,6 +134,8 @@ def _load_json_object(data: bytes, max_bytes: int) -> dict[str, Any]:
         ) from None
     except RecursionError:
         raise _error("json", "is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise _error("json", f"is not valid JSON: {clip(str(exc))}") from None
     if not isinstance(parsed, dict):
         raise _error("json", f"must be a JSON object, got {type(parsed).__name__}")
     return parsed
@@ -155,7 +157,10 @@ def _check_alpha(raw: dict[str, Any]) -> float:
     alpha = raw.get("lora_alpha", DEFAULT_LORA_ALPHA)
     if not isinstance(alpha, int | float) or isinstance(alpha, bool):
         raise _error("lora_alpha", f"must be a number, got {echo(alpha)}")
-    alpha = float(alpha)
+    try:
+        alpha = float(alpha)
+    except OverflowError:
+        alpha = math.inf
     if not math.isfinite(alpha) or alpha <= 0:
         raise _error("lora_alpha", f"must be a finite number > 0, got {echo(alpha)}")
     return alpha
@@ -263,7 +268,7 @@ def resolve_target_modules(config: LoraAdapterConfig, spec: BaseModelSpec) -> li
     if isinstance(targets, str):
         try:
             pattern = re.compile(targets)
-        except re.error as exc:
+        except (re.error, OverflowError, RecursionError) as exc:
             raise AdapterValidationError(
                 _TARGETS_FIELD, f"is not a valid regular expression: {exc}"
             ) from None

@@ -24,6 +24,10 @@ class AdapterNotFoundError(AdapterError):
     """No such adapter for this tenant (NOT_FOUND). Never says whether another tenant has it."""
 
 
+class AdapterQuotaError(AdapterError):
+    """The tenant's adapter quota (count or bytes) would be exceeded (RESOURCE_EXHAUSTED)."""
+
+
 class AdapterTooLargeError(AdapterValidationError):
     """A declared or received size exceeds a configured bound (INVALID_ARGUMENT)."""
 

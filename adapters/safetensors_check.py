@@ -122,6 +122,8 @@ def _parse_header(data: memoryview, max_header_bytes: int) -> tuple[dict[str, An
         raise _error(f"header is not valid JSON: {exc.msg} (column {exc.colno})") from None
     except RecursionError:
         raise _error("header is nested too deeply") from None
+    except ValueError as exc:  # e.g. an integer of more than 4300 digits
+        raise _error(f"header is not valid JSON: {clip(str(exc))}") from None
     if not isinstance(header, dict):
         raise _error("header must be a JSON object")
     return header, 8 + header_len
@@ -138,7 +140,7 @@ def _check_entry(name: str, entry: object) -> TensorHeader:
     if not isinstance(entry, dict) or set(entry) != _ENTRY_KEYS:
         raise _error("entry must have exactly the keys dtype, shape, data_offsets", name)
     dtype = entry["dtype"]
-    if dtype not in ITEMSIZE:
+    if not isinstance(dtype, str) or dtype not in ITEMSIZE:
         raise _error(
             f"dtype {clip(str(dtype))} is not a float type supported for LoRA weights "
             f"(use one of {', '.join(ITEMSIZE)})",

@@ -10,7 +10,12 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from adapters.errors import AdapterError, AdapterNotFoundError, AdapterValidationError
+from adapters.errors import (
+    AdapterError,
+    AdapterNotFoundError,
+    AdapterQuotaError,
+    AdapterValidationError,
+)
 from adapters.names import validate_adapter_name
 from adapters.spec import BaseModelSpec
 from adapters.store import AdapterRecord, AdapterStore, UploadTransaction
@@ -66,7 +71,13 @@ class UploadSession:
                 raise AdapterValidationError(
                     _file_name(kind), "sha256 of the received bytes does not match the header"
                 )
-        weights = self.service.validate(self.txn.read("config"), self.txn.read("weights"))
+        try:
+            weights = self.service.validate(self.txn.read("config"), self.txn.read("weights"))
+        except (ValueError, TypeError, OverflowError, RecursionError) as exc:
+            # Hostile files must get INVALID_ARGUMENT even where a check was missed.
+            raise AdapterValidationError(
+                "adapter", f"could not be parsed: {type(exc).__name__}: {str(exc)[:200]}"
+            ) from exc
         record = self.txn.commit(
             {
                 "rank": weights.config.rank,
@@ -132,8 +143,29 @@ class AdapterService:
                 "files",
                 "the header must declare both adapter_config.json and adapter_model.safetensors",
             )
+        self._check_quota(tenant, name, declared["weights"].size)
         txn = self.store.begin_upload(tenant, name)
         return UploadSession(self, tenant, name, description, declared, txn)
+
+    def _check_quota(self, tenant: str, name: str, size: int) -> None:
+        """Refuses an upload that would exceed the tenant's adapter count or bytes.
+
+        Re-uploading a name replaces it, so its current version does not count.
+        """
+        others = [r for r in self.store.list(tenant) if r.name != name]
+        limit = self._config.tenant_max_adapters
+        if len(others) + 1 > limit:
+            raise AdapterQuotaError(
+                f"tenant {tenant!r} already stores {len(others)} adapters "
+                f"(quota {limit}); delete one first"
+            )
+        stored = sum(r.size_bytes for r in others)
+        byte_limit = self._config.tenant_max_adapter_bytes
+        if stored + size > byte_limit:
+            raise AdapterQuotaError(
+                f"tenant {tenant!r} would store {stored + size} bytes of adapters "
+                f"(quota {byte_limit}); delete some first"
+            )
 
     def validate(self, config_bytes: bytes, weights_bytes: bytes) -> AdapterWeights:
         return load_adapter_weights(

@@ -62,6 +62,14 @@ class ServerConfig:
     preallocated KV memory: max_batch_size x max_seq_len tokens."""
     max_waiting_requests: int = 1024
     """Requests queued for a batch, at most; beyond it calls get RESOURCE_EXHAUSTED."""
+    tenant_max_requests: int = 256
+    """Requests one tenant may have waiting or running at once (RESOURCE_EXHAUSTED beyond)."""
+    tenant_max_queued_tokens: int = 1_000_000
+    """Prompt plus requested completion tokens one tenant may have waiting."""
+    tenant_max_adapters: int = 1000
+    """Adapters one tenant may store."""
+    tenant_max_adapter_bytes: int = 16 << 30
+    """Bytes of adapter weights one tenant may store."""
     max_new_tokens_limit: int = 1024
     """Largest max_new_tokens a request may ask for."""
     default_max_new_tokens: int = 64
@@ -104,6 +112,10 @@ class ServerConfig:
             "max_batch_tokens",
             "max_seq_len",
             "max_waiting_requests",
+            "tenant_max_requests",
+            "tenant_max_queued_tokens",
+            "tenant_max_adapters",
+            "tenant_max_adapter_bytes",
             "max_new_tokens_limit",
             "default_max_new_tokens",
             "max_prompt_tokens",

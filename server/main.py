@@ -89,6 +89,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
     parser.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests)
     parser.add_argument(
+        "--tenant-max-requests",
+        type=int,
+        default=d.tenant_max_requests,
+        help="requests one tenant may have waiting or running",
+    )
+    parser.add_argument(
+        "--tenant-max-queued-tokens",
+        type=int,
+        default=d.tenant_max_queued_tokens,
+        help="prompt + requested completion tokens one tenant may have waiting",
+    )
+    parser.add_argument(
+        "--tenant-max-adapters",
+        type=int,
+        default=d.tenant_max_adapters,
+        help="adapters one tenant may store",
+    )
+    parser.add_argument(
+        "--tenant-max-adapter-bytes",
+        type=int,
+        default=d.tenant_max_adapter_bytes,
+        help="bytes of adapter weights one tenant may store",
+    )
+    parser.add_argument(
         "--max-batch-tokens",
         type=int,
         default=d.max_batch_tokens,
@@ -167,6 +191,10 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         adapter_host_bytes=args.adapter_host_bytes,
         max_batch_size=args.max_batch_size,
         max_waiting_requests=args.max_waiting_requests,
+        tenant_max_requests=args.tenant_max_requests,
+        tenant_max_queued_tokens=args.tenant_max_queued_tokens,
+        tenant_max_adapters=args.tenant_max_adapters,
+        tenant_max_adapter_bytes=args.tenant_max_adapter_bytes,
         max_batch_tokens=args.max_batch_tokens,
         max_seq_len=args.max_seq_len,
         max_new_tokens_limit=args.max_new_tokens_limit,

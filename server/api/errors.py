@@ -10,6 +10,7 @@ from adapters.errors import (
     AdapterCorruptError,
     AdapterError,
     AdapterNotFoundError,
+    AdapterQuotaError,
     AdapterValidationError,
 )
 from server.engine.types import EngineError, ErrorKind
@@ -33,6 +34,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
         return _ENGINE_CODES[exc.kind], exc.message
     if isinstance(exc, AdapterValidationError):
         return grpc.StatusCode.INVALID_ARGUMENT, str(exc)
+    if isinstance(exc, AdapterQuotaError):
+        return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, AdapterNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, AdapterCorruptError):

@@ -68,6 +68,8 @@ class Engine:
             SchedulerSettings(
                 max_batch_size=config.max_batch_size,
                 max_waiting_requests=config.max_waiting_requests,
+                tenant_max_requests=config.tenant_max_requests,
+                tenant_max_queued_tokens=config.tenant_max_queued_tokens,
                 max_batch_tokens=config.max_batch_tokens,
                 max_seq_len=self.max_seq_len,
                 price_per_device_hour=config.price_per_device_hour,

@@ -31,6 +31,7 @@ from server.engine import runner
 from server.engine.accounting import EngineObserver, step_stats
 from server.engine.detokenize import TextState
 from server.engine.device_pool import AdapterResolver, DevicePool
+from server.engine.fair_queue import FairQueue
 from server.engine.kv_cache import SlotKVCache
 from server.engine.lora import BatchLoRAState
 from server.engine.model import LoadedModel
@@ -97,6 +98,19 @@ class Sequence:
         return len(self.request.prompt_ids)
 
     @property
+    def tenant(self) -> str:
+        return self.request.tenant
+
+    @property
+    def arrival(self) -> float:
+        return self.request.arrival_time
+
+    @property
+    def cost_tokens(self) -> int:
+        """Tokens this request may occupy: its prompt plus the completion it may generate."""
+        return self.prompt_len + self.max_new_tokens
+
+    @property
     def decoding(self) -> bool:
         return not self.done and bool(self.generated)
 
@@ -108,6 +122,10 @@ class SchedulerSettings:
     max_batch_size: int
     """KV rows: requests running at once."""
     max_waiting_requests: int
+    tenant_max_requests: int = 256
+    """Requests one tenant may have waiting or running at once."""
+    tenant_max_queued_tokens: int = 1_000_000
+    """Prompt plus requested completion tokens one tenant may have waiting."""
     max_batch_tokens: int = 2048
     """Tokens per iteration (prefill chunks plus one per decoding row)."""
     max_seq_len: int = 2048
@@ -149,7 +167,9 @@ class Scheduler:
             device=loaded.device,
         )
         self._rows: list[Sequence | None] = [None] * settings.max_batch_size
-        self._waiting: collections.deque[Sequence] = collections.deque()
+        self._waiting: FairQueue[Sequence] = FairQueue()
+        self._in_flight: collections.Counter[str] = collections.Counter()
+        """Waiting plus running requests per tenant (guarded by _cond)."""
         self._cond = threading.Condition()
         self._stopping = False
         self._collect_requested = False
@@ -189,15 +209,32 @@ class Scheduler:
         with self._cond:
             if self._stopping:
                 raise EngineError(ErrorKind.UNAVAILABLE, "the server is shutting down")
-            if len(self._waiting) >= self._settings.max_waiting_requests:
-                raise EngineError(
-                    ErrorKind.RESOURCE_EXHAUSTED,
-                    f"the waiting queue is full ({self._settings.max_waiting_requests} requests); "
-                    "retry later",
-                )
+            self._check_limits(seq)
             self._waiting.append(seq)
+            self._in_flight[seq.tenant] += 1
             self._cond.notify()
         return handle
+
+    def _check_limits(self, seq: Sequence) -> None:
+        """RESOURCE_EXHAUSTED, naming the limit, when admitting `seq` would exceed one."""
+        settings, tenant = self._settings, seq.tenant
+
+        def refuse(message: str) -> EngineError:
+            return EngineError(ErrorKind.RESOURCE_EXHAUSTED, f"{message}; retry later")
+
+        if len(self._waiting) >= settings.max_waiting_requests:
+            raise refuse(f"the waiting queue is full ({settings.max_waiting_requests} requests)")
+        if self._in_flight[tenant] >= settings.tenant_max_requests:
+            raise refuse(
+                f"tenant {tenant!r} has {self._in_flight[tenant]} requests waiting or running "
+                f"(limit {settings.tenant_max_requests} per tenant)"
+            )
+        queued = self._waiting.tokens(tenant) + seq.cost_tokens
+        if queued > settings.tenant_max_queued_tokens:
+            raise refuse(
+                f"tenant {tenant!r} would have {queued} tokens queued "
+                f"(limit {settings.tenant_max_queued_tokens} per tenant)"
+            )
 
     def stop(self) -> None:
         with self._cond:
@@ -260,8 +297,12 @@ class Scheduler:
         skipped: list[Sequence] = []
         failed: list[tuple[Sequence, EngineError]] = []
         with self._cond:
+            # Fairness: each pick comes from the tenant with the fewest requests running.
+            load = collections.Counter(s.tenant for s in self.running)
             while self._waiting and len(chosen) < len(free_rows):
-                seq = self._waiting.popleft()
+                seq = self._waiting.pop_fair(load)
+                if seq is None:
+                    break
                 if seq.handle.cancelled:
                     failed.append(
                         (seq, EngineError(ErrorKind.CANCELLED, "the request was cancelled"))
@@ -278,23 +319,23 @@ class Scheduler:
                         continue
                     new_keys.add(key)
                 chosen.append(seq)
+                load[seq.tenant] += 1
             # Requests whose adapter did not fit keep their place at the head of the queue.
-            self._waiting.extendleft(reversed(skipped))
+            self._waiting.push_front(skipped)
         for seq, exc in failed:
-            self._emit(seq, ErrorEvent(exc))
+            self._retire(seq, ErrorEvent(exc))
         now = time.monotonic()
         for seq in chosen:
             try:
                 if seq.key is not None:
                     seq.pages = self._pool.acquire(seq.key).pages
             except EngineError as exc:
-                self._emit(seq, ErrorEvent(exc))
+                self._retire(seq, ErrorEvent(exc))
                 continue
             except Exception as exc:
                 log.exception("loading adapter for request %s failed", seq.request.request_id)
-                self._emit(
-                    seq, ErrorEvent(EngineError(ErrorKind.INTERNAL, f"adapter load failed: {exc}"))
-                )
+                error = EngineError(ErrorKind.INTERNAL, f"adapter load failed: {exc}")
+                self._retire(seq, ErrorEvent(error))
                 continue
             seq.row = free_rows.pop(0)
             seq.prefill_start = now
@@ -380,7 +421,7 @@ class Scheduler:
         if self._prefetch is None:
             return
         with self._cond:
-            upcoming = [s for s in list(self._waiting)[:limit] if s.request.adapter is not None]
+            upcoming = [s for s in self._waiting.heads(limit) if s.request.adapter is not None]
         for seq in upcoming:
             try:
                 key = self._key_of(seq)
@@ -492,6 +533,10 @@ class Scheduler:
         if seq.done:
             return
         seq.done = True
+        with self._cond:
+            self._in_flight[seq.tenant] -= 1
+            if self._in_flight[seq.tenant] <= 0:
+                del self._in_flight[seq.tenant]
         if 0 <= seq.row < len(self._rows) and self._rows[seq.row] is seq:
             self._rows[seq.row] = None
         if seq.key is not None and seq.pages:
