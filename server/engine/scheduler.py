@@ -446,11 +446,22 @@ class Scheduler:
                 )
 
     def _fail_step(self, batch: list[Sequence], exc: Exception) -> None:
-        # A failed step fails only the requests in it; the engine keeps serving.
-        log.error("engine step failed; failing %d requests", len(batch), exc_info=exc)
+        """A failed step fails only the requests in it; the engine keeps serving.
+
+        Running out of memory (device or host) is RESOURCE_EXHAUSTED: the caller may retry;
+        the allocator's cached blocks are released so the next, smaller step can fit.
+        """
+        if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+            log.error("out of memory in an engine step; failing %d requests", len(batch))
+            if torch.cuda.is_available():
+                torch.cuda.empty_cache()
+            kind, what = ErrorKind.RESOURCE_EXHAUSTED, "out of memory; retry later"
+        else:
+            log.error("engine step failed; failing %d requests", len(batch), exc_info=exc)
+            kind, what = ErrorKind.INTERNAL, f"engine step failed: {exc}"
         for seq in batch:
-            message = f"engine step failed (request {seq.request.request_id}): {exc}"
-            self._retire(seq, ErrorEvent(EngineError(ErrorKind.INTERNAL, message)))
+            message = f"{what} (request {seq.request.request_id})"
+            self._retire(seq, ErrorEvent(EngineError(kind, message)))
 
     def _account(self, kind: str, seconds: float, batch: list[Sequence], tokens: list[int]) -> None:
         """Splits one step's wall time across its rows (and so tenants) by token share."""

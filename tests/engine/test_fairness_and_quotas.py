@@ -115,3 +115,35 @@ def test_adapter_count_and_byte_quotas(model: Path, tmp_path: Path) -> None:
         assert "bytes" in str(err.value)
     finally:
         by_bytes.close()
+
+
+def test_out_of_memory_fails_only_that_step_with_resource_exhausted(
+    model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import torch
+
+    from server.engine import runner
+
+    real = runner.forward_rows
+    calls: list[int] = []
+
+    def oom_once(*args: object, **kwargs: object) -> torch.Tensor:
+        calls.append(1)
+        if len(calls) == 2:  # the first decode step
+            raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+        return real(*args, **kwargs)  # type: ignore[arg-type]
+
+    monkeypatch.setattr(runner, "forward_rows", oom_once)
+    harness = EngineHarness(model, tmp_path)
+    try:
+        victims = [harness.submit([5, 6, 7], None, max_new_tokens=5) for _ in range(2)]
+        harness.run(victims)
+        for events in victims:
+            error = events[-1].error
+            assert error.kind is ErrorKind.RESOURCE_EXHAUSTED and "out of memory" in error.message
+        later = harness.submit([5, 6, 7], None, max_new_tokens=5, ignore_eos=True)
+        harness.run([later])
+        assert isinstance(later[-1], FinishEvent) and len(later[-1].token_ids) == 5
+        assert harness.engine.scheduler.running == []
+    finally:
+        harness.close()
