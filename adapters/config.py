@@ -12,8 +12,11 @@ from __future__ import annotations
 import json
 import math
 import re
+import time
 from dataclasses import dataclass
 from typing import Any
+
+import regex
 
 from adapters.errors import AdapterTooLargeError, AdapterValidationError, clip, echo
 from adapters.spec import BaseModelSpec
@@ -254,6 +257,10 @@ _UNTARGETABLE_MESSAGE = (
 )
 
 
+REGEX_BUDGET_SECONDS = 0.5
+"""Time a target_modules regex may spend matching all of the model's layer names."""
+
+
 def resolve_target_modules(config: LoraAdapterConfig, spec: BaseModelSpec) -> list[str]:
     """Full names of the base layers the adapter changes, in the model's module order.
 
@@ -267,17 +274,31 @@ def resolve_target_modules(config: LoraAdapterConfig, spec: BaseModelSpec) -> li
         return list(spec.modules)
     if isinstance(targets, str):
         try:
-            pattern = re.compile(targets)
-        except (re.error, OverflowError, RecursionError) as exc:
+            re.compile(targets)  # PEFT's dialect: refuse what `re` would refuse
+            pattern = regex.compile(targets)
+        except (re.error, regex.error, OverflowError, RecursionError) as exc:
             raise AdapterValidationError(
                 _TARGETS_FIELD, f"is not a valid regular expression: {exc}"
             ) from None
-        bad = sorted(name for name in spec.untargetable if pattern.fullmatch(name))
+        deadline = time.monotonic() + REGEX_BUDGET_SECONDS
+
+        def fullmatch(name: str) -> bool:
+            # A tenant's regex could backtrack for hours; `regex` can stop it, `re` cannot.
+            left = deadline - time.monotonic()
+            try:
+                return pattern.fullmatch(name, timeout=max(left, 0.001)) is not None
+            except TimeoutError:
+                raise AdapterValidationError(
+                    _TARGETS_FIELD,
+                    f"regex {echo(targets)} takes too long to match layer names; simplify it",
+                ) from None
+
+        bad = sorted(name for name in spec.untargetable if fullmatch(name))
         if bad:
             raise AdapterValidationError(
                 _TARGETS_FIELD, f"regex {echo(targets)} matches {bad[0]!r}: {_UNTARGETABLE_MESSAGE}"
             )
-        matched = [name for name in spec.modules if pattern.fullmatch(name)]
+        matched = [name for name in spec.modules if fullmatch(name)]
         if not matched:
             example = next(iter(spec.modules), "?")
             raise AdapterValidationError(

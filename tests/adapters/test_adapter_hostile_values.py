@@ -55,3 +55,23 @@ def test_regex_with_an_overflowing_repeat_is_a_validation_error() -> None:
 def test_safetensors_dtype_of_the_wrong_type(dtype_json: str) -> None:
     with pytest.raises(AdapterValidationError):
         check_safetensors(_safetensors(dtype_json))
+
+
+def test_catastrophically_backtracking_regex_is_refused_not_run_forever() -> None:
+    spec = BaseModelSpec(
+        model_type="llama",
+        modules={
+            name: TargetModule(name, 8, 8)
+            for name in (f"model.layers.{i}.self_attn.q_proj" for i in range(4))
+        },
+    )
+    # Exponential in the name length with a backtracking engine: would run for hours.
+    config = parse_adapter_config(_config(target_modules="(.|.)*j."), max_rank=64)
+    with pytest.raises(AdapterValidationError) as err:
+        resolve_target_modules(config, spec)
+    assert "too long" in err.value.message
+
+
+def test_ordinary_regexes_still_match() -> None:
+    config = parse_adapter_config(_config(target_modules=r".*\.q_proj"), max_rank=64)
+    assert resolve_target_modules(config, SPEC) == ["model.layers.0.self_attn.q_proj"]
