@@ -1,0 +1,313 @@
+"""Client cancellation, deadlines and graceful drain, end to end.
+
+The first tests run a real server in a thread and look inside its engine: a request whose client
+goes away (closed stream, expired deadline) must leave the running batch promptly, free its KV
+row and adapter pin, and stop producing tokens, while other requests in the batch finish whole.
+The last test runs `loraserve serve` as a subprocess and SIGTERMs it mid-stream: health turns
+NOT_SERVING (or the port closes), new calls are refused with UNAVAILABLE, the in-flight stream
+completes within the grace period, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Iterator
+from pathlib import Path
+
+import grpc
+import pytest
+from grpc_health.v1 import health_pb2, health_pb2_grpc
+from prometheus_client.parser import text_string_to_metric_families
+from serving_support import ServerThread, client_for, free_port
+
+from client.config import ClientConfig
+from client.sync import LoraServeClient
+from loraserve.v1 import inference_pb2
+from server.config import ServerConfig
+
+LONG = 1000
+"""max_new_tokens of requests meant to be cut short: seconds of work on the tiny model."""
+
+ADAPTER = "drain-qv"
+
+
+@pytest.fixture(scope="module")
+def srv(
+    default_model: Path,
+    tenants_file: Path,
+    adapter_dirs: dict[str, Path],
+    tmp_path_factory: pytest.TempPathFactory,
+) -> Iterator[ServerThread]:
+    config = ServerConfig(
+        model_path=default_model,
+        port=0,
+        metrics_port=free_port(),
+        data_dir=tmp_path_factory.mktemp("drain-data"),
+        tenants_file=tenants_file,
+        access_log="",
+    )
+    thread = ServerThread(config).start()
+    try:
+        with client_for(thread, "acme") as acme:
+            acme.upload_adapter(adapter_dirs["qv"], ADAPTER)
+        yield thread
+    finally:
+        thread.stop()
+
+
+def _samples(server: ServerThread) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+    port = server.server.metrics_port
+    with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
+        text = response.read().decode()
+    out = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out[(s.name, tuple(sorted(s.labels.items())))] = s.value
+    return out
+
+
+def _metric(server: ServerThread, name: str, **labels: str) -> float:
+    return _samples(server).get((name, tuple(sorted(labels.items()))), 0.0)
+
+
+def _wait_until(check: Callable[[], bool], what: str, timeout: float = 5.0) -> None:
+    deadline = time.monotonic() + timeout
+    while not check():
+        assert time.monotonic() < deadline, f"timed out after {timeout} s waiting for {what}"
+        time.sleep(0.02)
+
+
+def _tenant_running(server: ServerThread, tenant: str) -> int:
+    return sum(1 for s in server.server.runtime.engine.scheduler.running if s.tenant == tenant)
+
+
+def _pins(server: ServerThread) -> dict[object, int]:
+    return server.server.runtime.engine.device_pool.resident()
+
+
+def _assert_gone(server: ServerThread, tenant: str, *, batch_empty: bool) -> None:
+    """`tenant`'s requests left the batch, released their pins and stopped making tokens."""
+    _wait_until(lambda: _tenant_running(server, tenant) == 0, f"{tenant} to leave the batch")
+    _wait_until(lambda: all(p == 0 for p in _pins(server).values()), "adapter pins to drop")
+    if batch_empty:
+        assert server.server.runtime.engine.scheduler.running == []
+        _wait_until(
+            lambda: _metric(server, "loraserve_requests_running") == 0, "requests_running == 0"
+        )
+    first = _metric(server, "loraserve_generated_tokens_total", tenant=tenant)
+    time.sleep(0.5)
+    assert _metric(server, "loraserve_generated_tokens_total", tenant=tenant) == first
+
+
+def _start_stream(server: ServerThread, client: LoraServeClient) -> Iterator[object]:
+    """A long adapter stream, read until it is decoding and holds its adapter pin."""
+    stream = client.generate_stream(
+        "tell me", adapter=ADAPTER, max_new_tokens=LONG, ignore_eos=True
+    )
+    for _ in range(3):
+        next(stream)
+    assert _tenant_running(server, "acme") == 1
+    assert sum(_pins(server).values()) == 1
+    return stream
+
+
+def test_closed_stream_leaves_the_batch(srv: ServerThread) -> None:
+    before = _metric(srv, "loraserve_requests_total", tenant="acme", outcome="cancelled")
+    with client_for(srv, "acme") as acme:
+        stream = _start_stream(srv, acme)
+        stream.close()  # type: ignore[attr-defined]  # the client goes away mid-generation
+        _assert_gone(srv, "acme", batch_empty=True)
+    _wait_until(
+        lambda: (
+            _metric(srv, "loraserve_requests_total", tenant="acme", outcome="cancelled")
+            == before + 1
+        ),
+        "the cancelled outcome",
+    )
+
+
+def test_deadline_exceeded_leaves_the_batch(srv: ServerThread) -> None:
+    before = _metric(srv, "loraserve_requests_total", tenant="acme", outcome="deadline")
+    with client_for(srv, "acme") as acme:
+        started = time.monotonic()
+        with pytest.raises(grpc.RpcError) as err:
+            acme.generate(
+                "tell me", adapter=ADAPTER, max_new_tokens=LONG, ignore_eos=True, timeout_s=0.3
+            )
+        assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        assert time.monotonic() - started < 5
+        _assert_gone(srv, "acme", batch_empty=True)
+    _wait_until(
+        lambda: (
+            _metric(srv, "loraserve_requests_total", tenant="acme", outcome="deadline")
+            == before + 1
+        ),
+        "the deadline outcome",
+    )
+
+
+def test_batch_neighbours_are_unaffected(srv: ServerThread) -> None:
+    results: list[inference_pb2.GenerateResponse] = []
+    errors: list[BaseException] = []
+
+    def neighbour() -> None:
+        try:
+            with client_for(srv, "globex") as globex:
+                results.append(globex.generate("keep going", max_new_tokens=LONG, ignore_eos=True))
+        except BaseException as exc:
+            errors.append(exc)
+
+    worker = threading.Thread(target=neighbour, daemon=True)
+    worker.start()
+    try:
+        _wait_until(lambda: _tenant_running(srv, "globex") == 1, "the neighbour to run")
+        with client_for(srv, "acme") as acme:
+            stream = _start_stream(srv, acme)
+            assert len(srv.server.runtime.engine.scheduler.running) == 2  # one batch
+            stream.close()  # type: ignore[attr-defined]
+            with pytest.raises(grpc.RpcError) as err:
+                acme.generate(
+                    "tell me", adapter=ADAPTER, max_new_tokens=LONG, ignore_eos=True, timeout_s=0.3
+                )
+            assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+            _assert_gone(srv, "acme", batch_empty=False)
+        # The cuts happened while the neighbour was still generating in the same batch.
+        assert worker.is_alive() and _tenant_running(srv, "globex") == 1
+    finally:
+        worker.join(60)
+    assert not worker.is_alive() and not errors, errors
+    (response,) = results
+    assert len(response.token_ids) == LONG and response.usage.completion_tokens == LONG
+    assert response.finish_reason == inference_pb2.FINISH_REASON_LENGTH
+    _wait_until(lambda: srv.server.runtime.engine.scheduler.running == [], "an empty batch")
+
+
+# ---- graceful drain of a real process ------------------------------------------------------
+
+DRAIN_TOKENS = 300
+"""About 1 s on the tiny default model: still running at SIGTERM, done well within the grace."""
+
+GRACE = 5.0
+
+
+def _health(target: str) -> str:
+    """The overall health status, or the gRPC code name when the call itself fails."""
+    with grpc.insecure_channel(target) as channel:
+        try:
+            reply = health_pb2_grpc.HealthStub(channel).Check(
+                health_pb2.HealthCheckRequest(service=""), timeout=2
+            )
+        except grpc.RpcError as exc:
+            return exc.code().name
+    return health_pb2.HealthCheckResponse.ServingStatus.Name(reply.status)
+
+
+def test_sigterm_drains_in_flight_stream(model_cache: Path, tmp_path: Path) -> None:
+    port = free_port()
+    target = f"127.0.0.1:{port}"
+    env = {**os.environ, "LORASERVE_CACHE": str(model_cache), "HF_HUB_OFFLINE": "1"}
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "loraserve",
+            "serve",
+            "--port",
+            str(port),
+            "--metrics-port",
+            "0",
+            "--data-dir",
+            str(tmp_path),
+            "--grace-seconds",
+            str(GRACE),
+            "--access-log",
+            "",
+        ],
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
+    output: list[str] = []
+    serving = threading.Event()
+
+    def pump() -> None:  # keeps the pipe drained for the whole run
+        assert proc.stdout is not None
+        for line in proc.stdout:
+            output.append(line)
+            if "loraserve: serving on" in line:
+                serving.set()
+
+    pumper = threading.Thread(target=pump, daemon=True)
+    pumper.start()
+    try:
+        assert serving.wait(120), "".join(output)
+        messages: list[inference_pb2.GenerateStreamResponse] = []
+        times: list[float] = []
+        failures: list[BaseException] = []
+        first = threading.Event()
+        with LoraServeClient(ClientConfig(target=target, timeout_s=60)) as client:
+            client.generate("warm up", max_new_tokens=4, ignore_eos=True)
+
+            def read() -> None:
+                try:
+                    stream = client.generate_stream(
+                        "drain me", max_new_tokens=DRAIN_TOKENS, ignore_eos=True
+                    )
+                    for message in stream:
+                        messages.append(message)
+                        times.append(time.monotonic())
+                        first.set()
+                except BaseException as exc:
+                    failures.append(exc)
+                finally:
+                    first.set()
+
+            reader = threading.Thread(target=read, daemon=True)
+            reader.start()
+            assert first.wait(30) and not failures, failures
+            sigterm_at = time.monotonic()
+            proc.send_signal(signal.SIGTERM)
+
+            # Health stops saying SERVING at once (NOT_SERVING, or the port is closed).
+            deadline = time.monotonic() + 3
+            while (status := _health(target)) == "SERVING":
+                assert time.monotonic() < deadline, "still SERVING after SIGTERM"
+                time.sleep(0.02)
+            assert status in ("NOT_SERVING", "UNAVAILABLE"), status
+
+            # A new call is refused promptly, on a fresh channel and on the draining one.
+            for caller in ("fresh", "draining"):
+                started = time.monotonic()
+                with pytest.raises(grpc.RpcError) as err:
+                    if caller == "fresh":
+                        with LoraServeClient(ClientConfig(target=target, timeout_s=5)) as other:
+                            other.generate("too late", max_new_tokens=4)
+                    else:
+                        client.generate("too late", max_new_tokens=4, timeout_s=5)
+                assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (caller, err.value)
+                assert time.monotonic() - started < 3, caller
+            refused_at = time.monotonic()
+
+            reader.join(GRACE + 5)
+            assert not reader.is_alive(), "the in-flight stream did not finish"
+        assert not failures, failures
+        tokens = [t for m in messages for t in m.token_ids]
+        assert len(tokens) == DRAIN_TOKENS
+        assert messages[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
+        assert messages[-1].usage.completion_tokens == DRAIN_TOKENS
+        # The stream really was in flight across SIGTERM and the refusals, and ended in grace.
+        assert times[-1] > refused_at > sigterm_at
+        assert times[-1] - sigterm_at < GRACE
+        assert proc.wait(timeout=GRACE + 15) == 0, "".join(output)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+        pumper.join(10)
