@@ -7,12 +7,16 @@ Layout under the root directory:
                                       /meta.json           (checksums, sizes, summary; written last)
     tenants/<tenant>/<name>/.last_version                   (highest version ever assigned)
     tmp/                                                    (uploads in progress, deletes in flight)
+    quarantine/<tenant>/<name>/v<version>-<unix time>/      (versions that failed verification)
 
 Visibility rests on one atomic step: an upload is written, fsynced and checksummed in its own
 directory under tmp/, then os.rename()d to its version directory; a delete renames away before it
 removes anything. So a reader sees a whole version or none, and a crash leaves only debris under
-tmp/, which the next start removes. The store knows files and checksums only: validating the
-contents against the base model is the caller's job (adapters.weights) before commit().
+tmp/, which the next start removes. At start every stored version is also re-hashed against its
+meta.json (streamed, in chunks); one whose files are missing, truncated or changed is moved aside
+to quarantine/ (logged at ERROR) instead of stopping the start, and is no longer visible. The
+store knows files and checksums only: validating the contents against the base model is the
+caller's job (adapters.weights) before commit().
 """
 
 from __future__ import annotations
@@ -53,6 +57,10 @@ FILE_NAMES: dict[AdapterFileKind, str] = {
 
 META_FILE = "meta.json"
 LAST_VERSION_FILE = ".last_version"
+QUARANTINE_DIR = "quarantine"
+"""Directory under the root that corrupt versions are moved to at start (kept for inspection)."""
+_VERIFY_CHUNK = 1 << 20
+"""Bytes read at a time when re-hashing stored files at start: big adapters never sit in memory."""
 MAX_DESCRIPTION_BYTES = 1024
 """Longest description accepted, in UTF-8 bytes (the public API's bound)."""
 
@@ -157,6 +165,53 @@ def _record_from_meta(path: Path, tenant: str, name: str, version: int) -> Adapt
     if not ok:
         raise AdapterCorruptError(f"{path / META_FILE} does not describe {tenant}/{name}")
     return record
+
+
+def _verify_version(path: Path, tenant: str, name: str, version: int) -> str | None:
+    """Why the version directory `path` cannot be served, or None if its files match meta.json.
+
+    Reads each file in _VERIFY_CHUNK pieces and stops at the first byte past the recorded size.
+    """
+    try:
+        _record_from_meta(path, tenant, name, version)
+        meta = json.loads((path / META_FILE).read_text(encoding="utf-8"))
+        expected = {
+            FILE_NAMES["config"]: (meta["config_sha256"], meta["config_size"]),
+            FILE_NAMES["weights"]: (meta["weights_sha256"], meta["weights_size"]),
+        }
+        for want_sum, want_size in expected.values():
+            if not isinstance(want_sum, str) or not isinstance(want_size, int):
+                raise TypeError("sizes must be integers and checksums strings")
+    except AdapterCorruptError as exc:
+        return str(exc)
+    except (OSError, ValueError, KeyError, TypeError) as exc:
+        return f"{path / META_FILE} is unreadable: {exc}"
+    for filename, (want_sum, want_size) in expected.items():
+        file_path = path / filename
+        digest = hashlib.sha256()
+        size = 0
+        try:
+            with open(file_path, "rb") as handle:
+                while size <= want_size:
+                    block = handle.read(_VERIFY_CHUNK)
+                    if not block:
+                        break
+                    digest.update(block)
+                    size += len(block)
+        except FileNotFoundError:
+            return f"{filename} is missing"
+        except OSError as exc:
+            return f"{filename} is unreadable: {exc}"
+        if size < want_size:
+            return f"{filename} is truncated: {size} bytes, {want_size} recorded at upload"
+        if size > want_size:
+            return f"{filename} is longer than the {want_size} bytes recorded at upload"
+        if digest.hexdigest() != want_sum:
+            return (
+                f"{filename} sha256 {digest.hexdigest()} does not match the {want_sum} "
+                "recorded at upload"
+            )
+    return None
 
 
 def _hash_file(handle: BinaryIO) -> tuple[str, int, bytes]:
@@ -301,6 +356,7 @@ class AdapterStore:
         self.root = Path(root)
         self._tenants_dir = self.root / "tenants"
         self._tmp_dir = self.root / "tmp"
+        self._quarantine_dir = self.root / QUARANTINE_DIR
         self._lock = threading.Lock()
         self._records: dict[tuple[str, str], AdapterRecord] = {}
         """Latest record per (tenant, name), read once from meta.json (guarded by _lock)."""
@@ -349,39 +405,79 @@ class AdapterStore:
     # ----- recovery -----
 
     def _recover(self) -> None:
-        """Remove what a crash can leave behind: temp dirs, invalid or superseded versions."""
+        """Clean up after a crash and set aside what the disk corrupted, before serving anything.
+
+        Removes everything under tmp/ (uploads and deletes in flight) and versions superseded by
+        a newer one (a crash between a publish and its cleanup). The newest version of each name
+        is re-hashed against its meta.json; one that does not match is quarantined.
+        """
         for entry in self._tmp_dir.iterdir():
             if entry.is_dir() and not entry.is_symlink():
                 shutil.rmtree(entry, ignore_errors=True)
             else:
                 entry.unlink(missing_ok=True)
         garbage: list[Path] = []
-        for tenant_dir in self._tenants_dir.iterdir():
+        for tenant_dir in sorted(self._tenants_dir.iterdir()):
             if not tenant_dir.is_dir():
                 continue
-            for name_dir in tenant_dir.iterdir():
+            for name_dir in sorted(tenant_dir.iterdir()):
                 if not name_dir.is_dir():
                     continue
-                valid = []
-                for version in self._versions(name_dir):
-                    path = name_dir / f"v{version}"
-                    if self._is_whole(path, tenant_dir.name, name_dir.name, version):
-                        valid.append(version)
-                    else:
-                        log.warning("removing incomplete adapter version %s", path)
-                        garbage.append(self._move_to_tmp(path))
-                for version in valid[:-1]:
+                versions = self._versions(name_dir)
+                if not versions:
+                    continue
+                newest = versions[-1]
+                # Older versions were replaced by a publish that reached disk: never resurrect
+                # one, not even when the newest turns out to be corrupt.
+                for version in versions[:-1]:
                     garbage.append(self._move_to_tmp(name_dir / f"v{version}"))
+                path = name_dir / f"v{newest}"
+                reason = _verify_version(path, tenant_dir.name, name_dir.name, newest)
+                if reason is None:
+                    continue
+                try:
+                    self._quarantine(tenant_dir.name, name_dir.name, newest, path, reason)
+                except OSError as exc:
+                    # Still start: reads re-check checksums, so the version is never served.
+                    log.error(
+                        "could not quarantine corrupt adapter tenant=%s name=%s version=%d "
+                        "(%s): %s",
+                        tenant_dir.name,
+                        name_dir.name,
+                        newest,
+                        reason,
+                        exc,
+                    )
         for path in garbage:
             shutil.rmtree(path, ignore_errors=True)
 
-    @staticmethod
-    def _is_whole(path: Path, tenant: str, name: str, version: int) -> bool:
-        try:
-            _record_from_meta(path, tenant, name, version)
-        except AdapterCorruptError:
-            return False
-        return all((path / filename).is_file() for filename in FILE_NAMES.values())
+    def _quarantine(self, tenant: str, name: str, version: int, path: Path, reason: str) -> None:
+        """Move a version that failed verification out of view, keeping its number used."""
+        name_dir = path.parent
+        # Keep the number taken even if .last_version was lost: a re-upload gets a higher one.
+        if self._last_version(name_dir) < version:
+            counter = name_dir / f"{LAST_VERSION_FILE}.tmp"
+            counter.write_text(str(version), encoding="ascii")
+            os.replace(counter, name_dir / LAST_VERSION_FILE)
+        target_dir = self._quarantine_dir / tenant / name
+        target_dir.mkdir(parents=True, exist_ok=True)
+        stamp = int(time.time())
+        target = target_dir / f"v{version}-{stamp}"
+        suffix = 1
+        while target.exists():
+            target = target_dir / f"v{version}-{stamp}.{suffix}"
+            suffix += 1
+        os.rename(path, target)
+        _fsync_dir(name_dir)
+        _fsync_dir(target_dir)
+        log.error(
+            "quarantined corrupt adapter tenant=%s name=%s version=%d: %s (moved to %s)",
+            tenant,
+            name,
+            version,
+            reason,
+            target,
+        )
 
     # ----- writes -----
 
