@@ -46,6 +46,10 @@ def main(argv: list[str] | None = None) -> int:
         args, extras = parser.parse_known_args(argv)
         if args.command == "serve":
             return _serve(extras)
+        if args.command == "adapters" and getattr(args, "adapters_command", None) == "inspect":
+            from adapters.inspect import main as inspect_main  # imports torch: local work only
+
+            return inspect_main(extras)
         if args.command == "bench":
             from bench.run import main as bench_main  # imports torch: only when benchmarking
 
@@ -131,6 +135,13 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("name", metavar="NAME", help="adapter name")
         sub.add_argument("--tenant", default="", help="admin only: the owning tenant")
         sub.set_defaults(handler=handler)
+
+    # Local work on an adapter directory; its flags belong to adapters.inspect (imported on use).
+    adapter_commands.add_parser(
+        "inspect",
+        add_help=False,
+        help="rank advice for an adapter directory (see `loraserve adapters inspect --help`)",
+    )
 
     generate = commands.add_parser("generate", parents=[common], help="generate text")
     generate.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads stdin")

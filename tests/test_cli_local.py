@@ -1,4 +1,4 @@
-"""`loraserve hash-key` prints the tenants-file form of a key, which the registry accepts."""
+"""Local CLI commands (no server): hash-key, and the wiring of `adapters inspect`."""
 
 from __future__ import annotations
 
@@ -33,3 +33,9 @@ def test_hash_key_from_stdin_and_empty(
     monkeypatch.setattr("sys.stdin", io.StringIO("\n"))
     assert main(["hash-key", "-"]) == 1
     assert "empty" in capsys.readouterr().err
+
+
+def test_adapters_inspect_is_wired_to_the_inspect_tool(capsys: pytest.CaptureFixture[str]) -> None:
+    assert main(["adapters", "inspect", "--help"]) == 0
+    assert "effective rank" in capsys.readouterr().out.lower()
+    assert main(["adapters", "inspect", "/no/such/adapter"]) == 2
