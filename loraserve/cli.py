@@ -8,6 +8,7 @@ human-readable text or, with --json, one JSON object. Server errors print
 from __future__ import annotations
 
 import argparse
+import importlib
 import json
 import os
 import sys
@@ -34,22 +35,37 @@ from loraserve.v1 import adapters_pb2
 TARGET_ENV = "LORASERVE_TARGET"
 API_KEY_ENV = "LORASERVE_API_KEY"
 
+LOCAL_COMMANDS = {
+    "train": ("adapters.train", "main"),
+    "eval": ("adapters.evaluate", "main"),
+    "demo": ("loraserve.demo", "main"),
+}
+"""Commands that work on local files (imported on use: they need torch), by module."""
+
 Handler = Callable[[LoraServeClient, argparse.Namespace], int]
 """A client subcommand: runs against a connected client, returns the exit code."""
 
 
 def main(argv: list[str] | None = None) -> int:
     """Runs one command; returns the process exit code (0 ok, 1 failed, 2 usage error)."""
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # Local commands own all their flags (some share names with the client options below).
+    local = None
+    if argv and argv[0] in LOCAL_COMMANDS:
+        local, rest = LOCAL_COMMANDS[argv[0]], argv[1:]
+    elif argv[:2] == ["adapters", "inspect"]:
+        local, rest = ("adapters.inspect", "main"), argv[2:]
+    if local is not None:
+        try:  # imported on use: these need torch
+            return int(getattr(importlib.import_module(local[0]), local[1])(rest))
+        except SystemExit as e:  # argparse's --help and usage errors
+            return _exit_code(e)
     parser = build_parser()
     try:
         # parse_known_args: `serve` passes its flags through to the server's own parser.
         args, extras = parser.parse_known_args(argv)
         if args.command == "serve":
             return _serve(extras)
-        if args.command == "adapters" and getattr(args, "adapters_command", None) == "inspect":
-            from adapters.inspect import main as inspect_main  # imports torch: local work only
-
-            return inspect_main(extras)
         if args.command == "bench":
             from bench.run import main as bench_main  # imports torch: only when benchmarking
 
@@ -100,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     commands.add_parser(
         "bench", add_help=False, help="run the benchmark (see `loraserve bench --help`)"
     )
+    for name, help_text in (
+        ("train", "fine-tune a LoRA adapter from JSONL (see `loraserve train --help`)"),
+        ("eval", "exact match, token accuracy, perplexity: base vs adapter"),
+        ("demo", "two tenants train, upload and use their own adapters, end to end"),
+    ):
+        commands.add_parser(name, add_help=False, help=help_text)
     hash_cmd = commands.add_parser(
         "hash-key", help="print the tenants-file form of an API key (sha256:<hex>)"
     )

@@ -1,0 +1,188 @@
+"""`loraserve eval`: exact match, token accuracy and perplexity, base model vs adapter.
+
+Local mode loads the base checkpoint and a PEFT adapter directory and measures both on an
+eval JSONL (the same formats `loraserve train` reads). Server mode asks a running loraserve for
+greedy completions with and without the named adapter; the server does not expose logits, so
+there it reports exact match only.
+
+    loraserve eval [--model PATH] --adapter DIR --data eval.jsonl [--json]
+    loraserve eval --server HOST:PORT [--api-key KEY] --adapter NAME --data eval.jsonl
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import sys
+from collections.abc import Sequence
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+
+from adapters.datasets import (
+    IGNORE_INDEX,
+    ChatExample,
+    DatasetError,
+    Example,
+    load_jsonl,
+    tokenize_example,
+)
+
+
+@dataclass(frozen=True)
+class EvalMetrics:
+    """How well one model (base or base + adapter) completes the eval rows."""
+
+    rows: int
+    exact_match: float
+    """Fraction of rows whose greedy completion equals the expected one (whitespace-trimmed)."""
+    token_accuracy: float | None
+    """Fraction of expected completion tokens the model ranks first (teacher forcing)."""
+    perplexity: float | None
+    """exp(mean negative log-likelihood) of the expected completion tokens."""
+
+
+def expected_text(example: Example) -> tuple[str, list[dict[str, str]] | None]:
+    """The completion to reproduce, and the chat context for chat rows (None for prompts)."""
+    if isinstance(example, ChatExample):
+        turns = [{"role": m.role, "content": m.content} for m in example.messages]
+        last = max(i for i, t in enumerate(turns) if t["role"] == "assistant")
+        return turns[last]["content"], turns[:last]
+    return example.completion, None
+
+
+def _prompt_ids(tokenized_ids: list[int], labels: list[int]) -> list[int]:
+    first = next(i for i, label in enumerate(labels) if label != IGNORE_INDEX)
+    return tokenized_ids[:first]
+
+
+def evaluate_model(model: Any, tokenizer: Any, examples: Sequence[Example]) -> EvalMetrics:
+    """Metrics of `model` (a causal LM, possibly a PeftModel with its adapter active)."""
+    import torch
+
+    exact, correct, counted, nll = 0, 0, 0, 0.0
+    for example in examples:
+        tokenized = tokenize_example(example, tokenizer, chat_loss="last_assistant")
+        ids = torch.tensor([tokenized.input_ids])  # (1, seq)
+        labels = torch.tensor(tokenized.labels)  # (seq,)
+        with torch.no_grad():
+            logits = model(input_ids=ids).logits[0, :-1].float()  # (seq - 1, vocab)
+        targets = labels[1:]  # (seq - 1,)
+        mask = targets != IGNORE_INDEX
+        log_probs = torch.log_softmax(logits[mask], dim=-1)  # (n, vocab)
+        wanted = targets[mask]  # (n,)
+        nll += float(-log_probs.gather(1, wanted[:, None]).sum())
+        correct += int((logits[mask].argmax(-1) == wanted).sum())
+        counted += int(mask.sum())
+        prompt = torch.tensor([_prompt_ids(tokenized.input_ids, tokenized.labels)])  # (1, p)
+        with torch.no_grad():
+            out = model.generate(
+                input_ids=prompt,
+                attention_mask=torch.ones_like(prompt),
+                max_new_tokens=tokenized.n_label_tokens + 2,
+                do_sample=False,
+                pad_token_id=tokenizer.eos_token_id,
+            )
+        text = tokenizer.decode(out[0, prompt.shape[1] :], skip_special_tokens=True)
+        exact += int(text.strip() == expected_text(example)[0].strip())
+    return EvalMetrics(
+        rows=len(examples),
+        exact_match=exact / max(len(examples), 1),
+        token_accuracy=correct / max(counted, 1),
+        perplexity=math.exp(nll / max(counted, 1)),
+    )
+
+
+def evaluate_local(
+    model_dir: Path, adapter_dir: Path, examples: Sequence[Example]
+) -> dict[str, EvalMetrics]:
+    """{"base": ..., "adapter": ...} on the same rows, the same loaded weights."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+    base = AutoModelForCausalLM.from_pretrained(model_dir, local_files_only=True).eval()
+    model = PeftModel.from_pretrained(base, adapter_dir).eval()
+    with model.disable_adapter():
+        base_metrics = evaluate_model(model, tokenizer, examples)
+    return {"base": base_metrics, "adapter": evaluate_model(model, tokenizer, examples)}
+
+
+def evaluate_server(
+    target: str, api_key: str | None, adapter: str, examples: Sequence[Example]
+) -> dict[str, EvalMetrics]:
+    """Exact match through a running server, base model vs the named adapter."""
+    from client.config import ClientConfig
+    from client.sync import LoraServeClient
+
+    results: dict[str, EvalMetrics] = {}
+    with LoraServeClient(ClientConfig(target=target, api_key=api_key)) as client:
+        for label, name in (("base", ""), ("adapter", adapter)):
+            exact = 0
+            for example in examples:
+                expected, chat = expected_text(example)
+                prompt = (
+                    [(t["role"], t["content"]) for t in chat]
+                    if chat is not None
+                    else example.prompt  # type: ignore[union-attr]
+                )
+                response = client.generate(prompt, adapter=name, max_new_tokens=64)
+                exact += int(response.text.strip() == expected.strip())
+            results[label] = EvalMetrics(len(examples), exact / max(len(examples), 1), None, None)
+    return results
+
+
+def format_table(results: dict[str, EvalMetrics]) -> str:
+    def cell(value: float | None, fmt: str) -> str:
+        return "n/a" if value is None else format(value, fmt)
+
+    lines = [f"{'':<10}{'exact match':>13}{'token acc.':>12}{'perplexity':>12}"]
+    for label, m in results.items():
+        lines.append(
+            f"{label:<10}{cell(m.exact_match, '.1%'):>13}{cell(m.token_accuracy, '.1%'):>12}"
+            f"{cell(m.perplexity, '.2f'):>12}"
+        )
+    return "\n".join(lines)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="loraserve eval",
+        description="Exact match, token accuracy and perplexity: base model vs adapter.",
+    )
+    parser.add_argument("--model", type=Path, default=None, help="base checkpoint (local mode)")
+    parser.add_argument("--adapter", required=True, help="adapter DIR (local) or NAME (server)")
+    parser.add_argument("--server", default=None, metavar="HOST:PORT", help="evaluate via a server")
+    parser.add_argument("--api-key", default=os.environ.get("LORASERVE_API_KEY"))
+    parser.add_argument("--data", type=Path, required=True, help="eval JSONL")
+    parser.add_argument("--json", action="store_true", help="print JSON")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    try:
+        args = parser.parse_args(argv)
+    except SystemExit as exc:
+        return int(exc.code or 0)
+    try:
+        examples = load_jsonl(args.data)
+    except (DatasetError, OSError) as exc:
+        print(f"loraserve eval: {exc}", file=sys.stderr)
+        return 2
+    if args.server:
+        results = evaluate_server(args.server, args.api_key, args.adapter, examples)
+    else:
+        from server.engine.embedded import default_model_path
+
+        model = args.model or default_model_path()
+        results = evaluate_local(Path(model), Path(args.adapter), examples)
+    if args.json:
+        print(json.dumps({k: asdict(v) for k, v in results.items()}, indent=2))
+    else:
+        print(format_table(results))
+    return 0
