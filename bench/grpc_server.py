@@ -5,13 +5,11 @@ process (cheaper to start; used by the unit-test smoke run). Loopback only, deve
 
 from __future__ import annotations
 
-import asyncio
 import os
 import signal
 import socket
 import subprocess
 import sys
-import threading
 from pathlib import Path
 from typing import Protocol
 
@@ -105,6 +103,7 @@ class ServerInThread:
     """server.app.Server on its own event loop in a background thread of this process."""
 
     def __init__(self, flags: dict[str, str]) -> None:
+        from server.background import BackgroundServer
         from server.config import ServerConfig
 
         wanted: dict[str, object] = {
@@ -128,36 +127,8 @@ class ServerInThread:
                  "--max-new-tokens", "--max-waiting-requests"}  # fmt: skip
         extra = tuple((k[2:].replace("-", "_"), v) for k, v in flags.items() if k not in known)
         self.config = apply_config_overrides(self.config, extra)
-        self._loop = asyncio.new_event_loop()
-        self._server = None
-        self.target = ""
-        started = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            from server.app import Server
-
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._server = Server(self.config)
-                port = self._loop.run_until_complete(self._server.start())
-                self.target = f"127.0.0.1:{port}"
-            except BaseException as exc:
-                errors.append(exc)
-                started.set()
-                return
-            started.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="bench-server", daemon=True)
-        self._thread.start()
-        started.wait(300)
-        if errors:
-            raise errors[0]
+        self._background = BackgroundServer(self.config).start()
+        self.target = self._background.target
 
     def stop(self) -> None:
-        if self._server is not None and self._loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(self._server.stop(1.0), self._loop)
-            future.result(60)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(60)
+        self._background.stop(1.0)

@@ -10,15 +10,12 @@ which per-tenant metrics moved. Runs on loopback only, in a temporary directory.
 from __future__ import annotations
 
 import argparse
-import asyncio
 import os
 import secrets
 import sys
 import tempfile
-import threading
 import time
 import urllib.request
-from dataclasses import dataclass
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -26,46 +23,6 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 DATA_DIR = Path(__file__).resolve().parent.parent / "demo" / "data"
 TENANTS = {"acme": "acme_facts.jsonl", "globex": "globex_facts.jsonl"}
 QUESTIONS_SHOWN = 3
-
-
-@dataclass
-class _Running:
-    server: object
-    loop: asyncio.AbstractEventLoop
-    thread: threading.Thread
-    port: int
-
-    def stop(self) -> None:
-        asyncio.run_coroutine_threadsafe(self.server.stop(1.0), self.loop).result(30)  # type: ignore[attr-defined]
-        self.loop.call_soon_threadsafe(self.loop.stop)
-        self.thread.join(30)
-
-
-def _start_server(config: object) -> _Running:
-    from server.app import Server
-
-    loop = asyncio.new_event_loop()
-    ready: list[object] = []
-
-    def run() -> None:
-        asyncio.set_event_loop(loop)
-        server = Server(config)  # type: ignore[arg-type]
-        try:
-            port = loop.run_until_complete(server.start())
-            ready.append((server, port))
-        except BaseException as exc:
-            ready.append(exc)
-            return
-        loop.run_forever()
-
-    thread = threading.Thread(target=run, name="demo-server", daemon=True)
-    thread.start()
-    while not ready:
-        time.sleep(0.05)
-    if isinstance(ready[0], BaseException):
-        raise ready[0]
-    server, port = ready[0]  # type: ignore[misc]
-    return _Running(server, loop, thread, port)
 
 
 def _free_port() -> int:
@@ -92,6 +49,7 @@ def run_demo(work: Path, epochs: int | None = None, out=sys.stdout) -> dict[str,
     from adapters.train import TrainConfig, train_adapter
     from client.config import ClientConfig
     from client.sync import LoraServeClient
+    from server.background import BackgroundServer
     from server.config import ServerConfig
     from server.engine.embedded import default_model_path
     from server.tenants import hash_key
@@ -135,8 +93,8 @@ def run_demo(work: Path, epochs: int | None = None, out=sys.stdout) -> dict[str,
         access_log="",
         price_per_device_hour=3.6,
     )
-    running = _start_server(config)
-    target = f"127.0.0.1:{running.port}"
+    running = BackgroundServer(config).start()
+    target = running.target
     say(f"server on {target} with tenants {', '.join(TENANTS)}")
     clients = {
         t: LoraServeClient(ClientConfig(target=target, api_key=k, timeout_s=60))

@@ -6,10 +6,8 @@ initializer_range, so logits are well separated and float noise cannot flip a gr
 
 from __future__ import annotations
 
-import asyncio
 import socket
-import threading
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -99,52 +97,33 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
-@dataclass
 class ServerThread:
-    """A real loraserve Server running on its own event loop in a background thread."""
+    """A real loraserve Server in a background thread (server.background.BackgroundServer)."""
 
-    config: ServerConfig
-    server: Any = None
-    """The running server.app.Server (imported lazily: the engine tests need no gRPC)."""
-    port: int = 0
-    _loop: asyncio.AbstractEventLoop = field(default_factory=asyncio.new_event_loop)
-    _thread: threading.Thread | None = None
+    def __init__(self, config: ServerConfig) -> None:
+        from server.background import BackgroundServer
+
+        self._background = BackgroundServer(config)
+        self.config = config
 
     def start(self) -> ServerThread:
-        started = threading.Event()
-        errors: list[BaseException] = []
-
-        from server.app import Server
-
-        def run() -> None:
-            asyncio.set_event_loop(self._loop)
-            try:
-                self.server = Server(self.config)
-                self.port = self._loop.run_until_complete(self.server.start())
-            except BaseException as exc:
-                errors.append(exc)
-                started.set()
-                return
-            started.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="test-server", daemon=True)
-        self._thread.start()
-        started.wait(120)
-        if errors:
-            raise errors[0]
+        self._background.start(120)
         return self
 
     @property
+    def server(self) -> Any:
+        return self._background.server
+
+    @property
+    def port(self) -> int:
+        return self._background.port
+
+    @property
     def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
+        return self._background.target
 
     def stop(self, grace: float = 1.0) -> None:
-        if self.server is not None and self._loop.is_running():
-            asyncio.run_coroutine_threadsafe(self.server.stop(grace), self._loop).result(30)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        if self._thread is not None:
-            self._thread.join(30)
+        self._background.stop(grace)
 
 
 def store_adapter(service, tenant: str, name: str, adapter_dir: Path):

@@ -303,8 +303,10 @@ def test_sigterm_drains_in_flight_stream(model_cache: Path, tmp_path: Path) -> N
         assert len(tokens) == DRAIN_TOKENS
         assert messages[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
         assert messages[-1].usage.completion_tokens == DRAIN_TOKENS
-        # The stream really was in flight across SIGTERM and the refusals, and ended in grace.
-        assert times[-1] > refused_at > sigterm_at
+        # The stream really was in flight across SIGTERM (new calls were refused meanwhile; on a
+        # busy machine the stream may end before the second refusal is checked), ended in grace.
+        assert times[0] < sigterm_at < times[-1]
+        assert refused_at > sigterm_at
         assert times[-1] - sigterm_at < GRACE
         assert proc.wait(timeout=GRACE + 15) == 0, "".join(output)
     finally:
