@@ -84,6 +84,8 @@ class ServerProcess:
         self._proc = subprocess.Popen(
             argv, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
         )
+        self.pid = self._proc.pid
+        self.log_path = log_path
 
     def alive(self) -> bool:
         return self._proc.poll() is None

@@ -38,8 +38,6 @@ import os
 import random
 import secrets
 import shutil
-import signal
-import subprocess
 import sys
 import tempfile
 import threading
@@ -48,9 +46,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
+from bench.grpc_server import ServerProcess
 from bench.stats import percentile
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
 MIB = 1024 * 1024
 
 PROMPTS: tuple[str, ...] = (
@@ -301,14 +299,6 @@ class SoakServer(Protocol):
     def stop(self) -> None: ...
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def write_tenants_file(path: Path, tenants: tuple[str, ...]) -> dict[str, str]:
     """Writes a tenants TOML with one fresh random API key per tenant; returns name -> key."""
     from server.tenants import hash_key
@@ -344,45 +334,11 @@ def _server_flags(settings: SoakSettings, data_dir: Path, tenants_file: Path) ->
     return flags
 
 
-class ProcessServer:
-    """`python -m loraserve serve` in a child process on a free loopback port."""
-
-    def __init__(self, flags: dict[str, str], log_path: Path) -> None:
-        port = _free_port()
-        self.target = f"127.0.0.1:{port}"
-        argv = [sys.executable, "-m", "loraserve", "serve", "--port", str(port)]
-        for key, value in flags.items():
-            argv += [key, value]
-        env = dict(os.environ)
-        env["PYTHONPATH"] = os.pathsep.join(
-            p for p in (str(REPO_ROOT), env.get("PYTHONPATH", "")) if p
-        )
-        env.setdefault("HF_HUB_OFFLINE", "1")
-        self.log_path = log_path
-        self._log = open(log_path, "wb")  # noqa: SIM115 (closed in stop)
-        self._proc = subprocess.Popen(
-            argv, cwd=REPO_ROOT, env=env, stdout=self._log, stderr=subprocess.STDOUT
-        )
-        self.pid = self._proc.pid
-
-    def alive(self) -> bool:
-        return self._proc.poll() is None
-
-    def stop(self) -> None:
-        if self._proc.poll() is None:
-            self._proc.send_signal(signal.SIGTERM)
-            try:
-                self._proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self._proc.kill()
-                self._proc.wait(10)
-        self._log.close()
-
-
 class ThreadServer:
     """server.app.Server on its own event loop in a thread of this process (RSS: this process)."""
 
     def __init__(self, settings: SoakSettings, data_dir: Path, tenants_file: Path) -> None:
+        from server.background import BackgroundServer
         from server.config import ServerConfig
 
         config = ServerConfig(
@@ -400,43 +356,15 @@ class ThreadServer:
             access_log="",
             tenant_max_requests=settings.tenant_max_requests or ServerConfig.tenant_max_requests,
         )
-        self.pid = os.getpid()
-        self.target = ""
-        self._loop = asyncio.new_event_loop()
-        self._server: Any = None
-        started = threading.Event()
-        errors: list[BaseException] = []
-
-        def run() -> None:
-            from server.app import Server
-
-            asyncio.set_event_loop(self._loop)
-            try:
-                self._server = Server(config)
-                port = self._loop.run_until_complete(self._server.start())
-                self.target = f"127.0.0.1:{port}"
-            except BaseException as exc:
-                errors.append(exc)
-                started.set()
-                return
-            started.set()
-            self._loop.run_forever()
-
-        self._thread = threading.Thread(target=run, name="soak-server", daemon=True)
-        self._thread.start()
-        started.wait(300)
-        if errors:
-            raise errors[0]
+        self.pid = os.getpid()  # in-process: the RSS measured is this process's
+        self._background = BackgroundServer(config).start()
+        self.target = self._background.target
 
     def alive(self) -> bool:
-        return self._thread.is_alive()
+        return self._background.server is not None
 
     def stop(self) -> None:
-        if self._server is not None and self._loop.is_running():
-            future = asyncio.run_coroutine_threadsafe(self._server.stop(1.0), self._loop)
-            future.result(60)
-            self._loop.call_soon_threadsafe(self._loop.stop)
-        self._thread.join(60)
+        self._background.stop(1.0)
 
 
 def start_server(settings: SoakSettings, work_dir: Path, tenants_file: Path) -> SoakServer:
@@ -446,7 +374,7 @@ def start_server(settings: SoakSettings, work_dir: Path, tenants_file: Path) -> 
     if settings.server == "thread":
         return ThreadServer(settings, data_dir, tenants_file)
     flags = _server_flags(settings, data_dir, tenants_file)
-    return ProcessServer(flags, work_dir / "server.log")
+    return ServerProcess(flags, work_dir / "server.log")
 
 
 async def wait_serving(client: Any, server: SoakServer, timeout_s: float = 300.0) -> None:
