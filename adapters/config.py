@@ -18,8 +18,8 @@ from typing import Any
 
 import regex
 
-from adapters.errors import AdapterTooLargeError, AdapterValidationError, clip, echo
-from adapters.spec import BaseModelSpec
+from loraserve.adapters.errors import AdapterTooLargeError, AdapterValidationError, clip, echo
+from loraserve.adapters.spec import BaseModelSpec
 
 CONFIG_FILE = "adapter_config.json"
 """File name of the config inside a PEFT adapter directory; also the prefix of error fields."""

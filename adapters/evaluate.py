@@ -23,7 +23,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from adapters.datasets import (
+from loraserve.adapters.datasets import (
     IGNORE_INDEX,
     ChatExample,
     DatasetError,
@@ -116,8 +116,8 @@ def evaluate_server(
     target: str, api_key: str | None, adapter: str, examples: Sequence[Example]
 ) -> dict[str, EvalMetrics]:
     """Exact match through a running server, base model vs the named adapter."""
-    from client.config import ClientConfig
-    from client.sync import LoraServeClient
+    from loraserve.client.config import ClientConfig
+    from loraserve.client.sync import LoraServeClient
 
     results: dict[str, EvalMetrics] = {}
     with LoraServeClient(ClientConfig(target=target, api_key=api_key)) as client:
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.server:
         results = evaluate_server(args.server, args.api_key, args.adapter, examples)
     else:
-        from server.engine.embedded import default_model_path
+        from loraserve.server.engine.embedded import default_model_path
 
         model = args.model or default_model_path()
         results = evaluate_local(Path(model), Path(args.adapter), examples)

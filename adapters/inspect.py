@@ -24,11 +24,16 @@ from typing import Any
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from adapters.config import CONFIG_FILE
-from adapters.errors import AdapterValidationError
-from adapters.safetensors_check import WEIGHTS_FILE, check_safetensors
-from adapters.spec import BaseModelSpec, TargetModule
-from adapters.weights import PEFT_KEY_PREFIX, AdapterWeights, load_adapter_weights, lora_keys
+from loraserve.adapters.config import CONFIG_FILE
+from loraserve.adapters.errors import AdapterValidationError
+from loraserve.adapters.safetensors_check import WEIGHTS_FILE, check_safetensors
+from loraserve.adapters.spec import BaseModelSpec, TargetModule
+from loraserve.adapters.weights import (
+    PEFT_KEY_PREFIX,
+    AdapterWeights,
+    load_adapter_weights,
+    lora_keys,
+)
 
 ENERGY_THRESHOLDS = (0.90, 0.99)
 """Energy fractions at which the effective rank is reported."""
@@ -164,7 +169,10 @@ def _spec_from_headers(weights: bytes) -> BaseModelSpec:
 
 def model_spec(model_dir: Path) -> BaseModelSpec:
     """The targetable layers of a local base model checkpoint (as the server sees them)."""
-    from server.engine.model import ModelLoadError, load_base_model  # imports transformers
+    from loraserve.server.engine.model import (  # imports transformers
+        ModelLoadError,
+        load_base_model,
+    )
 
     try:
         return load_base_model(Path(model_dir), device="cpu", dtype="float32").spec
@@ -457,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             out = truncate_adapter(args.adapter, args.out, args.truncate_rank)
             model_dir = args.model
             if model_dir is None:
-                from server.engine.embedded import default_model_path
+                from loraserve.server.engine.embedded import default_model_path
 
                 model_dir = default_model_path()
             prompts = read_eval_prompts(args.eval) if args.eval else list(DEFAULT_PROMPTS)

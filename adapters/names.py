@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import string
 
-from adapters.errors import AdapterValidationError
+from loraserve.adapters.errors import AdapterValidationError
 
 MAX_NAME_LENGTH = 64
 """Longest accepted name, in characters (all ASCII, so also bytes)."""

@@ -17,7 +17,7 @@ import struct
 from dataclasses import dataclass
 from typing import Any
 
-from adapters.errors import AdapterTooLargeError, AdapterValidationError, clip, echo
+from loraserve.adapters.errors import AdapterTooLargeError, AdapterValidationError, clip, echo
 
 WEIGHTS_FILE = "adapter_model.safetensors"
 """File name of the weights inside a PEFT adapter directory; also the error field."""

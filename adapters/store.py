@@ -37,12 +37,12 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal
 
-from adapters.errors import (
+from loraserve.adapters.errors import (
     AdapterCorruptError,
     AdapterNotFoundError,
     AdapterValidationError,
 )
-from adapters.names import validate_adapter_name, validate_tenant_name
+from loraserve.adapters.names import validate_adapter_name, validate_tenant_name
 
 log = logging.getLogger(__name__)
 

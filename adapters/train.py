@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from adapters.datasets import (
+from loraserve.adapters.datasets import (
     IGNORE_INDEX,
     ChatLoss,
     DatasetError,
@@ -290,12 +290,12 @@ def train_adapter(config: TrainConfig) -> TrainResult:
     """
     from peft import LoraConfig, get_peft_model
 
-    from adapters.config import parse_adapter_config
+    from loraserve.adapters.config import parse_adapter_config
 
     config.validate()
     started = time.perf_counter()
     if config.model_path is None:
-        from server.engine.embedded import default_model_path
+        from loraserve.server.engine.embedded import default_model_path
 
         config.model_path = default_model_path()
     model_path = Path(config.model_path)

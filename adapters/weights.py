@@ -13,10 +13,14 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load as load_safetensors_bytes
 
-from adapters.config import LoraAdapterConfig, parse_adapter_config, resolve_target_modules
-from adapters.errors import AdapterValidationError, clip, echo
-from adapters.safetensors_check import WEIGHTS_FILE, TensorHeader, check_safetensors
-from adapters.spec import BaseModelSpec, TargetModule
+from loraserve.adapters.config import (
+    LoraAdapterConfig,
+    parse_adapter_config,
+    resolve_target_modules,
+)
+from loraserve.adapters.errors import AdapterValidationError, clip, echo
+from loraserve.adapters.safetensors_check import WEIGHTS_FILE, TensorHeader, check_safetensors
+from loraserve.adapters.spec import BaseModelSpec, TargetModule
 
 PEFT_KEY_PREFIX = "base_model.model."
 """PEFT's save_pretrained prefixes every key with this (the PeftModel -> base model path)."""

@@ -1,8 +1,8 @@
 """loraserve's benchmark harness (issue 3, item 4).
 
-`python -m bench.run --quick` (or `loraserve bench --quick`) runs every part side by side in one
-process on the same base model and the same requests: loraserve with and without adapters under
-Punica's popularity patterns, HF PEFT mixed-batch and naive adapter-swap baselines, an S-LoRA-style
-trace, an n-registered-adapters sweep, adapter cold start and a through-gRPC load generator. See
-bench/README.md. `bench/multi_lora_ratio.py` is the older single-forward micro-benchmark.
+`loraserve bench --quick` (or `python -m loraserve.bench.run --quick`) runs every part side by
+side in one process on the same base model and the same requests: loraserve with and without
+adapters under Punica's popularity patterns, HF PEFT mixed-batch and naive adapter-swap
+baselines, an S-LoRA-style trace, an n-registered-adapters sweep, adapter cold start and a
+through-gRPC load generator. See bench/README.md.
 """

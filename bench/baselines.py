@@ -17,7 +17,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch
 
-from bench.stats import RequestResult, RunResult
+from loraserve.bench.stats import RequestResult, RunResult
 
 BASE_ADAPTER = "__base__"
 """PEFT's name for "no adapter" in adapter_names."""

@@ -14,9 +14,9 @@ from collections.abc import Callable
 
 import numpy as np
 
-from bench.context import BenchContext
-from bench.stats import RunResult, median
-from bench.workloads import PATTERNS, popularity, round_robin
+from loraserve.bench.context import BenchContext
+from loraserve.bench.stats import RunResult, median
+from loraserve.bench.workloads import PATTERNS, popularity, round_robin
 
 log = logging.getLogger("bench")
 POOL_TENANT = "bench"
@@ -108,7 +108,7 @@ def run_loraserve_modes(ctx: BenchContext) -> dict:
 
 def run_peft_baselines(ctx: BenchContext, *, mixed: bool, naive: bool) -> dict:
     """peft-mixed and/or naive-swap on the distinct pattern's requests."""
-    from bench.baselines import PeftBaseline
+    from loraserve.bench.baselines import PeftBaseline
 
     s = ctx.settings
     adapters = pool_assignments(ctx)["loraserve-distinct"]

@@ -12,9 +12,9 @@ import logging
 import os
 from pathlib import Path
 
-from bench.context import BenchContext
-from bench.engine_runner import BenchRequest
-from bench.stats import median
+from loraserve.bench.context import BenchContext
+from loraserve.bench.engine_runner import BenchRequest
+from loraserve.bench.stats import median
 
 log = logging.getLogger("bench")
 COLD_TENANT = "cold"

@@ -14,11 +14,11 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.adapter_factory import AdapterFactory, LoraShape
-from bench.engine_runner import BenchRequest, EngineBench, EngineLimits
-from bench.models import SIZES, bench_model_path, model_digest
-from bench.settings import BenchSettings
-from bench.workloads import prompt_from_corpus
+from loraserve.bench.adapter_factory import AdapterFactory, LoraShape
+from loraserve.bench.engine_runner import BenchRequest, EngineBench, EngineLimits
+from loraserve.bench.models import SIZES, bench_model_path, model_digest
+from loraserve.bench.settings import BenchSettings
+from loraserve.bench.workloads import prompt_from_corpus
 
 log = logging.getLogger("bench")
 
@@ -127,7 +127,7 @@ class BenchContext:
     def corpus_ids(self) -> list[int]:
         """Token ids of the embedded corpus, the source of every prompt (ids < 1,024)."""
         if self._corpus is None:
-            from server.engine.embedded import CORPUS, build_tokenizer
+            from loraserve.server.engine.embedded import CORPUS, build_tokenizer
 
             self._corpus = list(build_tokenizer()(CORPUS)["input_ids"])
         return self._corpus

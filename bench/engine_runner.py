@@ -15,7 +15,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from bench.stats import RequestResult, RunResult
+from loraserve.bench.stats import RequestResult, RunResult
 
 
 @dataclass(frozen=True)
@@ -53,8 +53,8 @@ def device_budget_bytes(model_dir: Path, adapters: int, rank: int, dtype: str) -
     import torch
     from transformers import AutoConfig, AutoModelForCausalLM
 
-    from server.engine.device_pool import DEFAULT_PAGE_RANK
-    from server.engine.model import find_lora_targets
+    from loraserve.server.engine.device_pool import DEFAULT_PAGE_RANK
+    from loraserve.server.engine.model import find_lora_targets
 
     config = AutoConfig.from_pretrained(model_dir, local_files_only=True)
     with torch.device("meta"):
@@ -102,7 +102,7 @@ class _Collector:
             self.done.set()
 
     def sink(self, index: int, arrival_s: float):
-        from server.engine.types import ErrorEvent, FinishEvent
+        from loraserve.server.engine.types import ErrorEvent, FinishEvent
 
         def on_event(event: object) -> None:
             if isinstance(event, FinishEvent):
@@ -152,11 +152,11 @@ class EngineBench:
         dtype: str = "float32",
         limits: EngineLimits | None = None,
     ) -> None:
-        from adapters.store import AdapterStore
-        from server.adapter_service import AdapterService
-        from server.config import ServerConfig
-        from server.engine.engine import Engine
-        from server.engine.model import load_base_model
+        from loraserve.adapters.store import AdapterStore
+        from loraserve.server.adapter_service import AdapterService
+        from loraserve.server.config import ServerConfig
+        from loraserve.server.engine.engine import Engine
+        from loraserve.server.engine.model import load_base_model
 
         limits = limits or EngineLimits()
         wanted: dict[str, object] = {
@@ -190,7 +190,7 @@ class EngineBench:
 
     def register(self, tenant: str, name: str, adapter_dir: Path) -> None:
         """Uploads a PEFT directory through AdapterService (checksums, validation, commit)."""
-        from server.adapter_service import FileDeclaration
+        from loraserve.server.adapter_service import FileDeclaration
 
         files = {
             "config": (Path(adapter_dir) / "adapter_config.json").read_bytes(),
@@ -219,8 +219,8 @@ class EngineBench:
 
         Wall time runs from the first submission to the last finish event.
         """
-        from server.engine.engine import SamplingOverrides
-        from server.engine.types import AdapterRef
+        from loraserve.server.engine.engine import SamplingOverrides
+        from loraserve.server.engine.types import AdapterRef
 
         order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
         cpu_start = time.process_time()

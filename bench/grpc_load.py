@@ -15,9 +15,9 @@ import logging
 import time
 from dataclasses import dataclass
 
-from bench.context import BenchContext
-from bench.grpc_server import ServerInThread, ServerProcess, serve_flags
-from bench.stats import RequestResult, RunResult, median, percentile
+from loraserve.bench.context import BenchContext
+from loraserve.bench.grpc_server import ServerInThread, ServerProcess, serve_flags
+from loraserve.bench.stats import RequestResult, RunResult, median, percentile
 
 log = logging.getLogger("bench")
 
@@ -133,9 +133,9 @@ def _summary(runs: list[GrpcRun], stat: str) -> dict:
 
 
 async def _drive(ctx: BenchContext, server, concurrency: int) -> dict:
-    from client.aio import AsyncLoraServeClient
-    from client.config import ClientConfig
-    from server.engine.embedded import build_tokenizer
+    from loraserve.client.aio import AsyncLoraServeClient
+    from loraserve.client.config import ClientConfig
+    from loraserve.server.engine.embedded import build_tokenizer
 
     s = ctx.settings
     tokenizer = build_tokenizer()

@@ -13,7 +13,7 @@ import sys
 from pathlib import Path
 from typing import Protocol
 
-from bench.engine_runner import apply_config_overrides, device_budget_bytes
+from loraserve.bench.engine_runner import apply_config_overrides, device_budget_bytes
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
@@ -105,8 +105,8 @@ class ServerInThread:
     """server.app.Server on its own event loop in a background thread of this process."""
 
     def __init__(self, flags: dict[str, str]) -> None:
-        from server.background import BackgroundServer
-        from server.config import ServerConfig
+        from loraserve.server.background import BackgroundServer
+        from loraserve.server.config import ServerConfig
 
         wanted: dict[str, object] = {
             "model_path": Path(flags["--model"]),

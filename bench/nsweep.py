@@ -13,9 +13,9 @@ import logging
 
 import numpy as np
 
-from bench.batch_modes import _interleaved, mode_entry
-from bench.context import BenchContext
-from bench.workloads import popularity
+from loraserve.bench.batch_modes import _interleaved, mode_entry
+from loraserve.bench.context import BenchContext
+from loraserve.bench.workloads import popularity
 
 log = logging.getLogger("bench")
 

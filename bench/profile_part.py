@@ -10,9 +10,9 @@ import logging
 import threading
 from pathlib import Path
 
-from bench.batch_modes import POOL_TENANT, pool_assignments
-from bench.context import BenchContext
-from bench.sampler import StackSampler
+from loraserve.bench.batch_modes import POOL_TENANT, pool_assignments
+from loraserve.bench.context import BenchContext
+from loraserve.bench.sampler import StackSampler
 
 log = logging.getLogger("bench")
 
@@ -29,7 +29,7 @@ def run_profile(ctx: BenchContext, path: Path) -> Path:
             result = engine.run(requests)
         reports.append(sampler.report(f"{mode}: {result.tokens_per_s:.1f} tokens/s"))
     if "naive" in s.only or "peft" in s.only:
-        from bench.baselines import PeftBaseline
+        from loraserve.bench.baselines import PeftBaseline
 
         adapters = assignments["loraserve-distinct"]
         used = sorted({a for a in adapters if a})

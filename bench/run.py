@@ -1,8 +1,8 @@
-"""`loraserve bench` / `python -m bench.run`: every part of the benchmark in one process run.
+"""`loraserve bench` / `python -m loraserve.bench.run`: every part of the benchmark in one run.
 
-    python -m bench.run --quick                       # a few minutes on 2 CPU cores
-    python -m bench.run --only distinct,peft,naive    # a subset of the parts
-    python -m bench.run --device cuda --dtype bfloat16 --size 1b --batch 32 --adapters 64
+    python -m loraserve.bench.run --quick                       # a few minutes on 2 CPU cores
+    python -m loraserve.bench.run --only distinct,peft,naive    # a subset of the parts
+    python -m loraserve.bench.run --device cuda --dtype bfloat16 --size 1b --batch 32 --adapters 64
 
 Writes bench/results/bench.json and bench/results/bench.png (see --out) and prints the table.
 A part that fails is reported (and makes the exit code 1); the others still run.
@@ -21,15 +21,11 @@ import traceback
 from dataclasses import asdict
 from pathlib import Path
 
-if __package__ in (None, ""):  # run as a script (bench/run.py): import bench as a package,
-    # and keep bench/ itself off the path so its modules cannot shadow others (trace, stats).
-    sys.path[0] = str(Path(__file__).resolve().parent.parent)
-
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from bench.context import BenchContext
-from bench.report import format_table, with_ratios, write_json
-from bench.settings import BenchSettings, settings_from_args
+from loraserve.bench.context import BenchContext
+from loraserve.bench.report import format_table, with_ratios, write_json
+from loraserve.bench.settings import BenchSettings, settings_from_args
 
 log = logging.getLogger("bench")
 
@@ -37,7 +33,7 @@ log = logging.getLogger("bench")
 def _meta(settings: BenchSettings, ctx: BenchContext) -> dict:
     import torch
 
-    from bench.models import SIZES
+    from loraserve.bench.models import SIZES
 
     size = SIZES[settings.size]
     meta = {k: v for k, v in asdict(settings).items() if k not in ("cache_dir", "work_dir")}
@@ -66,11 +62,11 @@ def _loadavg() -> list[float] | None:
 
 def run_parts(ctx: BenchContext) -> dict:
     """Runs the selected parts in a fixed order; a failing part is recorded, not fatal."""
-    from bench.batch_modes import run_loraserve_modes, run_peft_baselines
-    from bench.cold_start import run_cold_start
-    from bench.grpc_load import run_grpc
-    from bench.nsweep import run_nsweep
-    from bench.trace_replay import run_trace
+    from loraserve.bench.batch_modes import run_loraserve_modes, run_peft_baselines
+    from loraserve.bench.cold_start import run_cold_start
+    from loraserve.bench.grpc_load import run_grpc
+    from loraserve.bench.nsweep import run_nsweep
+    from loraserve.bench.trace_replay import run_trace
 
     only = set(ctx.settings.only)
     results: dict = {"batch": {"modes": {}, "distinct_sweep": {}}, "errors": {}}
@@ -106,7 +102,7 @@ def run_parts(ctx: BenchContext) -> dict:
     if "cold" in only:
         attempt("cold", lambda: results.update(cold_start=run_cold_start(ctx)))
     if ctx.settings.profile:
-        from bench.profile_part import run_profile
+        from loraserve.bench.profile_part import run_profile
 
         attempt(
             "profile",
@@ -154,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     print(format_table(results))
     print(f"\nJSON: {json_path}")
     if settings.plot:
-        from bench.plot import plot_results
+        from loraserve.bench.plot import plot_results
 
         try:
             png = plot_results(results, out_dir / "bench.png")

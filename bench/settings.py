@@ -6,7 +6,7 @@ import argparse
 from dataclasses import dataclass, field, fields, replace
 from pathlib import Path
 
-from bench.models import SIZES, default_cache_dir
+from loraserve.bench.models import SIZES, default_cache_dir
 
 PARTS: tuple[str, ...] = ("distinct", "peft", "naive", "nsweep", "trace", "cold", "grpc")
 """Selectable parts (--only): distinct = loraserve base + Punica patterns + distinct sweep."""

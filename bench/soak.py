@@ -1,6 +1,6 @@
 """A bounded load and soak test of a real loraserve server, loopback only, stopping by itself.
 
-    python -m bench.soak [--duration S] [--clients N] [--tenants A B C] [--max-requests N]
+    python -m loraserve.bench.soak [--duration S] [--clients N] [--tenants A B C] [--max-requests N]
                          [--json PATH]
 
 What it does:
@@ -46,8 +46,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Protocol
 
-from bench.grpc_server import ServerProcess
-from bench.stats import percentile
+from loraserve.bench.grpc_server import ServerProcess
+from loraserve.bench.stats import percentile
 
 MIB = 1024 * 1024
 
@@ -301,7 +301,7 @@ class SoakServer(Protocol):
 
 def write_tenants_file(path: Path, tenants: tuple[str, ...]) -> dict[str, str]:
     """Writes a tenants TOML with one fresh random API key per tenant; returns name -> key."""
-    from server.tenants import hash_key
+    from loraserve.server.tenants import hash_key
 
     keys = {name: f"soak-{name}-{secrets.token_hex(12)}" for name in tenants}
     path.write_text(
@@ -338,8 +338,8 @@ class ThreadServer:
     """server.app.Server on its own event loop in a thread of this process (RSS: this process)."""
 
     def __init__(self, settings: SoakSettings, data_dir: Path, tenants_file: Path) -> None:
-        from server.background import BackgroundServer
-        from server.config import ServerConfig
+        from loraserve.server.background import BackgroundServer
+        from loraserve.server.config import ServerConfig
 
         config = ServerConfig(
             model_path=settings.model_dir,
@@ -396,8 +396,8 @@ async def wait_serving(client: Any, server: SoakServer, timeout_s: float = 300.0
 
 def make_adapters(settings: SoakSettings, work_dir: Path) -> list[Path]:
     """adapters_per_tenant random PEFT directories (shared by every tenant's uploads)."""
-    from bench.adapter_factory import AdapterFactory, LoraShape
-    from server.engine.embedded import default_model_path
+    from loraserve.bench.adapter_factory import AdapterFactory, LoraShape
+    from loraserve.server.engine.embedded import default_model_path
 
     model_dir = settings.model_dir or default_model_path()
     factory = AdapterFactory(
@@ -533,8 +533,8 @@ async def run_load(
     adapters: dict[str, list[str]],
 ) -> tuple[list[CallResult], float, float]:
     """Runs the clients; returns (results, load start (perf_counter), wall seconds)."""
-    from client.aio import AsyncLoraServeClient
-    from client.config import ClientConfig
+    from loraserve.client.aio import AsyncLoraServeClient
+    from loraserve.client.config import ClientConfig
 
     tenants = list(settings.tenants)
     results: list[CallResult] = []
@@ -562,13 +562,13 @@ async def run_load(
 
 
 async def _soak(settings: SoakSettings, work_dir: Path) -> SoakReport:
-    from client.aio import AsyncLoraServeClient
-    from client.config import ClientConfig
+    from loraserve.client.aio import AsyncLoraServeClient
+    from loraserve.client.config import ClientConfig
 
     tenants_file = work_dir / "tenants.toml"
     keys = write_tenants_file(tenants_file, settings.tenants)
     if settings.model_dir is None:  # built (cached) here once, not raced by the child
-        from server.engine.embedded import default_model_path
+        from loraserve.server.engine.embedded import default_model_path
 
         await asyncio.to_thread(default_model_path)
     server = start_server(settings, work_dir, tenants_file)
@@ -702,7 +702,7 @@ def format_report(report: SoakReport) -> str:
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = SoakSettings()
     p = argparse.ArgumentParser(
-        prog="python -m bench.soak",
+        prog="python -m loraserve.bench.soak",
         description="Bounded load and soak test of a real loraserve server (loopback only).",
     )
     p.add_argument("--duration", type=float, default=d.duration_s, help="load seconds (cap)")

@@ -12,9 +12,9 @@ from __future__ import annotations
 
 import logging
 
-from bench.context import BenchContext
-from bench.engine_runner import BenchRequest
-from bench.workloads import TraceItem, TraceSpec, make_trace, rescale_arrivals
+from loraserve.bench.context import BenchContext
+from loraserve.bench.engine_runner import BenchRequest
+from loraserve.bench.workloads import TraceItem, TraceSpec, make_trace, rescale_arrivals
 
 log = logging.getLogger("bench")
 

@@ -1,7 +1,7 @@
 """Typed Python client (sync and asyncio) for every loraserve RPC.
 
-    from client.config import ClientConfig
-    from client.sync import LoraServeClient          # or client.aio.AsyncLoraServeClient
+    from loraserve.client.config import ClientConfig
+    from loraserve.client.sync import LoraServeClient          # or client.aio.AsyncLoraServeClient
 
     with LoraServeClient(ClientConfig(target="host:50051", api_key="...")) as c:
         c.wait_until_serving(60)

@@ -8,11 +8,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from client.channel import call_metadata, create_aio_channel
-from client.config import ClientConfig
-from client.health import wait_until_serving_async
-from client.request import Prompt, Sampling, build_generate_request
-from client.upload import plan_upload, upload_requests_async
+from loraserve.client.channel import call_metadata, create_aio_channel
+from loraserve.client.config import ClientConfig
+from loraserve.client.health import wait_until_serving_async
+from loraserve.client.request import Prompt, Sampling, build_generate_request
+from loraserve.client.upload import plan_upload, upload_requests_async
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import grpc
 import grpc.aio
 
-from client.config import ClientConfig
 from loraserve import __version__
+from loraserve.client.config import ClientConfig
 
 Metadata = tuple[tuple[str, str], ...]
 """gRPC call metadata as the stubs accept it."""

@@ -9,7 +9,7 @@ import grpc
 import grpc.aio
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from client.channel import Metadata
+from loraserve.client.channel import Metadata
 
 POLL_INTERVAL_S = 0.2
 """Pause between checks while the server is up but not yet SERVING (model still loading)."""

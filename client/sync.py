@@ -7,11 +7,11 @@ from pathlib import Path
 from types import TracebackType
 from typing import Protocol
 
-from client.channel import call_metadata, create_channel
-from client.config import ClientConfig
-from client.health import wait_until_serving_sync
-from client.request import Prompt, Sampling, build_generate_request
-from client.upload import plan_upload, upload_requests
+from loraserve.client.channel import call_metadata, create_channel
+from loraserve.client.config import ClientConfig
+from loraserve.client.health import wait_until_serving_sync
+from loraserve.client.request import Prompt, Sampling, build_generate_request
+from loraserve.client.upload import plan_upload, upload_requests
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 

@@ -19,25 +19,25 @@ from typing import TypedDict
 
 import grpc
 
-from client.config import DEFAULT_TARGET, ClientConfig
-from client.request import Prompt
-from client.results import (
+from loraserve.client.config import DEFAULT_TARGET, ClientConfig
+from loraserve.client.request import Prompt
+from loraserve.client.results import (
     JsonObject,
     StreamAccumulator,
     adapter_info_to_dict,
     generate_response_to_dict,
     server_info_to_dict,
 )
-from client.sync import LoraServeClient
-from client.upload import AdapterDirectoryError
+from loraserve.client.sync import LoraServeClient
+from loraserve.client.upload import AdapterDirectoryError
 from loraserve.v1 import adapters_pb2
 
 TARGET_ENV = "LORASERVE_TARGET"
 API_KEY_ENV = "LORASERVE_API_KEY"
 
 LOCAL_COMMANDS = {
-    "train": ("adapters.train", "main"),
-    "eval": ("adapters.evaluate", "main"),
+    "train": ("loraserve.adapters.train", "main"),
+    "eval": ("loraserve.adapters.evaluate", "main"),
     "demo": ("loraserve.demo", "main"),
 }
 """Commands that work on local files (imported on use: they need torch), by module."""
@@ -54,7 +54,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in LOCAL_COMMANDS:
         local, rest = LOCAL_COMMANDS[argv[0]], argv[1:]
     elif argv[:2] == ["adapters", "inspect"]:
-        local, rest = ("adapters.inspect", "main"), argv[2:]
+        local, rest = ("loraserve.adapters.inspect", "main"), argv[2:]
     if local is not None:
         try:  # imported on use: these need torch
             return int(getattr(importlib.import_module(local[0]), local[1])(rest))
@@ -67,7 +67,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "serve":
             return _serve(extras)
         if args.command == "bench":
-            from bench.run import main as bench_main  # imports torch: only when benchmarking
+            from loraserve.bench.run import (
+                main as bench_main,  # imports torch: only when benchmarking
+            )
 
             return bench_main(extras)
         if args.command == "hash-key":
@@ -284,7 +286,7 @@ def _exit_code(e: SystemExit) -> int:
 def _serve(server_argv: list[str]) -> int:
     # Imported here so that client commands never import torch or the model code.
     try:
-        from server.main import add_serve_arguments, run_serve
+        from loraserve.server.main import add_serve_arguments, run_serve
     except ImportError as e:
         print(f"error: cannot load the server (server.main): {e}", file=sys.stderr)
         return 1
@@ -350,7 +352,9 @@ def _generate(client: LoraServeClient, args: argparse.Namespace) -> int:
 
 
 def _hash_key(args: argparse.Namespace) -> int:
-    from server.tenants import hash_key  # no torch: tenants imports only the adapters' names
+    from loraserve.server.tenants import (
+        hash_key,  # no torch: tenants imports only the adapters' names
+    )
 
     key = sys.stdin.readline().strip() if args.key == "-" else args.key
     if not key:

@@ -45,14 +45,14 @@ def run_demo(work: Path, epochs: int | None = None, out=sys.stdout) -> dict[str,
     """Runs the whole demo in `work`; returns each tenant's accuracy on its own questions."""
     import grpc
 
-    from adapters.datasets import load_jsonl
-    from adapters.train import TrainConfig, train_adapter
-    from client.config import ClientConfig
-    from client.sync import LoraServeClient
-    from server.background import BackgroundServer
-    from server.config import ServerConfig
-    from server.engine.embedded import default_model_path
-    from server.tenants import hash_key
+    from loraserve.adapters.datasets import load_jsonl
+    from loraserve.adapters.train import TrainConfig, train_adapter
+    from loraserve.client.config import ClientConfig
+    from loraserve.client.sync import LoraServeClient
+    from loraserve.server.background import BackgroundServer
+    from loraserve.server.config import ServerConfig
+    from loraserve.server.engine.embedded import default_model_path
+    from loraserve.server.tenants import hash_key
 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One-shot GPU check (run on a machine with CUDA, in the repo root): versions, the CUDA parity
-# tests, a real server on --device cuda driven by the CLI, and the multi-LoRA ratio bench on a
+# tests, a real server on --device cuda driven by the CLI, and the bench on a
 # ~1.2B Llama in bf16. Results go to $OUT (or /tmp) as gpu_*.json / gpu_*.log.
 set -uo pipefail
 out="${OUT:-/tmp}"

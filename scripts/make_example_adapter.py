@@ -11,11 +11,9 @@ from __future__ import annotations
 
 import argparse
 import os
-import sys
 from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
-sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 
 def main() -> int:
@@ -32,7 +30,7 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from server.engine.embedded import default_model_path
+    from loraserve.server.engine.embedded import default_model_path
 
     model_dir = args.model or default_model_path()
     torch.manual_seed(args.seed)

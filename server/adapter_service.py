@@ -10,18 +10,18 @@ import re
 from dataclasses import dataclass, field
 from typing import Literal
 
-from adapters.errors import (
+from loraserve.adapters.errors import (
     AdapterError,
     AdapterNotFoundError,
     AdapterQuotaError,
     AdapterValidationError,
 )
-from adapters.names import validate_adapter_name
-from adapters.spec import BaseModelSpec
-from adapters.store import AdapterRecord, AdapterStore, UploadTransaction
-from adapters.weights import AdapterWeights, load_adapter_weights
-from server.config import ServerConfig
-from server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
+from loraserve.adapters.names import validate_adapter_name
+from loraserve.adapters.spec import BaseModelSpec
+from loraserve.adapters.store import AdapterRecord, AdapterStore, UploadTransaction
+from loraserve.adapters.weights import AdapterWeights, load_adapter_weights
+from loraserve.server.config import ServerConfig
+from loraserve.server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
 
 FileKind = Literal["config", "weights"]
 _SHA256 = re.compile(r"[0-9a-f]{64}")

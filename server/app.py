@@ -14,19 +14,19 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from adapters.store import AdapterStore
+from loraserve.adapters.store import AdapterStore
+from loraserve.server.adapter_service import AdapterService
+from loraserve.server.api.adapters import AdaptersServicer
+from loraserve.server.api.auth import Authorizer
+from loraserve.server.api.inference import InferenceServicer
+from loraserve.server.config import ServerConfig
+from loraserve.server.engine.engine import Engine
+from loraserve.server.engine.model import load_base_model
+from loraserve.server.metrics import Metrics
+from loraserve.server.request_log import RequestLogger
+from loraserve.server.runtime import Runtime
+from loraserve.server.tenants import TenantRegistry
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
-from server.adapter_service import AdapterService
-from server.api.adapters import AdaptersServicer
-from server.api.auth import Authorizer
-from server.api.inference import InferenceServicer
-from server.config import ServerConfig
-from server.engine.engine import Engine
-from server.engine.model import load_base_model
-from server.metrics import Metrics
-from server.request_log import RequestLogger
-from server.runtime import Runtime
-from server.tenants import TenantRegistry
 
 log = logging.getLogger(__name__)
 
@@ -40,7 +40,7 @@ def resolve_model_path(config: ServerConfig) -> Path:
     """The checkpoint to load: the configured one, or the embedded default (built on first use)."""
     if config.model_path is not None:
         return config.model_path
-    from server.engine.embedded import default_model_path
+    from loraserve.server.engine.embedded import default_model_path
 
     return default_model_path()
 

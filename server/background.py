@@ -9,8 +9,8 @@ from __future__ import annotations
 import asyncio
 import threading
 
-from server.app import Server
-from server.config import ServerConfig
+from loraserve.server.app import Server
+from loraserve.server.config import ServerConfig
 
 
 class BackgroundServer:

@@ -13,10 +13,10 @@ import sys
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from server.config import ConfigError, ServerConfig
+from loraserve.server.config import ConfigError, ServerConfig
 
 if TYPE_CHECKING:
-    from server.app import Server
+    from loraserve.server.app import Server
 
 log = logging.getLogger("loraserve")
 
@@ -216,7 +216,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
 
 async def serve(config: ServerConfig) -> None:
     """Runs until SIGTERM or SIGINT, then drains and returns."""
-    from server.app import Server  # heavy imports (torch) only when actually serving
+    from loraserve.server.app import Server  # heavy imports (torch) only when actually serving
 
     server = Server(config)
     stop = asyncio.Event()
@@ -239,7 +239,7 @@ async def serve(config: ServerConfig) -> None:
 
 def _reload_tenants(server: Server) -> None:
     """SIGHUP: re-read the tenants file; on a bad file, keep the old one and say why."""
-    from server.tenants import TenantsFileError
+    from loraserve.server.tenants import TenantsFileError
 
     try:
         server.reload_tenants()
@@ -264,8 +264,8 @@ def run_serve(args: argparse.Namespace) -> int:
     try:
         asyncio.run(serve(config))
     except Exception as exc:  # a start failure: say what, not a traceback wall
-        from server.engine.model import ModelLoadError
-        from server.tenants import TenantsFileError
+        from loraserve.server.engine.model import ModelLoadError
+        from loraserve.server.tenants import TenantsFileError
 
         if isinstance(exc, (ModelLoadError, TenantsFileError, OSError)):
             print(f"loraserve serve: {exc}", file=sys.stderr)

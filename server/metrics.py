@@ -19,12 +19,12 @@ from prometheus_client import (
     start_http_server,
 )
 
-from server.engine.accounting import EngineObserver, StepStats
+from loraserve.server.engine.accounting import EngineObserver, StepStats
 
 if TYPE_CHECKING:
-    from adapters.store import AdapterStore
-    from server.engine.engine import Engine
-    from server.engine.model import LoadedModel
+    from loraserve.adapters.store import AdapterStore
+    from loraserve.server.engine.engine import Engine
+    from loraserve.server.engine.model import LoadedModel
 
 # LLM serving spans milliseconds (a decode step) to minutes (a long generation in a queue).
 LATENCY_BUCKETS = (

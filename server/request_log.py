@@ -13,8 +13,8 @@ import time
 from dataclasses import dataclass
 from typing import TextIO
 
-from server.engine.types import Usage
-from server.metrics import Metrics
+from loraserve.server.engine.types import Usage
+from loraserve.server.metrics import Metrics
 
 
 @dataclass

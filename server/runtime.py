@@ -2,9 +2,9 @@
 
 from __future__ import annotations
 
-from server.adapter_service import AdapterService
-from server.engine.engine import Engine
-from server.engine.types import EngineError, ErrorKind
+from loraserve.server.adapter_service import AdapterService
+from loraserve.server.engine.engine import Engine
+from loraserve.server.engine.types import EngineError, ErrorKind
 
 
 class Runtime:

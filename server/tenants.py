@@ -18,8 +18,8 @@ import tomllib
 from dataclasses import dataclass
 from pathlib import Path
 
-from adapters.errors import AdapterValidationError
-from adapters.names import validate_tenant_name
+from loraserve.adapters.errors import AdapterValidationError
+from loraserve.adapters.names import validate_tenant_name
 
 DEV_TENANT = "dev"
 _HEX64 = re.compile(r"[0-9a-fA-F]{64}")

@@ -15,8 +15,8 @@ import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
-from server.config import ServerConfig
-from server.engine.embedded import TinyModelSpec, cached_model_path
+from loraserve.server.config import ServerConfig
+from loraserve.server.engine.embedded import TinyModelSpec, cached_model_path
 
 ARCH_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],
@@ -84,8 +84,8 @@ KEYS = {"acme": "acme-secret-key", "globex": "globex-secret-key", "root": "root-
 
 def client_for(server: ServerThread, tenant: str | None):
     """A sync client for `tenant` (a KEYS name, or any other string used as a raw key)."""
-    from client.config import ClientConfig
-    from client.sync import LoraServeClient
+    from loraserve.client.config import ClientConfig
+    from loraserve.client.sync import LoraServeClient
 
     key = None if tenant is None else KEYS.get(tenant, tenant)
     return LoraServeClient(ClientConfig(target=server.target, api_key=key, timeout_s=60))
@@ -101,7 +101,7 @@ class ServerThread:
     """A real loraserve Server in a background thread (server.background.BackgroundServer)."""
 
     def __init__(self, config: ServerConfig) -> None:
-        from server.background import BackgroundServer
+        from loraserve.server.background import BackgroundServer
 
         self._background = BackgroundServer(config)
         self.config = config
@@ -130,7 +130,7 @@ def store_adapter(service, tenant: str, name: str, adapter_dir: Path):
     """Uploads a PEFT directory through AdapterService's upload session (validation included)."""
     import hashlib
 
-    from server.adapter_service import FileDeclaration
+    from loraserve.server.adapter_service import FileDeclaration
 
     files = {
         "config": (adapter_dir / "adapter_config.json").read_bytes(),
@@ -159,10 +159,10 @@ class EngineHarness:
         observer: object = None,
         **config_overrides: object,
     ) -> None:
-        from adapters.store import AdapterStore
-        from server.adapter_service import AdapterService
-        from server.engine.engine import Engine
-        from server.engine.model import load_base_model
+        from loraserve.adapters.store import AdapterStore
+        from loraserve.server.adapter_service import AdapterService
+        from loraserve.server.engine.engine import Engine
+        from loraserve.server.engine.model import load_base_model
 
         self.config = ServerConfig(model_path=model_dir, data_dir=data_dir, **config_overrides)
         self.loaded = load_base_model(
@@ -184,8 +184,8 @@ class EngineHarness:
 
     def submit(self, prompt_ids: list[int], adapter: str | None, tenant: str = "t", **sampling):
         """Queues one request; returns the list its events will be appended to."""
-        from server.engine.engine import SamplingOverrides
-        from server.engine.types import AdapterRef
+        from loraserve.server.engine.engine import SamplingOverrides
+        from loraserve.server.engine.types import AdapterRef
 
         events: list = []
         self.engine.submit(
@@ -201,7 +201,7 @@ class EngineHarness:
         """Starts the engine thread (if needed) and waits until every job finished or failed."""
         import time
 
-        from server.engine.types import ErrorEvent, FinishEvent
+        from loraserve.server.engine.types import ErrorEvent, FinishEvent
 
         if self.engine._thread is None:
             self.engine.start()
@@ -221,8 +221,8 @@ def prefill_then_decode(loaded, prompts: list[list[int]], pages: list[tuple[int,
     The prefill writes rows in reverse order (gathered K/V); the decode step uses rows
     0..batch-1 (K/V views): both cache paths are exercised.
     """
-    from server.engine.kv_cache import SlotKVCache
-    from server.engine.runner import RowInput, forward_rows, lora_state
+    from loraserve.server.engine.kv_cache import SlotKVCache
+    from loraserve.server.engine.runner import RowInput, forward_rows, lora_state
 
     batch = len(prompts)
     cache = SlotKVCache(

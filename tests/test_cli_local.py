@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from loraserve.cli import main
-from server.tenants import TenantRegistry
+from loraserve.server.tenants import TenantRegistry
 
 
 def test_hash_key_matches_registry(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:

@@ -7,15 +7,15 @@ from collections.abc import AsyncIterator
 
 import grpc
 
-from adapters.errors import AdapterError, AdapterValidationError
+from loraserve.adapters.errors import AdapterError, AdapterValidationError
+from loraserve.server.adapter_service import AdapterService, FileDeclaration, UploadSession
+from loraserve.server.api.auth import Authorizer
+from loraserve.server.api.convert import FILE_KINDS, adapter_info
+from loraserve.server.api.errors import abort_for, status_for
+from loraserve.server.engine.types import EngineError
+from loraserve.server.metrics import Metrics
+from loraserve.server.runtime import Runtime
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc
-from server.adapter_service import AdapterService, FileDeclaration, UploadSession
-from server.api.auth import Authorizer
-from server.api.convert import FILE_KINDS, adapter_info
-from server.api.errors import abort_for, status_for
-from server.engine.types import EngineError
-from server.metrics import Metrics
-from server.runtime import Runtime
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):

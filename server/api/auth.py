@@ -4,10 +4,10 @@ from __future__ import annotations
 
 import grpc
 
-from adapters.errors import AdapterValidationError
-from adapters.names import validate_tenant_name
-from server.engine.types import EngineError, ErrorKind
-from server.tenants import Principal, TenantRegistry
+from loraserve.adapters.errors import AdapterValidationError
+from loraserve.adapters.names import validate_tenant_name
+from loraserve.server.engine.types import EngineError, ErrorKind
+from loraserve.server.tenants import Principal, TenantRegistry
 
 
 def bearer_key(context: grpc.aio.ServicerContext) -> str | None:

@@ -2,10 +2,10 @@
 
 from __future__ import annotations
 
-from adapters.store import AdapterRecord
+from loraserve.adapters.store import AdapterRecord
+from loraserve.server.engine.engine import SamplingOverrides
+from loraserve.server.engine.types import FinishReason, Usage
 from loraserve.v1 import adapters_pb2, inference_pb2
-from server.engine.engine import SamplingOverrides
-from server.engine.types import FinishReason, Usage
 
 FINISH_REASONS = {
     FinishReason.LENGTH: inference_pb2.FINISH_REASON_LENGTH,

@@ -6,14 +6,14 @@ import logging
 
 import grpc
 
-from adapters.errors import (
+from loraserve.adapters.errors import (
     AdapterCorruptError,
     AdapterError,
     AdapterNotFoundError,
     AdapterQuotaError,
     AdapterValidationError,
 )
-from server.engine.types import EngineError, ErrorKind
+from loraserve.server.engine.types import EngineError, ErrorKind
 
 log = logging.getLogger(__name__)
 

@@ -9,12 +9,11 @@ from collections.abc import AsyncIterator
 import grpc
 
 import loraserve
-from adapters.errors import AdapterError
-from loraserve.v1 import inference_pb2, inference_pb2_grpc
-from server.api.auth import Authorizer, bearer_key, unauthenticated
-from server.api.convert import FINISH_REASONS, sampling_overrides, usage_pb
-from server.api.errors import abort_for, status_for
-from server.engine.types import (
+from loraserve.adapters.errors import AdapterError
+from loraserve.server.api.auth import Authorizer, bearer_key, unauthenticated
+from loraserve.server.api.convert import FINISH_REASONS, sampling_overrides, usage_pb
+from loraserve.server.api.errors import abort_for, status_for
+from loraserve.server.engine.types import (
     AdapterRef,
     EngineError,
     ErrorEvent,
@@ -22,8 +21,9 @@ from server.engine.types import (
     FinishEvent,
     TokenEvent,
 )
-from server.request_log import RequestLogger, RequestRecord
-from server.runtime import Runtime
+from loraserve.server.request_log import RequestLogger, RequestRecord
+from loraserve.server.runtime import Runtime
+from loraserve.v1 import inference_pb2, inference_pb2_grpc
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):

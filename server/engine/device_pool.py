@@ -15,10 +15,10 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
-from adapters.weights import AdapterWeights
-from server.engine.accounting import EngineObserver
-from server.engine.lora import MultiLoRALinear
-from server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
+from loraserve.adapters.weights import AdapterWeights
+from loraserve.server.engine.accounting import EngineObserver
+from loraserve.server.engine.lora import MultiLoRALinear
+from loraserve.server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
 
 AdapterLoader = Callable[[AdapterKey], AdapterWeights]
 """Returns one adapter version's validated weights (host tier, else disk; raises EngineError)."""

@@ -11,13 +11,13 @@ import uuid
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from server.config import ServerConfig
-from server.engine.accounting import EngineObserver
-from server.engine.device_pool import AdapterLoader, AdapterResolver, DevicePool
-from server.engine.host_cache import HostCache
-from server.engine.model import LoadedModel
-from server.engine.scheduler import RequestHandle, Scheduler, SchedulerSettings
-from server.engine.types import (
+from loraserve.server.config import ServerConfig
+from loraserve.server.engine.accounting import EngineObserver
+from loraserve.server.engine.device_pool import AdapterLoader, AdapterResolver, DevicePool
+from loraserve.server.engine.host_cache import HostCache
+from loraserve.server.engine.model import LoadedModel
+from loraserve.server.engine.scheduler import RequestHandle, Scheduler, SchedulerSettings
+from loraserve.server.engine.types import (
     AdapterRef,
     EngineError,
     ErrorKind,

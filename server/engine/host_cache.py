@@ -14,9 +14,9 @@ from collections import OrderedDict
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
 
-from adapters.weights import AdapterWeights
-from server.engine.accounting import EngineObserver
-from server.engine.types import AdapterKey
+from loraserve.adapters.weights import AdapterWeights
+from loraserve.server.engine.accounting import EngineObserver
+from loraserve.server.engine.types import AdapterKey
 
 log = logging.getLogger(__name__)
 

@@ -23,8 +23,8 @@ from transformers import (
     PreTrainedTokenizerBase,
 )
 
-from adapters.spec import BaseModelSpec, TargetModule
-from server.engine.lora import LoRAContext, MultiLoRALinear, is_lora_target
+from loraserve.adapters.spec import BaseModelSpec, TargetModule
+from loraserve.server.engine.lora import LoRAContext, MultiLoRALinear, is_lora_target
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
 

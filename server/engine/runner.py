@@ -12,9 +12,9 @@ from dataclasses import dataclass
 
 import torch
 
-from server.engine.kv_cache import ForwardPlan, SlotKVCache
-from server.engine.lora import BatchLoRAState
-from server.engine.model import LoadedModel
+from loraserve.server.engine.kv_cache import ForwardPlan, SlotKVCache
+from loraserve.server.engine.lora import BatchLoRAState
+from loraserve.server.engine.model import LoadedModel
 
 
 @dataclass(frozen=True)

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import torch
 
-from server.engine.types import SamplingParams
+from loraserve.server.engine.types import SamplingParams
 
 
 def make_generator(params: SamplingParams) -> torch.Generator | None:

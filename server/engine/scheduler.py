@@ -27,16 +27,16 @@ from dataclasses import dataclass, field
 
 import torch
 
-from server.engine import runner
-from server.engine.accounting import EngineObserver, step_stats
-from server.engine.detokenize import TextState
-from server.engine.device_pool import AdapterResolver, DevicePool
-from server.engine.fair_queue import FairQueue
-from server.engine.kv_cache import SlotKVCache
-from server.engine.lora import BatchLoRAState
-from server.engine.model import LoadedModel
-from server.engine.sampling import make_generator, select_next_tokens
-from server.engine.types import (
+from loraserve.server.engine import runner
+from loraserve.server.engine.accounting import EngineObserver, step_stats
+from loraserve.server.engine.detokenize import TextState
+from loraserve.server.engine.device_pool import AdapterResolver, DevicePool
+from loraserve.server.engine.fair_queue import FairQueue
+from loraserve.server.engine.kv_cache import SlotKVCache
+from loraserve.server.engine.lora import BatchLoRAState
+from loraserve.server.engine.model import LoadedModel
+from loraserve.server.engine.sampling import make_generator, select_next_tokens
+from loraserve.server.engine.types import (
     AdapterKey,
     EngineError,
     ErrorEvent,

@@ -30,7 +30,7 @@ from transformers import (
 )
 from transformers.pytorch_utils import Conv1D
 
-from adapters.spec import BaseModelSpec, TargetModule
+from loraserve.adapters.spec import BaseModelSpec, TargetModule
 
 ARCHS = ("llama", "qwen2", "gpt2")
 DEFAULT_TARGETS = {

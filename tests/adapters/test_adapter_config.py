@@ -8,8 +8,8 @@ from collections.abc import Callable
 
 import pytest
 
-from adapters.config import LoraAdapterConfig, parse_adapter_config
-from adapters.errors import AdapterTooLargeError, AdapterValidationError
+from loraserve.adapters.config import LoraAdapterConfig, parse_adapter_config
+from loraserve.adapters.errors import AdapterTooLargeError, AdapterValidationError
 
 MAX_RANK = 64
 

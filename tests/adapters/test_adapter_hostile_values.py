@@ -7,10 +7,10 @@ import struct
 
 import pytest
 
-from adapters.config import parse_adapter_config, resolve_target_modules
-from adapters.errors import AdapterValidationError
-from adapters.safetensors_check import check_safetensors
-from adapters.spec import BaseModelSpec, TargetModule
+from loraserve.adapters.config import parse_adapter_config, resolve_target_modules
+from loraserve.adapters.errors import AdapterValidationError
+from loraserve.adapters.safetensors_check import check_safetensors
+from loraserve.adapters.spec import BaseModelSpec, TargetModule
 
 SPEC = BaseModelSpec(
     model_type="llama",

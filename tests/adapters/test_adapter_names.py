@@ -4,8 +4,8 @@ from __future__ import annotations
 
 import pytest
 
-from adapters.errors import AdapterValidationError
-from adapters.names import validate_adapter_name, validate_tenant_name
+from loraserve.adapters.errors import AdapterValidationError
+from loraserve.adapters.names import validate_adapter_name, validate_tenant_name
 
 
 @pytest.mark.parametrize(

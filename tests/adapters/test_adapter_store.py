@@ -10,12 +10,12 @@ from pathlib import Path
 
 import pytest
 
-from adapters.errors import (
+from loraserve.adapters.errors import (
     AdapterCorruptError,
     AdapterNotFoundError,
     AdapterValidationError,
 )
-from adapters.store import AdapterRecord, AdapterStore
+from loraserve.adapters.store import AdapterRecord, AdapterStore
 
 META = {
     "rank": 4,

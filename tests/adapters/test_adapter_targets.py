@@ -6,9 +6,9 @@ import json
 
 import pytest
 
-from adapters.config import parse_adapter_config, resolve_target_modules
-from adapters.errors import AdapterValidationError
-from adapters.spec import BaseModelSpec, TargetModule
+from loraserve.adapters.config import parse_adapter_config, resolve_target_modules
+from loraserve.adapters.errors import AdapterValidationError
+from loraserve.adapters.spec import BaseModelSpec, TargetModule
 
 
 def make_spec() -> BaseModelSpec:

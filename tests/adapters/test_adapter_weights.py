@@ -11,9 +11,9 @@ import pytest
 import torch
 from peft import LoraConfig, get_peft_model
 
-from adapters.config import resolve_target_modules
-from adapters.errors import AdapterValidationError
-from adapters.weights import AdapterWeights, load_adapter_weights, lora_keys
+from loraserve.adapters.config import resolve_target_modules
+from loraserve.adapters.errors import AdapterValidationError
+from loraserve.adapters.weights import AdapterWeights, load_adapter_weights, lora_keys
 
 if TYPE_CHECKING:
     from conftest import ModelKit, SavedAdapter

@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from adapters.datasets import (
+from loraserve.adapters.datasets import (
     IGNORE_INDEX,
     ChatExample,
     DatasetError,
@@ -17,7 +17,7 @@ from adapters.datasets import (
     tokenize_dataset,
     tokenize_example,
 )
-from server.engine.embedded import build_tokenizer
+from loraserve.server.engine.embedded import build_tokenizer
 
 
 @pytest.fixture(scope="module")

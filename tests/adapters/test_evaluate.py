@@ -9,10 +9,10 @@ from pathlib import Path
 import pytest
 from serving_support import ServerThread, build_test_model
 
-from adapters.datasets import load_jsonl
-from adapters.evaluate import evaluate_local, evaluate_server, format_table, main
-from adapters.train import TrainConfig, train_adapter
-from server.config import ServerConfig
+from loraserve.adapters.datasets import load_jsonl
+from loraserve.adapters.evaluate import evaluate_local, evaluate_server, format_table, main
+from loraserve.adapters.train import TrainConfig, train_adapter
+from loraserve.server.config import ServerConfig
 
 DEMO = Path(__file__).resolve().parents[2] / "demo" / "data" / "acme_facts.jsonl"
 

@@ -17,8 +17,8 @@ from safetensors.torch import load_file, save_file
 from serving_support import AdapterShape, build_test_model, make_peft_adapter
 from transformers import AutoModelForCausalLM
 
-from adapters.config import parse_adapter_config
-from adapters.inspect import (
+from loraserve.adapters.config import parse_adapter_config
+from loraserve.adapters.inspect import (
     DriftReport,
     InspectReport,
     effective_rank,
@@ -30,7 +30,7 @@ from adapters.inspect import (
     thin_svd,
     truncate_adapter,
 )
-from adapters.weights import load_adapter_weights, lora_keys
+from loraserve.adapters.weights import load_adapter_weights, lora_keys
 
 RANK = 8
 ALPHA = 16.0

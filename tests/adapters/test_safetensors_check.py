@@ -10,8 +10,8 @@ import pytest
 import torch
 from safetensors.torch import save as save_safetensors_bytes
 
-from adapters.errors import AdapterTooLargeError, AdapterValidationError
-from adapters.safetensors_check import TensorHeader, check_safetensors
+from loraserve.adapters.errors import AdapterTooLargeError, AdapterValidationError
+from loraserve.adapters.safetensors_check import TensorHeader, check_safetensors
 
 Build = Callable[[dict, bytes], bytes]
 

@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 
-from adapters.errors import AdapterNotFoundError
-from adapters.store import LAST_VERSION_FILE, AdapterRecord, AdapterStore
+from loraserve.adapters.errors import AdapterNotFoundError
+from loraserve.adapters.store import LAST_VERSION_FILE, AdapterRecord, AdapterStore
 
 META = {
     "rank": 4,
@@ -93,7 +93,7 @@ def test_damaged_version_is_quarantined_at_start(
     damage_fn, reason = DAMAGE[damage]
     damage_fn(bad.path)
 
-    with caplog.at_level(logging.ERROR, logger="adapters.store"):
+    with caplog.at_level(logging.ERROR, logger="loraserve.adapters.store"):
         store = AdapterStore(tmp_path)
 
     errors = [r for r in caplog.records if r.levelno == logging.ERROR]
@@ -123,7 +123,7 @@ def test_damaged_version_is_quarantined_at_start(
 
     # And a further restart changes nothing and logs nothing.
     caplog.clear()
-    with caplog.at_level(logging.ERROR, logger="adapters.store"):
+    with caplog.at_level(logging.ERROR, logger="loraserve.adapters.store"):
         store = AdapterStore(tmp_path)
     assert not [r for r in caplog.records if r.levelno >= logging.ERROR]
     assert [(r.name, r.version) for r in store.list("acme")] == [("bad", 2), ("good", 1)]
@@ -160,7 +160,7 @@ def test_second_quarantine_of_same_version_gets_its_own_directory(tmp_path: Path
 
 
 def test_large_file_is_verified_in_chunks(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    import adapters.store as store_module
+    import loraserve.adapters.store as store_module
 
     monkeypatch.setattr(store_module, "_VERIFY_CHUNK", 1000)
     reads: list[int] = []

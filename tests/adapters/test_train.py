@@ -11,10 +11,10 @@ import pytest
 import torch
 from serving_support import build_test_model
 
-from adapters.config import parse_adapter_config
-from adapters.datasets import load_jsonl
-from adapters.train import TrainConfig, TrainResult, main, train_adapter
-from adapters.weights import load_adapter_weights
+from loraserve.adapters.config import parse_adapter_config
+from loraserve.adapters.datasets import load_jsonl
+from loraserve.adapters.train import TrainConfig, TrainResult, main, train_adapter
+from loraserve.adapters.weights import load_adapter_weights
 
 FACTS = [
     ("What is the capital of Velmora?", "Drent."),
@@ -113,7 +113,7 @@ def test_output_is_a_servable_peft_adapter(trained: TrainResult, base_dir: Path)
     from peft import PeftModel
     from transformers import AutoModelForCausalLM
 
-    from server.engine.model import load_base_model
+    from loraserve.server.engine.model import load_base_model
 
     config_bytes = (trained.out_dir / "adapter_config.json").read_bytes()
     weights_bytes = (trained.out_dir / "adapter_model.safetensors").read_bytes()

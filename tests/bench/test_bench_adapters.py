@@ -9,8 +9,8 @@ import pytest
 import torch
 from safetensors import safe_open
 
-from bench.adapter_factory import AdapterFactory, LoraShape, target_shapes
-from bench.models import bench_model_path
+from loraserve.bench.adapter_factory import AdapterFactory, LoraShape, target_shapes
+from loraserve.bench.models import bench_model_path
 
 
 @pytest.fixture(scope="module")
@@ -72,9 +72,9 @@ def test_adapters_are_random_deterministic_and_non_trivial(
 
 
 def test_loraserve_accepts_them(tiny_model: Path, tmp_path: Path) -> None:
-    from adapters.weights import load_adapter_weights
-    from server.adapter_service import AdapterService  # noqa: F401  (import check)
-    from server.engine.model import load_base_model
+    from loraserve.adapters.weights import load_adapter_weights
+    from loraserve.server.adapter_service import AdapterService  # noqa: F401  (import check)
+    from loraserve.server.engine.model import load_base_model
 
     directory = AdapterFactory(tiny_model, LoraShape(rank=4, alpha=8.0)).write(tmp_path / "a", 0)
     loaded = load_base_model(tiny_model, device="cpu", dtype="float32")

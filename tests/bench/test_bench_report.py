@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from bench.report import Ratio, compute_ratios, format_table, with_ratios, write_json
-from bench.stats import RequestResult, RunResult, percentile
+from loraserve.bench.report import Ratio, compute_ratios, format_table, with_ratios, write_json
+from loraserve.bench.stats import RequestResult, RunResult, percentile
 
 
 def _results() -> dict:
@@ -145,7 +145,7 @@ def test_json_round_trip(tmp_path: Path) -> None:
 
 def test_plot_writes_a_png(tmp_path: Path) -> None:
     pytest.importorskip("matplotlib")
-    from bench.plot import plot_results
+    from loraserve.bench.plot import plot_results
 
     path = plot_results(_results(), tmp_path / "bench.png")
     assert path is not None and path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from bench.settings import PARTS, QUICK, settings_from_args
+from loraserve.bench.settings import PARTS, QUICK, settings_from_args
 
 
 def test_defaults_are_the_full_run() -> None:
@@ -54,8 +54,8 @@ def test_unknown_part_is_a_usage_error() -> None:
 def test_engine_opts_set_config_fields() -> None:
     from pathlib import Path
 
-    from bench.engine_runner import apply_config_overrides
-    from server.config import ServerConfig
+    from loraserve.bench.engine_runner import apply_config_overrides
+    from loraserve.server.config import ServerConfig
 
     s = settings_from_args(["--engine-opt", "max-batch-size=8", "--engine-opt", "grace_seconds=2"])
     assert s.engine_opts == (("max_batch_size", "8"), ("grace_seconds", "2"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from bench.run import main
+from loraserve.bench.run import main
 
 
 def test_every_part_runs_on_a_tiny_model(tmp_path: Path, capsys) -> None:

@@ -7,7 +7,7 @@ from collections import Counter
 import numpy as np
 import pytest
 
-from bench.workloads import (
+from loraserve.bench.workloads import (
     TraceSpec,
     gamma_arrivals,
     lengths,

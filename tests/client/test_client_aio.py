@@ -9,9 +9,9 @@ import grpc
 import pytest
 from client_fakes import API_KEY, FakeServer, MakeAdapterDir
 
-from client.aio import AsyncLoraServeClient
-from client.config import ClientConfig
-from client.upload import CHUNK_SIZE, AdapterDirectoryError
+from loraserve.client.aio import AsyncLoraServeClient
+from loraserve.client.config import ClientConfig
+from loraserve.client.upload import CHUNK_SIZE, AdapterDirectoryError
 from loraserve.v1 import adapters_pb2, inference_pb2
 
 

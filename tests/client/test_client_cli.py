@@ -190,10 +190,10 @@ def test_serve_delegates_to_server_main(monkeypatch: pytest.MonkeyPatch) -> None
         seen.append(args)
         return 7
 
-    fake_main = types.ModuleType("server.main")
+    fake_main = types.ModuleType("loraserve.server.main")
     fake_main.add_serve_arguments = add_serve_arguments  # type: ignore[attr-defined]
     fake_main.run_serve = run_serve  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "server.main", fake_main)
+    monkeypatch.setitem(sys.modules, "loraserve.server.main", fake_main)
 
     assert main(["serve", "--host", "0.0.0.0", "--port", "5", "--timeout", "x"]) == 7
     assert (seen[0].host, seen[0].port, seen[0].timeout) == ("0.0.0.0", 5, "x")

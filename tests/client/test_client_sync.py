@@ -12,10 +12,10 @@ import grpc
 import pytest
 from client_fakes import API_KEY, FakeServer, MakeAdapterDir, start_fake_server
 
-from client.config import ClientConfig
-from client.results import merge_stream
-from client.sync import LoraServeClient
-from client.upload import CHUNK_SIZE, AdapterDirectoryError
+from loraserve.client.config import ClientConfig
+from loraserve.client.results import merge_stream
+from loraserve.client.sync import LoraServeClient
+from loraserve.client.upload import CHUNK_SIZE, AdapterDirectoryError
 from loraserve.v1 import adapters_pb2, inference_pb2
 
 

@@ -14,8 +14,8 @@ import grpc
 import pytest
 from client_fakes import FakeServer, start_fake_server
 
-from client.config import ClientConfig
-from client.sync import LoraServeClient
+from loraserve.client.config import ClientConfig
+from loraserve.client.sync import LoraServeClient
 
 SERVER_NAME = "loraserve.test"
 """The only name in the server certificate; 127.0.0.1 is not in it."""

@@ -18,8 +18,8 @@ from typing import Any
 import pytest
 import yaml
 
-from server.config import ServerConfig
-from server.metrics import Metrics
+from loraserve.server.config import ServerConfig
+from loraserve.server.metrics import Metrics
 
 REPO = Path(__file__).resolve().parents[2]
 DEPLOY = REPO / "deploy"

@@ -14,8 +14,8 @@ from serving_support import (
     store_adapter,
 )
 
-from server.engine.accounting import EngineObserver, StepStats, split_step, step_stats
-from server.engine.types import FinishEvent
+from loraserve.server.engine.accounting import EngineObserver, StepStats, split_step, step_stats
+from loraserve.server.engine.types import FinishEvent
 
 
 def test_split_step_is_proportional_to_tokens() -> None:

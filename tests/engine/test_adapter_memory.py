@@ -11,8 +11,8 @@ import torch
 from safetensors.torch import save
 from serving_support import EngineHarness, build_test_model
 
-from adapters.weights import lora_keys
-from server.adapter_service import FileDeclaration
+from loraserve.adapters.weights import lora_keys
+from loraserve.server.adapter_service import FileDeclaration
 
 COUNT = 200
 

@@ -16,7 +16,7 @@ from serving_support import (
     store_adapter,
 )
 
-from server.engine.types import EngineError, ErrorKind, FinishEvent, TokenEvent
+from loraserve.server.engine.types import EngineError, ErrorKind, FinishEvent, TokenEvent
 
 PROMPT = [11, 12, 13, 14, 15]
 LONG_PROMPT = [(7 * i) % 200 + 20 for i in range(70)]
@@ -66,8 +66,8 @@ def test_request_joins_a_running_batch_and_both_match_running_alone(
             decode_sizes_at_join.append(len(scheduler.decode_sizes))
             second.append(harness.submit(PROMPT[::-1], None, max_new_tokens=8, ignore_eos=True))
 
-    from server.engine.engine import SamplingOverrides
-    from server.engine.types import AdapterRef
+    from loraserve.server.engine.engine import SamplingOverrides
+    from loraserve.server.engine.types import AdapterRef
 
     first: list = []
     harness.engine.submit(
@@ -137,7 +137,7 @@ def test_kv_rows_are_never_recopied(model_and_adapter, tmp_path: Path) -> None:
                 snapshots.append((row, keys[row, :, : len(PROMPT)].clone()))
         events.append(event)
 
-    from server.engine.engine import SamplingOverrides
+    from loraserve.server.engine.engine import SamplingOverrides
 
     events: list = []
     harness.engine.submit(

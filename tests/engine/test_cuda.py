@@ -20,7 +20,7 @@ from serving_support import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.engine.types import AdapterRef, FinishEvent
+from loraserve.server.engine.types import AdapterRef, FinishEvent
 
 pytestmark = [
     pytest.mark.gpu,

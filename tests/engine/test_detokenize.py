@@ -10,8 +10,8 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from server.engine.detokenize import TextState
-from server.engine.embedded import build_tokenizer
+from loraserve.server.engine.detokenize import TextState
+from loraserve.server.engine.embedded import build_tokenizer
 
 
 @pytest.fixture(scope="module")

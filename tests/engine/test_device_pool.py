@@ -17,13 +17,13 @@ import pytest
 import torch
 from torch import nn
 
-from adapters.config import LoraAdapterConfig
-from adapters.weights import AdapterWeights
-from server.engine import device_pool as device_pool_module
-from server.engine.accounting import EngineObserver
-from server.engine.device_pool import DevicePool
-from server.engine.lora import LoRAContext, MultiLoRALinear
-from server.engine.types import AdapterKey, EngineError, ErrorKind
+from loraserve.adapters.config import LoraAdapterConfig
+from loraserve.adapters.weights import AdapterWeights
+from loraserve.server.engine import device_pool as device_pool_module
+from loraserve.server.engine.accounting import EngineObserver
+from loraserve.server.engine.device_pool import DevicePool
+from loraserve.server.engine.lora import LoRAContext, MultiLoRALinear
+from loraserve.server.engine.types import AdapterKey, EngineError, ErrorKind
 
 LAYER_SHAPES = {"l0": (8, 6), "l1": (8, 4), "l2": (5, 8)}
 """Layer name -> (d_in, d_out)."""

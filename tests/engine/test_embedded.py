@@ -14,8 +14,8 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from server.engine import embedded
-from server.engine.embedded import (
+from loraserve.server.engine import embedded
+from loraserve.server.engine.embedded import (
     ASSISTANT_TOKEN,
     EOS_TOKEN,
     FORMAT_VERSION,

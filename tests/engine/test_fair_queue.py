@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from server.engine.fair_queue import FairQueue
+from loraserve.server.engine.fair_queue import FairQueue
 
 
 @dataclass(frozen=True)

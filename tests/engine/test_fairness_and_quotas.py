@@ -14,9 +14,9 @@ from serving_support import (
     store_adapter,
 )
 
-from adapters.errors import AdapterQuotaError
-from server.api.errors import status_for
-from server.engine.types import EngineError, ErrorKind, FinishEvent
+from loraserve.adapters.errors import AdapterQuotaError
+from loraserve.server.api.errors import status_for
+from loraserve.server.engine.types import EngineError, ErrorKind, FinishEvent
 
 
 @pytest.fixture(scope="module")
@@ -122,7 +122,7 @@ def test_out_of_memory_fails_only_that_step_with_resource_exhausted(
 ) -> None:
     import torch
 
-    from server.engine import runner
+    from loraserve.server.engine import runner
 
     real = runner.forward_rows
     calls: list[int] = []

@@ -16,11 +16,11 @@ from dataclasses import dataclass, field
 import pytest
 import torch
 
-from adapters.config import LoraAdapterConfig
-from adapters.weights import AdapterWeights
-from server.engine.accounting import EngineObserver
-from server.engine.host_cache import HostCache
-from server.engine.types import AdapterKey, EngineError, ErrorKind
+from loraserve.adapters.config import LoraAdapterConfig
+from loraserve.adapters.weights import AdapterWeights
+from loraserve.server.engine.accounting import EngineObserver
+from loraserve.server.engine.host_cache import HostCache
+from loraserve.server.engine.types import AdapterKey, EngineError, ErrorKind
 
 WAIT = 5.0
 """Seconds any wait may take before the test fails."""

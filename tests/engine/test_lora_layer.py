@@ -16,8 +16,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from server.engine import lora as lora_module
-from server.engine.lora import (
+from loraserve.server.engine import lora as lora_module
+from loraserve.server.engine.lora import (
     BatchLoRAState,
     LoRAContext,
     MultiLoRALinear,

@@ -24,7 +24,7 @@ from serving_support import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
-from server.engine.types import FinishEvent
+from loraserve.server.engine.types import FinishEvent
 
 MAX_NEW = 12
 PROMPTS = ["The quick brown fox", "Hello", "What is the capital of the small island, and why?"]
@@ -162,7 +162,7 @@ def test_greedy_tokens_match_peft_mixed_in_one_batch(case: ArchCase, tmp_path: P
 def test_logits_match_peft_in_mixed_batch(case: ArchCase, tmp_path: Path) -> None:
     harness = _harness(case, tmp_path)
     try:
-        from server.engine.types import AdapterRef
+        from loraserve.server.engine.types import AdapterRef
 
         rows: list[tuple[str | None, list[int]]] = [
             (adapter, ids) for ids in case.prompts for adapter in [None, *case.adapter_dirs]

@@ -11,8 +11,8 @@ import math
 import pytest
 import torch
 
-from server.engine.sampling import filter_logits, make_generator, select_next_tokens
-from server.engine.types import SamplingParams
+from loraserve.server.engine.sampling import filter_logits, make_generator, select_next_tokens
+from loraserve.server.engine.types import SamplingParams
 
 GREEDY = SamplingParams()
 SAMPLED = SamplingParams(temperature=1.0)

@@ -22,12 +22,12 @@ from serving_support import (
 )
 from transformers import AutoTokenizer
 
-from server.engine import runner
-from server.engine.device_pool import DEFAULT_PAGE_RANK
-from server.engine.engine import SamplingOverrides
-from server.engine.model import load_base_model
-from server.engine.scheduler import RequestHandle
-from server.engine.types import (
+from loraserve.server.engine import runner
+from loraserve.server.engine.device_pool import DEFAULT_PAGE_RANK
+from loraserve.server.engine.engine import SamplingOverrides
+from loraserve.server.engine.model import load_base_model
+from loraserve.server.engine.scheduler import RequestHandle
+from loraserve.server.engine.types import (
     AdapterKey,
     AdapterRef,
     EngineError,

@@ -8,10 +8,10 @@ from pathlib import Path
 import pytest
 from serving_support import KEYS, AdapterShape, ServerThread, client_for, make_peft_adapter
 
-from client.sync import LoraServeClient
-from server.config import ServerConfig
-from server.engine.embedded import default_model_path
-from server.tenants import hash_key
+from loraserve.client.sync import LoraServeClient
+from loraserve.server.config import ServerConfig
+from loraserve.server.engine.embedded import default_model_path
+from loraserve.server.tenants import hash_key
 
 
 @pytest.fixture(scope="session")

@@ -29,8 +29,8 @@ import grpc
 import pytest
 from serving_support import KEYS, ServerThread, client_for
 
-from client.sync import LoraServeClient
-from client.upload import plan_upload, upload_requests
+from loraserve.client.sync import LoraServeClient
+from loraserve.client.upload import plan_upload, upload_requests
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 OWNER, OTHER, ADMIN = "acme", "globex", "root"

@@ -21,7 +21,7 @@ from serving_support import (
     make_peft_adapter,
 )
 
-from client.sync import LoraServeClient
+from loraserve.client.sync import LoraServeClient
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 CONFIG = adapters_pb2.ADAPTER_FILE_CONFIG

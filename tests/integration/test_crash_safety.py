@@ -19,9 +19,9 @@ import grpc
 import pytest
 from serving_support import KEYS, free_port
 
-from client.config import ClientConfig
-from client.sync import LoraServeClient
-from client.upload import plan_upload
+from loraserve.client.config import ClientConfig
+from loraserve.client.sync import LoraServeClient
+from loraserve.client.upload import plan_upload
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc
 
 START_TIMEOUT = 90.0

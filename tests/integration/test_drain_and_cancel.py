@@ -26,10 +26,10 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
 from serving_support import ServerThread, client_for, free_port
 
-from client.config import ClientConfig
-from client.sync import LoraServeClient
+from loraserve.client.config import ClientConfig
+from loraserve.client.sync import LoraServeClient
+from loraserve.server.config import ServerConfig
 from loraserve.v1 import inference_pb2
-from server.config import ServerConfig
 
 LONG = 1000
 """max_new_tokens of requests meant to be cut short: seconds of work on the tiny model."""

@@ -13,11 +13,11 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from serving_support import ServerThread, free_port
 
-from client.config import ClientConfig
-from client.sync import LoraServeClient
-from server import app as app_module
-from server.app import Server
-from server.config import ServerConfig
+from loraserve.client.config import ClientConfig
+from loraserve.client.sync import LoraServeClient
+from loraserve.server import app as app_module
+from loraserve.server.app import Server
+from loraserve.server.config import ServerConfig
 
 
 def test_not_serving_until_model_loaded(

@@ -4,7 +4,7 @@ About 15 s of load from 8 concurrent async clients, mixed unary and streaming Ge
 without adapters plus a few ListAdapters, on the tiny default model. It asserts correctness and
 bounded memory only, never wall-clock thresholds: zero unexpected errors, every tenant served,
 finite p50/p99 latencies and TTFT reported, and the server's RSS growth after warm-up within the
-stated bound. The longer run is `python -m bench.soak --duration S`.
+stated bound. The longer run is `python -m loraserve.bench.soak --duration S`.
 """
 
 from __future__ import annotations
@@ -13,7 +13,7 @@ import json
 import math
 from pathlib import Path
 
-from bench.soak import SoakSettings, format_report, run_soak
+from loraserve.bench.soak import SoakSettings, format_report, run_soak
 
 TENANTS = ("acme", "globex", "initech")
 

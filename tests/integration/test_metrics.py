@@ -16,7 +16,7 @@ import pytest
 from prometheus_client.parser import text_string_to_metric_families
 from serving_support import ServerThread, client_for, free_port
 
-from server.config import ServerConfig
+from loraserve.server.config import ServerConfig
 
 PRICE_PER_DEVICE_HOUR = 36.0  # 0.01 per second: easy to check by hand
 

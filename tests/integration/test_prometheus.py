@@ -18,7 +18,7 @@ import pytest
 import yaml
 from serving_support import ServerThread, client_for, free_port
 
-from server.config import ServerConfig
+from loraserve.server.config import ServerConfig
 
 REPO = Path(__file__).resolve().parents[2]
 

@@ -10,7 +10,7 @@ import grpc
 import pytest
 from serving_support import ServerThread, client_for
 
-from client.sync import LoraServeClient
+from loraserve.client.sync import LoraServeClient
 from loraserve.v1 import inference_pb2
 
 
@@ -194,7 +194,7 @@ def test_server_info(acme: LoraServeClient, default_model: Path) -> None:
 def test_adapters_survive_restart(
     default_model: Path, tenants_file: Path, adapter_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
-    from server.config import ServerConfig
+    from loraserve.server.config import ServerConfig
 
     config = ServerConfig(
         model_path=default_model,

@@ -13,10 +13,10 @@ import grpc
 import pytest
 from serving_support import ServerThread, free_port
 
-from client.config import ClientConfig
-from client.sync import LoraServeClient
-from server.config import ServerConfig
-from server.tenants import TenantsFileError, hash_key
+from loraserve.client.config import ClientConfig
+from loraserve.client.sync import LoraServeClient
+from loraserve.server.config import ServerConfig
+from loraserve.server.tenants import TenantsFileError, hash_key
 
 
 def _write(path: Path, keys: dict[str, str]) -> None:

@@ -10,9 +10,9 @@ import grpc
 import pytest
 from serving_support import ServerThread, make_pki
 
-from client.config import ClientConfig
-from client.sync import LoraServeClient
-from server.config import ConfigError, ServerConfig
+from loraserve.client.config import ClientConfig
+from loraserve.client.sync import LoraServeClient
+from loraserve.server.config import ConfigError, ServerConfig
 
 
 @pytest.fixture(scope="module")

@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from serving_support import KEYS, ServerThread
 
-from client.sync import LoraServeClient
+from loraserve.client.sync import LoraServeClient
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc
 
 CONFIG = adapters_pb2.ADAPTER_FILE_CONFIG

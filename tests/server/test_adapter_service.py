@@ -9,13 +9,13 @@ import pytest
 import torch
 from serving_support import AdapterShape, build_test_model, make_peft_adapter, store_adapter
 
-from adapters.errors import AdapterNotFoundError, AdapterValidationError
-from adapters.spec import BaseModelSpec
-from adapters.store import AdapterStore
-from server.adapter_service import AdapterService, FileDeclaration
-from server.config import ServerConfig
-from server.engine.model import load_base_model
-from server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
+from loraserve.adapters.errors import AdapterNotFoundError, AdapterValidationError
+from loraserve.adapters.spec import BaseModelSpec
+from loraserve.adapters.store import AdapterStore
+from loraserve.server.adapter_service import AdapterService, FileDeclaration
+from loraserve.server.config import ServerConfig
+from loraserve.server.engine.model import load_base_model
+from loraserve.server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
 
 TENANT = "acme"
 ForgetCall = tuple[str, str, int | None]

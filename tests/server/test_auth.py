@@ -9,8 +9,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from server.api.auth import Authorizer, bearer_key
-from server.tenants import Principal, TenantRegistry, hash_key
+from loraserve.server.api.auth import Authorizer, bearer_key
+from loraserve.server.tenants import Principal, TenantRegistry, hash_key
 
 KEYS = {"acme": "acme-key", "root": "root-key"}
 

@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from server.config import ConfigError, ServerConfig, is_loopback
+from loraserve.server.config import ConfigError, ServerConfig, is_loopback
 
 POSITIVE_FIELDS = [
     "max_lora_rank",

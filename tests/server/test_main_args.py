@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-import server.main
-from server.config import ConfigError, DeviceChoice, DtypeChoice, ServerConfig
-from server.main import add_serve_arguments, config_from_args, run_serve
+import loraserve.server.main
+from loraserve.server.config import ConfigError, DeviceChoice, DtypeChoice, ServerConfig
+from loraserve.server.main import add_serve_arguments, config_from_args, run_serve
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -32,7 +32,7 @@ def served(monkeypatch: pytest.MonkeyPatch) -> list[ServerConfig]:
     async def fake_serve(config: ServerConfig) -> None:
         calls.append(config)
 
-    monkeypatch.setattr(server.main, "serve", fake_serve)
+    monkeypatch.setattr(loraserve.server.main, "serve", fake_serve)
     return calls
 
 

@@ -12,8 +12,8 @@ from torch import nn
 from transformers import AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from server.engine.lora import MultiLoRALinear
-from server.engine.model import (
+from loraserve.server.engine.lora import MultiLoRALinear
+from loraserve.server.engine.model import (
     LoadedModel,
     ModelLoadError,
     load_base_model,

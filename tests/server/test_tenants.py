@@ -7,7 +7,13 @@ from pathlib import Path
 
 import pytest
 
-from server.tenants import DEV_TENANT, Principal, TenantRegistry, TenantsFileError, hash_key
+from loraserve.server.tenants import (
+    DEV_TENANT,
+    Principal,
+    TenantRegistry,
+    TenantsFileError,
+    hash_key,
+)
 
 ACME_KEY = "acme-very-secret-key-123"
 ROOT_KEY = "root-admin-key-456"
