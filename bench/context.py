@@ -127,7 +127,7 @@ class BenchContext:
     def corpus_ids(self) -> list[int]:
         """Token ids of the embedded corpus, the source of every prompt (ids < 1,024)."""
         if self._corpus is None:
-            from loraserve.server.engine.embedded import CORPUS, build_tokenizer
+            from loraserve.testing.tiny_model import CORPUS, build_tokenizer
 
             self._corpus = list(build_tokenizer()(CORPUS)["input_ids"])
         return self._corpus

@@ -135,7 +135,7 @@ def _summary(runs: list[GrpcRun], stat: str) -> dict:
 async def _drive(ctx: BenchContext, server, concurrency: int) -> dict:
     from loraserve.client.aio import AsyncLoraServeClient
     from loraserve.client.config import ClientConfig
-    from loraserve.server.engine.embedded import build_tokenizer
+    from loraserve.testing.tiny_model import build_tokenizer
 
     s = ctx.settings
     tokenizer = build_tokenizer()

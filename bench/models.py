@@ -70,7 +70,7 @@ def _write_checkpoint(out: Path, size: ModelSize, seed: int, storage_dtype: str)
     import torch
     from transformers import AutoModelForCausalLM, GenerationConfig, LlamaConfig
 
-    from loraserve.server.engine.embedded import build_tokenizer
+    from loraserve.testing.tiny_model import build_tokenizer
 
     tokenizer = build_tokenizer(model_max_length=size.max_position_embeddings)
     eos = int(tokenizer.eos_token_id)

@@ -397,7 +397,7 @@ async def wait_serving(client: Any, server: SoakServer, timeout_s: float = 300.0
 def make_adapters(settings: SoakSettings, work_dir: Path) -> list[Path]:
     """adapters_per_tenant random PEFT directories (shared by every tenant's uploads)."""
     from loraserve.bench.adapter_factory import AdapterFactory, LoraShape
-    from loraserve.server.engine.embedded import default_model_path
+    from loraserve.testing.tiny_model import default_model_path
 
     model_dir = settings.model_dir or default_model_path()
     factory = AdapterFactory(
@@ -568,7 +568,7 @@ async def _soak(settings: SoakSettings, work_dir: Path) -> SoakReport:
     tenants_file = work_dir / "tenants.toml"
     keys = write_tenants_file(tenants_file, settings.tenants)
     if settings.model_dir is None:  # built (cached) here once, not raced by the child
-        from loraserve.server.engine.embedded import default_model_path
+        from loraserve.testing.tiny_model import default_model_path
 
         await asyncio.to_thread(default_model_path)
     server = start_server(settings, work_dir, tenants_file)

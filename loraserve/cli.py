@@ -19,6 +19,7 @@ from typing import TypedDict
 
 import grpc
 
+from loraserve import __version__
 from loraserve.client.config import DEFAULT_TARGET, ClientConfig
 from loraserve.client.request import Prompt
 from loraserve.client.results import (
@@ -36,9 +37,9 @@ TARGET_ENV = "LORASERVE_TARGET"
 API_KEY_ENV = "LORASERVE_API_KEY"
 
 LOCAL_COMMANDS = {
-    "train": ("loraserve.adapters.train", "main"),
-    "eval": ("loraserve.adapters.evaluate", "main"),
-    "demo": ("loraserve.demo", "main"),
+    "train": ("loraserve.finetune.train", "main"),
+    "eval": ("loraserve.finetune.evaluate", "main"),
+    "demo": ("loraserve.finetune.demo", "main"),
 }
 """Commands that work on local files (imported on use: they need torch), by module."""
 
@@ -54,7 +55,7 @@ def main(argv: list[str] | None = None) -> int:
     if argv and argv[0] in LOCAL_COMMANDS:
         local, rest = LOCAL_COMMANDS[argv[0]], argv[1:]
     elif argv[:2] == ["adapters", "inspect"]:
-        local, rest = ("loraserve.adapters.inspect", "main"), argv[2:]
+        local, rest = ("loraserve.finetune.inspect", "main"), argv[2:]
     if local is not None:
         try:  # imported on use: these need torch
             return int(getattr(importlib.import_module(local[0]), local[1])(rest))
@@ -104,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="loraserve", description="Serve LoRA adapters over gRPC, or talk to a server."
     )
+    parser.add_argument("--version", action="version", version=f"loraserve {__version__}")
     _add_client_options(parser, with_defaults=True)
     # Subcommands repeat the options with SUPPRESS defaults, so a value given before the
     # subcommand is not overwritten by the subcommand's default.

@@ -30,7 +30,7 @@ def main() -> int:
     from peft import LoraConfig, get_peft_model
     from transformers import AutoModelForCausalLM
 
-    from loraserve.server.engine.embedded import default_model_path
+    from loraserve.testing.tiny_model import default_model_path
 
     model_dir = args.model or default_model_path()
     torch.manual_seed(args.seed)

@@ -40,7 +40,7 @@ def resolve_model_path(config: ServerConfig) -> Path:
     """The checkpoint to load: the configured one, or the embedded default (built on first use)."""
     if config.model_path is not None:
         return config.model_path
-    from loraserve.server.engine.embedded import default_model_path
+    from loraserve.testing.tiny_model import default_model_path
 
     return default_model_path()
 

@@ -16,7 +16,7 @@ from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from loraserve.server.config import ServerConfig
-from loraserve.server.engine.embedded import TinyModelSpec, cached_model_path
+from loraserve.testing.tiny_model import TinyModelSpec, cached_model_path
 
 ARCH_TARGETS = {
     "llama": ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"],

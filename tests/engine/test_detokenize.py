@@ -11,7 +11,7 @@ import pytest
 from transformers import PreTrainedTokenizerBase
 
 from loraserve.server.engine.detokenize import TextState
-from loraserve.server.engine.embedded import build_tokenizer
+from loraserve.testing.tiny_model import build_tokenizer
 
 
 @pytest.fixture(scope="module")

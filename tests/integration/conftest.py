@@ -10,7 +10,7 @@ from serving_support import KEYS, AdapterShape, ServerThread, client_for, make_p
 
 from loraserve.client.sync import LoraServeClient
 from loraserve.server.config import ServerConfig
-from loraserve.server.engine.embedded import default_model_path
+from loraserve.testing.tiny_model import default_model_path
 from loraserve.server.tenants import hash_key
 
 

@@ -23,7 +23,7 @@ from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-from loraserve.adapters.datasets import (
+from loraserve.finetune.datasets import (
     IGNORE_INDEX,
     ChatExample,
     DatasetError,
@@ -177,7 +177,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.server:
         results = evaluate_server(args.server, args.api_key, args.adapter, examples)
     else:
-        from loraserve.server.engine.embedded import default_model_path
+        from loraserve.testing.tiny_model import default_model_path
 
         model = args.model or default_model_path()
         results = evaluate_local(Path(model), Path(args.adapter), examples)

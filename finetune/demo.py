@@ -1,7 +1,7 @@
 """`loraserve demo`: two tenants fine-tune, upload and use their own adapters, end to end.
 
 Builds the embedded base model, trains one adapter per tenant on the made-up facts shipped in
-demo/data, starts a real server with two tenants, uploads each adapter with its own tenant's key,
+loraserve/finetune/data (package data), starts a real server with two tenants, uploads each adapter with its own tenant's key,
 then shows side by side that each adapter answers its own tenant's questions while the base
 model and the other tenant's adapter do not, that a tenant cannot use the other's adapter, and
 which per-tenant metrics moved. Runs on loopback only, in a temporary directory.
@@ -20,7 +20,7 @@ from pathlib import Path
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
-DATA_DIR = Path(__file__).resolve().parent.parent / "demo" / "data"
+DATA_DIR = Path(__file__).resolve().parent / "data"
 TENANTS = {"acme": "acme_facts.jsonl", "globex": "globex_facts.jsonl"}
 QUESTIONS_SHOWN = 3
 
@@ -45,13 +45,13 @@ def run_demo(work: Path, epochs: int | None = None, out=sys.stdout) -> dict[str,
     """Runs the whole demo in `work`; returns each tenant's accuracy on its own questions."""
     import grpc
 
-    from loraserve.adapters.datasets import load_jsonl
-    from loraserve.adapters.train import TrainConfig, train_adapter
+    from loraserve.finetune.datasets import load_jsonl
+    from loraserve.finetune.train import TrainConfig, train_adapter
     from loraserve.client.config import ClientConfig
     from loraserve.client.sync import LoraServeClient
     from loraserve.server.background import BackgroundServer
     from loraserve.server.config import ServerConfig
-    from loraserve.server.engine.embedded import default_model_path
+    from loraserve.testing.tiny_model import default_model_path
     from loraserve.server.tenants import hash_key
 
     def say(text: str = "") -> None:

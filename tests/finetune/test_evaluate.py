@@ -9,9 +9,9 @@ from pathlib import Path
 import pytest
 from serving_support import ServerThread, build_test_model
 
-from loraserve.adapters.datasets import load_jsonl
-from loraserve.adapters.evaluate import evaluate_local, evaluate_server, format_table, main
-from loraserve.adapters.train import TrainConfig, train_adapter
+from loraserve.finetune.datasets import load_jsonl
+from loraserve.finetune.evaluate import evaluate_local, evaluate_server, format_table, main
+from loraserve.finetune.train import TrainConfig, train_adapter
 from loraserve.server.config import ServerConfig
 
 DEMO = Path(__file__).resolve().parents[2] / "demo" / "data" / "acme_facts.jsonl"

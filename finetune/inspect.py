@@ -465,7 +465,7 @@ def main(argv: list[str] | None = None) -> int:
             out = truncate_adapter(args.adapter, args.out, args.truncate_rank)
             model_dir = args.model
             if model_dir is None:
-                from loraserve.server.engine.embedded import default_model_path
+                from loraserve.testing.tiny_model import default_model_path
 
                 model_dir = default_model_path()
             prompts = read_eval_prompts(args.eval) if args.eval else list(DEFAULT_PROMPTS)

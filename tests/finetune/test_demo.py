@@ -5,7 +5,7 @@ from __future__ import annotations
 import io
 from pathlib import Path
 
-from loraserve.demo import run_demo
+from loraserve.finetune.demo import run_demo
 
 
 def test_demo_end_to_end(model_cache: Path, tmp_path: Path) -> None:

@@ -1,7 +1,8 @@
-"""The embedded default model: a tiny causal LM that loraserve builds itself, offline.
+"""The embedded test model: a tiny causal LM that loraserve builds itself, offline.
 
-The service must start (and its tests must run) on machines that cannot reach any model
-hub, so the project carries its own base model recipe instead of a downloaded checkpoint:
+A fixture and tool, not serving code: tests, the benchmark, the demo and `loraserve serve
+--model embedded` use it on machines that cannot reach any model hub. Its weights are random,
+so what it generates is noise; it exercises the serving path, it does not answer questions.
 
 * a byte-level BPE tokenizer trained on a small English corpus embedded below, so any byte
   sequence encodes and ``decode(encode(s)) == s``;

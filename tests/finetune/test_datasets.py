@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from loraserve.adapters.datasets import (
+from loraserve.finetune.datasets import (
     IGNORE_INDEX,
     ChatExample,
     DatasetError,
@@ -17,7 +17,7 @@ from loraserve.adapters.datasets import (
     tokenize_dataset,
     tokenize_example,
 )
-from loraserve.server.engine.embedded import build_tokenizer
+from loraserve.testing.tiny_model import build_tokenizer
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from serving_support import AdapterShape, build_test_model, make_peft_adapter
 from transformers import AutoModelForCausalLM
 
 from loraserve.adapters.config import parse_adapter_config
-from loraserve.adapters.inspect import (
+from loraserve.finetune.inspect import (
     DriftReport,
     InspectReport,
     effective_rank,

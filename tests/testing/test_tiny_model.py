@@ -15,7 +15,7 @@ import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
 from loraserve.server.engine import embedded
-from loraserve.server.engine.embedded import (
+from loraserve.testing.tiny_model import (
     ASSISTANT_TOKEN,
     EOS_TOKEN,
     FORMAT_VERSION,

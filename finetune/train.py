@@ -37,7 +37,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from loraserve.adapters.datasets import (
+from loraserve.finetune.datasets import (
     IGNORE_INDEX,
     ChatLoss,
     DatasetError,
@@ -295,7 +295,7 @@ def train_adapter(config: TrainConfig) -> TrainResult:
     config.validate()
     started = time.perf_counter()
     if config.model_path is None:
-        from loraserve.server.engine.embedded import default_model_path
+        from loraserve.testing.tiny_model import default_model_path
 
         config.model_path = default_model_path()
     model_path = Path(config.model_path)
