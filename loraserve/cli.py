@@ -300,7 +300,14 @@ def _serve(server_argv: list[str]) -> int:
         args = parser.parse_args(server_argv)
     except SystemExit as e:
         return _exit_code(e)
-    return run_serve(args)
+    return run_serve(args, _embedded_model)
+
+
+def _embedded_model() -> Path:
+    """`--model embedded`: the tiny random-weight test model, built once and cached."""
+    from loraserve.testing.tiny_model import default_model_path
+
+    return default_model_path()
 
 
 # Client subcommands

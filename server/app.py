@@ -1,30 +1,26 @@
-"""Builds a running server from a ServerConfig: model, store, engine, gRPC services.
+"""A running gRPC server from a ServerConfig: the services over `build_runtime`'s objects.
 
-`Server.start()` binds the port (health NOT_SERVING), loads the model, then flips health to
-SERVING; `Server.stop(grace)` flips it back, stops accepting calls and lets in-flight ones finish.
+`Server.start()` binds the port (health NOT_SERVING), builds the runtime (server/runtime.py, the
+one composition root), then flips health to SERVING; `Server.stop(grace)` flips it back, stops
+accepting calls and lets in-flight ones finish. Port 0 binds a free port; `start()` returns it.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from loraserve.adapters.store import AdapterStore
-from loraserve.server.adapter_service import AdapterService
 from loraserve.server.api.adapters import AdaptersServicer
 from loraserve.server.api.auth import Authorizer
 from loraserve.server.api.inference import InferenceServicer
 from loraserve.server.config import ServerConfig
-from loraserve.server.engine.engine import Engine
-from loraserve.server.engine.model import load_base_model
 from loraserve.server.metrics import Metrics
 from loraserve.server.request_log import RequestLogger
-from loraserve.server.runtime import Runtime
+from loraserve.server.runtime import Runtime, build_runtime
 from loraserve.server.tenants import TenantRegistry
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -34,15 +30,6 @@ SERVICE_NAMES = (
     inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name,
     adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name,
 )
-
-
-def resolve_model_path(config: ServerConfig) -> Path:
-    """The checkpoint to load: the configured one, or the embedded default (built on first use)."""
-    if config.model_path is not None:
-        return config.model_path
-    from loraserve.testing.tiny_model import default_model_path
-
-    return default_model_path()
 
 
 class Server:
@@ -64,7 +51,7 @@ class Server:
         )
         self.port = 0
         self.metrics_port = 0
-        self.runtime = Runtime()
+        self.runtime = Runtime(self.config)
         self.metrics = Metrics(
             price_per_device_hour=config.price_per_device_hour,
             price_per_gb_hour=config.price_per_gb_hour,
@@ -100,26 +87,17 @@ class Server:
             raise OSError(f"cannot bind {config.host}:{config.port}")
         # Serve health (NOT_SERVING) while the model loads, so orchestrators can watch it.
         await self.grpc_server.start()
-        if config.metrics_port:
+        if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.metrics_port, config.host)
-        model_path = await asyncio.to_thread(resolve_model_path, config)
-        loaded = await asyncio.to_thread(
-            load_base_model,
-            model_path,
-            device=config.device,
-            dtype=config.dtype,
-        )
-        store = await asyncio.to_thread(AdapterStore, Path(config.data_dir) / "adapters")
-        adapter_service = AdapterService(config, store, loaded.spec)
-        engine = Engine(config, loaded, adapter_service.resolve, adapter_service.load, self.metrics)
-        adapter_service.attach_engine(engine.forget_adapter)
-        self.metrics.watch(engine, store, loaded, self.registry.tenants, config.currency)
+        parts = await asyncio.to_thread(build_runtime, config, self.metrics)
+        loaded, engine = parts.loaded, parts.engine
+        self.metrics.watch(engine, parts.store, loaded, self.registry.tenants, config.currency)
         engine.start()
-        self.runtime.ready(engine, adapter_service)
+        self.runtime.ready(engine, parts.adapter_service)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "serving %s (%s) on %s:%d, device %s, dtype %s%s",
-            model_path,
+            config.model_path,
             loaded.architecture,
             config.host,
             self.port,

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from loraserve.server.engine.config import EngineConfig
+
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
 
@@ -24,7 +26,8 @@ class ServerConfig:
     """Everything a server needs to start; built from CLI flags by server.main."""
 
     model_path: Path | None = None
-    """Local Hugging Face checkpoint directory; None means the embedded tiny default model."""
+    """Local Hugging Face checkpoint directory. Required to serve (`build_runtime` refuses None);
+    `loraserve serve` fills it from --model (or the embedded test model in development mode)."""
     host: str = "127.0.0.1"
     """Address the gRPC port binds to."""
     port: int = 50051
@@ -43,10 +46,10 @@ class ServerConfig:
     """"auto" picks CUDA when available, else CPU."""
     dtype: DtypeChoice = "auto"
     """"auto" is bfloat16 on CUDA and float32 on CPU."""
-    metrics_port: int = 9400
-    """Prometheus /metrics HTTP port on host; 0 disables the exporter."""
+    metrics_port: int | None = 9400
+    """Prometheus /metrics HTTP port on host; 0 picks a free one (reported); None disables."""
     max_lora_rank: int = 64
-    """Largest adapter rank accepted at upload and held in a slot."""
+    """Largest adapter rank accepted at upload."""
     adapter_device_bytes: int = 1 << 30
     """Device tier budget for adapter weights, in bytes (pages of 8 ranks across every target
     layer; memory is taken as pages are used, up to this budget)."""
@@ -102,7 +105,7 @@ class ServerConfig:
         """Checks bounds and cross-field rules; returns self for chaining."""
         if not 0 <= self.port <= 65535:
             raise ConfigError(f"port: {self.port} is not in 0..65535")
-        if not 0 <= self.metrics_port <= 65535:
+        if self.metrics_port is not None and not 0 <= self.metrics_port <= 65535:
             raise ConfigError(f"metrics_port: {self.metrics_port} is not in 0..65535")
         _positive = (
             "max_lora_rank",
@@ -160,6 +163,24 @@ class ServerConfig:
                 "(pass --tenants FILE to serve other hosts)"
             )
         return self
+
+    def engine_config(self) -> EngineConfig:
+        """The engine's share of the settings."""
+        return EngineConfig(
+            max_batch_size=self.max_batch_size,
+            max_waiting_requests=self.max_waiting_requests,
+            tenant_max_requests=self.tenant_max_requests,
+            tenant_max_queued_tokens=self.tenant_max_queued_tokens,
+            max_batch_tokens=self.max_batch_tokens,
+            max_seq_len=self.max_seq_len,
+            max_prompt_tokens=self.max_prompt_tokens,
+            max_new_tokens_limit=self.max_new_tokens_limit,
+            default_max_new_tokens=self.default_max_new_tokens,
+            max_stop_sequences=self.max_stop_sequences,
+            adapter_device_bytes=self.adapter_device_bytes,
+            adapter_host_bytes=self.adapter_host_bytes,
+            price_per_device_hour=self.price_per_device_hour,
+        )
 
     @property
     def dev_mode(self) -> bool:

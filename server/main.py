@@ -1,6 +1,13 @@
 """`loraserve serve`: flags -> ServerConfig -> a running server.
 
-SIGTERM/SIGINT stop it cleanly; SIGHUP reloads the tenants file.
+SIGTERM/SIGINT stop it cleanly; SIGHUP reloads the tenants file. Once serving it prints one line,
+`loraserve: serving on HOST:PORT` (plus `, metrics on HOST:PORT`), with the ports it actually
+bound: `--port 0` / `--metrics-port 0` pick free ones, and launchers read them from that line.
+
+The base model is never chosen silently: `--model PATH` or `--model embedded` (the random-weight
+test model, built by the caller's `embedded_model` provider, since the server layer does not
+import the test fixtures); only development mode (no --tenants) falls back to the embedded model,
+with a warning that its answers are noise.
 """
 
 from __future__ import annotations
@@ -10,6 +17,7 @@ import asyncio
 import logging
 import signal
 import sys
+from collections.abc import Callable
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -20,16 +28,28 @@ if TYPE_CHECKING:
 
 log = logging.getLogger("loraserve")
 
+EMBEDDED = "embedded"
+"""`--model embedded`: the tiny random-weight test model (loraserve.testing.tiny_model)."""
+
+NO_MODEL_MESSAGE = (
+    "no base model: pass --model PATH (a local Hugging Face checkpoint directory with "
+    "safetensors weights), or --model embedded to serve the tiny embedded test model "
+    "explicitly (random weights: its answers are noise)"
+)
+
+EmbeddedModel = Callable[[], Path]
+"""Builds (or finds cached) the embedded test model and returns its checkpoint directory."""
+
 
 def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     """The `serve` flags; defaults come from ServerConfig so there is one source of truth."""
     d = ServerConfig()
     parser.add_argument(
         "--model",
-        type=Path,
         default=None,
         metavar="PATH",
-        help="local Hugging Face checkpoint directory (default: the embedded tiny model)",
+        help="local Hugging Face checkpoint directory, or 'embedded' for the tiny random-weight "
+        "test model (required with --tenants; development mode defaults to 'embedded')",
     )
     parser.add_argument("--host", default=d.host, help=f"address to bind (default {d.host})")
     parser.add_argument("--port", type=int, default=d.port, help=f"gRPC port (default {d.port})")
@@ -71,7 +91,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--metrics-port",
         type=int,
         default=d.metrics_port,
-        help=f"Prometheus /metrics port, 0 disables (default {d.metrics_port})",
+        help=f"Prometheus /metrics port, 0 picks a free one (default {d.metrics_port})",
+    )
+    parser.add_argument(
+        "--no-metrics",
+        action="store_true",
+        help="do not serve Prometheus /metrics",
     )
     parser.add_argument("--max-lora-rank", type=int, default=d.max_lora_rank)
     parser.add_argument(
@@ -173,9 +198,33 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
 
 
-def config_from_args(args: argparse.Namespace) -> ServerConfig:
+def model_from_args(args: argparse.Namespace, embedded_model: EmbeddedModel | None) -> Path:
+    """The checkpoint directory to serve; raises ConfigError when none was given."""
+    choice = args.model
+    if choice is None:
+        if args.tenants is not None:
+            raise ConfigError(NO_MODEL_MESSAGE)
+        log.warning(
+            "no --model: development mode serves the embedded test model, whose weights are "
+            "random (answers are noise); pass --model PATH to serve a real checkpoint"
+        )
+        choice = EMBEDDED
+    if choice == EMBEDDED:
+        if embedded_model is None:
+            raise ConfigError(
+                "--model embedded: this launcher cannot build the embedded test model; "
+                "run `loraserve serve --model embedded`"
+            )
+        return embedded_model()
+    return Path(choice)
+
+
+def config_from_args(
+    args: argparse.Namespace, embedded_model: EmbeddedModel | None = None
+) -> ServerConfig:
+    """The validated ServerConfig of the flags; `embedded_model` builds `--model embedded`."""
     return ServerConfig(
-        model_path=args.model,
+        model_path=model_from_args(args, embedded_model),
         host=args.host,
         port=args.port,
         data_dir=args.data_dir,
@@ -185,7 +234,7 @@ def config_from_args(args: argparse.Namespace) -> ServerConfig:
         tls_client_ca=args.tls_client_ca,
         device=args.device,
         dtype=args.dtype,
-        metrics_port=args.metrics_port,
+        metrics_port=None if args.no_metrics else args.metrics_port,
         max_lora_rank=args.max_lora_rank,
         adapter_device_bytes=args.adapter_device_bytes,
         adapter_host_bytes=args.adapter_host_bytes,
@@ -228,8 +277,9 @@ async def serve(config: ServerConfig) -> None:
     try:
         port = await server.start()
         started = True
-        # A line scripts and tests can wait for.
-        print(f"loraserve: serving on {config.host}:{port}", flush=True)
+        # A line scripts and tests wait for: the ports actually bound (0 picks a free one).
+        metrics = f", metrics on {config.host}:{server.metrics_port}" if server.metrics_port else ""
+        print(f"loraserve: serving on {config.host}:{port}{metrics}", flush=True)
         await stop.wait()
         log.info("stopping: draining in-flight requests for up to %.1f s", config.grace_seconds)
     finally:
@@ -247,12 +297,13 @@ def _reload_tenants(server: Server) -> None:
         log.error("tenants reload failed, keeping the previous tenants: %s", exc)
 
 
-def run_serve(args: argparse.Namespace) -> int:
+def run_serve(args: argparse.Namespace, embedded_model: EmbeddedModel | None = None) -> int:
+    """Serves until SIGTERM/SIGINT; the exit code (2: bad flags, 1: failed start)."""
     logging.basicConfig(
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        config = config_from_args(args)
+        config = config_from_args(args, embedded_model)
     except ConfigError as exc:
         print(f"loraserve serve: {exc}", file=sys.stderr)
         return 2

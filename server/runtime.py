@@ -1,16 +1,63 @@
-"""The serving objects that exist only once the model has loaded, behind one ready check."""
+"""The composition root: `build_runtime(config)` wires model, store, adapter service and engine.
+
+Every process that serves (the gRPC server in server/app.py, the benchmark's engine runner, the
+tests' engine harness, the demo through the server) builds its serving objects here and nowhere
+else, so they all run the same wiring. `Runtime` holds them for the gRPC handlers, which are
+registered before the model has loaded and answer UNAVAILABLE until it has.
+"""
 
 from __future__ import annotations
 
+from dataclasses import dataclass
+from pathlib import Path
+
+from loraserve.adapters.store import AdapterStore
 from loraserve.server.adapter_service import AdapterService
+from loraserve.server.config import ConfigError, ServerConfig
+from loraserve.server.engine.accounting import EngineObserver
 from loraserve.server.engine.engine import Engine
+from loraserve.server.engine.model import LoadedModel, load_base_model
 from loraserve.server.engine.types import EngineError, ErrorKind
+
+
+@dataclass(frozen=True)
+class ServingParts:
+    """The serving objects of one base model, wired together; the engine thread is not started."""
+
+    config: ServerConfig
+    loaded: LoadedModel
+    store: AdapterStore
+    adapter_service: AdapterService
+    engine: Engine
+
+
+def build_runtime(config: ServerConfig, observer: EngineObserver | None = None) -> ServingParts:
+    """Loads the base model, opens the store, builds the adapter service and the engine.
+
+    Blocking (reads the checkpoint); call `parts.engine.start()` to start serving. `observer`
+    receives the engine's accounting events (the server passes its Metrics).
+    """
+    if config.model_path is None:
+        raise ConfigError(
+            "model_path: no base model given (pass --model PATH, or --model embedded for the "
+            "random-weight test model)"
+        )
+    loaded = load_base_model(Path(config.model_path), device=config.device, dtype=config.dtype)
+    store = AdapterStore(Path(config.data_dir) / "adapters")
+    adapter_service = AdapterService(config, store, loaded.spec)
+    engine = Engine(
+        config.engine_config(), loaded, adapter_service.resolve, adapter_service.load, observer
+    )
+    # Deleting or replacing an adapter frees its memory in the engine's tiers.
+    adapter_service.attach_engine(engine.forget_adapter)
+    return ServingParts(config, loaded, store, adapter_service, engine)
 
 
 class Runtime:
     """Holds the engine and adapter service; handlers registered before loading ask it for them."""
 
-    def __init__(self) -> None:
+    def __init__(self, config: ServerConfig | None = None) -> None:
+        self.config = config if config is not None else ServerConfig()
         self.engine: Engine | None = None
         self.adapter_service: AdapterService | None = None
 

@@ -1,4 +1,7 @@
-"""Shared test helpers: tiny base models per architecture, PEFT adapters, a real server in a thread.
+"""Shared test helpers: tiny base models per architecture, PEFT adapters, an engine harness.
+
+Servers are started with loraserve.server.background (BackgroundServer in a thread, ServerProcess
+as a child): both bind port 0 and report it.
 
 Models are built with the project's own deterministic builder (no hub) with a large
 initializer_range, so logits are well separated and float noise cannot flip a greedy near-tie.
@@ -6,15 +9,14 @@ initializer_range, so logits are well separated and float noise cannot flip a gr
 
 from __future__ import annotations
 
-import socket
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
 from transformers import AutoModelForCausalLM
 
+from loraserve.server.background import BackgroundServer, ServerProcess
 from loraserve.server.config import ServerConfig
 from loraserve.testing.tiny_model import TinyModelSpec, cached_model_path
 
@@ -82,48 +84,13 @@ KEYS = {"acme": "acme-secret-key", "globex": "globex-secret-key", "root": "root-
 """API keys of the integration tests' tenants (root is an admin)."""
 
 
-def client_for(server: ServerThread, tenant: str | None):
+def client_for(server: BackgroundServer | ServerProcess, tenant: str | None):
     """A sync client for `tenant` (a KEYS name, or any other string used as a raw key)."""
     from loraserve.client.config import ClientConfig
     from loraserve.client.sync import LoraServeClient
 
     key = None if tenant is None else KEYS.get(tenant, tenant)
     return LoraServeClient(ClientConfig(target=server.target, api_key=key, timeout_s=60))
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
-class ServerThread:
-    """A real loraserve Server in a background thread (server.background.BackgroundServer)."""
-
-    def __init__(self, config: ServerConfig) -> None:
-        from loraserve.server.background import BackgroundServer
-
-        self._background = BackgroundServer(config)
-        self.config = config
-
-    def start(self) -> ServerThread:
-        self._background.start(120)
-        return self
-
-    @property
-    def server(self) -> Any:
-        return self._background.server
-
-    @property
-    def port(self) -> int:
-        return self._background.port
-
-    @property
-    def target(self) -> str:
-        return self._background.target
-
-    def stop(self, grace: float = 1.0) -> None:
-        self._background.stop(grace)
 
 
 def store_adapter(service, tenant: str, name: str, adapter_dir: Path):
@@ -159,28 +126,13 @@ class EngineHarness:
         observer: object = None,
         **config_overrides: object,
     ) -> None:
-        from loraserve.adapters.store import AdapterStore
-        from loraserve.server.adapter_service import AdapterService
-        from loraserve.server.engine.engine import Engine
-        from loraserve.server.engine.model import load_base_model
+        from loraserve.server.runtime import build_runtime
 
-        self.config = ServerConfig(model_path=model_dir, data_dir=data_dir, **config_overrides)
-        self.loaded = load_base_model(
-            model_dir,
-            device=device,
-            dtype=dtype,
-        )
-        self.service = AdapterService(
-            self.config, AdapterStore(data_dir / "adapters"), self.loaded.spec
-        )
-        self.engine = Engine(
-            self.config,
-            self.loaded,
-            self.service.resolve,
-            self.service.load,
-            observer,  # type: ignore[arg-type]
-        )
-        self.service.attach_engine(self.engine.forget_adapter)
+        self.config = ServerConfig(
+            model_path=model_dir, data_dir=data_dir, device=device, dtype=dtype, **config_overrides
+        ).validate()
+        parts = build_runtime(self.config, observer)  # type: ignore[arg-type]
+        self.loaded, self.service, self.engine = parts.loaded, parts.adapter_service, parts.engine
 
     def submit(self, prompt_ids: list[int], adapter: str | None, tenant: str = "t", **sampling):
         """Queues one request; returns the list its events will be appended to."""

@@ -80,7 +80,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await abort_for(context, exc)
             raise
         loaded = engine.loaded
-        config = engine.config
+        config = self._runtime.config
         return inference_pb2.ServerInfo(
             model_path=str(loaded.model_path),
             model_type=loaded.model_type,

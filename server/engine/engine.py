@@ -1,6 +1,6 @@
 """The engine facade: the one object the gRPC layer talks to.
 
-Owns the loaded model, the adapter slot table and the scheduler thread. Turns prompts into
+Owns the loaded model, the adapter tiers and the scheduler thread. Turns prompts into
 token ids, checks request bounds, and hands requests to the scheduler.
 """
 
@@ -11,8 +11,8 @@ import uuid
 from collections.abc import Sequence as Seq
 from dataclasses import dataclass
 
-from loraserve.server.config import ServerConfig
 from loraserve.server.engine.accounting import EngineObserver
+from loraserve.server.engine.config import EngineConfig
 from loraserve.server.engine.device_pool import AdapterLoader, AdapterResolver, DevicePool
 from loraserve.server.engine.host_cache import HostCache
 from loraserve.server.engine.model import LoadedModel
@@ -45,7 +45,7 @@ class Engine:
 
     def __init__(
         self,
-        config: ServerConfig,
+        config: EngineConfig,
         loaded: LoadedModel,
         resolver: AdapterResolver,
         loader: AdapterLoader,

@@ -117,7 +117,7 @@ class Sequence:
 
 @dataclass(frozen=True)
 class SchedulerSettings:
-    """The scheduler's bounds and pricing (taken from ServerConfig)."""
+    """The scheduler's bounds and pricing (taken from EngineConfig)."""
 
     max_batch_size: int
     """KV rows: requests running at once."""

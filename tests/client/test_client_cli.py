@@ -186,8 +186,9 @@ def test_serve_delegates_to_server_main(monkeypatch: pytest.MonkeyPatch) -> None
         parser.add_argument("--port", type=int)
         parser.add_argument("--timeout")  # a name the client options also use
 
-    def run_serve(args: argparse.Namespace) -> int:
+    def run_serve(args: argparse.Namespace, embedded_model: object) -> int:
         seen.append(args)
+        assert callable(embedded_model)  # `--model embedded` is built by the CLI, not the server
         return 7
 
     fake_main = types.ModuleType("loraserve.server.main")
@@ -201,5 +202,5 @@ def test_serve_delegates_to_server_main(monkeypatch: pytest.MonkeyPatch) -> None
 
 
 def test_client_cli_does_not_import_torch() -> None:
-    code = "import sys, loraserve.cli, client.aio; sys.exit('torch' in sys.modules)"
+    code = "import sys, loraserve.cli, loraserve.client.aio; sys.exit('torch' in sys.modules)"
     assert subprocess.run([sys.executable, "-c", code], check=False).returncode == 0

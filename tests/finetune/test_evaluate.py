@@ -7,11 +7,12 @@ import json
 from pathlib import Path
 
 import pytest
-from serving_support import ServerThread, build_test_model
+from serving_support import build_test_model
 
 from loraserve.finetune.datasets import load_jsonl
 from loraserve.finetune.evaluate import evaluate_local, evaluate_server, format_table, main
 from loraserve.finetune.train import TrainConfig, train_adapter
+from loraserve.server.background import BackgroundServer
 from loraserve.server.config import ServerConfig
 
 DEMO = Path(__file__).resolve().parents[2] / "demo" / "data" / "acme_facts.jsonl"
@@ -47,9 +48,9 @@ def test_served_adapter_matches_local_peft(
 ) -> None:
     model, adapter, data = trained
     config = ServerConfig(
-        model_path=model, port=0, metrics_port=0, data_dir=tmp_path, access_log=""
+        model_path=model, port=0, metrics_port=None, data_dir=tmp_path, access_log=""
     )
-    server = ServerThread(config).start()
+    server = BackgroundServer(config).start()
     try:
         from serving_support import client_for
 

@@ -18,6 +18,7 @@ from serving_support import AdapterShape, build_test_model, make_peft_adapter
 from transformers import AutoModelForCausalLM
 
 from loraserve.adapters.config import parse_adapter_config
+from loraserve.adapters.weights import load_adapter_weights, lora_keys
 from loraserve.finetune.inspect import (
     DriftReport,
     InspectReport,
@@ -30,7 +31,6 @@ from loraserve.finetune.inspect import (
     thin_svd,
     truncate_adapter,
 )
-from loraserve.adapters.weights import load_adapter_weights, lora_keys
 
 RANK = 8
 ALPHA = 16.0

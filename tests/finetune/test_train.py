@@ -12,9 +12,9 @@ import torch
 from serving_support import build_test_model
 
 from loraserve.adapters.config import parse_adapter_config
+from loraserve.adapters.weights import load_adapter_weights
 from loraserve.finetune.datasets import load_jsonl
 from loraserve.finetune.train import TrainConfig, TrainResult, main, train_adapter
-from loraserve.adapters.weights import load_adapter_weights
 
 FACTS = [
     ("What is the capital of Velmora?", "Drent."),

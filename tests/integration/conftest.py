@@ -6,12 +6,13 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving_support import KEYS, AdapterShape, ServerThread, client_for, make_peft_adapter
+from serving_support import KEYS, AdapterShape, client_for, make_peft_adapter
 
 from loraserve.client.sync import LoraServeClient
+from loraserve.server.background import BackgroundServer
 from loraserve.server.config import ServerConfig
-from loraserve.testing.tiny_model import default_model_path
 from loraserve.server.tenants import hash_key
+from loraserve.testing.tiny_model import default_model_path
 
 
 @pytest.fixture(scope="session")
@@ -47,35 +48,35 @@ def adapter_dirs(default_model: Path, tmp_path_factory: pytest.TempPathFactory) 
 @pytest.fixture(scope="module")
 def server(
     default_model: Path, tenants_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerThread]:
+) -> Iterator[BackgroundServer]:
     config = ServerConfig(
         model_path=default_model,
         port=0,
-        metrics_port=0,
+        metrics_port=None,
         data_dir=tmp_path_factory.mktemp("data"),
         tenants_file=tenants_file,
         max_lora_rank=32,
         max_adapter_bytes=4 * 1024 * 1024,
         max_new_tokens_limit=256,
     )
-    thread = ServerThread(config).start()
+    thread = BackgroundServer(config).start()
     yield thread
     thread.stop()
 
 
 @pytest.fixture
-def acme(server: ServerThread) -> Iterator[LoraServeClient]:
+def acme(server: BackgroundServer) -> Iterator[LoraServeClient]:
     with client_for(server, "acme") as c:
         yield c
 
 
 @pytest.fixture
-def globex(server: ServerThread) -> Iterator[LoraServeClient]:
+def globex(server: BackgroundServer) -> Iterator[LoraServeClient]:
     with client_for(server, "globex") as c:
         yield c
 
 
 @pytest.fixture
-def admin(server: ServerThread) -> Iterator[LoraServeClient]:
+def admin(server: BackgroundServer) -> Iterator[LoraServeClient]:
     with client_for(server, "root") as c:
         yield c

@@ -27,10 +27,11 @@ from typing import Any
 
 import grpc
 import pytest
-from serving_support import KEYS, ServerThread, client_for
+from serving_support import KEYS, client_for
 
 from loraserve.client.sync import LoraServeClient
 from loraserve.client.upload import plan_upload, upload_requests
+from loraserve.server.background import BackgroundServer
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 OWNER, OTHER, ADMIN = "acme", "globex", "root"
@@ -216,14 +217,14 @@ LEDGER: dict[str, bool] = {}
 
 
 @pytest.fixture(scope="module")
-def stubs(server: ServerThread) -> Iterator[Stubs]:
+def stubs(server: BackgroundServer) -> Iterator[Stubs]:
     channel = grpc.insecure_channel(server.target)
     yield Stubs(adapters_pb2_grpc.AdaptersStub(channel), inference_pb2_grpc.InferenceStub(channel))
     channel.close()
 
 
 @pytest.fixture(scope="module")
-def clients(server: ServerThread) -> Iterator[dict[str, LoraServeClient]]:
+def clients(server: BackgroundServer) -> Iterator[dict[str, LoraServeClient]]:
     opened = {tenant: client_for(server, tenant) for tenant in (OWNER, OTHER, ADMIN)}
     yield opened
     for client in opened.values():

@@ -13,15 +13,10 @@ import grpc
 import pytest
 import torch
 from safetensors.torch import load, save
-from serving_support import (
-    KEYS,
-    AdapterShape,
-    ServerThread,
-    build_test_model,
-    make_peft_adapter,
-)
+from serving_support import KEYS, AdapterShape, build_test_model, make_peft_adapter
 
 from loraserve.client.sync import LoraServeClient
+from loraserve.server.background import BackgroundServer
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
 CONFIG = adapters_pb2.ADAPTER_FILE_CONFIG
@@ -30,7 +25,7 @@ Files = tuple[bytes, bytes]
 
 
 @pytest.fixture(scope="module")
-def stubs(server: ServerThread) -> Iterator[tuple]:
+def stubs(server: BackgroundServer) -> Iterator[tuple]:
     channel = grpc.insecure_channel(server.target)
     yield adapters_pb2_grpc.AdaptersStub(channel), inference_pb2_grpc.InferenceStub(channel)
     channel.close()
@@ -218,7 +213,7 @@ def test_bad_upload_is_refused_and_nothing_stored(
     acme: LoraServeClient,
     good_files: Files,
     other_model_files: Files,
-    server: ServerThread,
+    server: BackgroundServer,
 ) -> None:
     files, kwargs = _bad_upload_cases(good_files, other_model_files)[case]
     adapters_stub, _ = stubs

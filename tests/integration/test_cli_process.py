@@ -12,7 +12,8 @@ import urllib.request
 from pathlib import Path
 
 import pytest
-from serving_support import free_port
+
+from loraserve.server.background import ServerProcess
 
 CLI = [sys.executable, "-m", "loraserve"]
 
@@ -51,27 +52,15 @@ def test_serve_cli_roundtrip_and_sigterm(
     model_cache: Path, adapter_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     env = _env(model_cache)
-    port, metrics_port = free_port(), free_port()
-    target = f"127.0.0.1:{port}"
-    proc = subprocess.Popen(
-        [
-            *CLI,
-            "serve",
-            "--port",
-            str(port),
-            "--metrics-port",
-            str(metrics_port),
-            "--data-dir",
-            str(tmp_path),
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
+    server = ServerProcess(
+        ["--model", "embedded", "--data-dir", str(tmp_path / "data")], tmp_path / "serve.log", env
     )
     try:
-        _wait_for_line(proc, "loraserve: serving on")
-        with urllib.request.urlopen(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10) as r:
+        server.start(120)
+        target = server.target
+        assert server.port > 0 and server.metrics_port > 0  # both bound to port 0, reported
+        url = f"http://127.0.0.1:{server.metrics_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as r:
             assert b"python_info" in r.read()
         upload = _cli(
             ["adapters", "upload", str(adapter_dirs["qv"]), "--name", "cli-adapter", "--json"],
@@ -106,17 +95,15 @@ def test_serve_cli_roundtrip_and_sigterm(
         missing = _cli(["generate", "--adapter", "nope", "hi"], env, target)
         assert missing.returncode == 1
         assert "error: NOT_FOUND" in missing.stderr and "Traceback" not in missing.stderr
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0, server.output()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        server.kill()
 
 
 def test_dev_mode_refuses_non_loopback_bind(model_cache: Path, tmp_path: Path) -> None:
     result = subprocess.run(
-        [*CLI, "serve", "--host", "0.0.0.0", "--metrics-port", "0", "--data-dir", str(tmp_path)],
+        [*CLI, "serve", "--host", "0.0.0.0", "--no-metrics", "--data-dir", str(tmp_path)],
         env=_env(model_cache),
         capture_output=True,
         text=True,
@@ -128,17 +115,33 @@ def test_dev_mode_refuses_non_loopback_bind(model_cache: Path, tmp_path: Path) -
 
 @pytest.mark.parametrize("problem", ["missing model", "bad tenants file"])
 def test_start_failures_are_clear(problem: str, model_cache: Path, tmp_path: Path) -> None:
-    args = ["serve", "--port", str(free_port()), "--metrics-port", "0", "--data-dir", str(tmp_path)]
+    args = ["serve", "--port", "0", "--no-metrics", "--data-dir", str(tmp_path)]
     if problem == "missing model":
         args += ["--model", str(tmp_path / "no-such-model")]
         needle = "not a Hugging Face checkpoint directory"
     else:
         bad = tmp_path / "tenants.toml"
         bad.write_text('[tenants.acme]\napi_keys = ["plaintext-key"]\n')
-        args += ["--tenants", str(bad)]
+        args += ["--tenants", str(bad), "--model", "embedded"]
         needle = "sha256"
     result = subprocess.run(
         [*CLI, *args], env=_env(model_cache), capture_output=True, text=True, timeout=120
     )
     assert result.returncode == 1
     assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_no_model_outside_development_mode_is_refused(
+    model_cache: Path, tmp_path: Path, tenants_file: Path
+) -> None:
+    """With --tenants and no --model, the server does not fall back to the random test model."""
+    result = subprocess.run(
+        [*CLI, "serve", "--tenants", str(tenants_file), "--data-dir", str(tmp_path)],
+        env=_env(model_cache),
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+    assert result.returncode == 2
+    assert "--model PATH" in result.stderr and "--model embedded" in result.stderr
+    assert "Traceback" not in result.stderr and not (tmp_path / "adapters").exists()

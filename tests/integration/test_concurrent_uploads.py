@@ -6,11 +6,13 @@ import hashlib
 import threading
 from pathlib import Path
 
-from serving_support import ServerThread, client_for
+from serving_support import client_for
+
+from loraserve.server.background import BackgroundServer
 
 
 def test_concurrent_uploads_of_one_name_land_whole(
-    server: ServerThread, adapter_dirs: dict[str, Path]
+    server: BackgroundServer, adapter_dirs: dict[str, Path]
 ) -> None:
     sources = {
         "qv": adapter_dirs["qv"],

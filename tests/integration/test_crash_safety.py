@@ -5,10 +5,6 @@ a file corrupted on disk while the server was down. Acknowledged adapters always
 from __future__ import annotations
 
 import hashlib
-import os
-import signal
-import subprocess
-import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -17,44 +13,20 @@ from pathlib import Path
 
 import grpc
 import pytest
-from serving_support import KEYS, free_port
+from serving_support import KEYS
 
 from loraserve.client.config import ClientConfig
 from loraserve.client.sync import LoraServeClient
 from loraserve.client.upload import plan_upload
+from loraserve.server.background import ServerProcess
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc
 
 START_TIMEOUT = 90.0
 TENANT = "acme"
 
 
-@dataclass
-class ServeProcess:
-    """One `python -m loraserve serve` child with its output in files."""
-
-    proc: subprocess.Popen[bytes]
-    port: int
-    stdout: Path
-    stderr: Path
-
-    @property
-    def target(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def client(self) -> LoraServeClient:
-        return LoraServeClient(ClientConfig(target=self.target, api_key=KEYS[TENANT], timeout_s=30))
-
-    def log(self) -> str:
-        return self.stderr.read_text(errors="replace")
-
-    def kill9(self) -> None:
-        self.proc.send_signal(signal.SIGKILL)
-        self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(timeout=30)
+def client_of(server: ServerProcess) -> LoraServeClient:
+    return LoraServeClient(ClientConfig(target=server.target, api_key=KEYS[TENANT], timeout_s=30))
 
 
 @dataclass
@@ -64,57 +36,31 @@ class Cluster:
     data_dir: Path
     tenants_file: Path
     model_cache: Path
+    model: Path
     logs: Path
-    started: list[ServeProcess] = field(default_factory=list)
+    started: list[ServerProcess] = field(default_factory=list)
 
-    def start(self) -> ServeProcess:
-        n = len(self.started)
-        out, err = self.logs / f"serve-{n}.out", self.logs / f"serve-{n}.err"
-        port = free_port()
-        env = {**os.environ, "LORASERVE_CACHE": str(self.model_cache), "HF_HUB_OFFLINE": "1"}
-        with open(out, "wb") as stdout, open(err, "wb") as stderr:
-            proc = subprocess.Popen(
-                [
-                    sys.executable,
-                    "-m",
-                    "loraserve",
-                    "serve",
-                    "--host",
-                    "127.0.0.1",
-                    "--port",
-                    str(port),
-                    "--metrics-port",
-                    "0",
-                    "--tenants",
-                    str(self.tenants_file),
-                    "--data-dir",
-                    str(self.data_dir),
-                    "--access-log",
-                    "",
-                ],
-                env=env,
-                stdout=stdout,
-                stderr=stderr,
-            )
-        server = ServeProcess(proc, port, out, err)
+    def start(self) -> ServerProcess:
+        args = ["--host", "127.0.0.1", "--no-metrics", "--model", str(self.model),
+                "--tenants", str(self.tenants_file), "--data-dir", str(self.data_dir),
+                "--access-log", ""]  # fmt: skip
+        log = self.logs / f"serve-{len(self.started)}.log"
+        server = ServerProcess(args, log, {"LORASERVE_CACHE": str(self.model_cache)})
         self.started.append(server)
-        deadline = time.monotonic() + START_TIMEOUT
-        while b"loraserve: serving on" not in out.read_bytes():
-            if proc.poll() is not None or time.monotonic() > deadline:
-                raise AssertionError(f"server did not start (rc={proc.poll()}):\n{server.log()}")
-            time.sleep(0.05)
-        return server
+        return server.start(START_TIMEOUT)
 
     def close(self) -> None:
         for server in self.started:
-            server.stop()
+            server.kill()
 
 
 @pytest.fixture
-def cluster(tmp_path: Path, tenants_file: Path, model_cache: Path) -> Iterator[Cluster]:
+def cluster(
+    tmp_path: Path, tenants_file: Path, model_cache: Path, default_model: Path
+) -> Iterator[Cluster]:
     logs = tmp_path / "logs"
     logs.mkdir()
-    c = Cluster(tmp_path / "data", tenants_file, model_cache, logs)
+    c = Cluster(tmp_path / "data", tenants_file, model_cache, default_model, logs)
     try:
         yield c
     finally:
@@ -125,10 +71,10 @@ def _sha256(path: Path) -> str:
     return hashlib.sha256(path.read_bytes()).hexdigest()
 
 
-def _upload_acknowledged(server: ServeProcess, adapter_dirs: dict[str, Path]) -> dict[str, str]:
+def _upload_acknowledged(server: ServerProcess, adapter_dirs: dict[str, Path]) -> dict[str, str]:
     """Uploads two adapters and waits for each ack; returns name -> sha256 of its weights."""
     acked = {}
-    with server.client() as client:
+    with client_of(server) as client:
         for name, source in (("alpha", "qv"), ("beta", "mlp")):
             info = client.upload_adapter(adapter_dirs[source], name)
             expected = _sha256(adapter_dirs[source] / "adapter_model.safetensors")
@@ -137,9 +83,9 @@ def _upload_acknowledged(server: ServeProcess, adapter_dirs: dict[str, Path]) ->
     return acked
 
 
-def _check_intact(server: ServeProcess, data_dir: Path, acked: dict[str, str]) -> None:
+def _check_intact(server: ServerProcess, data_dir: Path, acked: dict[str, str]) -> None:
     """Every acknowledged adapter is listed, its checksums match, and it generates."""
-    with server.client() as client:
+    with client_of(server) as client:
         assert sorted(a.name for a in client.list_adapters()) == sorted(acked)
         for name, sha in acked.items():
             info = client.get_adapter(name)
@@ -213,7 +159,7 @@ def test_kill9_mid_upload_keeps_acknowledged_adapters(
             assert uploader.is_alive(), f"upload ended early: {outcome}"
             time.sleep(0.02)
         assert sent.is_set() and uploader.is_alive()
-        server.kill9()
+        server.kill()
     finally:
         stop.set()
         uploader.join(30)
@@ -224,7 +170,7 @@ def test_kill9_mid_upload_keeps_acknowledged_adapters(
     restarted = cluster.start()
     assert list((cluster.data_dir / "adapters" / "tmp").iterdir()) == []
     _check_intact(restarted, cluster.data_dir, acked)
-    with restarted.client() as client, pytest.raises(grpc.RpcError) as missing:
+    with client_of(restarted) as client, pytest.raises(grpc.RpcError) as missing:
         client.get_adapter("interrupted")
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND
     assert not (cluster.data_dir / "adapters" / "tenants" / TENANT / "interrupted").exists()
@@ -235,13 +181,13 @@ def test_kill9_mid_generation_then_restart_serves(
 ) -> None:
     server = cluster.start()
     acked = _upload_acknowledged(server, adapter_dirs)
-    with server.client() as client:
+    with client_of(server) as client:
         stream = client.generate_stream(
             "hello", adapter="alpha", max_new_tokens=1000, ignore_eos=True, timeout_s=60
         )
         first = next(stream)
         assert not first.finish_reason  # still generating
-        server.kill9()
+        server.kill()
         with pytest.raises(grpc.RpcError):
             for message in stream:
                 assert not message.finish_reason, "generation finished before the kill"
@@ -256,8 +202,7 @@ def test_file_corrupted_while_down_is_quarantined_at_start(
 ) -> None:
     server = cluster.start()
     acked = _upload_acknowledged(server, adapter_dirs)
-    server.proc.send_signal(signal.SIGTERM)
-    assert server.proc.wait(timeout=30) == 0
+    assert server.stop(30) == 0
 
     version_dir = cluster.data_dir / "adapters" / "tenants" / TENANT / "alpha" / "v1"
     weights = version_dir / "adapter_model.safetensors"
@@ -266,13 +211,13 @@ def test_file_corrupted_while_down_is_quarantined_at_start(
     weights.write_bytes(bytes(data))
 
     restarted = cluster.start()
-    log = restarted.log()
+    log = restarted.output()
     assert "quarantined corrupt adapter tenant=acme name=alpha version=1" in log, log
     assert "ERROR" in log
     assert not version_dir.exists()
     assert len(list((cluster.data_dir / "adapters" / "quarantine" / TENANT / "alpha").iterdir()))
     del acked["alpha"]
     _check_intact(restarted, cluster.data_dir, acked)
-    with restarted.client() as client, pytest.raises(grpc.RpcError) as missing:
+    with client_of(restarted) as client, pytest.raises(grpc.RpcError) as missing:
         client.generate("hello", adapter="alpha", max_new_tokens=2)
     assert missing.value.code() == grpc.StatusCode.NOT_FOUND

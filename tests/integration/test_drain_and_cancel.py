@@ -10,10 +10,7 @@ completes within the grace period, and the process exits 0.
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import threading
 import time
 import urllib.request
@@ -24,10 +21,11 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from prometheus_client.parser import text_string_to_metric_families
-from serving_support import ServerThread, client_for, free_port
+from serving_support import client_for
 
 from loraserve.client.config import ClientConfig
 from loraserve.client.sync import LoraServeClient
+from loraserve.server.background import BackgroundServer, ServerProcess
 from loraserve.server.config import ServerConfig
 from loraserve.v1 import inference_pb2
 
@@ -43,16 +41,16 @@ def srv(
     tenants_file: Path,
     adapter_dirs: dict[str, Path],
     tmp_path_factory: pytest.TempPathFactory,
-) -> Iterator[ServerThread]:
+) -> Iterator[BackgroundServer]:
     config = ServerConfig(
         model_path=default_model,
         port=0,
-        metrics_port=free_port(),
+        metrics_port=0,
         data_dir=tmp_path_factory.mktemp("drain-data"),
         tenants_file=tenants_file,
         access_log="",
     )
-    thread = ServerThread(config).start()
+    thread = BackgroundServer(config).start()
     try:
         with client_for(thread, "acme") as acme:
             acme.upload_adapter(adapter_dirs["qv"], ADAPTER)
@@ -61,7 +59,7 @@ def srv(
         thread.stop()
 
 
-def _samples(server: ServerThread) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
+def _samples(server: BackgroundServer) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
     port = server.server.metrics_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         text = response.read().decode()
@@ -72,7 +70,7 @@ def _samples(server: ServerThread) -> dict[tuple[str, tuple[tuple[str, str], ...
     return out
 
 
-def _metric(server: ServerThread, name: str, **labels: str) -> float:
+def _metric(server: BackgroundServer, name: str, **labels: str) -> float:
     return _samples(server).get((name, tuple(sorted(labels.items()))), 0.0)
 
 
@@ -83,15 +81,15 @@ def _wait_until(check: Callable[[], bool], what: str, timeout: float = 5.0) -> N
         time.sleep(0.02)
 
 
-def _tenant_running(server: ServerThread, tenant: str) -> int:
+def _tenant_running(server: BackgroundServer, tenant: str) -> int:
     return sum(1 for s in server.server.runtime.engine.scheduler.running if s.tenant == tenant)
 
 
-def _pins(server: ServerThread) -> dict[object, int]:
+def _pins(server: BackgroundServer) -> dict[object, int]:
     return server.server.runtime.engine.device_pool.resident()
 
 
-def _assert_gone(server: ServerThread, tenant: str, *, batch_empty: bool) -> None:
+def _assert_gone(server: BackgroundServer, tenant: str, *, batch_empty: bool) -> None:
     """`tenant`'s requests left the batch, released their pins and stopped making tokens."""
     _wait_until(lambda: _tenant_running(server, tenant) == 0, f"{tenant} to leave the batch")
     _wait_until(lambda: all(p == 0 for p in _pins(server).values()), "adapter pins to drop")
@@ -105,7 +103,7 @@ def _assert_gone(server: ServerThread, tenant: str, *, batch_empty: bool) -> Non
     assert _metric(server, "loraserve_generated_tokens_total", tenant=tenant) == first
 
 
-def _start_stream(server: ServerThread, client: LoraServeClient) -> Iterator[object]:
+def _start_stream(server: BackgroundServer, client: LoraServeClient) -> Iterator[object]:
     """A long adapter stream, read until it is decoding and holds its adapter pin."""
     stream = client.generate_stream(
         "tell me", adapter=ADAPTER, max_new_tokens=LONG, ignore_eos=True
@@ -117,7 +115,7 @@ def _start_stream(server: ServerThread, client: LoraServeClient) -> Iterator[obj
     return stream
 
 
-def test_closed_stream_leaves_the_batch(srv: ServerThread) -> None:
+def test_closed_stream_leaves_the_batch(srv: BackgroundServer) -> None:
     before = _metric(srv, "loraserve_requests_total", tenant="acme", outcome="cancelled")
     with client_for(srv, "acme") as acme:
         stream = _start_stream(srv, acme)
@@ -132,7 +130,7 @@ def test_closed_stream_leaves_the_batch(srv: ServerThread) -> None:
     )
 
 
-def test_deadline_exceeded_leaves_the_batch(srv: ServerThread) -> None:
+def test_deadline_exceeded_leaves_the_batch(srv: BackgroundServer) -> None:
     before = _metric(srv, "loraserve_requests_total", tenant="acme", outcome="deadline")
     with client_for(srv, "acme") as acme:
         started = time.monotonic()
@@ -152,7 +150,7 @@ def test_deadline_exceeded_leaves_the_batch(srv: ServerThread) -> None:
     )
 
 
-def test_batch_neighbours_are_unaffected(srv: ServerThread) -> None:
+def test_batch_neighbours_are_unaffected(srv: BackgroundServer) -> None:
     results: list[inference_pb2.GenerateResponse] = []
     errors: list[BaseException] = []
 
@@ -209,45 +207,14 @@ def _health(target: str) -> str:
 
 
 def test_sigterm_drains_in_flight_stream(model_cache: Path, tmp_path: Path) -> None:
-    port = free_port()
-    target = f"127.0.0.1:{port}"
-    env = {**os.environ, "LORASERVE_CACHE": str(model_cache), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "loraserve",
-            "serve",
-            "--port",
-            str(port),
-            "--metrics-port",
-            "0",
-            "--data-dir",
-            str(tmp_path),
-            "--grace-seconds",
-            str(GRACE),
-            "--access-log",
-            "",
-        ],
-        env=env,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.STDOUT,
-        text=True,
-    )
-    output: list[str] = []
-    serving = threading.Event()
-
-    def pump() -> None:  # keeps the pipe drained for the whole run
-        assert proc.stdout is not None
-        for line in proc.stdout:
-            output.append(line)
-            if "loraserve: serving on" in line:
-                serving.set()
-
-    pumper = threading.Thread(target=pump, daemon=True)
-    pumper.start()
+    server = ServerProcess(
+        ["--model", "embedded", "--no-metrics", "--data-dir", str(tmp_path / "d"),
+         "--grace-seconds", str(GRACE), "--access-log", ""],
+        tmp_path / "serve.log",
+        {"LORASERVE_CACHE": str(model_cache)},
+    )  # fmt: skip
     try:
-        assert serving.wait(120), "".join(output)
+        target = server.start(120).target
         messages: list[inference_pb2.GenerateStreamResponse] = []
         times: list[float] = []
         failures: list[BaseException] = []
@@ -273,7 +240,7 @@ def test_sigterm_drains_in_flight_stream(model_cache: Path, tmp_path: Path) -> N
             reader.start()
             assert first.wait(30) and not failures, failures
             sigterm_at = time.monotonic()
-            proc.send_signal(signal.SIGTERM)
+            server.send_signal(signal.SIGTERM)
 
             # Health stops saying SERVING at once: NOT_SERVING, or (the port stops taking new
             # calls at once) the probe is refused or cut off.
@@ -308,9 +275,6 @@ def test_sigterm_drains_in_flight_stream(model_cache: Path, tmp_path: Path) -> N
         assert times[0] < sigterm_at < times[-1]
         assert refused_at > sigterm_at
         assert times[-1] - sigterm_at < GRACE
-        assert proc.wait(timeout=GRACE + 15) == 0, "".join(output)
+        assert server.wait(timeout=GRACE + 15) == 0, server.output()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait(10)
-        pumper.join(10)
+        server.kill()

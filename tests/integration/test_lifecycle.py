@@ -11,12 +11,12 @@ import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
-from serving_support import ServerThread, free_port
 
 from loraserve.client.config import ClientConfig
 from loraserve.client.sync import LoraServeClient
-from loraserve.server import app as app_module
+from loraserve.server import runtime as runtime_module
 from loraserve.server.app import Server
+from loraserve.server.background import BackgroundServer
 from loraserve.server.config import ServerConfig
 
 
@@ -24,15 +24,14 @@ def test_not_serving_until_model_loaded(
     default_model: Path, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     release = threading.Event()
-    real_load = app_module.load_base_model
+    real_load = runtime_module.load_base_model
 
     def slow_load(*args, **kwargs):
         release.wait(30)
         return real_load(*args, **kwargs)
 
-    monkeypatch.setattr(app_module, "load_base_model", slow_load)
-    port = free_port()
-    config = ServerConfig(model_path=default_model, port=port, metrics_port=0, data_dir=tmp_path)
+    monkeypatch.setattr(runtime_module, "load_base_model", slow_load)
+    config = ServerConfig(model_path=default_model, port=0, metrics_port=None, data_dir=tmp_path)
     loop = asyncio.new_event_loop()
     thread = threading.Thread(target=loop.run_forever, daemon=True)
     thread.start()
@@ -43,6 +42,11 @@ def test_not_serving_until_model_loaded(
     server = asyncio.run_coroutine_threadsafe(make(), loop).result(10)
     started = asyncio.run_coroutine_threadsafe(server.start(), loop)
     try:
+        deadline = time.monotonic() + 30
+        while server.port == 0:  # bound (port 0: a free one) before the model loads
+            assert time.monotonic() < deadline and not started.done(), "never bound"
+            time.sleep(0.01)
+        port = server.port
         with grpc.insecure_channel(f"127.0.0.1:{port}") as channel:
             health = health_pb2_grpc.HealthStub(channel)
             deadline = time.monotonic() + 30
@@ -75,7 +79,7 @@ def test_not_serving_until_model_loaded(
         thread.join(10)
 
 
-def test_reflection_lists_services(server: ServerThread) -> None:
+def test_reflection_lists_services(server: BackgroundServer) -> None:
     with grpc.insecure_channel(server.target) as channel:
         stub = reflection_pb2_grpc.ServerReflectionStub(channel)
         request = reflection_pb2.ServerReflectionRequest(list_services="")
@@ -85,16 +89,28 @@ def test_reflection_lists_services(server: ServerThread) -> None:
 
 
 def test_running_request_finishes_on_its_version(
-    server: ServerThread, acme: LoraServeClient, adapter_dirs: dict[str, Path]
+    server: BackgroundServer, acme: LoraServeClient, adapter_dirs: dict[str, Path]
 ) -> None:
+    """A request that was running while v2 committed finishes on v1, token for token."""
+    tokens_wanted = 240  # long enough to still be decoding when the upload returns
     acme.upload_adapter(adapter_dirs["qv"], "moving")
-    alone_v1 = acme.generate("steady", adapter="moving", max_new_tokens=48, ignore_eos=True)
-    stream = acme.generate_stream("steady", adapter="moving", max_new_tokens=48, ignore_eos=True)
+    alone_v1 = acme.generate(
+        "steady", adapter="moving", max_new_tokens=tokens_wanted, ignore_eos=True
+    )
+    stream = acme.generate_stream(
+        "steady", adapter="moving", max_new_tokens=tokens_wanted, ignore_eos=True
+    )
     first = next(stream)
     assert first.adapter_version == 1
     assert acme.upload_adapter(adapter_dirs["mlp"], "moving").version == 2
+    # The request must still be running now that v2 has committed, or this test proves nothing.
+    metrics = server.server.metrics  # type: ignore[union-attr]
+    assert metrics.registry.get_sample_value("loraserve_requests_running") == 1, (
+        "the stream finished before v2 committed"
+    )
     rest = list(stream)
     tokens = [t for m in (first, *rest) for t in m.token_ids]
+    assert len(tokens) == tokens_wanted
     assert tokens == list(alone_v1.token_ids), "the running request switched versions mid-way"
     assert rest[-1].adapter_version == 1
     assert acme.generate("steady", adapter="moving", max_new_tokens=4).adapter_version == 2
@@ -102,7 +118,7 @@ def test_running_request_finishes_on_its_version(
 
 
 def test_delete_frees_device_slots(
-    server: ServerThread, acme: LoraServeClient, adapter_dirs: dict[str, Path]
+    server: BackgroundServer, acme: LoraServeClient, adapter_dirs: dict[str, Path]
 ) -> None:
     engine = server.server.runtime.engine  # type: ignore[union-attr]
     acme.upload_adapter(adapter_dirs["wide"], "temporary")

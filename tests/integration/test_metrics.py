@@ -14,8 +14,9 @@ from pathlib import Path
 import grpc
 import pytest
 from prometheus_client.parser import text_string_to_metric_families
-from serving_support import ServerThread, client_for, free_port
+from serving_support import client_for
 
+from loraserve.server.background import BackgroundServer
 from loraserve.server.config import ServerConfig
 
 PRICE_PER_DEVICE_HOUR = 36.0  # 0.01 per second: easy to check by hand
@@ -24,24 +25,24 @@ PRICE_PER_DEVICE_HOUR = 36.0  # 0.01 per second: easy to check by hand
 @pytest.fixture(scope="module")
 def metered(
     default_model: Path, tenants_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerThread]:
+) -> Iterator[BackgroundServer]:
     root = tmp_path_factory.mktemp("metered")
     config = ServerConfig(
         model_path=default_model,
         port=0,
-        metrics_port=free_port(),
+        metrics_port=0,
         data_dir=root / "data",
         tenants_file=tenants_file,
         price_per_device_hour=PRICE_PER_DEVICE_HOUR,
         price_per_gb_hour=1000.0,
         access_log=str(root / "access.log"),
     )
-    thread = ServerThread(config).start()
+    thread = BackgroundServer(config).start()
     yield thread
     thread.stop()
 
 
-def scrape(server: ServerThread) -> str:
+def scrape(server: BackgroundServer) -> str:
     port = server.server.metrics_port
     with urllib.request.urlopen(f"http://127.0.0.1:{port}/metrics", timeout=10) as response:
         return response.read().decode()
@@ -60,7 +61,7 @@ def value(data: dict, name: str, **labels: str) -> float:
 
 
 def test_tenant_metrics_usage_and_access_log(
-    metered: ServerThread, adapter_dirs: dict[str, Path]
+    metered: BackgroundServer, adapter_dirs: dict[str, Path]
 ) -> None:
     with client_for(metered, "acme") as acme, client_for(metered, "globex") as globex:
         acme.upload_adapter(adapter_dirs["qv"], "billing")
@@ -123,7 +124,7 @@ def test_tenant_metrics_usage_and_access_log(
     assert {x["status"] for x in lines} == {"ok", "not_found", "unauthenticated"}
 
 
-def test_promtool_accepts_a_real_scrape(metered: ServerThread) -> None:
+def test_promtool_accepts_a_real_scrape(metered: BackgroundServer) -> None:
     promtool = shutil.which("promtool")
     assert promtool, "promtool missing: install the Debian package 'prometheus' (.ci/run does)"
     text = scrape(metered)
@@ -133,7 +134,7 @@ def test_promtool_accepts_a_real_scrape(metered: ServerThread) -> None:
     assert result.returncode == 0 and result.stdout.strip() == "", result.stdout + result.stderr
 
 
-def test_cancelled_and_deadline_outcomes_are_counted(metered: ServerThread) -> None:
+def test_cancelled_and_deadline_outcomes_are_counted(metered: BackgroundServer) -> None:
     def outcome(tenant: str, name: str) -> float:
         return value(
             samples(scrape(metered)), "loraserve_requests_total", tenant=tenant, outcome=name

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import subprocess
 import time
 import urllib.parse
@@ -16,8 +17,9 @@ from pathlib import Path
 
 import pytest
 import yaml
-from serving_support import ServerThread, client_for, free_port
+from serving_support import client_for
 
+from loraserve.server.background import BackgroundServer
 from loraserve.server.config import ServerConfig
 
 REPO = Path(__file__).resolve().parents[2]
@@ -26,23 +28,36 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.fixture(scope="module")
 def loraserve(
     default_model: Path, tenants_file: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerThread]:
+) -> Iterator[BackgroundServer]:
     config = ServerConfig(
         model_path=default_model,
         port=0,
-        metrics_port=free_port(),
+        metrics_port=0,
         data_dir=tmp_path_factory.mktemp("prom-data"),
         tenants_file=tenants_file,
         price_per_device_hour=10.0,
         access_log="",
     )
-    thread = ServerThread(config).start()
+    thread = BackgroundServer(config).start()
     yield thread
     thread.stop()
 
 
+def _port_for_prometheus() -> int:
+    """A free port for the Prometheus binary, which does not report a port-0 bind it made.
+
+    loraserve's own servers bind port 0 and report it; this third-party binary is the one
+    listener the tests must name in advance.
+    """
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
 @pytest.fixture(scope="module")
-def prometheus(loraserve: ServerThread, tmp_path_factory: pytest.TempPathFactory) -> Iterator[str]:
+def prometheus(
+    loraserve: BackgroundServer, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[str]:
     binary = shutil.which("prometheus")
     assert binary, "prometheus missing: install the Debian package 'prometheus' (.ci/run does)"
     root = tmp_path_factory.mktemp("prometheus")
@@ -55,7 +70,7 @@ def prometheus(loraserve: ServerThread, tmp_path_factory: pytest.TempPathFactory
     jobs[0]["scrape_interval"] = "1s"
     jobs[0]["static_configs"] = [{"targets": [f"127.0.0.1:{loraserve.server.metrics_port}"]}]
     (root / "prometheus.yml").write_text(yaml.safe_dump(config))
-    port = free_port()
+    port = _port_for_prometheus()
     proc = subprocess.Popen(
         [
             binary,
@@ -107,7 +122,7 @@ def wait_for(url: str, promql: str, expected: dict[str, float], timeout: float =
 
 
 def test_prometheus_scrapes_per_tenant_tokens_latency_and_cost(
-    loraserve: ServerThread, prometheus: str, adapter_dirs: dict[str, Path]
+    loraserve: BackgroundServer, prometheus: str, adapter_dirs: dict[str, Path]
 ) -> None:
     reported: dict[str, list] = {"acme": [], "globex": []}
     with client_for(loraserve, "acme") as acme, client_for(loraserve, "globex") as globex:

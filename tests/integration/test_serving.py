@@ -8,9 +8,10 @@ from pathlib import Path
 
 import grpc
 import pytest
-from serving_support import ServerThread, client_for
+from serving_support import client_for
 
 from loraserve.client.sync import LoraServeClient
+from loraserve.server.background import BackgroundServer
 from loraserve.v1 import inference_pb2
 
 
@@ -89,7 +90,7 @@ def test_chat_messages_use_the_chat_template(acme: LoraServeClient) -> None:
 
 
 def test_tenant_isolation(
-    server: ServerThread,
+    server: BackgroundServer,
     acme: LoraServeClient,
     globex: LoraServeClient,
     admin: LoraServeClient,
@@ -142,7 +143,7 @@ def test_reupload_creates_new_version_and_serves_it(
 
 
 def test_concurrent_tenants_share_batches(
-    server: ServerThread,
+    server: BackgroundServer,
     acme: LoraServeClient,
     globex: LoraServeClient,
     adapter_dirs: dict[str, Path],
@@ -199,16 +200,16 @@ def test_adapters_survive_restart(
     config = ServerConfig(
         model_path=default_model,
         port=0,
-        metrics_port=0,
+        metrics_port=None,
         data_dir=tmp_path,
         tenants_file=tenants_file,
     )
-    first = ServerThread(config).start()
+    first = BackgroundServer(config).start()
     with client_for(first, "acme") as c:
         c.upload_adapter(adapter_dirs["mlp"], "keeper")
         before = c.generate("persist", adapter="keeper", max_new_tokens=8, ignore_eos=True)
     first.stop()
-    second = ServerThread(config).start()
+    second = BackgroundServer(config).start()
     try:
         with client_for(second, "acme") as c:
             assert [(a.name, a.version) for a in c.list_adapters()] == [("keeper", 1)]

@@ -2,19 +2,16 @@
 
 from __future__ import annotations
 
-import os
 import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import grpc
 import pytest
-from serving_support import ServerThread, free_port
 
 from loraserve.client.config import ClientConfig
 from loraserve.client.sync import LoraServeClient
+from loraserve.server.background import BackgroundServer, ServerProcess
 from loraserve.server.config import ServerConfig
 from loraserve.server.tenants import TenantsFileError, hash_key
 
@@ -34,10 +31,10 @@ def test_reload_takes_effect_for_new_calls(default_model: Path, tmp_path: Path) 
     tenants = tmp_path / "tenants.toml"
     _write(tenants, {"acme": "old-acme-key"})
     config = ServerConfig(
-        model_path=default_model, port=0, metrics_port=0, data_dir=tmp_path / "d",
+        model_path=default_model, port=0, metrics_port=None, data_dir=tmp_path / "d",
         tenants_file=tenants, access_log="",
     )  # fmt: skip
-    server = ServerThread(config).start()
+    server = BackgroundServer(config).start()
     try:
         assert _tenant_of(server.target, "old-acme-key") == "acme"
         _write(tenants, {"acme": "new-acme-key", "initech": "initech-key"})
@@ -56,25 +53,22 @@ def test_reload_takes_effect_for_new_calls(default_model: Path, tmp_path: Path) 
         server.stop()
 
 
-def test_sighup_reloads_a_running_process(model_cache: Path, tmp_path: Path) -> None:
+def test_sighup_reloads_a_running_process(
+    model_cache: Path, default_model: Path, tmp_path: Path
+) -> None:
     tenants = tmp_path / "tenants.toml"
     _write(tenants, {"acme": "first-key"})
-    port = free_port()
-    env = {**os.environ, "LORASERVE_CACHE": str(model_cache), "HF_HUB_OFFLINE": "1"}
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "loraserve", "serve", "--port", str(port), "--metrics-port", "0",
-         "--data-dir", str(tmp_path / "d"), "--tenants", str(tenants), "--access-log", ""],
-        env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+    server = ServerProcess(
+        ["--model", str(default_model), "--no-metrics", "--data-dir", str(tmp_path / "d"),
+         "--tenants", str(tenants), "--access-log", ""],
+        tmp_path / "serve.log",
+        {"LORASERVE_CACHE": str(model_cache)},
     )  # fmt: skip
-    target = f"127.0.0.1:{port}"
     try:
-        assert proc.stdout is not None
-        deadline = time.monotonic() + 120
-        while "serving on" not in proc.stdout.readline():
-            assert time.monotonic() < deadline and proc.poll() is None
+        target = server.start(120).target
         assert _tenant_of(target, "first-key") == "acme"
         _write(tenants, {"acme": "second-key"})
-        proc.send_signal(signal.SIGHUP)
+        server.send_signal(signal.SIGHUP)
         deadline = time.monotonic() + 20
         while True:
             try:
@@ -83,9 +77,7 @@ def test_sighup_reloads_a_running_process(model_cache: Path, tmp_path: Path) -> 
             except grpc.RpcError:
                 assert time.monotonic() < deadline, "SIGHUP did not reload the tenants file"
                 time.sleep(0.1)
-        proc.send_signal(signal.SIGTERM)
-        assert proc.wait(timeout=30) == 0
+        server.send_signal(signal.SIGTERM)
+        assert server.wait(timeout=30) == 0, server.output()
     finally:
-        if proc.poll() is None:
-            proc.kill()
-            proc.wait()
+        server.kill()

@@ -8,10 +8,11 @@ from pathlib import Path
 
 import grpc
 import pytest
-from serving_support import ServerThread, make_pki
+from serving_support import make_pki
 
 from loraserve.client.config import ClientConfig
 from loraserve.client.sync import LoraServeClient
+from loraserve.server.background import BackgroundServer
 from loraserve.server.config import ConfigError, ServerConfig
 
 
@@ -20,24 +21,24 @@ def pki(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return make_pki(tmp_path_factory.mktemp("pki"))
 
 
-def _server(default_model: Path, data: Path, pki: Path, *, mutual: bool) -> ServerThread:
+def _server(default_model: Path, data: Path, pki: Path, *, mutual: bool) -> BackgroundServer:
     config = ServerConfig(
         model_path=default_model,
         port=0,
-        metrics_port=0,
+        metrics_port=None,
         data_dir=data,
         access_log="",
         tls_cert=pki / "server.pem",
         tls_key=pki / "server.key",
         tls_client_ca=(pki / "ca.pem") if mutual else None,
     )
-    return ServerThread(config).start()
+    return BackgroundServer(config).start()
 
 
 @pytest.fixture(scope="module")
 def tls_server(
     default_model: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerThread]:
+) -> Iterator[BackgroundServer]:
     server = _server(default_model, tmp_path_factory.mktemp("tls"), pki, mutual=False)
     yield server
     server.stop()
@@ -46,29 +47,29 @@ def tls_server(
 @pytest.fixture(scope="module")
 def mtls_server(
     default_model: Path, pki: Path, tmp_path_factory: pytest.TempPathFactory
-) -> Iterator[ServerThread]:
+) -> Iterator[BackgroundServer]:
     server = _server(default_model, tmp_path_factory.mktemp("mtls"), pki, mutual=True)
     yield server
     server.stop()
 
 
-def _client(server: ServerThread, **tls: object) -> LoraServeClient:
+def _client(server: BackgroundServer, **tls: object) -> LoraServeClient:
     return LoraServeClient(ClientConfig(target=server.target, timeout_s=10, **tls))  # type: ignore[arg-type]
 
 
-def test_tls_client_with_the_ca_is_served(tls_server: ServerThread, pki: Path) -> None:
+def test_tls_client_with_the_ca_is_served(tls_server: BackgroundServer, pki: Path) -> None:
     with _client(tls_server, tls_ca=pki / "ca.pem") as client:
         assert len(client.generate("over tls", max_new_tokens=3, ignore_eos=True).token_ids) == 3
 
 
-def test_plaintext_client_is_refused_by_a_tls_server(tls_server: ServerThread) -> None:
+def test_plaintext_client_is_refused_by_a_tls_server(tls_server: BackgroundServer) -> None:
     with _client(tls_server) as client, pytest.raises(grpc.RpcError) as err:
         client.server_info(timeout_s=3)
     assert err.value.code() in (grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.DEADLINE_EXCEEDED)
 
 
 def test_client_that_does_not_trust_the_server_is_refused(
-    tls_server: ServerThread, pki: Path
+    tls_server: BackgroundServer, pki: Path
 ) -> None:
     with (
         _client(tls_server, tls_ca=pki / "other-ca.pem") as client,
@@ -79,7 +80,7 @@ def test_client_that_does_not_trust_the_server_is_refused(
 
 
 def test_mutual_tls_accepts_a_certificate_from_the_client_ca(
-    mtls_server: ServerThread, pki: Path
+    mtls_server: BackgroundServer, pki: Path
 ) -> None:
     with _client(
         mtls_server, tls_ca=pki / "ca.pem", tls_cert=pki / "client.pem", tls_key=pki / "client.key"
@@ -88,7 +89,9 @@ def test_mutual_tls_accepts_a_certificate_from_the_client_ca(
 
 
 @pytest.mark.parametrize("who", ["no certificate", "certificate from another CA"])
-def test_mutual_tls_refuses_other_clients(mtls_server: ServerThread, pki: Path, who: str) -> None:
+def test_mutual_tls_refuses_other_clients(
+    mtls_server: BackgroundServer, pki: Path, who: str
+) -> None:
     tls: dict[str, object] = {"tls_ca": pki / "ca.pem"}
     if who != "no certificate":
         tls.update(tls_cert=pki / "stranger.pem", tls_key=pki / "stranger.key")

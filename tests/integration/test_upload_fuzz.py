@@ -25,9 +25,10 @@ import grpc
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
-from serving_support import KEYS, ServerThread
+from serving_support import KEYS
 
 from loraserve.client.sync import LoraServeClient
+from loraserve.server.background import BackgroundServer
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc
 
 CONFIG = adapters_pb2.ADAPTER_FILE_CONFIG
@@ -300,7 +301,7 @@ def _requests(name: str, files: Files) -> Iterator[adapters_pb2.UploadAdapterReq
 
 
 @pytest.fixture(scope="module")
-def upload_stub(server: ServerThread) -> Iterator[adapters_pb2_grpc.AdaptersStub]:
+def upload_stub(server: BackgroundServer) -> Iterator[adapters_pb2_grpc.AdaptersStub]:
     channel = grpc.insecure_channel(server.target)
     yield adapters_pb2_grpc.AdaptersStub(channel)
     channel.close()

@@ -129,4 +129,4 @@ def test_host_rule_is_checked_even_when_other_fields_are_fine() -> None:
     # The bind rule is a cross-field rule (host x tenants_file), not a property of host alone.
     assert not is_loopback("0.0.0.0")
     with pytest.raises(ConfigError):
-        _with(host="0.0.0.0", port=0, metrics_port=0).validate()
+        _with(host="0.0.0.0", port=0, metrics_port=None).validate()

@@ -24,6 +24,14 @@ def _parse(*argv: str) -> argparse.Namespace:
     return _parser().parse_args(list(argv))
 
 
+EMBEDDED_DIR = Path("/built/embedded-model")
+
+
+def _embedded() -> Path:
+    """Stands in for the CLI's embedded-model builder (records nothing, builds nothing)."""
+    return EMBEDDED_DIR
+
+
 @pytest.fixture
 def served(monkeypatch: pytest.MonkeyPatch) -> list[ServerConfig]:
     """Replaces serve() so a run_serve that gets past validation returns at once, recorded."""
@@ -43,9 +51,32 @@ def _choices(dest: str) -> list[str]:
 
 
 def test_defaults_equal_server_config_defaults() -> None:
-    config = config_from_args(_parse())
-    assert config == ServerConfig()
-    assert config.dev_mode and config.model_path is None and config.tenants_file is None
+    """Development mode without --model serves the embedded test model (with a warning)."""
+    config = config_from_args(_parse(), _embedded)
+    assert config == dataclasses.replace(ServerConfig(), model_path=EMBEDDED_DIR)
+    assert config.dev_mode and config.tenants_file is None
+
+
+def test_model_embedded_is_explicit(tmp_path: Path) -> None:
+    tenants = str(tmp_path / "t.toml")
+    config = config_from_args(_parse("--model", "embedded", "--tenants", tenants), _embedded)
+    assert config.model_path == EMBEDDED_DIR
+    # A launcher without the builder (the server layer alone) says so instead of guessing.
+    with pytest.raises(ConfigError, match="--model embedded"):
+        config_from_args(_parse("--model", "embedded"))
+
+
+def test_no_model_with_tenants_is_refused(tmp_path: Path) -> None:
+    """Outside development mode the random-weight model is never a silent default."""
+    with pytest.raises(ConfigError) as err:
+        config_from_args(_parse("--tenants", str(tmp_path / "t.toml")), _embedded)
+    assert "--model PATH" in str(err.value) and "--model embedded" in str(err.value)
+    assert "random" in str(err.value)
+
+
+def test_no_metrics_disables_and_port_zero_picks_a_free_one() -> None:
+    assert config_from_args(_parse("--no-metrics"), _embedded).metrics_port is None
+    assert config_from_args(_parse("--metrics-port", "0"), _embedded).metrics_port == 0
 
 
 def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
@@ -100,7 +131,7 @@ def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
 
 def test_every_flag_reaches_a_config_field() -> None:
     fields = {f.name for f in dataclasses.fields(ServerConfig)}
-    renamed = {"model": "model_path", "tenants": "tenants_file"}
+    renamed = {"model": "model_path", "tenants": "tenants_file", "no_metrics": "metrics_port"}
     dests = {a.dest for a in _parser()._actions} - {"help", "log_level"}
     assert {renamed.get(d, d) for d in dests} <= fields
 
@@ -114,15 +145,15 @@ def test_device_and_dtype_choices_match_the_config_types() -> None:
 
 def test_config_from_args_validates() -> None:
     with pytest.raises(ConfigError, match=r"^port:"):
-        config_from_args(_parse("--port", "70000"))
+        config_from_args(_parse("--port", "70000"), _embedded)
     with pytest.raises(ConfigError, match=r"^max_lora_rank:"):
-        config_from_args(_parse("--max-lora-rank", "0"))
+        config_from_args(_parse("--max-lora-rank", "0"), _embedded)
 
 
 def test_a_small_max_new_tokens_flag_is_usable() -> None:
     # default_max_new_tokens (64) has no flag, so `--max-new-tokens 32` must not be refused
     # because of it: the user has no way to fix "default_max_new_tokens: 64 exceeds ...".
-    config = config_from_args(_parse("--max-new-tokens", "32"))
+    config = config_from_args(_parse("--max-new-tokens", "32"), _embedded)
     assert config.max_new_tokens_limit == 32
     assert 1 <= config.default_max_new_tokens <= 32
 
@@ -131,7 +162,9 @@ def test_a_small_max_new_tokens_flag_is_usable() -> None:
 def test_run_serve_refuses_a_dev_mode_public_host(
     host: str, capsys: pytest.CaptureFixture[str], tmp_path: Path, served: list[ServerConfig]
 ) -> None:
-    code = run_serve(_parse("--host", host, "--data-dir", str(tmp_path), "--metrics-port", "0"))
+    code = run_serve(
+        _parse("--host", host, "--data-dir", str(tmp_path), "--metrics-port", "0"), _embedded
+    )
     assert code == 2
     out, err = capsys.readouterr()
     assert out == ""
@@ -145,15 +178,18 @@ def test_run_serve_refuses_a_dev_mode_public_host(
 def test_run_serve_reports_other_config_errors(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, served: list[ServerConfig]
 ) -> None:
-    code = run_serve(_parse("--grace-seconds", "-1", "--data-dir", str(tmp_path)))
+    code = run_serve(_parse("--grace-seconds", "-1", "--data-dir", str(tmp_path)), _embedded)
     assert code == 2
     assert "loraserve serve: grace_seconds:" in capsys.readouterr().err
     assert served == []
 
 
 def test_run_serve_starts_with_a_valid_config(tmp_path: Path, served: list[ServerConfig]) -> None:
-    code = run_serve(_parse("--port", "0", "--metrics-port", "0", "--data-dir", str(tmp_path)))
+    argv = ("--port", "0", "--metrics-port", "0", "--data-dir", str(tmp_path))
+    code = run_serve(_parse(*argv), _embedded)
     assert code == 0
     assert served == [
-        dataclasses.replace(ServerConfig(), port=0, metrics_port=0, data_dir=tmp_path)
+        dataclasses.replace(
+            ServerConfig(), model_path=EMBEDDED_DIR, port=0, metrics_port=0, data_dir=tmp_path
+        )
     ]

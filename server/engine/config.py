@@ -1,0 +1,41 @@
+"""The engine's own configuration: batching bounds, request limits, adapter tier budgets.
+
+A subset of the server's settings; `ServerConfig.engine_config()` derives it, and the bench and
+tests build it the same way (through `loraserve.server.runtime.build_runtime`).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    """What the engine, its scheduler and its adapter tiers need; nothing about the network."""
+
+    max_batch_size: int = 32
+    """Requests running at once (one KV row each)."""
+    max_waiting_requests: int = 1024
+    """Queue bound; beyond it submissions get RESOURCE_EXHAUSTED."""
+    tenant_max_requests: int = 256
+    """Requests one tenant may have waiting or running at once."""
+    tenant_max_queued_tokens: int = 1_000_000
+    """Prompt plus requested completion tokens one tenant may have waiting."""
+    max_batch_tokens: int = 2048
+    """Tokens per engine iteration: prompt chunks plus one per decoding request."""
+    max_seq_len: int = 2048
+    """Longest request, prompt plus completion (also bounded by the model's context)."""
+    max_prompt_tokens: int = 4096
+    """Longest prompt (also bounded by max_seq_len - 1)."""
+    max_new_tokens_limit: int = 1024
+    """Largest max_new_tokens a request may ask for."""
+    default_max_new_tokens: int = 64
+    """max_new_tokens when a request does not set it."""
+    max_stop_sequences: int = 8
+    """Stop sequences per request, at most."""
+    adapter_device_bytes: int = 1 << 30
+    """Device tier budget for adapter pages, in bytes."""
+    adapter_host_bytes: int = 4 << 30
+    """Host-memory tier budget (LRU) for validated adapters, in bytes."""
+    price_per_device_hour: float = 0.0
+    """Prices each request's attributed compute seconds (Usage.cost)."""
