@@ -152,11 +152,8 @@ class EngineBench:
         dtype: str = "float32",
         limits: EngineLimits | None = None,
     ) -> None:
-        from loraserve.adapters.store import AdapterStore
-        from loraserve.server.adapter_service import AdapterService
         from loraserve.server.config import ServerConfig
-        from loraserve.server.engine.engine import Engine
-        from loraserve.server.engine.model import load_base_model
+        from loraserve.server.runtime import build_runtime
 
         limits = limits or EngineLimits()
         wanted: dict[str, object] = {
@@ -164,7 +161,7 @@ class EngineBench:
             "data_dir": Path(data_dir),
             "device": device,
             "dtype": dtype,
-            "metrics_port": 0,
+            "metrics_port": None,
             "max_lora_rank": limits.max_rank,
             "adapter_device_bytes": device_budget_bytes(
                 Path(model_dir), limits.device_adapters, limits.max_rank, dtype
@@ -176,12 +173,9 @@ class EngineBench:
         }
         config = ServerConfig(**wanted)  # type: ignore[arg-type]
         self.config = apply_config_overrides(config, limits.extra).validate()
-        self.loaded = load_base_model(Path(model_dir), device=device, dtype=dtype)
-        self.service = AdapterService(
-            self.config, AdapterStore(Path(data_dir) / "adapters"), self.loaded.spec
-        )
-        self.engine = Engine(self.config, self.loaded, self.service.resolve, self.service.load)
-        self.service.attach_engine(self.engine.forget_adapter)
+        # The server's own wiring (server/runtime.py), without the gRPC layer.
+        parts = build_runtime(self.config)
+        self.loaded, self.service, self.engine = parts.loaded, parts.adapter_service, parts.engine
         self.engine.start()
 
     @property

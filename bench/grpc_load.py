@@ -16,7 +16,7 @@ import time
 from dataclasses import dataclass
 
 from loraserve.bench.context import BenchContext
-from loraserve.bench.grpc_server import ServerInThread, ServerProcess, serve_flags
+from loraserve.bench.grpc_server import serve_flags, start_server
 from loraserve.bench.stats import RequestResult, RunResult, median, percentile
 
 log = logging.getLogger("bench")
@@ -107,7 +107,7 @@ async def _wait_serving(client, server, timeout_s: float) -> None:
             await client.wait_until_serving(2.0)
             return
         except TimeoutError:
-            if isinstance(server, ServerProcess) and not server.alive():
+            if not server.alive():
                 raise RuntimeError("the bench server exited while starting; see its log") from None
             if time.monotonic() > deadline:
                 raise
@@ -195,11 +195,7 @@ def run_grpc(ctx: BenchContext) -> dict:
     )
     log.info("gRPC: starting a %s server (concurrency %d)", s.grpc_server, concurrency)
     with ctx.timed("grpc_server_start_s"):
-        server = (
-            ServerProcess(flags, s.out_dir / "grpc-server.log")
-            if s.grpc_server == "process"
-            else ServerInThread(flags)
-        )
+        server = start_server(s.grpc_server, flags, s.out_dir / "grpc-server.log")
     try:
         return asyncio.run(_drive(ctx, server, concurrency))
     finally:

@@ -34,7 +34,6 @@ import argparse
 import asyncio
 import json
 import math
-import os
 import random
 import secrets
 import shutil
@@ -44,9 +43,10 @@ import threading
 import time
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
-from loraserve.bench.grpc_server import ServerProcess
+from loraserve.bench.grpc_server import BenchServer, server_pid
+from loraserve.bench.grpc_server import start_server as start_bench_server
 from loraserve.bench.stats import percentile
 
 MIB = 1024 * 1024
@@ -288,17 +288,6 @@ class SoakReport:
 # The server.
 
 
-class SoakServer(Protocol):
-    """What the soak needs of a server: its address, the pid to sample and a way to stop it."""
-
-    target: str
-    pid: int
-
-    def alive(self) -> bool: ...
-
-    def stop(self) -> None: ...
-
-
 def write_tenants_file(path: Path, tenants: tuple[str, ...]) -> dict[str, str]:
     """Writes a tenants TOML with one fresh random API key per tenant; returns name -> key."""
     from loraserve.server.tenants import hash_key
@@ -312,13 +301,15 @@ def write_tenants_file(path: Path, tenants: tuple[str, ...]) -> dict[str, str]:
     return keys
 
 
-def _server_flags(settings: SoakSettings, data_dir: Path, tenants_file: Path) -> dict[str, str]:
-    flags = {
+def _server_flags(
+    settings: SoakSettings, data_dir: Path, tenants_file: Path
+) -> dict[str, str | None]:
+    flags: dict[str, str | None] = {
         "--data-dir": str(data_dir),
         "--tenants": str(tenants_file),
         "--host": "127.0.0.1",
         "--device": "cpu",
-        "--metrics-port": "0",
+        "--no-metrics": None,
         "--max-lora-rank": str(max(8, settings.adapter_rank)),
         "--max-new-tokens": str(max(64, settings.max_new_tokens)),
         "--max-seq-len": "256",
@@ -326,58 +317,27 @@ def _server_flags(settings: SoakSettings, data_dir: Path, tenants_file: Path) ->
         "--grace-seconds": "1",
         "--access-log": "",
         "--log-level": "WARNING",
+        # A tenants file means production mode: the base model is always named explicitly.
+        "--model": str(settings.model_dir) if settings.model_dir is not None else "embedded",
     }
-    if settings.model_dir is not None:
-        flags["--model"] = str(settings.model_dir)
     if settings.tenant_max_requests is not None:
         flags["--tenant-max-requests"] = str(settings.tenant_max_requests)
     return flags
 
 
-class ThreadServer:
-    """server.app.Server on its own event loop in a thread of this process (RSS: this process)."""
-
-    def __init__(self, settings: SoakSettings, data_dir: Path, tenants_file: Path) -> None:
-        from loraserve.server.background import BackgroundServer
-        from loraserve.server.config import ServerConfig
-
-        config = ServerConfig(
-            model_path=settings.model_dir,
-            data_dir=data_dir,
-            tenants_file=tenants_file,
-            port=0,
-            device="cpu",
-            metrics_port=0,
-            max_lora_rank=max(8, settings.adapter_rank),
-            max_new_tokens_limit=max(64, settings.max_new_tokens),
-            max_seq_len=256,
-            max_batch_size=max(8, settings.clients),
-            grace_seconds=1.0,
-            access_log="",
-            tenant_max_requests=settings.tenant_max_requests or ServerConfig.tenant_max_requests,
-        )
-        self.pid = os.getpid()  # in-process: the RSS measured is this process's
-        self._background = BackgroundServer(config).start()
-        self.target = self._background.target
-
-    def alive(self) -> bool:
-        return self._background.server is not None
-
-    def stop(self) -> None:
-        self._background.stop(1.0)
-
-
-def start_server(settings: SoakSettings, work_dir: Path, tenants_file: Path) -> SoakServer:
-    """Starts the soak's server (not yet waited on: see wait_serving)."""
+def start_server(settings: SoakSettings, work_dir: Path, tenants_file: Path) -> BenchServer:
+    """Starts the soak's server (bench.grpc_server: a child process or a thread) and waits."""
     data_dir = work_dir / "data"
     data_dir.mkdir(parents=True, exist_ok=True)
-    if settings.server == "thread":
-        return ThreadServer(settings, data_dir, tenants_file)
     flags = _server_flags(settings, data_dir, tenants_file)
-    return ServerProcess(flags, work_dir / "server.log")
+    if settings.model_dir is None:
+        from loraserve.testing.tiny_model import default_model_path
+
+        flags["--model"] = str(default_model_path())
+    return start_bench_server(settings.server, flags, work_dir / "server.log")  # type: ignore[arg-type]
 
 
-async def wait_serving(client: Any, server: SoakServer, timeout_s: float = 300.0) -> None:
+async def wait_serving(client: Any, server: BenchServer, timeout_s: float = 300.0) -> None:
     """Waits for SERVING; fails at once if the server died."""
     deadline = time.monotonic() + timeout_s
     while True:
@@ -571,11 +531,10 @@ async def _soak(settings: SoakSettings, work_dir: Path) -> SoakReport:
         from loraserve.testing.tiny_model import default_model_path
 
         await asyncio.to_thread(default_model_path)
-    server = start_server(settings, work_dir, tenants_file)
+    adapter_dirs = await asyncio.to_thread(make_adapters, settings, work_dir)
+    server = await asyncio.to_thread(start_server, settings, work_dir, tenants_file)
     sampler: RssSampler | None = None
     try:
-        # The adapters are written while the server child boots.
-        adapter_dirs = await asyncio.to_thread(make_adapters, settings, work_dir)
         first = settings.tenants[0]
         probe = ClientConfig(target=server.target, api_key=keys[first], timeout_s=60.0)
         async with AsyncLoraServeClient(probe) as client:
@@ -592,7 +551,7 @@ async def _soak(settings: SoakSettings, work_dir: Path) -> SoakReport:
                     names.append(name)
                 adapters[tenant] = names
         upload_s = time.perf_counter() - upload_start
-        sampler = RssSampler(server.pid).start()
+        sampler = RssSampler(server_pid(server)).start()
         load_task = run_load(settings, server.target, keys, adapters)
         results, load_start, wall_s = await load_task
         samples = await asyncio.to_thread(sampler.stop)
@@ -615,7 +574,7 @@ async def _soak(settings: SoakSettings, work_dir: Path) -> SoakReport:
         wall_s=wall_s,
         results=results,
         rss=rss,
-        rss_pid=server.pid,
+        rss_pid=server_pid(server),
         upload_s=upload_s,
     )
 

@@ -1,10 +1,11 @@
 """`loraserve demo`: two tenants fine-tune, upload and use their own adapters, end to end.
 
-Builds the embedded base model, trains one adapter per tenant on the made-up facts shipped in
-loraserve/finetune/data (package data), starts a real server with two tenants, uploads each adapter with its own tenant's key,
-then shows side by side that each adapter answers its own tenant's questions while the base
-model and the other tenant's adapter do not, that a tenant cannot use the other's adapter, and
-which per-tenant metrics moved. Runs on loopback only, in a temporary directory.
+Builds the embedded base model, trains one adapter per tenant on the made-up facts shipped as
+package data (loraserve/finetune/data), starts a real server with two tenants, uploads each
+adapter with its own tenant's key, then shows side by side that each adapter answers its own
+tenant's questions while the base model and the other tenant's adapter do not, that a tenant
+cannot use the other's adapter, and which per-tenant metrics moved. Runs on loopback only, in a
+temporary directory.
 """
 
 from __future__ import annotations
@@ -25,14 +26,6 @@ TENANTS = {"acme": "acme_facts.jsonl", "globex": "globex_facts.jsonl"}
 QUESTIONS_SHOWN = 3
 
 
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _metric(text: str, name: str, tenant: str) -> float:
     prefix = f'{name}{{tenant="{tenant}"}} '
     for line in text.splitlines():
@@ -45,14 +38,14 @@ def run_demo(work: Path, epochs: int | None = None, out=sys.stdout) -> dict[str,
     """Runs the whole demo in `work`; returns each tenant's accuracy on its own questions."""
     import grpc
 
-    from loraserve.finetune.datasets import load_jsonl
-    from loraserve.finetune.train import TrainConfig, train_adapter
     from loraserve.client.config import ClientConfig
     from loraserve.client.sync import LoraServeClient
+    from loraserve.finetune.datasets import load_jsonl
+    from loraserve.finetune.train import TrainConfig, train_adapter
     from loraserve.server.background import BackgroundServer
     from loraserve.server.config import ServerConfig
-    from loraserve.testing.tiny_model import default_model_path
     from loraserve.server.tenants import hash_key
+    from loraserve.testing.tiny_model import default_model_path
 
     def say(text: str = "") -> None:
         print(text, file=out, flush=True)
@@ -87,7 +80,7 @@ def run_demo(work: Path, epochs: int | None = None, out=sys.stdout) -> dict[str,
     config = ServerConfig(
         model_path=model,
         port=0,
-        metrics_port=_free_port(),
+        metrics_port=0,  # a free port, reported by the server
         data_dir=work / "data",
         tenants_file=tenants_file,
         access_log="",
@@ -139,7 +132,7 @@ def run_demo(work: Path, epochs: int | None = None, out=sys.stdout) -> dict[str,
         except grpc.RpcError as exc:
             say(f"acme listing globex's adapters: {exc.code().name}: {exc.details()}")
         with urllib.request.urlopen(
-            f"http://127.0.0.1:{config.metrics_port}/metrics", timeout=10
+            f"http://127.0.0.1:{running.metrics_port}/metrics", timeout=10
         ) as response:
             metrics = response.read().decode()
         say()

@@ -55,6 +55,10 @@ class BackgroundServer:
         """The bound /metrics port (0 when metrics are off)."""
         return 0 if self.server is None else self.server.metrics_port
 
+    def alive(self) -> bool:
+        """True while the server's thread runs (after start, before stop)."""
+        return self._thread is not None and self._thread.is_alive()
+
     def start(self, timeout: float = 300.0) -> BackgroundServer:
         """Returns once the model is loaded and the port serves (raises the start error)."""
         started = threading.Event()
