@@ -12,7 +12,13 @@
 #     loraserve --tenants /config/tenants.toml --model /models/<checkpoint-dir>
 # Arguments after the image name replace CMD and are appended to the ENTRYPOINT's
 # `loraserve serve --host 0.0.0.0 --data-dir /data`; `loraserve serve --help` lists them all.
-# Without --model the server loads its embedded tiny default model.
+# --model is required: without it (and with --tenants) the server refuses to start and says so.
+# `--model embedded` serves the tiny built-in test model explicitly: random weights, answers are
+# noise; for smoke tests only.
+#
+# Build args: PYTHON_IMAGE (any image with python3.11+ and pip on PATH) and TORCH_INDEX (a
+# package index with torch==TORCH_VERSION and its dependencies). scripts/docker_smoke.sh builds
+# this file offline-style against a debootstrap base image and a loopback index.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
@@ -37,10 +43,15 @@ RUN pip install "torch==${TORCH_VERSION}" --index-url "${TORCH_INDEX}"
 
 WORKDIR /src
 COPY pyproject.toml README.md ./
+# Every folder pyproject.toml maps into the one `loraserve` package (tests/packaging checks the
+# list); a non-editable install, so nothing is read from /src at run time.
 COPY loraserve ./loraserve
 COPY server ./server
 COPY adapters ./adapters
 COPY client ./client
+COPY bench ./bench
+COPY finetune ./finetune
+COPY testing ./testing
 RUN pip install . && rm -rf /src
 
 # Non-root; only /data (uploaded adapters) is written. /models and /config are read-only inputs.
@@ -54,11 +65,12 @@ VOLUME ["/models", "/data"]
 # 50051: gRPC API (+ grpc.health.v1); 9400: Prometheus /metrics.
 EXPOSE 50051 9400
 
-# Asks the standard gRPC health service, with what the image already has (no extra binaries).
+# Asks the standard gRPC health service on the host and port the server was started with (it
+# reads PID 1's command line, so `docker run ... --port 6000` is followed; --port 0 too).
 # Plain-text only: a server started with TLS needs a probe that presents its CA instead.
 # start-period leaves time to load the base model.
 HEALTHCHECK --interval=30s --timeout=5s --start-period=300s --retries=3 \
-    CMD ["python", "-c", "import sys, grpc; from grpc_health.v1 import health_pb2 as h, health_pb2_grpc as g; r = g.HealthStub(grpc.insecure_channel('127.0.0.1:50051')).Check(h.HealthCheckRequest(), timeout=4); sys.exit(0 if r.status == h.HealthCheckResponse.SERVING else 1)"]
+    CMD ["python", "-m", "loraserve.server.healthcheck"]
 
 ENTRYPOINT ["loraserve", "serve", "--host", "0.0.0.0", "--data-dir", "/data"]
 # Mount the tenants file (hashed API keys) at /config/tenants.toml, e.g. -v /srv/loraserve:/config:ro.

@@ -1,6 +1,8 @@
-"""The Dockerfile's HEALTHCHECK one-liner, run for real against the fake server's health service.
+"""The Dockerfile's HEALTHCHECK, run for real against the fake server's health service.
 
-Docker itself is not needed: the probe is plain python, so it is extracted and executed here.
+Docker itself is not needed for this part (scripts/docker_smoke.sh builds and runs the image):
+the probe is plain python, so it is run here against a stand-in "PID 1" whose command line is
+`... serve --port N`, as in the container.
 """
 
 from __future__ import annotations
@@ -9,26 +11,36 @@ import json
 import re
 import subprocess
 import sys
+import tomllib
 from pathlib import Path
 
 from client_fakes import FakeServer
 
-DOCKERFILE = Path(__file__).resolve().parents[2] / "Dockerfile"
+ROOT = Path(__file__).resolve().parents[2]
+DOCKERFILE = ROOT / "Dockerfile"
 
 
-def healthcheck_argv(port: str) -> list[str]:
+def healthcheck_argv() -> list[str]:
     text = DOCKERFILE.read_text()
     match = re.search(r"^HEALTHCHECK .*?CMD (\[.*?\])$", text, re.MULTILINE | re.DOTALL)
     assert match, "Dockerfile has no exec-form HEALTHCHECK"
     argv: list[str] = json.loads(match.group(1))
-    assert argv[:2] == ["python", "-c"]
-    assert "127.0.0.1:50051" in argv[2]
-    return [sys.executable, "-c", argv[2].replace("127.0.0.1:50051", f"127.0.0.1:{port}")]
+    assert argv[0] == "python"
+    return [sys.executable, *argv[1:]]
 
 
 def run_probe(server: FakeServer) -> int:
+    """The HEALTHCHECK command, pointed at a stand-in server process started with --port N."""
     port = server.target.rsplit(":", 1)[1]
-    return subprocess.run(healthcheck_argv(port), capture_output=True, timeout=30).returncode
+    stand_in = subprocess.Popen(
+        [sys.executable, "-c", "import time; time.sleep(60)", "serve", "--port", port]
+    )
+    try:
+        argv = [*healthcheck_argv(), str(stand_in.pid)]  # the image probes PID 1
+        return subprocess.run(argv, capture_output=True, timeout=30).returncode
+    finally:
+        stand_in.kill()
+        stand_in.wait()
 
 
 def test_healthcheck_passes_when_serving_and_fails_otherwise(fake_server: FakeServer) -> None:
@@ -44,3 +56,14 @@ def test_dockerfile_essentials() -> None:
     assert re.search(r"^USER (?!root)\w+", text, re.MULTILINE)
     assert 'ENTRYPOINT ["loraserve", "serve", "--host", "0.0.0.0", "--data-dir", "/data"]' in text
     assert re.search(r"^CMD \[.*--tenants", text, re.MULTILINE)
+
+
+def test_image_copies_every_package_folder() -> None:
+    """`pip install .` in the image needs every folder pyproject maps into the package."""
+    text = DOCKERFILE.read_text()
+    mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
+        "package-dir"
+    ]
+    for folder in mapping.values():
+        assert re.search(rf"^COPY {folder} \./{folder}$", text, re.MULTILINE), folder
+    assert re.search(r"^RUN pip install \. ", text, re.MULTILINE)  # not editable
