@@ -64,6 +64,8 @@ def test_image_copies_every_package_folder() -> None:
     mapping = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"][
         "package-dir"
     ]
+    allowed = (ROOT / ".dockerignore").read_text().splitlines()
     for folder in mapping.values():
         assert re.search(rf"^COPY {folder} \./{folder}$", text, re.MULTILINE), folder
+        assert f"!{folder}/" in allowed, f".dockerignore leaves {folder}/ out of the context"
     assert re.search(r"^RUN pip install \. ", text, re.MULTILINE)  # not editable

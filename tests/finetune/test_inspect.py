@@ -129,7 +129,8 @@ def test_inspect_finds_known_rank(model_dir: Path, known_rank_adapter) -> None:
         assert layer.rank_99 == k, layer.name
         assert 1 <= layer.rank_90 <= k
         assert layer.singular_values[:k] == pytest.approx(SINGULAR_VALUES[:k], rel=1e-4)
-        assert max(layer.singular_values[k:], default=0.0) < 1e-4
+        # Rank k exactly: the rest is float32 storage noise, far below the largest value.
+        assert max(layer.singular_values[k:], default=0.0) < 1e-5 * layer.singular_values[0]
         module = spec.modules[layer.name]
         assert (layer.d_in, layer.d_out) == (module.in_features, module.out_features)
         assert layer.lora_params == RANK * (module.in_features + module.out_features)
@@ -171,20 +172,28 @@ def test_truncate_to_true_rank_preserves_outputs(
     # Passes the server's validator against the real base model, with the same updates.
     truncated = _dense_updates(exact, spec)
     for name, delta in deltas.items():
-        assert torch.allclose(truncated[name], delta, atol=1e-5), name
+        # Relative to the update's size: the factors are stored in float32 (relative rounding
+        # ~6e-8), so any CPU reproduces the update to far better than 1e-5 of its norm.
+        error = torch.linalg.matrix_norm(truncated[name] - delta)
+        assert error <= 1e-5 * torch.linalg.matrix_norm(delta), (name, float(error))
     assert inspect_adapter(exact, spec).needed_rank == 3
 
     drift = output_drift(model_dir, adapter_dir, exact, PROMPTS)
     assert isinstance(drift, DriftReport)
     assert drift.tokens > 0
-    assert drift.max_abs_diff < 1e-4
-    assert drift.mean_kl < 1e-8
-    assert drift.top1_agreement == 1.0
     assert drift.adapter_max_abs_diff > 0.1  # the adapter itself matters
+    # The forward runs in float32 on whatever CPU this is (kernel choice and summation order
+    # vary): the drift is bounded relative to how far the adapter itself moves the logits, not
+    # by an absolute number. Exact truncation leaves float32 noise (~5e-6 of the adapter's
+    # effect); dropping a real singular value moves the logits by a sizeable share of it.
+    assert drift.max_abs_diff <= 1e-3 * drift.adapter_max_abs_diff, drift
+    assert drift.top1_agreement == 1.0
+    assert drift.mean_kl < 1e-8
 
     lossy = truncate_adapter(adapter_dir, tmp_path / "r2", 2)
     lossy_drift = output_drift(model_dir, adapter_dir, lossy, PROMPTS)
-    assert lossy_drift.max_abs_diff > 0.05
+    assert lossy_drift.max_abs_diff > 0.05 * lossy_drift.adapter_max_abs_diff, lossy_drift
+    assert lossy_drift.max_abs_diff > 100 * drift.max_abs_diff
     assert lossy_drift.mean_kl > drift.mean_kl
 
 
@@ -200,7 +209,9 @@ def test_truncated_adapter_loads_in_peft(
         peft_model = PeftModel.from_pretrained(base, str(directory)).eval()
         with torch.no_grad():
             outputs.append(peft_model(input_ids=ids).logits)
-    assert torch.allclose(outputs[0], outputs[1], atol=1e-4)
+    # Relative to the logits' scale: the float32 forward rounds differently on other CPUs.
+    scale = float(outputs[0].abs().max())
+    torch.testing.assert_close(outputs[1], outputs[0], rtol=0, atol=1e-5 * scale)
 
 
 def test_truncate_preserves_rslora_scale(model_dir: Path, tmp_path: Path) -> None:
@@ -218,7 +229,8 @@ def test_truncate_preserves_rslora_scale(model_dir: Path, tmp_path: Path) -> Non
     for name, delta in original.items():
         u, s, vh = torch.linalg.svd(delta)
         best = u[:, :4] @ torch.diag(s[:4]) @ vh[:4]
-        assert torch.allclose(truncated[name], best, atol=1e-5)
+        error = torch.linalg.matrix_norm(truncated[name] - best)
+        assert error <= 1e-5 * torch.linalg.matrix_norm(best), (name, float(error))
 
 
 def test_truncate_rejects_bad_rank(known_rank_adapter, tmp_path: Path) -> None:
@@ -245,7 +257,8 @@ def test_cli_json_and_table(
     result = json.loads(capsys.readouterr().out)
     assert result["inspect"]["needed_rank"] == 3
     assert result["drift"]["prompts"] == 2
-    assert result["drift"]["max_abs_diff"] < 1e-4
+    drift = result["drift"]
+    assert drift["max_abs_diff"] <= 1e-3 * drift["adapter_max_abs_diff"], drift
     assert (out / "adapter_model.safetensors").is_file()
 
     assert main([str(adapter_dir)]) == 0

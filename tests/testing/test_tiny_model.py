@@ -1,4 +1,4 @@
-"""Tests for server.engine.embedded: the self-built tokenizer and tiny checkpoints."""
+"""Tests for loraserve.testing.tiny_model: the self-built tokenizer and tiny checkpoints."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ import pytest
 import torch
 from transformers import AutoModelForCausalLM, AutoTokenizer, PreTrainedTokenizerBase
 
-from loraserve.server.engine import embedded
+from loraserve.testing import tiny_model
 from loraserve.testing.tiny_model import (
     ASSISTANT_TOKEN,
     EOS_TOKEN,
@@ -29,8 +29,6 @@ from loraserve.testing.tiny_model import (
     default_model_path,
     spec_digest,
 )
-
-REPO_ROOT = Path(embedded.__file__).resolve().parents[2]
 
 
 def _sha256(path: Path) -> str:
@@ -53,8 +51,15 @@ def default_dir(tmp_path_factory: pytest.TempPathFactory) -> Path:
     return default_model_path(cache_dir=tmp_path_factory.mktemp("cache"))
 
 
-def test_offline_env_is_set() -> None:
-    assert os.environ.get("HF_HUB_OFFLINE") is not None
+def test_importing_the_builder_forces_offline_mode(tmp_path: Path) -> None:
+    """A fresh interpreter without HF_HUB_OFFLINE gets it from the import (never the hub)."""
+    env = {k: v for k, v in os.environ.items() if k != "HF_HUB_OFFLINE"}
+    code = "import os, loraserve.testing.tiny_model; print(os.environ.get('HF_HUB_OFFLINE'))"
+    result = subprocess.run(
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True
+    )
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.strip() == "1"
 
 
 def test_tokenizer_vocab_and_special_tokens(tokenizer: PreTrainedTokenizerBase) -> None:
@@ -135,14 +140,11 @@ def test_build_is_deterministic_across_processes(tmp_path: Path) -> None:
     script = (
         "import sys\n"
         "from pathlib import Path\n"
-        "from server.engine.embedded import TinyModelSpec, build_checkpoint\n"
+        "from loraserve.testing.tiny_model import TinyModelSpec, build_checkpoint\n"
         "build_checkpoint(Path(sys.argv[1]), "
         "TinyModelSpec(arch='qwen2', num_layers=2, seed=7))\n"
     )
-    env = {**os.environ, "PYTHONPATH": str(REPO_ROOT)}
-    subprocess.run(
-        [sys.executable, "-c", script, str(tmp_path / "b")], check=True, env=env, timeout=120
-    )
+    subprocess.run([sys.executable, "-c", script, str(tmp_path / "b")], check=True, timeout=120)
     there = tmp_path / "b"
     for name in ("model.safetensors", "tokenizer.json", "config.json", "tokenizer_config.json"):
         assert _sha256(here / name) == _sha256(there / name), name
@@ -192,14 +194,14 @@ def test_build_checkpoint_keeps_concurrent_winner(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     out = tmp_path / "model"
-    real_write = embedded._write_checkpoint
+    real_write = tiny_model._write_checkpoint
 
     def write_while_racing(target: Path, spec: TinyModelSpec) -> None:
         real_write(target, spec)
         out.mkdir()  # another process finishes first
         (out / "winner").write_text("first")
 
-    monkeypatch.setattr(embedded, "_write_checkpoint", write_while_racing)
+    monkeypatch.setattr(tiny_model, "_write_checkpoint", write_while_racing)
     assert build_checkpoint(out, TinyModelSpec(num_layers=1)) == out
     assert sorted(p.name for p in out.iterdir()) == ["winner"]
     assert [p.name for p in tmp_path.iterdir()] == ["model"]
@@ -215,7 +217,7 @@ def test_default_model_path_caches(tmp_path: Path, monkeypatch: pytest.MonkeyPat
     def no_rebuild(*_: object) -> Path:
         raise AssertionError("rebuilt a cached model")
 
-    monkeypatch.setattr(embedded, "build_checkpoint", no_rebuild)
+    monkeypatch.setattr(tiny_model, "build_checkpoint", no_rebuild)
     assert default_model_path(cache_dir=tmp_path) == first
     assert weights.stat().st_mtime_ns == mtime
 
@@ -256,7 +258,12 @@ def test_default_model_generates_greedily(default_dir: Path) -> None:
     ]
     assert torch.equal(runs[0], runs[1])
     assert runs[0].shape == (1, batch["input_ids"].shape[1] + 8)
-    assert isinstance(tokenizer.decode(runs[0][0]), str)
+    # Greedy is the argmax of the model's own logits, step by step (not a cached answer).
+    ids = runs[0]
+    with torch.no_grad():
+        logits = model(input_ids=ids[:, :-1]).logits[0]  # (len - 1, vocab)
+    prompt_len = batch["input_ids"].shape[1]
+    assert torch.equal(logits[prompt_len - 1 :].argmax(-1), ids[0, prompt_len:])
 
 
 def test_large_init_separates_logits(tmp_path: Path) -> None:
