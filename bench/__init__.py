@@ -1,4 +1,4 @@
-"""loraserve's benchmark harness (issue 3, item 4).
+"""loraserve's benchmark harness.
 
 `loraserve bench --quick` (or `python -m loraserve.bench.run --quick`) runs every part side by
 side in one process on the same base model and the same requests: loraserve with and without

@@ -207,5 +207,5 @@ async def _cancel_on_close(
         async for response in call:
             yield response
     finally:
-        # Frees the server's batch slot at once when the caller stops reading early.
+        # Frees the request's batch row on the server at once when the caller stops reading early.
         call.cancel()

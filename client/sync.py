@@ -199,5 +199,5 @@ def _cancel_on_close(call: _StreamCall) -> Iterator[inference_pb2.GenerateStream
     try:
         yield from call
     finally:
-        # Frees the server's batch slot at once when the caller stops reading early.
+        # Frees the request's batch row on the server at once when the caller stops reading early.
         call.cancel()

@@ -2,8 +2,8 @@
 
 Runs on the engine thread. Each iteration:
 
-1. admits queued requests into free KV rows, in arrival order, while their distinct adapters fit
-   the device adapter budget (the adapters are pinned for as long as the request runs), and
+1. admits queued requests into free KV rows, fairly across tenants (each free row goes to the
+   tenant with the fewest running requests), while their distinct adapters fit the device budget (the adapters are pinned for as long as the request runs), and
    prefetches the adapters of the next queued requests into host memory;
 2. runs one prefill forward over the prompts still being read, in chunks under a token budget
    (`max_batch_tokens` minus the rows decoding), so a long prompt never stalls everyone's
@@ -251,9 +251,6 @@ class Scheduler:
             self._collect_requested = True
             self._cond.notify()
 
-    def kv_cache_bytes(self) -> int:
-        return self._cache.nbytes()
-
     # ---- engine thread ----------------------------------------------------------------------
 
     def run_forever(self) -> None:
@@ -288,7 +285,7 @@ class Scheduler:
         self._decode_step()
 
     def _admit(self) -> None:
-        """Moves queued requests into free rows in arrival order while their adapters fit."""
+        """Moves queued requests into free rows, fairly across tenants, while adapters fit."""
         free_rows = [i for i, s in enumerate(self._rows) if s is None]
         if not free_rows:
             return

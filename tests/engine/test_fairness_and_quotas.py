@@ -52,8 +52,15 @@ def test_tenant_queued_token_limit(model: Path, tmp_path: Path) -> None:
         assert (
             err.value.kind is ErrorKind.RESOURCE_EXHAUSTED and "tokens queued" in err.value.message
         )
-        other = harness.submit([1] * 10, None, tenant="u", max_new_tokens=20)
+        # The limit is per tenant: another tenant's request is queued and served.
+        other = harness.submit([1] * 10, None, tenant="u", max_new_tokens=20, ignore_eos=True)
         harness.run([first, other])
+        assert isinstance(first[-1], FinishEvent), first[-1]
+        assert isinstance(other[-1], FinishEvent) and len(other[-1].token_ids) == 20, other[-1]
+        # Tokens of a finished request no longer count against its tenant.
+        again = harness.submit([1] * 10, None, tenant="t", max_new_tokens=20)
+        harness.run([again])
+        assert isinstance(again[-1], FinishEvent), again[-1]
     finally:
         harness.close()
 

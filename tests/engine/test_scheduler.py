@@ -1,7 +1,7 @@
 """Scheduler tests over a tiny Llama and PEFT adapters: batching, limits, cancellation, failures.
 
-Every request's greedy tokens are compared with the same request run alone, so batching, slot
-splitting, early exits and failures of neighbours must never change what a request produces.
+Every request's greedy tokens are compared with the same request run alone, so batching, KV row
+placement, early exits and failures of neighbours must never change what a request produces.
 Requests are queued before the engine thread starts, which makes batch composition deterministic.
 """
 
@@ -270,11 +270,11 @@ def test_warm_adapters_are_not_counted_twice_when_admitting(
 ) -> None:
     """a and b are warm in both pages; a batch of a, c and b needs four pages, so c must wait."""
     harness = make_harness(adapter_device_bytes=_pages_bytes(setup, 2))
-    slots = harness.engine.device_pool
+    pool = harness.engine.device_pool
     for name in ("a", "b"):
-        slots.acquire(_key(harness, name))
-        slots.release(_key(harness, name))
-    assert slots.resident() == {_key(harness, "a"): 0, _key(harness, "b"): 0}
+        pool.acquire(_key(harness, name))
+        pool.release(_key(harness, name))
+    assert pool.resident() == {_key(harness, "a"): 0, _key(harness, "b"): 0}
     jobs = [_submit(harness, "a", 0, setup), _submit(harness, "c", 1, setup)]
     jobs.append(_submit(harness, "b", 2, setup))
     _run(harness, jobs)

@@ -117,7 +117,7 @@ def test_running_request_finishes_on_its_version(
     acme.delete_adapter("moving")
 
 
-def test_delete_frees_device_slots(
+def test_delete_frees_device_pages(
     server: BackgroundServer, acme: LoraServeClient, adapter_dirs: dict[str, Path]
 ) -> None:
     engine = server.server.runtime.engine  # type: ignore[union-attr]
@@ -128,5 +128,5 @@ def test_delete_frees_device_slots(
     acme.delete_adapter("temporary")
     deadline = time.monotonic() + 10
     while any(k.name == "temporary" for k in engine.device_pool.resident()):
-        assert time.monotonic() < deadline, "deleted adapter still holds a device slot"
+        assert time.monotonic() < deadline, "deleted adapter still holds device pages"
         time.sleep(0.01)
