@@ -3,8 +3,9 @@
 Runs on the engine thread. Each iteration:
 
 1. admits queued requests into free KV rows, fairly across tenants (each free row goes to the
-   tenant with the fewest running requests), while their distinct adapters fit the device budget (the adapters are pinned for as long as the request runs), and
-   prefetches the adapters of the next queued requests into host memory;
+   tenant with the fewest running requests), while their distinct adapters fit the device
+   adapter budget (the adapters are pinned for as long as the request runs), and prefetches
+   the adapters of the next queued requests into host memory;
 2. runs one prefill forward over the prompts still being read, in chunks under a token budget
    (`max_batch_tokens` minus the rows decoding), so a long prompt never stalls everyone's
    decoding; a request whose prompt is complete gets its first token;
