@@ -27,7 +27,7 @@ ARG TORCH_VERSION=2.13.0
 ARG TORCH_INDEX=https://download.pytorch.org/whl/cpu
 
 # HF_HUB_OFFLINE / TRANSFORMERS_OFFLINE: models come from /models only; nothing reaches a network.
-# LORASERVE_CACHE: where the embedded default model is built on first start (a writable volume).
+# LORASERVE_CACHE: where `--model embedded` (the random-weight test model) is built (writable).
 ENV PYTHONDONTWRITEBYTECODE=1 \
     PYTHONUNBUFFERED=1 \
     PIP_NO_CACHE_DIR=1 \

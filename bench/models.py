@@ -1,7 +1,7 @@
 """Bench base models: Llama configs with random weights from a fixed seed, cached on disk.
 
 The checkpoint is an ordinary Hugging Face directory (safetensors weights plus the embedded
-byte-level BPE tokenizer from server/engine/embedded.py), so loraserve, PEFT and the gRPC server
+byte-level BPE tokenizer from loraserve.testing.tiny_model), so loraserve, PEFT and the gRPC server
 all load exactly the same model. The tokenizer has 1,024 tokens while the model's vocabulary is
 32,000: prompts are built from tokenizer ids (< 1,024), generated ids above that decode to nothing,
 which is harmless for throughput.

@@ -100,7 +100,7 @@ class SoakSettings:
     server: str = "process"
     """"process" (`python -m loraserve serve` child) or "thread" (in this process)."""
     model_dir: Path | None = None
-    """Base model checkpoint; None: the embedded tiny default model."""
+    """Base model checkpoint; None: the embedded test model (random weights), built here."""
     seed: int = 0
     """Seed of the request mix."""
     request_timeout_s: float = 60.0

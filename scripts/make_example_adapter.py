@@ -3,8 +3,8 @@
     python scripts/make_example_adapter.py OUT_DIR [--model PATH] [--rank 8] [--alpha 16]
         [--targets q_proj,v_proj] [--seed 0]
 
-Without --model it targets the embedded default model that `loraserve serve` loads. Real adapters
-come from fine-tuning (PEFT); this one only changes the outputs in a repeatable way.
+Without --model it targets the embedded test model (`loraserve serve --model embedded`). Real
+adapters come from fine-tuning (PEFT); this one only changes the outputs in a repeatable way.
 """
 
 from __future__ import annotations

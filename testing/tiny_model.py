@@ -361,7 +361,7 @@ def cached_model_path(spec: TinyModelSpec, cache_dir: Path | None = None) -> Pat
 
 
 def default_model_path(cache_dir: Path | None = None) -> Path:
-    """Path of the embedded default model (``TinyModelSpec()``: llama, ~0.85M parameters).
+    """Path of the embedded test model (``TinyModelSpec()``: llama, ~0.85M parameters).
 
     Cached under ``cache_dir``, else ``$LORASERVE_CACHE``, else ``~/.cache/loraserve``.
     """

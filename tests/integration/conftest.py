@@ -33,7 +33,7 @@ def tenants_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
 
 @pytest.fixture(scope="session")
 def adapter_dirs(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
-    """PEFT adapters for the embedded default model."""
+    """PEFT adapters for the embedded test model."""
     root = tmp_path_factory.mktemp("peft-adapters")
     shapes = {
         "qv": AdapterShape(rank=8, alpha=16, targets=["q_proj", "v_proj"], seed=11),
