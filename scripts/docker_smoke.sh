@@ -185,13 +185,15 @@ import sys
 
 from loraserve.client.config import ClientConfig
 from loraserve.client.sync import LoraServeClient
+from loraserve.v1 import inference_pb2
 
 with LoraServeClient(ClientConfig(target=sys.argv[1], timeout_s=60)) as client:
     client.wait_until_serving(60)
     print("health: SERVING")
     reply = client.generate("Hello", max_new_tokens=8, ignore_eos=True)
     assert len(reply.token_ids) == 8, reply
-    print(f"Generate: {len(reply.token_ids)} tokens, finish {reply.finish_reason}")
+    finish = inference_pb2.FinishReason.Name(reply.finish_reason)
+    print(f"Generate: {len(reply.token_ids)} tokens, {finish}")
 EOF
 
 # 8. docker stop: SIGTERM, drain, exit 0.
