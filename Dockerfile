@@ -18,7 +18,7 @@
 #
 # Build args: PYTHON_IMAGE (any image with python3.11+ and pip on PATH) and TORCH_INDEX (a
 # package index with torch==TORCH_VERSION and its dependencies). scripts/docker_smoke.sh builds
-# this file offline-style against a debootstrap base image and a loopback index.
+# and runs this file with a debootstrap base image and a loopback index serving the torch wheel.
 
 ARG PYTHON_IMAGE=python:3.11-slim
 FROM ${PYTHON_IMAGE}
