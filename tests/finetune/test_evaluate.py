@@ -10,12 +10,13 @@ import pytest
 from serving_support import build_test_model
 
 from loraserve.finetune.datasets import load_jsonl
+from loraserve.finetune.demo import DATA_DIR
 from loraserve.finetune.evaluate import evaluate_local, evaluate_server, format_table, main
 from loraserve.finetune.train import TrainConfig, train_adapter
 from loraserve.server.background import BackgroundServer
 from loraserve.server.config import ServerConfig
 
-DEMO = Path(__file__).resolve().parents[2] / "demo" / "data" / "acme_facts.jsonl"
+DEMO = DATA_DIR / "acme_facts.jsonl"  # the demo's dataset, shipped as package data
 
 
 @pytest.fixture(scope="module")
