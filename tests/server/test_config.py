@@ -130,3 +130,14 @@ def test_host_rule_is_checked_even_when_other_fields_are_fine() -> None:
     assert not is_loopback("0.0.0.0")
     with pytest.raises(ConfigError):
         _with(host="0.0.0.0", port=0, metrics_port=None).validate()
+
+
+def test_engine_config_takes_every_engine_field_from_the_server_config() -> None:
+    """EngineConfig is a projection: each of its fields has the ServerConfig value of that name."""
+    from loraserve.server.engine.config import EngineConfig
+
+    names = [f.name for f in dataclasses.fields(EngineConfig)]
+    # Distinct, non-default values, so a field left at EngineConfig's default is caught.
+    changes = {name: getattr(ServerConfig(), name) + 1 for name in names}
+    engine = _with(**changes).engine_config()
+    assert {name: getattr(engine, name) for name in names} == changes
