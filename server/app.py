@@ -19,6 +19,7 @@ from loraserve.server.adapter_service import AdapterService
 from loraserve.server.api.adapters import AdaptersServicer
 from loraserve.server.api.auth import Authorizer
 from loraserve.server.api.inference import InferenceServicer
+from loraserve.server.api.wire import add_guarded
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.model import load_base_model
@@ -81,11 +82,16 @@ class Server:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         auth = self.auth = Authorizer(self.registry)
         # grpc.aio registers handlers only before start; they answer UNAVAILABLE until loaded.
-        inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.runtime, auth, self.request_log), self.grpc_server
+        # Registered through wire.add_guarded: undecodable request bytes are INVALID_ARGUMENT.
+        add_guarded(
+            inference_pb2_grpc.add_InferenceServicer_to_server,
+            InferenceServicer(self.runtime, auth, self.request_log),
+            self.grpc_server,
         )
-        adapters_pb2_grpc.add_AdaptersServicer_to_server(
-            AdaptersServicer(self.runtime, auth, self.metrics), self.grpc_server
+        add_guarded(
+            adapters_pb2_grpc.add_AdaptersServicer_to_server,
+            AdaptersServicer(self.runtime, auth, self.metrics),
+            self.grpc_server,
         )
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server

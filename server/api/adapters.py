@@ -8,7 +8,12 @@ from collections.abc import AsyncIterator
 import grpc
 
 from loraserve.adapters.errors import AdapterError, AdapterValidationError
-from loraserve.server.adapter_service import AdapterService, FileDeclaration, UploadSession
+from loraserve.server.adapter_service import (
+    AdapterService,
+    FileDeclaration,
+    UploadSession,
+    UploadSlot,
+)
 from loraserve.server.api.auth import Authorizer
 from loraserve.server.api.convert import FILE_KINDS, adapter_info
 from loraserve.server.api.errors import abort_for, status_for
@@ -36,44 +41,74 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     ) -> adapters_pb2.AdapterInfo:
         # Authenticate before reading any bytes of the stream.
         principal = await self._auth.principal(context)
+        slot: UploadSlot | None = None
         session: UploadSession | None = None
         try:
-            first = await anext(aiter(request_iterator), None)
-            if first is None or first.WhichOneof("part") != "header":
-                raise AdapterValidationError("header", "the first message must be an UploadHeader")
-            header = first.header
-            tenant = await self._auth.acting_tenant(context, header.tenant, principal)
-            declarations = [
-                FileDeclaration(kind=FILE_KINDS[f.file], size=f.size, sha256=f.sha256)
-                for f in header.files
-                if _known_file(f.file)
-            ]
-            if len(declarations) != len(header.files):
-                raise AdapterValidationError("files", "a declaration names an unknown file kind")
-            session = await asyncio.to_thread(
-                self._service().begin_upload, tenant, header.name, header.description, declarations
-            )
-            async for message in request_iterator:
-                if message.WhichOneof("part") != "chunk":
-                    raise AdapterValidationError("header", "only the first message may be a header")
-                if not _known_file(message.chunk.file):
-                    raise AdapterValidationError("chunk.file", "unknown file kind")
-                session.add_chunk(FILE_KINDS[message.chunk.file], message.chunk.data)
-            record = await asyncio.to_thread(session.finish)
+            service = self._service()
+            # Counted from the first byte: a stalled stream holds a connection and, after its
+            # header, open files and a temp directory.
+            slot = service.uploads.acquire(principal.tenant)
+            config = service.config
+            messages = aiter(request_iterator)
+            async with asyncio.timeout(config.upload_deadline_seconds):
+                first = await _next_message(messages, config.upload_idle_seconds)
+                if first is None or first.WhichOneof("part") != "header":
+                    raise AdapterValidationError(
+                        "header", "the first message must be an UploadHeader"
+                    )
+                header = first.header
+                tenant = await self._auth.acting_tenant(context, header.tenant, principal)
+                if tenant not in self._auth.registry.tenants:
+                    # An admin acts for tenants that exist; a typo must not create a new one.
+                    raise AdapterValidationError(
+                        "tenant", f"{tenant!r} is not a tenant in the tenants file"
+                    )
+                declarations = [
+                    FileDeclaration(kind=FILE_KINDS[f.file], size=f.size, sha256=f.sha256)
+                    for f in header.files
+                    if _known_file(f.file)
+                ]
+                if len(declarations) != len(header.files):
+                    raise AdapterValidationError(
+                        "files", "a declaration names an unknown file kind"
+                    )
+                session = await _begin(
+                    service, tenant, header.name, header.description, declarations
+                )
+                while message := await _next_message(messages, config.upload_idle_seconds):
+                    if message.WhichOneof("part") != "chunk":
+                        raise AdapterValidationError(
+                            "header", "only the first message may be a header"
+                        )
+                    if not _known_file(message.chunk.file):
+                        raise AdapterValidationError("chunk.file", "unknown file kind")
+                    session.add_chunk(FILE_KINDS[message.chunk.file], message.chunk.data)
+                finishing, session = session, None  # finish() cleans up after itself
+                record = await asyncio.to_thread(finishing.finish)
             self._metrics.uploads.labels(principal.tenant, "ok").inc()
             return adapter_info(record)
-        except (AdapterError, EngineError) as exc:
-            if session is not None:
-                await asyncio.to_thread(session.abort)
+        except (_IdleTimeout, TimeoutError) as exc:
+            self._metrics.uploads.labels(principal.tenant, "deadline_exceeded").inc()
+            what = (
+                f"sent nothing for {config.upload_idle_seconds:g} s (--upload-idle-seconds)"
+                if isinstance(exc, _IdleTimeout)
+                else f"took longer than {config.upload_deadline_seconds:g} s "
+                "(--upload-deadline-seconds)"
+            )
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"upload ended: it {what}")
+            raise
+        except (AdapterError, EngineError, OSError) as exc:
             code, message = status_for(exc)
             self._metrics.uploads.labels(principal.tenant, code.name.lower()).inc()
             await context.abort(code, message)
             raise
-        except BaseException:
-            # Client gone, deadline, or a bug: never leave a half-written upload behind.
+        finally:
+            # Every way out (refusal, cancel, disconnect, deadline, a bug) removes what was
+            # written. Synchronous on purpose: an await here could itself be cancelled.
             if session is not None:
-                await asyncio.to_thread(session.abort)
-            raise
+                session.abort()
+            if slot is not None:
+                slot.release()
 
     async def ListAdapters(
         self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
@@ -111,3 +146,41 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
 
 def _known_file(kind: int) -> bool:
     return kind in FILE_KINDS
+
+
+class _IdleTimeout(Exception):
+    """The client sent no message within the idle timeout."""
+
+
+async def _next_message(
+    messages: AsyncIterator[adapters_pb2.UploadAdapterRequest], idle_seconds: float
+) -> adapters_pb2.UploadAdapterRequest | None:
+    """The next message of the stream, None at its end; _IdleTimeout if none comes in time."""
+    try:
+        return await asyncio.wait_for(anext(messages, None), idle_seconds)
+    except TimeoutError:
+        raise _IdleTimeout from None
+
+
+async def _begin(
+    service: AdapterService,
+    tenant: str,
+    name: str,
+    description: str,
+    declarations: list[FileDeclaration],
+) -> UploadSession:
+    """service.begin_upload off the event loop, such that a cancel while it runs still
+    removes the temp directory it creates (the thread finishes whatever happens to us)."""
+    started = asyncio.ensure_future(
+        asyncio.to_thread(service.begin_upload, tenant, name, description, declarations)
+    )
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(_abort_begun)
+        raise
+
+
+def _abort_begun(started: asyncio.Future[UploadSession]) -> None:
+    if not started.cancelled() and started.exception() is None:
+        started.result().abort()
