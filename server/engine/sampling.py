@@ -15,8 +15,9 @@ import torch
 
 from loraserve.server.engine.types import SamplingParams
 
-MIN_TEMPERATURE = 1e-2
-"""Smallest non-zero temperature. Real models' logits stay well under 1e4 in magnitude, so
+MIN_TEMPERATURE = float(torch.tensor(1e-2, dtype=torch.float32))
+"""Smallest non-zero temperature: 1e-2 as the float32 the wire carries (0.0099999998), so a
+client's 0.01 is accepted. Real models' logits stay well under 1e4 in magnitude, so
 logits / temperature stay under 1e6, ~32 orders of magnitude below float32's maximum (3.4e38);
 the old lower bound of 0 let 1e-45 (a float32 denormal) turn every logit into +-Inf and the
 softmax into NaN. At 1e-2 a logit gap of 0.1 already weighs e^-10, so smaller temperatures are
