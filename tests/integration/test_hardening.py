@@ -6,6 +6,8 @@ Each test here failed before its fix; SECURITY.md lists which test covers which 
 
 from __future__ import annotations
 
+import json
+import logging
 import threading
 from collections.abc import Callable, Iterator
 from concurrent.futures import ThreadPoolExecutor
@@ -28,6 +30,7 @@ from safetensors.torch import load_file, save_file
 from serving_support import ServerThread, client_for
 
 from loraserve.server.config import ServerConfig
+from loraserve.v1 import inference_pb2
 
 ServerFactory = Callable[..., ServerThread]
 
@@ -477,4 +480,135 @@ def test_an_implausible_weights_file_is_refused_at_its_first_bytes(
     assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
     assert "adapter_model.safetensors" in (err.value.details() or "")
     assert len(sent) == 2
+    assert wait_until(lambda: tmp_entries(data_dir(server)) == [])
+
+
+# ---- 7. unauthenticated log flooding ----------------------------------------------------------
+
+
+def test_the_access_log_is_bounded_and_one_line_per_record(
+    start_server: ServerFactory, tmp_path: Path
+) -> None:
+    log_path = tmp_path / "access.log"
+    server = start_server(access_log=str(log_path))
+    huge_name = "n" * 1_000_000
+    with RawStubs(server.target) as raw:
+        for _ in range(5):  # no key at all, then a wrong key
+            for meta in ((), (("authorization", "Bearer wrong"),)):
+                with pytest.raises(grpc.RpcError) as err:
+                    raw.inference.Generate(
+                        inference_pb2.GenerateRequest(adapter=huge_name, prompt="x" * 100_000),
+                        metadata=meta,
+                        timeout=30,
+                    )
+                assert err.value.code() == grpc.StatusCode.UNAUTHENTICATED
+        unauthenticated_bytes = log_path.stat().st_size
+        # 10 records of an unauthenticated call carry none of its free text.
+        assert unauthenticated_bytes < 10 * 1024, unauthenticated_bytes
+        assert "nnnn" not in log_path.read_text(encoding="utf-8")
+        # An authenticated caller's adapter name is logged, clipped, with separators escaped.
+        for name in (huge_name, "a\u2028b\u2029c\u0085d\ne\rf"):
+            with pytest.raises(grpc.RpcError):
+                raw.inference.Generate(
+                    inference_pb2.GenerateRequest(adapter=name, prompt="hi"),
+                    metadata=metadata("acme"),
+                    timeout=30,
+                )
+    data = log_path.read_bytes()
+    assert len(data) < 16 * 1024, len(data)
+    for raw_separator in ("\u2028", "\u2029", "\u0085", "\r"):
+        assert raw_separator.encode() not in data
+    lines = data.decode("utf-8").split("\n")
+    assert lines[-1] == "" and len(lines) - 1 == 12, lines
+    records = [json.loads(line) for line in lines[:-1]]
+    assert all(r["tenant"] == "-" and r["adapter"] == "" for r in records[:10])
+    assert records[10]["tenant"] == "acme" and len(records[10]["adapter"]) < 400
+    assert records[11]["adapter"] == "a\u2028b\u2029c\u0085d\ne\rf"
+
+
+# ---- 8. the rest ------------------------------------------------------------------------------
+
+
+def _raw_unary(raw: RawStubs, method: str) -> Callable[..., bytes]:
+    return raw.channel.unary_unary(method)  # bytes in, bytes out
+
+
+@pytest.mark.parametrize(
+    ("method", "payload"),
+    [
+        ("/loraserve.v1.Inference/Generate", b"\x12\x02\xff\xfe"),  # prompt: invalid UTF-8
+        ("/loraserve.v1.Inference/GenerateStream", b"\x0a\x03\xc3\x28\x41"),  # adapter
+        ("/loraserve.v1.Adapters/ListAdapters", b"\x0a\x01\x80"),  # tenant
+        ("/loraserve.v1.Adapters/GetAdapter", b"\xff\xff\xff\xff"),  # not protobuf at all
+        ("/loraserve.v1.Inference/GetServerInfo", b"\x0a\x05ab"),  # truncated field
+    ],
+)
+def test_undecodable_requests_are_invalid_argument_without_a_traceback(
+    server: ServerThread, method: str, payload: bytes, caplog: pytest.LogCaptureFixture
+) -> None:
+    with RawStubs(server.target) as raw, caplog.at_level(logging.WARNING):
+        if method.endswith("GenerateStream"):
+            call = raw.channel.unary_stream(method)
+            with pytest.raises(grpc.RpcError) as err:
+                list(call(payload, metadata=metadata("acme"), timeout=30))
+        else:
+            with pytest.raises(grpc.RpcError) as err:
+                _raw_unary(raw, method)(payload, metadata=metadata("acme"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert "not a valid protobuf message" in (err.value.details() or "")
+    assert not [r for r in caplog.records if r.exc_info or "Traceback" in r.getMessage()]
+
+
+def test_an_undecodable_message_in_an_upload_stream_is_refused_and_cleaned_up(
+    start_server: ServerFactory,
+) -> None:
+    server = start_server()
+    header = upload_header("corrupt", 1000).SerializeToString()
+    with RawStubs(server.target) as raw:
+        call = raw.channel.stream_unary("/loraserve.v1.Adapters/UploadAdapter")
+        with pytest.raises(grpc.RpcError) as err:
+            call(iter([header, b"\x12\x03\xff\xff\xff"]), metadata=metadata("acme"), timeout=30)
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT, err.value.details()
+    assert wait_until(lambda: tmp_entries(data_dir(server)) == [])
+
+
+def test_tenants_see_the_model_name_and_never_its_path(
+    server: ServerThread, default_model: Path
+) -> None:
+    from prometheus_client import generate_latest
+
+    with client_for(server, "globex") as globex:
+        info = globex.server_info()
+    assert info.model_name == default_model.name and info.model_path == ""
+    exposition = generate_latest(server.server.metrics.registry).decode()
+    assert f'model="{default_model.name}"' in exposition
+    assert str(default_model) not in exposition
+
+
+def test_an_admin_cannot_create_adapters_for_tenants_not_in_the_tenants_file(
+    server: ServerThread, adapter_dirs: dict[str, Path]
+) -> None:
+    with client_for(server, "root") as admin:
+        code, details = _code(
+            lambda: admin.upload_adapter(adapter_dirs["qv"], "typo", tenant="acmee")
+        )
+        assert code == grpc.StatusCode.INVALID_ARGUMENT, details
+        assert "not a tenant" in details
+        # Acting for a tenant that exists still works.
+        assert admin.upload_adapter(adapter_dirs["qv"], "byadmin", tenant="globex").version == 1
+        admin.delete_adapter("byadmin", tenant="globex")
+    assert not (Path(server.config.data_dir) / "adapters" / "tenants" / "acmee").exists()
+
+
+def test_chunks_over_4_mib_are_refused(start_server: ServerFactory) -> None:
+    server = start_server()
+    big = bytes(6 << 20)
+    with RawStubs(server.target) as raw, pytest.raises(grpc.RpcError) as err:
+        raw.adapters.UploadAdapter(
+            iter([upload_header("big", len(big)), chunk(big)]),
+            metadata=metadata("acme"),
+            timeout=30,
+        )
+    assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+    assert "at most 4194304 (4 MiB) per chunk" in (err.value.details() or "")
     assert wait_until(lambda: tmp_entries(data_dir(server)) == [])
