@@ -216,9 +216,10 @@ def check_safetensors(
     return tensors
 
 
-def header_bytes_needed(head: bytes | memoryview) -> int | None:
-    """How many leading bytes of the file hold its whole header (8 + N), once the first 8 are
-    known; None before that. Refuses at once a pickle or a header length over the bound."""
+def header_bytes_needed(head: bytes | memoryview, file_size: int | None = None) -> int | None:
+    """How many leading bytes of the file hold its whole header (8 + N), once the first 9 are
+    known; None before that. Refuses at once a pickle, or a header length over the bound or
+    (given the size the file will have) longer than the file."""
     view = memoryview(head).cast("B")
     if len(view) >= 4 and bytes(view[:4]) == _ZIP_MAGIC:
         _parse_header(view, DEFAULT_MAX_HEADER_BYTES)  # raises the pickle message
@@ -232,6 +233,11 @@ def header_bytes_needed(head: bytes | memoryview) -> int | None:
             WEIGHTS_FILE,
             f"header is {header_len} bytes; at most {DEFAULT_MAX_HEADER_BYTES} bytes are accepted",
         )
+    if file_size is not None and 8 + header_len > file_size:
+        raise _error(
+            f"header length {header_len} exceeds the {file_size - 8} bytes after it "
+            "(truncated or not a safetensors file)"
+        )
     return 8 + header_len
 
 
@@ -244,14 +250,9 @@ def check_safetensors_head(
     Lets an upload be refused as soon as its header arrives, before the data is streamed.
     """
     view = memoryview(head).cast("B")
-    needed = header_bytes_needed(view)
+    needed = header_bytes_needed(view, file_size)
     if needed is None or len(view) < needed:
         raise ValueError("check_safetensors_head needs the whole header")
-    if needed > file_size:
-        raise _error(
-            f"header length {needed - 8} exceeds the {file_size - 8} bytes after it "
-            "(truncated or not a safetensors file)"
-        )
     header, data_start = _parse_header(view[:needed], DEFAULT_MAX_HEADER_BYTES)
     entries = {name: entry for name, entry in header.items() if name != _METADATA_KEY}
     if _METADATA_KEY in header:

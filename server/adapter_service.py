@@ -155,10 +155,11 @@ class UploadSession:
         """Checks the safetensors header as soon as its bytes are in, so a file that cannot be
         valid is refused after a few bytes rather than after all of them are stored."""
         self._head += data[: safetensors_check.DEFAULT_MAX_HEADER_BYTES + 8 - len(self._head)]
-        needed = safetensors_check.header_bytes_needed(self._head)
+        size = self.declared["weights"].size
+        needed = safetensors_check.header_bytes_needed(self._head, size)
         if needed is None or len(self._head) < needed:
             return
-        safetensors_check.check_safetensors_head(self._head, self.declared["weights"].size)
+        safetensors_check.check_safetensors_head(self._head, size)
         self._head_checked = True
         self._head = bytearray()
 
