@@ -7,6 +7,7 @@ together, so the gRPC handlers only decode, call one method and encode.
 from __future__ import annotations
 
 import logging
+import os
 import re
 import threading
 from dataclasses import dataclass, field
@@ -376,6 +377,14 @@ class AdapterService:
             raise EngineError(
                 ErrorKind.NOT_FOUND,
                 f"adapter {key.name!r} version {key.version} was deleted or replaced; retry",
+            ) from exc
+        except OSError as exc:
+            # E.g. out of descriptors: the caller may retry; the filename stays in the log.
+            log.error("reading adapter %s/%s failed: %s", key.tenant, key.name, exc)
+            raise EngineError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"cannot read adapter {key.name!r} right now "
+                f"({os.strerror(exc.errno) if exc.errno else type(exc).__name__}); retry later",
             ) from exc
         except AdapterError as exc:
             log.error("stored adapter %s/%s is unusable: %s", key.tenant, key.name, exc)

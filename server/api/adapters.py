@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -22,6 +23,12 @@ from loraserve.server.metrics import Metrics
 from loraserve.server.runtime import Runtime
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc
 
+MAX_DECLARATIONS = 16
+"""File declarations looked at in a header; an adapter has two (more are refused, with a
+precise message per duplicate, up to this many)."""
+VALIDATION_WORKERS = 2
+"""Uploads validated at once; each holds its files (up to --max-adapter-bytes) in memory."""
+
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     """Thin: authenticate, pick the acting tenant, call AdapterService, encode."""
@@ -30,6 +37,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         self._runtime = runtime
         self._auth = auth
         self._metrics = metrics
+        self._validators = ThreadPoolExecutor(
+            max_workers=VALIDATION_WORKERS, thread_name_prefix="loraserve-validate"
+        )
 
     def _service(self) -> AdapterService:
         return self._runtime.require()[1]
@@ -63,6 +73,11 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                     raise AdapterValidationError(
                         "tenant", f"{tenant!r} is not a tenant in the tenants file"
                     )
+                if len(header.files) > MAX_DECLARATIONS:
+                    # Refused before walking them: a header may hold a million of them.
+                    raise AdapterValidationError(
+                        "files", f"{len(header.files)} declarations; an adapter has two files"
+                    )
                 declarations = [
                     FileDeclaration(kind=FILE_KINDS[f.file], size=f.size, sha256=f.sha256)
                     for f in header.files
@@ -82,9 +97,17 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                         )
                     if not _known_file(message.chunk.file):
                         raise AdapterValidationError("chunk.file", "unknown file kind")
-                    session.add_chunk(FILE_KINDS[message.chunk.file], message.chunk.data)
+                    # Hashing and writing up to 4 MiB: off the loop too.
+                    await asyncio.to_thread(
+                        session.add_chunk, FILE_KINDS[message.chunk.file], message.chunk.data
+                    )
                 finishing, session = session, None  # finish() cleans up after itself
-                record = await asyncio.to_thread(finishing.finish)
+                # Validation holds the files in memory and takes seconds for big adapters: a
+                # pool of its own bounds that memory and never starves the request path's
+                # threads (tokenizing runs on the default pool).
+                record = await asyncio.get_running_loop().run_in_executor(
+                    self._validators, finishing.finish
+                )
             self._metrics.uploads.labels(principal.tenant, "ok").inc()
             return adapter_info(record)
         except (_IdleTimeout, TimeoutError) as exc:
@@ -116,7 +139,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         tenant = await self._auth.acting_tenant(context, request.tenant)
         try:
             records = await asyncio.to_thread(self._service().list, tenant)
-        except (AdapterError, EngineError) as exc:
+        except (AdapterError, EngineError, OSError) as exc:
             await abort_for(context, exc)
             raise
         return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(r) for r in records])
@@ -127,7 +150,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         tenant = await self._auth.acting_tenant(context, request.tenant)
         try:
             record = await asyncio.to_thread(self._service().get, tenant, request.name)
-        except (AdapterError, EngineError) as exc:
+        except (AdapterError, EngineError, OSError) as exc:
             await abort_for(context, exc)
             raise
         return adapter_info(record)
@@ -138,7 +161,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         tenant = await self._auth.acting_tenant(context, request.tenant)
         try:
             record = await asyncio.to_thread(self._service().delete, tenant, request.name)
-        except (AdapterError, EngineError) as exc:
+        except (AdapterError, EngineError, OSError) as exc:
             await abort_for(context, exc)
             raise
         return adapters_pb2.DeleteAdapterResponse(deleted=adapter_info(record))

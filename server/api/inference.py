@@ -18,12 +18,14 @@ from loraserve.server.api.convert import (
     usage_pb,
 )
 from loraserve.server.api.errors import abort_for, status_for
+from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.types import (
     AdapterRef,
     EngineError,
     ErrorEvent,
     Event,
     FinishEvent,
+    SamplingParams,
     TokenEvent,
 )
 from loraserve.server.request_log import RequestLogger, RequestRecord
@@ -145,11 +147,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     # NOT_FOUND right away, never a silent fallback to the base model.
                     await asyncio.to_thread(adapters.get, principal.tenant, request.adapter)
                     ref = AdapterRef(principal.tenant, request.adapter)
-                sampling = engine.sampling(sampling_overrides(request.sampling))
-                messages = [(m.role, m.content) for m in request.messages]
-                # Tokenizing takes time proportional to the prompt: never on the event loop,
-                # where it would stall every other tenant's calls.
-                prompt_ids = await asyncio.to_thread(engine.encode, request.prompt, messages)
+                # Never on the event loop, where it would stall every other tenant's calls:
+                # tokenizing takes time proportional to the prompt, and so does converting a
+                # request's repeated fields (up to a message's worth of chat turns or stops).
+                sampling, prompt_ids = await asyncio.to_thread(_prepare, engine, request)
             except (AdapterError, EngineError) as exc:
                 await fail(exc)
                 return
@@ -200,3 +201,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         finally:
             if handle is not None:
                 handle.cancel()
+
+
+def _prepare(
+    engine: Engine, request: inference_pb2.GenerateRequest
+) -> tuple[SamplingParams, list[int]]:
+    """Checked sampling parameters and prompt token ids of a request (on a worker thread)."""
+    sampling = engine.sampling(sampling_overrides(request.sampling))
+    messages = [(m.role, m.content) for m in request.messages]
+    return sampling, engine.encode(request.prompt, messages)

@@ -119,7 +119,14 @@ class Engine:
         tokenizer = self.loaded.tokenizer
         if bool(prompt) == bool(messages):
             raise EngineError(ErrorKind.INVALID_ARGUMENT, "set exactly one of prompt and messages")
-        # Refused by length before tokenizing: tokenizing megabytes takes seconds.
+        # Refused by length before tokenizing: tokenizing megabytes takes seconds. Every chat
+        # message adds at least one token, so a count over the limit cannot fit either.
+        if len(messages) > self.max_prompt_tokens:
+            raise EngineError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"messages: {len(messages)} messages exceeds the limit of "
+                f"{self.max_prompt_tokens} tokens",
+            )
         size = len(prompt.encode()) + sum(len(c.encode()) + len(r.encode()) for r, c in messages)
         if size > self.max_prompt_bytes:
             raise EngineError(

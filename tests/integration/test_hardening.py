@@ -696,3 +696,56 @@ def test_a_tenant_flooding_every_rpc_leaves_other_tenants_served(
     assert wait_until(lambda: open_fds() <= baseline_fds + 4), (open_fds(), baseline_fds)
     with client_for(server, "acme") as acme:
         assert acme.list_adapters() == []  # none of the flood's uploads was stored
+
+
+# ---- siblings found while fixing the classes above ---------------------------------------------
+
+
+def test_repeated_fields_are_bounded_before_they_are_walked(
+    server: ServerThread, gated_tokenizer: _GatedTokenizer
+) -> None:
+    """Half a million chat turns, or stop sequences, are refused by their count (off the loop)."""
+    turns = [inference_pb2.ChatMessage(role="user", content="x")] * 500_000
+    requests = {
+        "messages:": inference_pb2.GenerateRequest(messages=turns),
+        "stop:": inference_pb2.GenerateRequest(
+            prompt="hi", sampling=inference_pb2.SamplingParams(stop=["s"] * 500_000)
+        ),
+    }
+    with RawStubs(server.target) as raw:
+        for field, request in requests.items():
+            with pytest.raises(grpc.RpcError) as err:
+                raw.inference.Generate(request, metadata=metadata("acme"), timeout=30)
+            assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert (err.value.details() or "").startswith(field), err.value.details()
+        header = upload_header("many", 1000)
+        header.header.files.extend([header.header.files[0]] * 100_000)
+        with pytest.raises(grpc.RpcError) as err:
+            raw.adapters.UploadAdapter(iter([header]), metadata=metadata("acme"), timeout=30)
+        assert err.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+        assert "declarations" in (err.value.details() or "")
+    assert gated_tokenizer.longest_text < 1000
+
+
+def test_a_storage_error_names_no_server_path(
+    start_server: ServerFactory, adapter_dirs: dict[str, Path]
+) -> None:
+    """Out of descriptors (simulated) is RESOURCE_EXHAUSTED with the reason, not the file."""
+    import errno
+
+    server = start_server()
+    store = server.server.runtime.adapter_service.store
+    secret = str(store.root / "tmp" / "upload-x")
+
+    def out_of_descriptors(tenant: str, name: str) -> object:
+        raise OSError(errno.EMFILE, "Too many open files", secret)
+
+    store.begin_upload = out_of_descriptors
+    try:
+        with client_for(server, "acme") as acme:
+            code, details = _code(lambda: acme.upload_adapter(adapter_dirs["qv"], "x"))
+    finally:
+        del store.begin_upload
+    assert code == grpc.StatusCode.RESOURCE_EXHAUSTED, details
+    assert "Too many open files" in details
+    assert str(store.root) not in details and "upload-x" not in details

@@ -190,3 +190,26 @@ def test_a_failed_finish_removes_its_temp_directory(
     assert _tmp(service) == []
     # ... and its reservation is gone: the quota of 1 is free again.
     service.begin_upload(TENANT, "other", "", _decls(files)).abort()
+
+
+def test_reading_an_adapter_out_of_descriptors_is_retryable_and_names_no_path(
+    tmp_path: Path, spec: BaseModelSpec, files: dict[str, bytes]
+) -> None:
+    import errno
+
+    from loraserve.server.engine.types import AdapterKey, EngineError, ErrorKind
+
+    service = _service(tmp_path, spec)
+    session = service.begin_upload(TENANT, "qv", "", _decls(files))
+    for kind, data in files.items():
+        session.add_chunk(kind, data)  # type: ignore[arg-type]
+    record = session.finish()
+
+    def out_of_descriptors(rec: object) -> tuple[bytes, bytes]:
+        raise OSError(errno.EMFILE, "Too many open files", str(record.path))
+
+    service.store.read_files = out_of_descriptors  # type: ignore[method-assign]
+    with pytest.raises(EngineError) as err:
+        service.load(AdapterKey(TENANT, "qv", record.version))
+    assert err.value.kind == ErrorKind.RESOURCE_EXHAUSTED
+    assert "Too many open files" in err.value.message and str(tmp_path) not in err.value.message
