@@ -100,6 +100,10 @@ def add_guarded(
     answered INVALID_ARGUMENT."""
     capture = _Capture()
     add_to_server(servicer, capture)
+    if not capture.handlers:
+        # Stubs from a grpcio-tools too old to register methods by name: refuse to start
+        # rather than serve nothing.
+        raise RuntimeError(f"{add_to_server.__name__} registered no method handlers")
     for service, handlers in capture.handlers.items():
         guarded = {}
         for method, handler in handlers.items():
