@@ -214,3 +214,53 @@ def check_safetensors(
     tensors = {name: _check_entry(name, entry) for name, entry in entries.items()}
     _check_tiling(tensors, len(view) - data_start)
     return tensors
+
+
+def header_bytes_needed(head: bytes | memoryview, file_size: int | None = None) -> int | None:
+    """How many leading bytes of the file hold its whole header (8 + N), once the first 9 are
+    known; None before that. Refuses at once a pickle, or a header length over the bound or
+    (given the size the file will have) longer than the file."""
+    view = memoryview(head).cast("B")
+    if len(view) >= 4 and bytes(view[:4]) == _ZIP_MAGIC:
+        _parse_header(view, DEFAULT_MAX_HEADER_BYTES)  # raises the pickle message
+    if len(view) < 9:
+        return None
+    if _looks_like_pickle(view):
+        _parse_header(view, DEFAULT_MAX_HEADER_BYTES)  # raises the pickle message
+    (header_len,) = struct.unpack("<Q", view[:8])
+    if header_len > DEFAULT_MAX_HEADER_BYTES:
+        raise AdapterTooLargeError(
+            WEIGHTS_FILE,
+            f"header is {header_len} bytes; at most {DEFAULT_MAX_HEADER_BYTES} bytes are accepted",
+        )
+    if file_size is not None and 8 + header_len > file_size:
+        raise _error(
+            f"header length {header_len} exceeds the {file_size - 8} bytes after it "
+            "(truncated or not a safetensors file)"
+        )
+    return 8 + header_len
+
+
+def check_safetensors_head(
+    head: bytes | memoryview, file_size: int, *, max_tensors: int = DEFAULT_MAX_TENSORS
+) -> dict[str, TensorHeader]:
+    """The checks of check_safetensors() on the file's first bytes only: `head` holds at least
+    the whole header (see header_bytes_needed) and `file_size` is the size the file will have.
+
+    Lets an upload be refused as soon as its header arrives, before the data is streamed.
+    """
+    view = memoryview(head).cast("B")
+    needed = header_bytes_needed(view, file_size)
+    if needed is None or len(view) < needed:
+        raise ValueError("check_safetensors_head needs the whole header")
+    header, data_start = _parse_header(view[:needed], DEFAULT_MAX_HEADER_BYTES)
+    entries = {name: entry for name, entry in header.items() if name != _METADATA_KEY}
+    if _METADATA_KEY in header:
+        _check_metadata(header[_METADATA_KEY])
+    if len(entries) > max_tensors:
+        raise AdapterTooLargeError(
+            WEIGHTS_FILE, f"has {len(entries)} tensors; at most {max_tensors} are accepted"
+        )
+    tensors = {name: _check_entry(name, entry) for name, entry in entries.items()}
+    _check_tiling(tensors, file_size - data_start)
+    return tensors

@@ -31,7 +31,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from types import TracebackType
@@ -269,12 +269,19 @@ class UploadTransaction:
             self._files[file].flush()
             return (self._dir / FILE_NAMES[file]).read_bytes()
 
-    def commit(self, meta: Mapping[str, Any]) -> AdapterRecord:
+    def commit(
+        self,
+        meta: Mapping[str, Any],
+        admit: Callable[[list[AdapterRecord]], None] | None = None,
+    ) -> AdapterRecord:
         """Make the upload visible as the next version of the name and drop older versions.
 
         `meta` summarizes the validated adapter: rank, alpha, use_rslora, target_modules (full
         module names) and optionally description. Files and meta.json are fsynced before the
         atomic rename, so after a crash the version either exists whole or not at all.
+        `admit`, if given, is called under the store's lock just before the rename with the
+        tenant's committed adapters, and may raise to refuse the commit (a quota check no
+        concurrent commit can slip past); the upload then stays uncommitted.
         """
         with self._lock:
             self._require_open()
@@ -300,7 +307,7 @@ class UploadTransaction:
                 handle.flush()
                 os.fsync(handle.fileno())
             _fsync_dir(self._dir)
-            version = self._store._publish(self.tenant, self.name, self._dir)
+            version = self._store._publish(self.tenant, self.name, self._dir, admit)
             self._state = "committed"
         # Built from memory: a concurrent commit may already have replaced this version on disk.
         return AdapterRecord(
@@ -492,10 +499,18 @@ class AdapterStore:
             shutil.rmtree(directory, ignore_errors=True)
             raise
 
-    def _publish(self, tenant: str, name: str, directory: Path) -> int:
+    def _publish(
+        self,
+        tenant: str,
+        name: str,
+        directory: Path,
+        admit: Callable[[list[AdapterRecord]], None] | None = None,
+    ) -> int:
         """Rename a finished upload directory into place as the next version; return it."""
         name_dir = self._name_dir(tenant, name)
         with self._lock:
+            if admit is not None:
+                admit(self._list_locked(tenant))
             created = not name_dir.exists()
             name_dir.mkdir(parents=True, exist_ok=True)
             if created:
@@ -565,22 +580,26 @@ class AdapterStore:
     def list(self, tenant: str) -> list[AdapterRecord]:
         """The latest version of each of the tenant's adapters, sorted by name."""
         validate_tenant_name(tenant)
-        tenant_dir = self._tenants_dir / tenant
         with self._lock:
+            return self._list_locked(tenant)
+
+    def _list_locked(self, tenant: str) -> list[AdapterRecord]:
+        """list() for a caller that holds self._lock."""
+        tenant_dir = self._tenants_dir / tenant
+        try:
+            names = sorted(entry.name for entry in tenant_dir.iterdir() if entry.is_dir())
+        except FileNotFoundError:
+            return []
+        records = []
+        for name in names:
             try:
-                names = sorted(entry.name for entry in tenant_dir.iterdir() if entry.is_dir())
-            except FileNotFoundError:
-                return []
-            records = []
-            for name in names:
-                try:
-                    records.append(self._latest(tenant, name))
-                except AdapterNotFoundError:
-                    continue  # deleted: only its version counter is left
-                except AdapterCorruptError as exc:
-                    # One broken adapter must not hide the tenant's others; get() reports it.
-                    log.error("skipping corrupt adapter in listing: %s", exc)
-            return records
+                records.append(self._latest(tenant, name))
+            except AdapterNotFoundError:
+                continue  # deleted: only its version counter is left
+            except AdapterCorruptError as exc:
+                # One broken adapter must not hide the tenant's others; get() reports it.
+                log.error("skipping corrupt adapter in listing: %s", exc)
+        return records
 
     def tenants(self) -> list[str]:
         """Tenants that have at least one adapter, sorted."""

@@ -78,6 +78,7 @@ def server_info_to_dict(info: inference_pb2.ServerInfo) -> JsonObject:
         "tenant": info.tenant,
         "has_chat_template": info.has_chat_template,
         "currency": info.currency,
+        "model_name": info.model_name,
     }
 
 

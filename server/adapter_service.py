@@ -6,10 +6,14 @@ together, so the gRPC handlers only decode, call one method and encode.
 
 from __future__ import annotations
 
+import logging
+import os
 import re
+import threading
 from dataclasses import dataclass, field
 from typing import Literal
 
+from loraserve.adapters import safetensors_check
 from loraserve.adapters.errors import (
     AdapterError,
     AdapterNotFoundError,
@@ -22,6 +26,8 @@ from loraserve.adapters.store import AdapterRecord, AdapterStore, UploadTransact
 from loraserve.adapters.weights import AdapterWeights, load_adapter_weights
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
+
+log = logging.getLogger(__name__)
 
 FileKind = Literal["config", "weights"]
 _SHA256 = re.compile(r"[0-9a-f]{64}")
@@ -36,9 +42,86 @@ class FileDeclaration:
     sha256: str
 
 
+MAX_CHUNK_BYTES = 4 * 1024 * 1024
+"""Largest FileChunk.data accepted (the proto's documented bound)."""
+
+
+class UploadSlots:
+    """Counts uploads in progress, per calling tenant and in all, against their caps.
+
+    Each upload holds open files and a temp directory for its whole life, so without a cap one
+    tenant could open streams until the process runs out of file descriptors.
+    """
+
+    def __init__(self, config: ServerConfig) -> None:
+        self._config = config
+        self._lock = threading.Lock()
+        self._by_tenant: dict[str, int] = {}
+        self._total = 0
+
+    def acquire(self, tenant: str) -> UploadSlot:
+        """A slot for one upload by `tenant`; AdapterQuotaError (naming the limit) if none."""
+        tenant_limit, limit = self._config.tenant_max_uploads, self._config.max_uploads
+        with self._lock:
+            mine = self._by_tenant.get(tenant, 0)
+            if mine >= tenant_limit:
+                raise AdapterQuotaError(
+                    f"tenant {tenant!r} already has {mine} uploads in progress "
+                    f"(limit {tenant_limit}, --tenant-max-uploads); wait for one to finish"
+                )
+            if self._total >= limit:
+                raise AdapterQuotaError(
+                    f"the server already has {self._total} uploads in progress "
+                    f"(limit {limit}, --max-uploads); retry later"
+                )
+            self._by_tenant[tenant] = mine + 1
+            self._total += 1
+        return UploadSlot(self, tenant)
+
+    def _release(self, tenant: str) -> None:
+        with self._lock:
+            self._total -= 1
+            left = self._by_tenant[tenant] - 1
+            if left:
+                self._by_tenant[tenant] = left
+            else:
+                del self._by_tenant[tenant]
+
+    def in_progress(self) -> int:
+        with self._lock:
+            return self._total
+
+
+@dataclass
+class UploadSlot:
+    """One acquired upload slot; release() is idempotent."""
+
+    slots: UploadSlots
+    tenant: str
+    _released: bool = field(default=False)
+
+    def release(self) -> None:
+        if not self._released:
+            self._released = True
+            self.slots._release(self.tenant)
+
+
+@dataclass(frozen=True)
+class _Reservation:
+    """Quota held by an upload in progress, from its header until it commits or ends."""
+
+    tenant: str
+    name: str
+    size: int
+
+
 @dataclass
 class UploadSession:
-    """One upload in progress: enforces the declarations while bytes arrive, then commits."""
+    """One upload in progress: enforces the declarations while bytes arrive, then commits.
+
+    Holds a quota reservation from begin_upload() until finish() or abort(); every way out of
+    finish() other than a commit aborts, so a failed upload never leaves its temp directory.
+    """
 
     service: AdapterService
     tenant: str
@@ -46,20 +129,49 @@ class UploadSession:
     description: str
     declared: dict[FileKind, FileDeclaration]
     txn: UploadTransaction
+    reservation: _Reservation
     _closed: bool = field(default=False)
+    _head: bytearray = field(default_factory=bytearray)
+    """The first bytes of the weights, kept only until the safetensors header is checked."""
+    _head_checked: bool = field(default=False)
 
     def add_chunk(self, kind: FileKind, data: bytes) -> None:
-        """Appends bytes to one file; refuses as soon as a file exceeds its declared size."""
+        """Appends bytes to one file; refuses as soon as a chunk is over MAX_CHUNK_BYTES, a
+        file exceeds its declared size or the weights' header is implausible."""
+        if len(data) > MAX_CHUNK_BYTES:
+            raise AdapterValidationError(
+                "chunk.data", f"is {len(data)} bytes; at most {MAX_CHUNK_BYTES} (4 MiB) per chunk"
+            )
         declared = self.declared[kind]
         if self.txn.bytes_written(kind) + len(data) > declared.size:
             raise AdapterValidationError(
                 _file_name(kind),
                 f"more bytes arrived than the {declared.size} declared in the header",
             )
+        if kind == "weights" and not self._head_checked:
+            self._check_head(data)
         self.txn.write(kind, data)
+
+    def _check_head(self, data: bytes) -> None:
+        """Checks the safetensors header as soon as its bytes are in, so a file that cannot be
+        valid is refused after a few bytes rather than after all of them are stored."""
+        self._head += data[: safetensors_check.DEFAULT_MAX_HEADER_BYTES + 8 - len(self._head)]
+        size = self.declared["weights"].size
+        needed = safetensors_check.header_bytes_needed(self._head, size)
+        if needed is None or len(self._head) < needed:
+            return
+        safetensors_check.check_safetensors_head(self._head, size)
+        self._head_checked = True
+        self._head = bytearray()
 
     def finish(self) -> AdapterRecord:
         """Verifies sizes and checksums, validates against the base model, commits atomically."""
+        try:
+            return self._finish()
+        finally:
+            self.abort()  # a no-op after a commit
+
+    def _finish(self) -> AdapterRecord:
         for kind, declared in self.declared.items():
             got = self.txn.bytes_written(kind)
             if got != declared.size:
@@ -85,16 +197,24 @@ class UploadSession:
                 "use_rslora": weights.config.use_rslora,
                 "target_modules": sorted(weights.modules),
                 "description": self.description,
-            }
+            },
+            admit=lambda stored: self.service.check_quota(
+                self.tenant, self.name, self.declared["weights"].size, stored
+            ),
         )
         self._closed = True
+        self.service.end_reservation(self.reservation)
         self.service.on_replaced(record)
         return record
 
     def abort(self) -> None:
+        """Removes everything written and frees the quota reservation; idempotent."""
         if not self._closed:
             self._closed = True
-            self.txn.abort()
+            try:
+                self.txn.abort()
+            finally:
+                self.service.end_reservation(self.reservation)
 
 
 class AdapterService:
@@ -104,7 +224,15 @@ class AdapterService:
         self._config = config
         self.store = store
         self.spec = spec
+        self.uploads = UploadSlots(config)
         self._forget = lambda tenant, name, below: None
+        self._reservations: list[_Reservation] = []
+        """Uploads in progress that passed the quota check at their header (guarded by _lock)."""
+        self._lock = threading.Lock()
+
+    @property
+    def config(self) -> ServerConfig:
+        return self._config
 
     def attach_engine(self, forget) -> None:
         """Lets deletes and re-uploads free the engine's device copies."""
@@ -143,28 +271,61 @@ class AdapterService:
                 "files",
                 "the header must declare both adapter_config.json and adapter_model.safetensors",
             )
-        self._check_quota(tenant, name, declared["weights"].size)
-        txn = self.store.begin_upload(tenant, name)
-        return UploadSession(self, tenant, name, description, declared, txn)
+        reservation = self._reserve(tenant, name, declared["weights"].size)
+        try:
+            txn = self.store.begin_upload(tenant, name)
+        except BaseException:
+            self.end_reservation(reservation)
+            raise
+        return UploadSession(self, tenant, name, description, declared, txn, reservation)
 
-    def _check_quota(self, tenant: str, name: str, size: int) -> None:
+    def _reserve(self, tenant: str, name: str, size: int) -> _Reservation:
+        """Checks the quota counting the uploads already in progress, and holds this one's
+        share of it until the upload ends: concurrent uploads cannot all pass one check."""
+        stored = self.store.list(tenant)
+        with self._lock:
+            pending = [r for r in self._reservations if r.tenant == tenant]
+            self.check_quota(tenant, name, size, stored, pending)
+            reservation = _Reservation(tenant, name, size)
+            self._reservations.append(reservation)
+        return reservation
+
+    def end_reservation(self, reservation: _Reservation) -> None:
+        with self._lock:
+            for i, held in enumerate(self._reservations):
+                if held is reservation:
+                    del self._reservations[i]
+                    return
+
+    def check_quota(
+        self,
+        tenant: str,
+        name: str,
+        size: int,
+        stored: list[AdapterRecord],
+        pending: list[_Reservation] = (),  # type: ignore[assignment]
+    ) -> None:
         """Refuses an upload that would exceed the tenant's adapter count or bytes.
 
-        Re-uploading a name replaces it, so its current version does not count.
+        `stored`: the tenant's committed adapters; `pending`: its other uploads in progress,
+        whose bytes (in tmp/) count. Re-uploading a name replaces it, so its current version
+        does not count. Called at the header (with pending) and again at commit under the
+        store's lock (with what is committed at that moment).
         """
-        others = [r for r in self.store.list(tenant) if r.name != name]
+        others = [r for r in stored if r.name != name]
+        names = {r.name for r in others} | {p.name for p in pending} | {name}
         limit = self._config.tenant_max_adapters
-        if len(others) + 1 > limit:
+        if len(names) > limit:
             raise AdapterQuotaError(
-                f"tenant {tenant!r} already stores {len(others)} adapters "
-                f"(quota {limit}); delete one first"
+                f"tenant {tenant!r} stores or is uploading {len(names) - 1} other adapters "
+                f"(quota {limit}, --tenant-max-adapters); delete one first"
             )
-        stored = sum(r.size_bytes for r in others)
+        total = sum(r.size_bytes for r in others) + sum(p.size for p in pending) + size
         byte_limit = self._config.tenant_max_adapter_bytes
-        if stored + size > byte_limit:
+        if total > byte_limit:
             raise AdapterQuotaError(
-                f"tenant {tenant!r} would store {stored + size} bytes of adapters "
-                f"(quota {byte_limit}); delete some first"
+                f"tenant {tenant!r} would store {total} bytes of adapters, counting uploads in "
+                f"progress (quota {byte_limit}, --tenant-max-adapter-bytes); delete some first"
             )
 
     def validate(self, config_bytes: bytes, weights_bytes: bytes) -> AdapterWeights:
@@ -197,8 +358,10 @@ class AdapterService:
         except AdapterNotFoundError as exc:
             raise EngineError(ErrorKind.NOT_FOUND, f"adapter {ref.name!r} not found") from exc
         except AdapterError as exc:
+            # The details name files on the server's disk: for the operator's log only.
+            log.error("adapter %s/%s is unusable: %s", ref.tenant, ref.name, exc)
             raise EngineError(
-                ErrorKind.INTERNAL, f"adapter {ref.name!r} is unusable: {exc}"
+                ErrorKind.INTERNAL, f"adapter {ref.name!r} is unusable (see the server log)"
             ) from exc
         return AdapterKey(ref.tenant, ref.name, record.version, rank=record.rank)
 
@@ -215,9 +378,18 @@ class AdapterService:
                 ErrorKind.NOT_FOUND,
                 f"adapter {key.name!r} version {key.version} was deleted or replaced; retry",
             ) from exc
-        except AdapterError as exc:
+        except OSError as exc:
+            # E.g. out of descriptors: the caller may retry; the filename stays in the log.
+            log.error("reading adapter %s/%s failed: %s", key.tenant, key.name, exc)
             raise EngineError(
-                ErrorKind.INTERNAL, f"stored adapter {key.name!r} is unusable: {exc}"
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"cannot read adapter {key.name!r} right now "
+                f"({os.strerror(exc.errno) if exc.errno else type(exc).__name__}); retry later",
+            ) from exc
+        except AdapterError as exc:
+            log.error("stored adapter %s/%s is unusable: %s", key.tenant, key.name, exc)
+            raise EngineError(
+                ErrorKind.INTERNAL, f"stored adapter {key.name!r} is unusable (see the server log)"
             ) from exc
 
 

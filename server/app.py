@@ -17,6 +17,7 @@ from grpc_reflection.v1alpha import reflection
 from loraserve.server.api.adapters import AdaptersServicer
 from loraserve.server.api.auth import Authorizer
 from loraserve.server.api.inference import InferenceServicer
+from loraserve.server.api.wire import add_guarded
 from loraserve.server.config import ServerConfig
 from loraserve.server.metrics import Metrics
 from loraserve.server.request_log import RequestLogger
@@ -68,11 +69,16 @@ class Server:
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         auth = self.auth = Authorizer(self.registry)
         # grpc.aio registers handlers only before start; they answer UNAVAILABLE until loaded.
-        inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.runtime, auth, self.request_log), self.grpc_server
+        # Registered through wire.add_guarded: undecodable request bytes are INVALID_ARGUMENT.
+        add_guarded(
+            inference_pb2_grpc.add_InferenceServicer_to_server,
+            InferenceServicer(self.runtime, auth, self.request_log),
+            self.grpc_server,
         )
-        adapters_pb2_grpc.add_AdaptersServicer_to_server(
-            AdaptersServicer(self.runtime, auth, self.metrics), self.grpc_server
+        add_guarded(
+            adapters_pb2_grpc.add_AdaptersServicer_to_server,
+            AdaptersServicer(self.runtime, auth, self.metrics),
+            self.grpc_server,
         )
         reflection.enable_server_reflection(
             (*SERVICE_NAMES, health.SERVICE_NAME, reflection.SERVICE_NAME), self.grpc_server

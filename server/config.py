@@ -85,6 +85,15 @@ class ServerConfig:
     """Largest adapter_config.json accepted at upload."""
     max_stop_sequences: int = 8
     """Stop sequences per request, at most."""
+    tenant_max_uploads: int = 4
+    """Uploads one tenant may have in progress at once (RESOURCE_EXHAUSTED beyond): each holds
+    open files and a temp directory, so an unbounded number would exhaust descriptors."""
+    max_uploads: int = 64
+    """Uploads in progress on the whole server, at most (RESOURCE_EXHAUSTED beyond)."""
+    upload_idle_seconds: float = 30.0
+    """An upload that sends nothing for this long is ended (DEADLINE_EXCEEDED) and removed."""
+    upload_deadline_seconds: float = 900.0
+    """Longest an upload may take from its first message to its last (DEADLINE_EXCEEDED)."""
     max_message_bytes: int = 8 * 1024 * 1024
     """Largest single gRPC message (prompts, upload chunks)."""
     grace_seconds: float = 10.0
@@ -125,6 +134,8 @@ class ServerConfig:
             "max_adapter_bytes",
             "max_adapter_config_bytes",
             "max_message_bytes",
+            "tenant_max_uploads",
+            "max_uploads",
         )
         for name in _positive:
             if getattr(self, name) < 1:
@@ -136,6 +147,10 @@ class ServerConfig:
                 f"default_max_new_tokens: {self.default_max_new_tokens} exceeds "
                 f"max_new_tokens_limit {self.max_new_tokens_limit}"
             )
+        for name in ("upload_idle_seconds", "upload_deadline_seconds"):
+            value = getattr(self, name)
+            if not 0 < value < float("inf"):
+                raise ConfigError(f"{name}: must be a finite number > 0, got {value}")
         if not self.grace_seconds >= 0:  # also refuses NaN
             raise ConfigError(f"grace_seconds: must be a number >= 0, got {self.grace_seconds}")
         for name in ("price_per_device_hour", "price_per_gb_hour"):

@@ -166,6 +166,30 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-prompt-tokens", type=int, default=d.max_prompt_tokens)
     parser.add_argument("--max-adapter-bytes", type=int, default=d.max_adapter_bytes)
     parser.add_argument(
+        "--tenant-max-uploads",
+        type=int,
+        default=d.tenant_max_uploads,
+        help=f"uploads one tenant may have in progress at once (default {d.tenant_max_uploads})",
+    )
+    parser.add_argument(
+        "--max-uploads",
+        type=int,
+        default=d.max_uploads,
+        help=f"uploads in progress on the whole server (default {d.max_uploads})",
+    )
+    parser.add_argument(
+        "--upload-idle-seconds",
+        type=float,
+        default=d.upload_idle_seconds,
+        help=f"end an upload that sends nothing for this long (default {d.upload_idle_seconds:g})",
+    )
+    parser.add_argument(
+        "--upload-deadline-seconds",
+        type=float,
+        default=d.upload_deadline_seconds,
+        help=f"longest an upload may take (default {d.upload_deadline_seconds:g})",
+    )
+    parser.add_argument(
         "--grace-seconds",
         type=float,
         default=d.grace_seconds,
@@ -254,6 +278,10 @@ def config_from_args(
         ),
         max_prompt_tokens=args.max_prompt_tokens,
         max_adapter_bytes=args.max_adapter_bytes,
+        tenant_max_uploads=args.tenant_max_uploads,
+        max_uploads=args.max_uploads,
+        upload_idle_seconds=args.upload_idle_seconds,
+        upload_deadline_seconds=args.upload_deadline_seconds,
         grace_seconds=args.grace_seconds,
         price_per_device_hour=args.price_per_device_hour,
         price_per_gb_hour=args.price_per_gb_hour,

@@ -7,6 +7,7 @@ Naming follows Prometheus conventions: one `loraserve_` prefix, base units (`_se
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from prometheus_client import (
@@ -193,7 +194,7 @@ class Metrics(EngineObserver):
 
         self.build_info.labels(
             loraserve.__version__,
-            str(loaded.model_path),
+            Path(loaded.model_path).name,  # a name: the path is for admins only
             loaded.model_type,
             str(loaded.device),
             str(loaded.dtype).removeprefix("torch."),

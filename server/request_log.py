@@ -1,7 +1,10 @@
 """One record per finished request: the per-tenant request metrics and a JSON access-log line.
 
 The access log never contains prompts or completions unless `access_log_content` is set:
-tenants' data stays private by default.
+tenants' data stays private by default. Every free-text field is clipped to a bounded length (a
+caller cannot grow the log by megabytes per call; content fields get a larger bound), and every
+line separator a log reader might split on (U+0085, U+2028, U+2029, besides the control characters
+JSON escapes anyway) is written escaped, so one record is always exactly one line.
 """
 
 from __future__ import annotations
@@ -15,6 +18,25 @@ from typing import TextIO
 
 from loraserve.server.engine.types import Usage
 from loraserve.server.metrics import Metrics
+
+MAX_FIELD_CHARS = 256
+"""Longest logged value of a short free-text field (adapter name, message, ids)."""
+MAX_CONTENT_CHARS = 64 * 1024
+"""Longest logged prompt or completion (only with access_log_content)."""
+_LINE_SEPARATORS = {"\u0085": "\\u0085", "\u2028": "\\u2028", "\u2029": "\\u2029"}
+_ESCAPE_SEPARATORS = str.maketrans(_LINE_SEPARATORS)
+
+
+def clip(value: str | None, limit: int = MAX_FIELD_CHARS) -> str | None:
+    """`value` cut to `limit` characters, marked as cut with the original length."""
+    if value is None or len(value) <= limit:
+        return value
+    return f"{value[:limit]}...[{len(value)} chars]"
+
+
+def one_line(text: str) -> str:
+    """JSON text with the Unicode line separators escaped (json.dumps leaves them raw)."""
+    return text.translate(_ESCAPE_SEPARATORS)
 
 
 @dataclass
@@ -71,15 +93,15 @@ class RequestLogger:
             return
         line = {
             "ts": round(time.time(), 6),
-            "request_id": rec.request_id,
-            "rpc": rec.rpc,
-            "tenant": rec.tenant,
-            "adapter": rec.adapter,
+            "request_id": clip(rec.request_id),
+            "rpc": clip(rec.rpc),
+            "tenant": clip(rec.tenant),
+            "adapter": clip(rec.adapter),
             "adapter_version": rec.adapter_version,
-            "status": rec.outcome,
+            "status": clip(rec.outcome),
         }
         if rec.message:
-            line["message"] = rec.message
+            line["message"] = clip(rec.message)
         if usage is not None:
             line.update(
                 finish_reason=rec.finish_reason,
@@ -92,9 +114,9 @@ class RequestLogger:
                 cost=usage.cost,
             )
         if self._include_content:
-            line["prompt"] = rec.prompt
-            line["completion"] = rec.completion
-        text = json.dumps(line, ensure_ascii=False)
+            line["prompt"] = clip(rec.prompt, MAX_CONTENT_CHARS)
+            line["completion"] = clip(rec.completion, MAX_CONTENT_CHARS)
+        text = one_line(json.dumps(line, ensure_ascii=False))
         with self._lock:
             self._stream.write(text + "\n")
             self._stream.flush()

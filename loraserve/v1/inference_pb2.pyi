@@ -111,7 +111,7 @@ class GetServerInfoRequest(_message.Message):
     def __init__(self) -> None: ...
 
 class ServerInfo(_message.Message):
-    __slots__ = ("model_path", "model_type", "architecture", "device", "dtype", "max_lora_rank", "max_new_tokens", "max_prompt_tokens", "max_adapter_bytes", "target_modules", "max_batch_size", "version", "tenant", "has_chat_template", "currency")
+    __slots__ = ("model_path", "model_type", "architecture", "device", "dtype", "max_lora_rank", "max_new_tokens", "max_prompt_tokens", "max_adapter_bytes", "target_modules", "max_batch_size", "version", "tenant", "has_chat_template", "currency", "model_name")
     MODEL_PATH_FIELD_NUMBER: _ClassVar[int]
     MODEL_TYPE_FIELD_NUMBER: _ClassVar[int]
     ARCHITECTURE_FIELD_NUMBER: _ClassVar[int]
@@ -127,6 +127,7 @@ class ServerInfo(_message.Message):
     TENANT_FIELD_NUMBER: _ClassVar[int]
     HAS_CHAT_TEMPLATE_FIELD_NUMBER: _ClassVar[int]
     CURRENCY_FIELD_NUMBER: _ClassVar[int]
+    MODEL_NAME_FIELD_NUMBER: _ClassVar[int]
     model_path: str
     model_type: str
     architecture: str
@@ -142,4 +143,5 @@ class ServerInfo(_message.Message):
     tenant: str
     has_chat_template: bool
     currency: str
-    def __init__(self, model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., version: _Optional[str] = ..., tenant: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., currency: _Optional[str] = ...) -> None: ...
+    model_name: str
+    def __init__(self, model_path: _Optional[str] = ..., model_type: _Optional[str] = ..., architecture: _Optional[str] = ..., device: _Optional[str] = ..., dtype: _Optional[str] = ..., max_lora_rank: _Optional[int] = ..., max_new_tokens: _Optional[int] = ..., max_prompt_tokens: _Optional[int] = ..., max_adapter_bytes: _Optional[int] = ..., target_modules: _Optional[_Iterable[str]] = ..., max_batch_size: _Optional[int] = ..., version: _Optional[str] = ..., tenant: _Optional[str] = ..., has_chat_template: _Optional[bool] = ..., currency: _Optional[str] = ..., model_name: _Optional[str] = ...) -> None: ...

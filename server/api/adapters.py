@@ -4,11 +4,17 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
 from loraserve.adapters.errors import AdapterError, AdapterValidationError
-from loraserve.server.adapter_service import AdapterService, FileDeclaration, UploadSession
+from loraserve.server.adapter_service import (
+    AdapterService,
+    FileDeclaration,
+    UploadSession,
+    UploadSlot,
+)
 from loraserve.server.api.auth import Authorizer
 from loraserve.server.api.convert import FILE_KINDS, adapter_info
 from loraserve.server.api.errors import abort_for, status_for
@@ -16,6 +22,12 @@ from loraserve.server.engine.types import EngineError
 from loraserve.server.metrics import Metrics
 from loraserve.server.runtime import Runtime
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc
+
+MAX_DECLARATIONS = 16
+"""File declarations looked at in a header; an adapter has two (more are refused, with a
+precise message per duplicate, up to this many)."""
+VALIDATION_WORKERS = 2
+"""Uploads validated at once; each holds its files (up to --max-adapter-bytes) in memory."""
 
 
 class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
@@ -25,6 +37,9 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         self._runtime = runtime
         self._auth = auth
         self._metrics = metrics
+        self._validators = ThreadPoolExecutor(
+            max_workers=VALIDATION_WORKERS, thread_name_prefix="loraserve-validate"
+        )
 
     def _service(self) -> AdapterService:
         return self._runtime.require()[1]
@@ -36,44 +51,87 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     ) -> adapters_pb2.AdapterInfo:
         # Authenticate before reading any bytes of the stream.
         principal = await self._auth.principal(context)
+        slot: UploadSlot | None = None
         session: UploadSession | None = None
         try:
-            first = await anext(aiter(request_iterator), None)
-            if first is None or first.WhichOneof("part") != "header":
-                raise AdapterValidationError("header", "the first message must be an UploadHeader")
-            header = first.header
-            tenant = await self._auth.acting_tenant(context, header.tenant, principal)
-            declarations = [
-                FileDeclaration(kind=FILE_KINDS[f.file], size=f.size, sha256=f.sha256)
-                for f in header.files
-                if _known_file(f.file)
-            ]
-            if len(declarations) != len(header.files):
-                raise AdapterValidationError("files", "a declaration names an unknown file kind")
-            session = await asyncio.to_thread(
-                self._service().begin_upload, tenant, header.name, header.description, declarations
-            )
-            async for message in request_iterator:
-                if message.WhichOneof("part") != "chunk":
-                    raise AdapterValidationError("header", "only the first message may be a header")
-                if not _known_file(message.chunk.file):
-                    raise AdapterValidationError("chunk.file", "unknown file kind")
-                session.add_chunk(FILE_KINDS[message.chunk.file], message.chunk.data)
-            record = await asyncio.to_thread(session.finish)
+            service = self._service()
+            # Counted from the first byte: a stalled stream holds a connection and, after its
+            # header, open files and a temp directory.
+            slot = service.uploads.acquire(principal.tenant)
+            config = service.config
+            messages = aiter(request_iterator)
+            async with asyncio.timeout(config.upload_deadline_seconds):
+                first = await _next_message(messages, config.upload_idle_seconds)
+                if first is None or first.WhichOneof("part") != "header":
+                    raise AdapterValidationError(
+                        "header", "the first message must be an UploadHeader"
+                    )
+                header = first.header
+                tenant = await self._auth.acting_tenant(context, header.tenant, principal)
+                if tenant not in self._auth.registry.tenants:
+                    # An admin acts for tenants that exist; a typo must not create a new one.
+                    raise AdapterValidationError(
+                        "tenant", f"{tenant!r} is not a tenant in the tenants file"
+                    )
+                if len(header.files) > MAX_DECLARATIONS:
+                    # Refused before walking them: a header may hold a million of them.
+                    raise AdapterValidationError(
+                        "files", f"{len(header.files)} declarations; an adapter has two files"
+                    )
+                declarations = [
+                    FileDeclaration(kind=FILE_KINDS[f.file], size=f.size, sha256=f.sha256)
+                    for f in header.files
+                    if _known_file(f.file)
+                ]
+                if len(declarations) != len(header.files):
+                    raise AdapterValidationError(
+                        "files", "a declaration names an unknown file kind"
+                    )
+                session = await _begin(
+                    service, tenant, header.name, header.description, declarations
+                )
+                while message := await _next_message(messages, config.upload_idle_seconds):
+                    if message.WhichOneof("part") != "chunk":
+                        raise AdapterValidationError(
+                            "header", "only the first message may be a header"
+                        )
+                    if not _known_file(message.chunk.file):
+                        raise AdapterValidationError("chunk.file", "unknown file kind")
+                    # Hashing and writing up to 4 MiB: off the loop too.
+                    await asyncio.to_thread(
+                        session.add_chunk, FILE_KINDS[message.chunk.file], message.chunk.data
+                    )
+                finishing, session = session, None  # finish() cleans up after itself
+                # Validation holds the files in memory and takes seconds for big adapters: a
+                # pool of its own bounds that memory and never starves the request path's
+                # threads (tokenizing runs on the default pool).
+                record = await asyncio.get_running_loop().run_in_executor(
+                    self._validators, finishing.finish
+                )
             self._metrics.uploads.labels(principal.tenant, "ok").inc()
             return adapter_info(record)
-        except (AdapterError, EngineError) as exc:
-            if session is not None:
-                await asyncio.to_thread(session.abort)
+        except (_IdleTimeout, TimeoutError) as exc:
+            self._metrics.uploads.labels(principal.tenant, "deadline_exceeded").inc()
+            what = (
+                f"sent nothing for {config.upload_idle_seconds:g} s (--upload-idle-seconds)"
+                if isinstance(exc, _IdleTimeout)
+                else f"took longer than {config.upload_deadline_seconds:g} s "
+                "(--upload-deadline-seconds)"
+            )
+            await context.abort(grpc.StatusCode.DEADLINE_EXCEEDED, f"upload ended: it {what}")
+            raise
+        except (AdapterError, EngineError, OSError) as exc:
             code, message = status_for(exc)
             self._metrics.uploads.labels(principal.tenant, code.name.lower()).inc()
             await context.abort(code, message)
             raise
-        except BaseException:
-            # Client gone, deadline, or a bug: never leave a half-written upload behind.
+        finally:
+            # Every way out (refusal, cancel, disconnect, deadline, a bug) removes what was
+            # written. Synchronous on purpose: an await here could itself be cancelled.
             if session is not None:
-                await asyncio.to_thread(session.abort)
-            raise
+                session.abort()
+            if slot is not None:
+                slot.release()
 
     async def ListAdapters(
         self, request: adapters_pb2.ListAdaptersRequest, context: grpc.aio.ServicerContext
@@ -81,7 +139,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         tenant = await self._auth.acting_tenant(context, request.tenant)
         try:
             records = await asyncio.to_thread(self._service().list, tenant)
-        except (AdapterError, EngineError) as exc:
+        except (AdapterError, EngineError, OSError) as exc:
             await abort_for(context, exc)
             raise
         return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(r) for r in records])
@@ -92,7 +150,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         tenant = await self._auth.acting_tenant(context, request.tenant)
         try:
             record = await asyncio.to_thread(self._service().get, tenant, request.name)
-        except (AdapterError, EngineError) as exc:
+        except (AdapterError, EngineError, OSError) as exc:
             await abort_for(context, exc)
             raise
         return adapter_info(record)
@@ -103,7 +161,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         tenant = await self._auth.acting_tenant(context, request.tenant)
         try:
             record = await asyncio.to_thread(self._service().delete, tenant, request.name)
-        except (AdapterError, EngineError) as exc:
+        except (AdapterError, EngineError, OSError) as exc:
             await abort_for(context, exc)
             raise
         return adapters_pb2.DeleteAdapterResponse(deleted=adapter_info(record))
@@ -111,3 +169,41 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
 
 def _known_file(kind: int) -> bool:
     return kind in FILE_KINDS
+
+
+class _IdleTimeout(Exception):
+    """The client sent no message within the idle timeout."""
+
+
+async def _next_message(
+    messages: AsyncIterator[adapters_pb2.UploadAdapterRequest], idle_seconds: float
+) -> adapters_pb2.UploadAdapterRequest | None:
+    """The next message of the stream, None at its end; _IdleTimeout if none comes in time."""
+    try:
+        return await asyncio.wait_for(anext(messages, None), idle_seconds)
+    except TimeoutError:
+        raise _IdleTimeout from None
+
+
+async def _begin(
+    service: AdapterService,
+    tenant: str,
+    name: str,
+    description: str,
+    declarations: list[FileDeclaration],
+) -> UploadSession:
+    """service.begin_upload off the event loop, such that a cancel while it runs still
+    removes the temp directory it creates (the thread finishes whatever happens to us)."""
+    started = asyncio.ensure_future(
+        asyncio.to_thread(service.begin_upload, tenant, name, description, declarations)
+    )
+    try:
+        return await asyncio.shield(started)
+    except asyncio.CancelledError:
+        started.add_done_callback(_abort_begun)
+        raise
+
+
+def _abort_begun(started: asyncio.Future[UploadSession]) -> None:
+    if not started.cancelled() and started.exception() is None:
+        started.result().abort()

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 from loraserve.adapters.store import AdapterRecord
 from loraserve.server.engine.engine import SamplingOverrides
 from loraserve.server.engine.types import FinishReason, Usage
@@ -32,6 +34,12 @@ def sampling_overrides(params: inference_pb2.SamplingParams) -> SamplingOverride
         stop=tuple(params.stop),
         ignore_eos=opt("ignore_eos"),
     )
+
+
+def model_name(model_path: Path) -> str:
+    """What a tenant is told about the base model: its checkpoint directory's name, not the
+    filesystem path (which tells about the server's disk layout)."""
+    return Path(model_path).name
 
 
 def usage_pb(usage: Usage) -> inference_pb2.Usage:

@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import errno
 import logging
+import os
 
 import grpc
 
@@ -16,6 +18,8 @@ from loraserve.adapters.errors import (
 from loraserve.server.engine.types import EngineError, ErrorKind
 
 log = logging.getLogger(__name__)
+
+_EXHAUSTED_ERRNOS = frozenset({errno.EMFILE, errno.ENFILE, errno.ENOSPC, errno.EDQUOT})
 
 _ENGINE_CODES = {
     ErrorKind.INVALID_ARGUMENT: grpc.StatusCode.INVALID_ARGUMENT,
@@ -39,9 +43,21 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
     if isinstance(exc, AdapterNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
     if isinstance(exc, AdapterCorruptError):
-        return grpc.StatusCode.INTERNAL, f"stored adapter is corrupt: {exc}"
+        # The details name files on the server's disk: for the operator's log only.
+        log.error("stored adapter is corrupt: %s", exc)
+        return grpc.StatusCode.INTERNAL, "stored adapter is corrupt (see the server log)"
     if isinstance(exc, AdapterError):
         return grpc.StatusCode.INTERNAL, str(exc)
+    if isinstance(exc, OSError):
+        # E.g. out of descriptors or disk: say what, never where (the filename is a server path).
+        log.error("storage error: %s", exc)
+        reason = os.strerror(exc.errno) if exc.errno else type(exc).__name__
+        code = (
+            grpc.StatusCode.RESOURCE_EXHAUSTED
+            if exc.errno in _EXHAUSTED_ERRNOS
+            else grpc.StatusCode.INTERNAL
+        )
+        return code, f"server storage error: {reason}; retry later"
     return None
 
 

@@ -11,14 +11,21 @@ import grpc
 import loraserve
 from loraserve.adapters.errors import AdapterError
 from loraserve.server.api.auth import Authorizer, bearer_key, unauthenticated
-from loraserve.server.api.convert import FINISH_REASONS, sampling_overrides, usage_pb
+from loraserve.server.api.convert import (
+    FINISH_REASONS,
+    model_name,
+    sampling_overrides,
+    usage_pb,
+)
 from loraserve.server.api.errors import abort_for, status_for
+from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.types import (
     AdapterRef,
     EngineError,
     ErrorEvent,
     Event,
     FinishEvent,
+    SamplingParams,
     TokenEvent,
 )
 from loraserve.server.request_log import RequestLogger, RequestRecord
@@ -82,7 +89,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         loaded = engine.loaded
         config = self._runtime.config
         return inference_pb2.ServerInfo(
-            model_path=str(loaded.model_path),
+            # The filesystem path tells a tenant about the server's disk: admins only.
+            model_path=str(loaded.model_path) if principal.admin else "",
+            model_name=model_name(loaded.model_path),
             model_type=loaded.model_type,
             architecture=loaded.architecture,
             device=str(loaded.device),
@@ -110,7 +119,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         Leaving early (client gone, deadline) cancels the request inside the engine. Every
         outcome is recorded once (metrics and access log).
         """
-        record = RequestRecord(rpc=rpc, adapter=request.adapter)
+        # The adapter name is logged only once the caller is authenticated (and clipped by the
+        # logger): an anonymous caller must not be able to write its free text into the log.
+        record = RequestRecord(rpc=rpc)
         logged = False
 
         async def fail(exc: Exception, request_id: str = "") -> None:
@@ -127,6 +138,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 await fail(unauthenticated())
             assert principal is not None
             record.tenant = principal.tenant
+            record.adapter = request.adapter
             try:
                 engine, adapters = self._runtime.require()
                 ref = None
@@ -135,9 +147,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     # NOT_FOUND right away, never a silent fallback to the base model.
                     await asyncio.to_thread(adapters.get, principal.tenant, request.adapter)
                     ref = AdapterRef(principal.tenant, request.adapter)
-                messages = [(m.role, m.content) for m in request.messages]
-                prompt_ids = engine.encode(request.prompt, messages)
-                sampling = engine.sampling(sampling_overrides(request.sampling))
+                # Never on the event loop, where it would stall every other tenant's calls:
+                # tokenizing takes time proportional to the prompt, and so does converting a
+                # request's repeated fields (up to a message's worth of chat turns or stops).
+                sampling, prompt_ids = await asyncio.to_thread(_prepare, engine, request)
             except (AdapterError, EngineError) as exc:
                 await fail(exc)
                 return
@@ -188,3 +201,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         finally:
             if handle is not None:
                 handle.cancel()
+
+
+def _prepare(
+    engine: Engine, request: inference_pb2.GenerateRequest
+) -> tuple[SamplingParams, list[int]]:
+    """Checked sampling parameters and prompt token ids of a request (on a worker thread)."""
+    sampling = engine.sampling(sampling_overrides(request.sampling))
+    messages = [(m.role, m.content) for m in request.messages]
+    return sampling, engine.encode(request.prompt, messages)

@@ -6,6 +6,7 @@ token ids, checks request bounds, and hands requests to the scheduler.
 
 from __future__ import annotations
 
+import functools
 import threading
 import uuid
 from collections.abc import Sequence as Seq
@@ -16,6 +17,8 @@ from loraserve.server.engine.config import EngineConfig
 from loraserve.server.engine.device_pool import AdapterLoader, AdapterResolver, DevicePool
 from loraserve.server.engine.host_cache import HostCache
 from loraserve.server.engine.model import LoadedModel
+from loraserve.server.engine.prompt_bounds import longest_token_bytes
+from loraserve.server.engine.sampling import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE
 from loraserve.server.engine.scheduler import RequestHandle, Scheduler, SchedulerSettings
 from loraserve.server.engine.types import (
     AdapterRef,
@@ -88,6 +91,12 @@ class Engine:
     def max_prompt_tokens(self) -> int:
         return min(self.config.max_prompt_tokens, self.max_seq_len - 1)
 
+    @functools.cached_property
+    def max_prompt_bytes(self) -> int:
+        """Longest prompt (or sum of chat message contents) in UTF-8 bytes that can still fit
+        in max_prompt_tokens: anything longer is refused before tokenizing."""
+        return self.max_prompt_tokens * longest_token_bytes(self.loaded.tokenizer)
+
     @property
     def has_chat_template(self) -> bool:
         return bool(getattr(self.loaded.tokenizer, "chat_template", None))
@@ -110,6 +119,21 @@ class Engine:
         tokenizer = self.loaded.tokenizer
         if bool(prompt) == bool(messages):
             raise EngineError(ErrorKind.INVALID_ARGUMENT, "set exactly one of prompt and messages")
+        # Refused by length before tokenizing: tokenizing megabytes takes seconds. Every chat
+        # message adds at least one token, so a count over the limit cannot fit either.
+        if len(messages) > self.max_prompt_tokens:
+            raise EngineError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"messages: {len(messages)} messages exceeds the limit of "
+                f"{self.max_prompt_tokens} tokens",
+            )
+        size = len(prompt.encode()) + sum(len(c.encode()) + len(r.encode()) for r, c in messages)
+        if size > self.max_prompt_bytes:
+            raise EngineError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"prompt: {size} bytes exceeds the limit of {self.max_prompt_bytes} bytes (no "
+                f"text this long fits in {self.max_prompt_tokens} tokens)",
+            )
         if messages:
             if not self.has_chat_template:
                 raise EngineError(
@@ -152,14 +176,20 @@ class Engine:
         if not 1 <= max_new <= cfg.max_new_tokens_limit:
             raise bad(f"max_new_tokens: {max_new} is not in 1..{cfg.max_new_tokens_limit}")
         temperature = 0.0 if given.temperature is None else given.temperature
-        if not 0.0 <= temperature <= 100.0 or temperature != temperature:
-            raise bad(f"temperature: {temperature} is not in [0, 100]")
+        # Comparisons with NaN are False, so each check below also refuses NaN.
+        if not (temperature == 0.0 or MIN_TEMPERATURE <= temperature <= MAX_TEMPERATURE):
+            raise bad(
+                f"temperature: {temperature:g} must be 0 (greedy) or in "
+                f"[{MIN_TEMPERATURE:g}, {MAX_TEMPERATURE:g}]"
+            )
         top_p = 1.0 if given.top_p is None else given.top_p
         if not 0.0 < top_p <= 1.0:
-            raise bad(f"top_p: {top_p} is not in (0, 1]")
+            raise bad(f"top_p: {top_p:g} is not in (0, 1]")
         top_k = 0 if given.top_k is None else given.top_k
         if top_k < 0:
             raise bad(f"top_k: {top_k} is negative")
+        if given.seed is not None and not 0 <= given.seed <= MAX_SEED:
+            raise bad(f"seed: {given.seed} is not in 0..{MAX_SEED} (2^63 - 1)")
         if len(given.stop) > cfg.max_stop_sequences:
             raise bad(
                 f"stop: {len(given.stop)} sequences exceeds the limit of {cfg.max_stop_sequences}"

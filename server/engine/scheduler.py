@@ -36,7 +36,7 @@ from loraserve.server.engine.fair_queue import FairQueue
 from loraserve.server.engine.kv_cache import SlotKVCache
 from loraserve.server.engine.lora import BatchLoRAState
 from loraserve.server.engine.model import LoadedModel
-from loraserve.server.engine.sampling import make_generator, select_next_tokens
+from loraserve.server.engine.sampling import SamplingFault, make_generator, select_next_tokens
 from loraserve.server.engine.types import (
     AdapterKey,
     EngineError,
@@ -365,12 +365,12 @@ class Scheduler:
             for seq, row_input in zip(batch, inputs, strict=True):
                 seq.prefilled += len(row_input.tokens)
             complete = [i for i, s in enumerate(batch) if s.prefilled == s.prompt_len]
-            tokens = self._sample(logits, [batch[i] for i in complete], complete)
+            sampled, tokens = self._sample(logits, [batch[i] for i in complete], complete)
         except Exception as exc:
             self._fail_step(batch, exc)
             return
         self._account("prefill", time.monotonic() - started, batch, [len(r.tokens) for r in inputs])
-        self._advance([batch[i] for i in complete], tokens)
+        self._advance(sampled, tokens)
 
     def _decode_step(self) -> None:
         """One token for every decoding request, in one forward over rows 0..highest."""
@@ -391,12 +391,12 @@ class Scheduler:
         started = time.monotonic()
         try:
             logits = runner.forward_rows(self._loaded, self._cache, inputs, self._lora_for(pages))
-            tokens = self._sample(logits, decoding, [s.row for s in decoding])
+            sampled, tokens = self._sample(logits, decoding, [s.row for s in decoding])
         except Exception as exc:
             self._fail_step(decoding, exc)
             return
         self._account("decode", time.monotonic() - started, decoding, [1] * len(decoding))
-        self._advance(decoding, tokens)
+        self._advance(sampled, tokens)
 
     def _lora_for(self, pages: list[tuple[int, ...]]) -> BatchLoRAState:
         """The decode routing, reused while the rows' adapters stay the same, so every layer's
@@ -428,13 +428,27 @@ class Scheduler:
             if self._pool.placement(key) is None:
                 self._prefetch(key)
 
-    def _sample(self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]) -> list[int]:
+    def _sample(
+        self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]
+    ) -> tuple[list[Sequence], list[int]]:
+        """The sequences that got a token, and their tokens; a row whose sampling fails
+        (non-finite logits) is retired alone, so it cannot fail the rest of the step."""
         if not seqs:
-            return []
+            return [], []
         picked = logits[rows] if len(rows) != logits.shape[0] else logits  # (len(seqs), vocab)
-        return select_next_tokens(
+        chosen = select_next_tokens(
             picked, [s.request.sampling for s in seqs], [s.generator for s in seqs]
         )
+        sampled: list[Sequence] = []
+        tokens: list[int] = []
+        for seq, token in zip(seqs, chosen, strict=True):
+            if isinstance(token, SamplingFault):
+                message = f"sampling failed: {token} (request {seq.request.request_id})"
+                self._retire(seq, ErrorEvent(EngineError(ErrorKind.INTERNAL, message)))
+            else:
+                sampled.append(seq)
+                tokens.append(token)
+        return sampled, tokens
 
     def _drop_cancelled(self) -> None:
         for seq in self.running:

@@ -182,9 +182,11 @@ def test_concurrent_tenants_share_batches(
     globex.delete_adapter("g1")
 
 
-def test_server_info(acme: LoraServeClient, default_model: Path) -> None:
+def test_server_info(acme: LoraServeClient, admin: LoraServeClient, default_model: Path) -> None:
     info = acme.server_info()
-    assert info.model_path == str(default_model)
+    # A tenant sees the model's name; only an admin sees where it lives on the server's disk.
+    assert info.model_path == "" and info.model_name == default_model.name
+    assert admin.server_info().model_path == str(default_model)
     assert info.model_type == "llama" and info.architecture == "LlamaForCausalLM"
     assert info.device == "cpu" and info.dtype == "float32"
     assert info.max_lora_rank == 32 and info.max_new_tokens == 256

@@ -24,6 +24,8 @@ POSITIVE_FIELDS = [
     "max_adapter_bytes",
     "max_adapter_config_bytes",
     "max_message_bytes",
+    "tenant_max_uploads",
+    "max_uploads",
 ]
 
 
@@ -47,6 +49,10 @@ def test_defaults_are_valid_and_validate_returns_self() -> None:
         ("metrics_port", 70000),
         ("max_lora_rank", 1025),
         ("grace_seconds", -0.5),
+        ("upload_idle_seconds", 0.0),
+        ("upload_idle_seconds", float("nan")),
+        ("upload_deadline_seconds", -1.0),
+        ("upload_deadline_seconds", float("inf")),
         *[(name, 0) for name in POSITIVE_FIELDS],
         *[(name, -3) for name in POSITIVE_FIELDS],
     ],

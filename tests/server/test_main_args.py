@@ -193,3 +193,23 @@ def test_run_serve_starts_with_a_valid_config(tmp_path: Path, served: list[Serve
             ServerConfig(), model_path=EMBEDDED_DIR, port=0, metrics_port=0, data_dir=tmp_path
         )
     ]
+
+
+def test_upload_limit_flags_reach_the_config() -> None:
+    parser = argparse.ArgumentParser()
+    add_serve_arguments(parser)
+    args = parser.parse_args(
+        [
+            "--tenant-max-uploads",
+            "3",
+            "--max-uploads",
+            "9",
+            "--upload-idle-seconds",
+            "2.5",
+            "--upload-deadline-seconds",
+            "60",
+        ]
+    )
+    config = config_from_args(args)
+    assert (config.tenant_max_uploads, config.max_uploads) == (3, 9)
+    assert (config.upload_idle_seconds, config.upload_deadline_seconds) == (2.5, 60.0)
