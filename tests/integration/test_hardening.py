@@ -29,12 +29,13 @@ from hardening_support import (
     wait_until,
 )
 from safetensors.torch import load_file, save_file
-from serving_support import ServerThread, client_for
+from serving_support import client_for
 
+from loraserve.server.background import BackgroundServer
 from loraserve.server.config import ServerConfig
 from loraserve.v1 import inference_pb2
 
-ServerFactory = Callable[..., ServerThread]
+ServerFactory = Callable[..., BackgroundServer]
 
 
 @pytest.fixture
@@ -42,13 +43,13 @@ def start_server(
     default_model: Path, tenants_file: Path, tmp_path: Path
 ) -> Iterator[ServerFactory]:
     """Starts a real server with the given config overrides; all are stopped at the end."""
-    started: list[ServerThread] = []
+    started: list[BackgroundServer] = []
 
-    def start(**overrides: object) -> ServerThread:
+    def start(**overrides: object) -> BackgroundServer:
         settings: dict[str, object] = {
             "model_path": default_model,
             "port": 0,
-            "metrics_port": 0,
+            "metrics_port": None,
             "data_dir": tmp_path / f"data{len(started)}",
             "tenants_file": tenants_file,
             "max_lora_rank": 32,
@@ -57,7 +58,7 @@ def start_server(
             "access_log": "",
         }
         settings.update(overrides)
-        thread = ServerThread(ServerConfig(**settings)).start()  # type: ignore[arg-type]
+        thread = BackgroundServer(ServerConfig(**settings)).start(120)  # type: ignore[arg-type]
         started.append(thread)
         return thread
 
@@ -66,7 +67,7 @@ def start_server(
         thread.stop()
 
 
-def data_dir(server: ServerThread) -> Path:
+def data_dir(server: BackgroundServer) -> Path:
     return Path(server.config.data_dir)
 
 
@@ -98,7 +99,7 @@ def _code(call: Callable[[], object]) -> tuple[grpc.StatusCode, str]:
     ids=repr,
 )
 def test_unsafe_sampling_parameters_are_refused(
-    server: ServerThread, sampling: dict[str, float]
+    server: BackgroundServer, sampling: dict[str, float]
 ) -> None:
     field = next(iter(sampling))
     with client_for(server, "acme") as acme:
@@ -109,14 +110,14 @@ def test_unsafe_sampling_parameters_are_refused(
     assert details.startswith(f"{field}:"), details
 
 
-def test_edge_of_the_sampling_bounds_is_served(server: ServerThread) -> None:
+def test_edge_of_the_sampling_bounds_is_served(server: BackgroundServer) -> None:
     with client_for(server, "acme") as acme:
         for temperature in (0.0, 1e-2, 100.0):
             out = acme.generate("hi", max_new_tokens=3, temperature=temperature, seed=2**63 - 1)
             assert len(out.token_ids) == 3
 
 
-def test_bad_sampling_from_one_tenant_never_fails_anothers_batch(server: ServerThread) -> None:
+def test_bad_sampling_from_one_tenant_never_fails_anothers_batch(server: BackgroundServer) -> None:
     barrier = threading.Barrier(12)
 
     def bad(i: int) -> tuple[grpc.StatusCode, str]:
@@ -157,7 +158,7 @@ def _blowup_adapter(source: Path, out: Path) -> Path:
 
 
 def test_a_row_whose_logits_overflow_fails_alone(
-    server: ServerThread, adapter_dirs: dict[str, Path], tmp_path: Path
+    server: BackgroundServer, adapter_dirs: dict[str, Path], tmp_path: Path
 ) -> None:
     """Prompts that reach one prefill step together: the overflowing row fails, the rest don't."""
     blowup = _blowup_adapter(adapter_dirs["mlp"], tmp_path / "blowup")
@@ -223,7 +224,7 @@ class _GatedTokenizer:
 
 
 @pytest.fixture
-def gated_tokenizer(server: ServerThread) -> Iterator[_GatedTokenizer]:
+def gated_tokenizer(server: BackgroundServer) -> Iterator[_GatedTokenizer]:
     loaded = server.server.runtime.engine.loaded
     original = loaded.tokenizer
     gated = _GatedTokenizer(original)
@@ -236,7 +237,7 @@ def gated_tokenizer(server: ServerThread) -> Iterator[_GatedTokenizer]:
 
 
 def test_tokenizing_one_tenants_prompt_never_stalls_another(
-    server: ServerThread, gated_tokenizer: _GatedTokenizer
+    server: BackgroundServer, gated_tokenizer: _GatedTokenizer
 ) -> None:
     """While acme's prompt is being tokenized (held for as long as the test likes), globex's
     calls complete: tokenizing runs off the event loop."""
@@ -254,7 +255,7 @@ def test_tokenizing_one_tenants_prompt_never_stalls_another(
 
 
 def test_a_huge_prompt_is_refused_by_its_length_before_tokenizing(
-    server: ServerThread, gated_tokenizer: _GatedTokenizer
+    server: BackgroundServer, gated_tokenizer: _GatedTokenizer
 ) -> None:
     huge = "lorem ipsum " * 600_000  # 7.2 MB, under the 8 MiB message bound
     with client_for(server, "acme") as acme:
@@ -272,7 +273,7 @@ def test_a_huge_prompt_is_refused_by_its_length_before_tokenizing(
 # ---- 3. stalled uploads exhausting descriptors ------------------------------------------------
 
 
-def _in_progress(server: ServerThread) -> int:
+def _in_progress(server: BackgroundServer) -> int:
     return server.server.runtime.adapter_service.uploads.in_progress()
 
 
@@ -546,7 +547,7 @@ def _raw_unary(raw: RawStubs, method: str) -> Callable[..., bytes]:
     ],
 )
 def test_undecodable_requests_are_invalid_argument_without_a_traceback(
-    server: ServerThread, method: str, payload: bytes, caplog: pytest.LogCaptureFixture
+    server: BackgroundServer, method: str, payload: bytes, caplog: pytest.LogCaptureFixture
 ) -> None:
     with RawStubs(server.target) as raw, caplog.at_level(logging.WARNING):
         if method.endswith("GenerateStream"):
@@ -575,7 +576,7 @@ def test_an_undecodable_message_in_an_upload_stream_is_refused_and_cleaned_up(
 
 
 def test_tenants_see_the_model_name_and_never_its_path(
-    server: ServerThread, default_model: Path
+    server: BackgroundServer, default_model: Path
 ) -> None:
     from prometheus_client import generate_latest
 
@@ -588,7 +589,7 @@ def test_tenants_see_the_model_name_and_never_its_path(
 
 
 def test_an_admin_cannot_create_adapters_for_tenants_not_in_the_tenants_file(
-    server: ServerThread, adapter_dirs: dict[str, Path]
+    server: BackgroundServer, adapter_dirs: dict[str, Path]
 ) -> None:
     with client_for(server, "root") as admin:
         code, details = _code(
@@ -619,7 +620,7 @@ def test_chunks_over_4_mib_are_refused(start_server: ServerFactory) -> None:
 # ---- Done when: a flood from one tenant leaves the others served ------------------------------
 
 
-def _flood(server: ServerThread, stop: threading.Event, kind: str) -> int:
+def _flood(server: BackgroundServer, stop: threading.Event, kind: str) -> int:
     """Sends one kind of abuse as acme (or anonymously) until `stop`; returns calls made."""
     calls = 0
     release = threading.Event()
@@ -702,7 +703,7 @@ def test_a_tenant_flooding_every_rpc_leaves_other_tenants_served(
 
 
 def test_repeated_fields_are_bounded_before_they_are_walked(
-    server: ServerThread, gated_tokenizer: _GatedTokenizer
+    server: BackgroundServer, gated_tokenizer: _GatedTokenizer
 ) -> None:
     """Half a million chat turns, or stop sequences, are refused by their count (off the loop)."""
     turns = [inference_pb2.ChatMessage(role="user", content="x")] * 500_000

@@ -210,6 +210,6 @@ def test_upload_limit_flags_reach_the_config() -> None:
             "60",
         ]
     )
-    config = config_from_args(args)
+    config = config_from_args(args, _embedded)
     assert (config.tenant_max_uploads, config.max_uploads) == (3, 9)
     assert (config.upload_idle_seconds, config.upload_deadline_seconds) == (2.5, 60.0)
