@@ -157,8 +157,10 @@ class EngineHarness:
         device: str = "cpu",
         dtype: str = "float32",
         observer: object = None,
+        loader: Any = None,
         **config_overrides: object,
     ) -> None:
+        """`loader` replaces the store read the engine uses (default: AdapterService.load)."""
         from loraserve.adapters.store import AdapterStore
         from loraserve.server.adapter_service import AdapterService
         from loraserve.server.engine.engine import Engine
@@ -177,7 +179,7 @@ class EngineHarness:
             self.config,
             self.loaded,
             self.service.resolve,
-            self.service.load,
+            loader or self.service.load,
             observer,  # type: ignore[arg-type]
         )
         self.service.attach_engine(self.engine.forget_adapter)
