@@ -131,7 +131,7 @@ def layer_windows(config: PretrainedConfig) -> tuple[list[str], dict[str, int | 
     Layer types this cache cannot mask (chunked attention, shared KV, ...) are refused at
     start rather than served wrongly.
     """
-    text = config.get_text_config() if hasattr(config, "get_text_config") else config
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
     num_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
     window = getattr(text, "sliding_window", None)
     if getattr(text, "use_sliding_window", True) is False:
