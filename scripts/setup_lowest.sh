@@ -7,7 +7,8 @@
 #   .venv-lowest/bin/python -m pytest -q tests/engine/test_peft_parity.py
 #
 # The pins are read from pyproject.toml's own `>=` bounds, so raising a bound moves this venv
-# with it. torch is the same CPU wheel as ./.venv (TORCH_SPEC to override).
+# with it. torch is the same CPU wheel as ./.venv (TORCH_SPEC to override): torch's lower bound
+# exists on PyPI only as a multi-GB CUDA build, so it is run by hand (README, "Supported versions").
 set -euo pipefail
 cd "$(dirname "$0")/.."
 python="${PYTHON:-python3}"
