@@ -15,6 +15,7 @@ from loraserve.adapters.store import AdapterStore
 from loraserve.server.adapter_service import AdapterService
 from loraserve.server.config import ConfigError, ServerConfig
 from loraserve.server.engine.accounting import EngineObserver
+from loraserve.server.engine.device_pool import AdapterLoader
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.model import LoadedModel, load_base_model
 from loraserve.server.engine.types import EngineError, ErrorKind
@@ -31,11 +32,17 @@ class ServingParts:
     engine: Engine
 
 
-def build_runtime(config: ServerConfig, observer: EngineObserver | None = None) -> ServingParts:
+def build_runtime(
+    config: ServerConfig,
+    observer: EngineObserver | None = None,
+    adapter_loader: AdapterLoader | None = None,
+) -> ServingParts:
     """Loads the base model, opens the store, builds the adapter service and the engine.
 
     Blocking (reads the checkpoint); call `parts.engine.start()` to start serving. `observer`
-    receives the engine's accounting events (the server passes its Metrics).
+    receives the engine's accounting events (the server passes its Metrics). `adapter_loader`
+    replaces the engine's read of a stored adapter (default: `AdapterService.load`; tests pass
+    a gated or failing reader).
     """
     if config.model_path is None:
         raise ConfigError(
@@ -46,7 +53,11 @@ def build_runtime(config: ServerConfig, observer: EngineObserver | None = None) 
     store = AdapterStore(Path(config.data_dir) / "adapters")
     adapter_service = AdapterService(config, store, loaded.spec)
     engine = Engine(
-        config.engine_config(), loaded, adapter_service.resolve, adapter_service.load, observer
+        config.engine_config(),
+        loaded,
+        adapter_service.resolve,
+        adapter_loader or adapter_service.load,
+        observer,
     )
     # Deleting or replacing an adapter frees its memory in the engine's tiers.
     adapter_service.attach_engine(engine.forget_adapter)

@@ -74,7 +74,7 @@ log = logging.getLogger(__name__)
 
 # Bump whenever the on-disk result of a given spec changes (corpus, tokenizer recipe,
 # initialisation scheme, file layout) so that caches keyed by spec_digest are rebuilt.
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 
 VOCAB_SIZE = 1024
 EOS_TOKEN = "<|endoftext|>"
@@ -205,10 +205,13 @@ def build_tokenizer(model_max_length: int = 1024) -> PreTrainedTokenizerFast:
         eos_token=EOS_TOKEN,
         bos_token=EOS_TOKEN,
         pad_token=EOS_TOKEN,
-        extra_special_tokens=[SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN],
+        # The name every transformers release accepts (5.x renames it extra_special_tokens).
+        additional_special_tokens=[SYSTEM_TOKEN, USER_TOKEN, ASSISTANT_TOKEN],
         model_max_length=model_max_length,
         chat_template=CHAT_TEMPLATE,
         clean_up_tokenization_spaces=False,
+        # Older transformers default to also returning token_type_ids, which causal LMs refuse.
+        model_input_names=["input_ids", "attention_mask"],
     )
 
 

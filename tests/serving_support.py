@@ -124,14 +124,16 @@ class EngineHarness:
         device: str = "cpu",
         dtype: str = "float32",
         observer: object = None,
+        loader: Any = None,
         **config_overrides: object,
     ) -> None:
+        """`loader` replaces the store read the engine uses (default: AdapterService.load)."""
         from loraserve.server.runtime import build_runtime
 
         self.config = ServerConfig(
             model_path=model_dir, data_dir=data_dir, device=device, dtype=dtype, **config_overrides
         ).validate()
-        parts = build_runtime(self.config, observer)  # type: ignore[arg-type]
+        parts = build_runtime(self.config, observer, loader)  # type: ignore[arg-type]
         self.loaded, self.service, self.engine = parts.loaded, parts.adapter_service, parts.engine
 
     def submit(self, prompt_ids: list[int], adapter: str | None, tenant: str = "t", **sampling):

@@ -4,6 +4,13 @@ An adapter of rank r takes ceil(r / page_rank) pages, so the budget buys many sm
 fewer large ones. An adapter in use by a running request is pinned and never evicted; unpinned
 adapters stay loaded (warm) until their pages are needed or the adapter is deleted, then the
 least recently used go first. Page 0 is reserved as the all-zero "no adapter" page.
+
+Cold adapters load off the engine thread (server.engine.cold_loader): the scheduler calls
+`request(key)` for a request whose adapter is not resident, keeps decoding the running rows, and
+admits the request once `ready(key)`; a failed load is reported by `take_error(key)`. Only
+committing a loaded adapter into its pages (a device-local copy) happens on the engine thread,
+between forwards. `acquire` of an adapter nobody requested still loads it in the calling
+thread, which an idle engine does (nothing else would run meanwhile).
 """
 
 from __future__ import annotations
@@ -15,8 +22,17 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
+import torch
+
 from loraserve.adapters.weights import AdapterWeights
 from loraserve.server.engine.accounting import EngineObserver
+from loraserve.server.engine.cold_loader import (
+    ColdLoader,
+    ColdLoadSettings,
+    PageLayout,
+    StagedAdapter,
+    stage,
+)
 from loraserve.server.engine.lora import MultiLoRALinear
 from loraserve.server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
 
@@ -52,7 +68,7 @@ class DevicePool:
 
     Called from the engine thread, except `forget`, `tick` and the read-only views, which may
     come from any thread (hence the lock). Page writes happen only on the engine thread, between
-    forward passes.
+    forward passes; cold loads run on the cold loader's threads until then.
     """
 
     def __init__(
@@ -63,13 +79,16 @@ class DevicePool:
         loader: AdapterLoader,
         page_rank: int = DEFAULT_PAGE_RANK,
         observer: EngineObserver | None = None,
+        cold: ColdLoadSettings | None = None,
     ) -> None:
         self._layers = layers
         self._loader = loader
         self._observer = observer or EngineObserver()
         self.page_rank = page_rank
         first = next(iter(layers.values()), None)
-        self._itemsize = first.base_layer.weight.element_size() if first is not None else 4
+        weight = first.base_layer.weight if first is not None else torch.empty(0)
+        self._itemsize = weight.element_size()
+        self._layout = PageLayout(page_rank=page_rank, dtype=weight.dtype, device=weight.device)
         self.page_bytes = sum(
             layer.page_bytes(page_rank, self._itemsize) for layer in layers.values()
         )
@@ -89,6 +108,7 @@ class DevicePool:
         """The adapter `acquire` is loading outside the lock (the engine thread loads one at a
         time), so a concurrent `forget` can doom it before it lands."""
         self._loading_doomed = False
+        self._cold = ColdLoader(loader, self._layout, cold)
 
     def pages_for(self, rank: int) -> int:
         return max(1, math.ceil(rank / self.page_rank))
@@ -129,8 +149,52 @@ class DevicePool:
             )
             return needed <= len(self._free) + evictable
 
+    # ---- cold loads off the engine thread ------------------------------------------------------
+
+    def request(self, key: AdapterKey) -> None:
+        """Starts loading `key` in the background unless it is resident or already on its way.
+
+        At capacity (see ColdLoadSettings.max_pending) nothing starts; the caller asks again.
+        """
+        with self._lock:
+            if key in self._entries:
+                return
+        self._cold.start(key)
+
+    def ready(self, key: AdapterKey) -> bool:
+        """Whether `acquire(key)` would not wait for a load: resident, or loaded and copied.
+
+        A resident unpinned key is also marked recently used, so the evictions of the requests
+        admitted in the same pass take other adapters first.
+        """
+        with self._lock:
+            if key in self._entries:
+                if key in self._lru:
+                    self._lru.move_to_end(key)
+                return True
+        staged = self._cold.staged(key)
+        return staged is not None and staged.copy_done()
+
+    def take_error(self, key: AdapterKey) -> EngineError | None:
+        """The error a background load of `key` failed with, once; None if none failed."""
+        return self._cold.take_error(key)
+
+    def cold_pending(self) -> int:
+        """Background loads in flight plus loaded adapters not yet committed to pages."""
+        return self._cold.pending()
+
+    def close(self) -> None:
+        """Stops the cold loader's threads (loads in flight are abandoned)."""
+        self._cold.close()
+
+    # ---- pins ---------------------------------------------------------------------------------
+
     def acquire(self, key: AdapterKey) -> Placement:
-        """Pins `key` on the device, loading it (and evicting LRU unpinned adapters) if needed."""
+        """Pins `key` on the device, loading it (and evicting LRU unpinned adapters) if needed.
+
+        Takes a background load's result when there is one (waiting for it if it is still in
+        flight); otherwise loads in the calling thread.
+        """
         with self._lock:
             entry = self._entries.get(key)
             if entry is not None:
@@ -138,44 +202,77 @@ class DevicePool:
                 self._lru.pop(key, None)
                 self._observer.on_adapter_cache("device", "hit")
                 return entry.placement
+        waited = self._cold.loading(key)
+        if waited:
+            self._cold.wait(key)
+        with self._lock:
+            # Taken and committed under the pool lock, so a concurrent forget() sees it either
+            # staged (and drops it) or resident (and dooms it), never in between.
+            staged = self._cold.take_staged(key)
+            if staged is not None:
+                try:
+                    return self._commit_locked(staged, pins=1)
+                except EngineError:
+                    self._cold.put_back(staged)  # loaded already: keep it for a later try
+                    raise
+        if waited:
+            error = self._cold.take_error(key)
+            if error is not None:
+                raise error
+        return self._load_now(key)
+
+    def _load_now(self, key: AdapterKey) -> Placement:
+        """Reads, validates and stages `key` in the calling thread, then commits it pinned."""
+        with self._lock:
             if key.rank:
                 self._check_room(key, self.pages_for(key.rank))  # before paying for a load
             self._loading, self._loading_doomed = key, False
         started = time.monotonic()
         try:
             weights = self._loader(key)  # outside the lock: may read and validate from disk
+            staged = stage(key, weights, self._layout, None, started)
         finally:
             with self._lock:
                 self._loading, doomed = None, self._loading_doomed
-        needed = self.pages_for(weights.config.rank)
         with self._lock:
-            self._tick_locked()  # residency so far is accounted before the set changes
-            self._check_room(key, needed)
-            while len(self._free) < needed:
-                victim, _ = self._lru.popitem(last=False)
-                self._evict(victim, pressure=True)
-            pages = tuple(self._free.pop() for _ in range(needed))
-            for name, (lora_a, lora_b) in weights.modules.items():
-                self._layers[name].write(
-                    list(pages),
-                    self.page_rank,
-                    self.num_pages,
-                    lora_a,
-                    lora_b,
-                    weights.config.scale,
-                )
-            placement = Placement(pages=pages, rank=weights.config.rank)
-            nbytes = weights.nbytes * self._itemsize // 4  # host weights are float32
-            self._entries[key] = _Entry(
-                key=key, placement=placement, nbytes=nbytes, pins=1, doomed=doomed
-            )
+            placement = self._commit_locked(staged, pins=1, doomed=doomed, report=False)
         self._observer.on_adapter_cache("device", "miss", time.monotonic() - started)
         return placement
 
+    def _commit_locked(
+        self, staged: StagedAdapter, *, pins: int, doomed: bool = False, report: bool = True
+    ) -> Placement:
+        """Writes a staged adapter into free pages (evicting LRU unpinned adapters for room);
+        raises RESOURCE_EXHAUSTED, changing nothing, when pinned adapters leave too few."""
+        key = staged.key
+        needed = self.pages_for(staged.rank)
+        self._tick_locked()  # residency so far is accounted before the set changes
+        self._check_room(key, needed)
+        while len(self._free) < needed:
+            victim, _ = self._lru.popitem(last=False)
+            self._evict(victim, pressure=True)
+        pages = tuple(self._free.pop() for _ in range(needed))
+        staged.order_after_copy()
+        for name, (a_pages, b_pages) in staged.modules.items():
+            self._layers[name].write_pages(list(pages), self.num_pages, a_pages, b_pages)
+        placement = Placement(pages=pages, rank=staged.rank)
+        nbytes = staged.host_nbytes * self._itemsize // 4  # host weights are float32
+        self._entries[key] = _Entry(
+            key=key, placement=placement, nbytes=nbytes, pins=pins, doomed=doomed
+        )
+        if pins == 0:
+            self._lru[key] = None
+        if report:
+            self._observer.on_adapter_cache("device", "miss", staged.seconds)
+        return placement
+
+    def _room(self, needed: int) -> bool:
+        evictable = sum(len(self._entries[k].placement.pages) for k in self._lru)
+        return len(self._free) + evictable >= needed
+
     def _check_room(self, key: AdapterKey, needed: int) -> None:
         """Raises (evicting nothing) unless free plus evictable pages can hold `needed`."""
-        evictable = sum(len(self._entries[k].placement.pages) for k in self._lru)
-        if len(self._free) + evictable < needed:
+        if not self._room(needed):
             raise EngineError(
                 ErrorKind.RESOURCE_EXHAUSTED,
                 f"adapter {key.name!r} needs {needed} device pages but running requests pin "
@@ -210,14 +307,26 @@ class DevicePool:
                     entry.doomed = True
             if self._loading is not None and matches(self._loading):
                 self._loading_doomed = True  # being loaded right now: doomed on arrival
+            self._cold.forget(matches)  # background loads of it: discarded, never resident
 
     def collect(self) -> None:
-        """Frees every doomed adapter no running request pins (engine thread, between steps)."""
+        """Engine thread, between steps: frees every doomed adapter no running request pins,
+        and commits finished background loads as warm adapters (evicting LRU ones for room),
+        so staging memory is returned even if the requests that wanted them went away."""
+        self._cold.tick()
         with self._lock:
             for key, entry in list(self._entries.items()):
                 if entry.doomed and entry.pins == 0:
                     self._lru.pop(key, None)
                     self._evict(key)
+            for key in self._cold.staged_keys():
+                staged = self._cold.take_staged(key)
+                if staged is None:
+                    continue
+                if staged.copy_done() and self._room(self.pages_for(staged.rank)):
+                    self._commit_locked(staged, pins=0)
+                else:
+                    self._cold.put_back(staged)
 
     def tick(self) -> None:
         """Reports each tenant's device byte-seconds since the last tick (for cost metrics)."""

@@ -112,6 +112,7 @@ class Engine:
         self.scheduler.stop()
         if self._thread is not None:
             self._thread.join(timeout)
+        self.device_pool.close()
         self.host_cache.close()
 
     def encode(self, prompt: str, messages: Seq[tuple[str, str]]) -> list[int]:

@@ -2,7 +2,8 @@
 
 Sits between the durable store on disk (slow: read, checksum, validate) and the device pages
 (fast to fill from here). Adapters that queued requests will need are prefetched into it on a
-background thread, so loading overlaps with the engine's compute.
+background thread, and the device pool's cold loads read through it on theirs, so loading
+overlaps with the engine's compute; each version is read from disk at most once at a time.
 """
 
 from __future__ import annotations
@@ -42,12 +43,16 @@ class HostCache:
         self._inflight: dict[AdapterKey, Future[AdapterWeights]] = {}
         self._dropped: set[AdapterKey] = set()
         """Forgotten while being loaded: the load must not land in memory."""
-        self._loading_now: AdapterKey | None = None
         self._lock = threading.Lock()
         self._pool = ThreadPoolExecutor(prefetch_workers, thread_name_prefix="adapter-prefetch")
 
     def get(self, key: AdapterKey) -> AdapterWeights:
-        """The adapter's weights: from memory, from a prefetch in flight, or from disk now."""
+        """The adapter's weights: from memory, from a load in flight, or from disk now.
+
+        A load from disk here is registered as in flight too, so a prefetch or another thread's
+        `get` of the same version (the device pool's cold loader and the scheduler's prefetch
+        can ask at once) waits for it instead of reading the files a second time.
+        """
         with self._lock:
             weights = self._entries.get(key)
             if weights is not None:
@@ -55,19 +60,25 @@ class HostCache:
                 self._observer.on_adapter_cache("host", "hit")
                 return weights
             future = self._inflight.get(key)
+            if future is None:
+                mine: Future[AdapterWeights] = Future()
+                self._inflight[key] = mine
+                self._dropped.discard(key)
         if future is not None:
             return future.result()
         started = time.monotonic()
-        with self._lock:
-            self._dropped.discard(key)
-            self._loading_now = key
         try:
             weights = self._load(key)
-        finally:
+        except BaseException as exc:
             with self._lock:
-                self._loading_now = None
+                self._inflight.pop(key, None)
+            mine.set_exception(exc)
+            raise
         self._observer.on_adapter_cache("host", "miss", time.monotonic() - started)
-        self._insert(key, weights)
+        self._insert(key, weights)  # before leaving _inflight: no gap for a second read
+        with self._lock:
+            self._inflight.pop(key, None)
+        mine.set_result(weights)
         return weights
 
     def prefetch(self, key: AdapterKey) -> None:
@@ -116,8 +127,7 @@ class HostCache:
             for key in list(self._entries):
                 if matches(key):
                     self._bytes -= self._entries.pop(key).nbytes
-            loading = [*self._inflight, *([self._loading_now] if self._loading_now else [])]
-            self._dropped.update(k for k in loading if matches(k))
+            self._dropped.update(k for k in self._inflight if matches(k))
 
     def resident(self) -> list[AdapterKey]:
         with self._lock:

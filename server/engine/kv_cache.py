@@ -10,6 +10,13 @@ Plugs into Hugging Face models as their `Cache`: the model calls `update(k, v, l
 attention layer; we return the rows this forward attends over, and the 4D masks built here say
 which positions each token may see (its own row's past, causal, and a sliding window where the
 model's layers have one).
+
+Only public, long-standing transformers API is used, so every transformers version pyproject admits
+works: `DynamicCache()` built without arguments (the Cache interface models call: `update` and
+`get_seq_length`, both overridden here), 4D masks passed as-is (the documented custom-mask path,
+one per layer type where a model mixes them), and the layer types and window read from the
+config's own public fields (`layer_types`, `sliding_window`) instead of transformers' private
+cache helpers, whose signatures change between releases.
 """
 
 from __future__ import annotations
@@ -18,7 +25,9 @@ from dataclasses import dataclass
 
 import torch
 from transformers import DynamicCache, PretrainedConfig
-from transformers.cache_utils import get_layer_types_and_kwargs
+
+FULL_ATTENTION = "full_attention"
+SLIDING_ATTENTION = "sliding_attention"
 
 
 @dataclass(frozen=True)
@@ -47,18 +56,15 @@ class SlotKVCache(DynamicCache):
         dtype: torch.dtype,
         device: torch.device,
     ) -> None:
-        super().__init__(config=config)
+        # No arguments: the signature with `config=` only exists in newer transformers, and the
+        # per-layer storage it would build is never used (update() below replaces it).
+        super().__init__()
         self.max_rows = max_rows
         self.max_len = max_len
         self.scratch = max_len
         self._dtype = dtype
         self._device = device
-        layer_types, layer_kwargs = get_layer_types_and_kwargs(config.get_text_config(decoder=True))
-        self.layer_types: list[str] = list(layer_types)
-        self.windows: dict[str, int | None] = {}
-        for kind, kwargs in zip(layer_types, layer_kwargs, strict=True):
-            sliding = kind == "sliding_attention"
-            self.windows[kind] = kwargs.get("sliding_window") if sliding else None
+        self.layer_types, self.windows = layer_windows(config)
         self._keys: list[torch.Tensor | None] = [None] * len(self.layer_types)
         self._values: list[torch.Tensor | None] = [None] * len(self.layer_types)
         self.plan: ForwardPlan | None = None
@@ -114,6 +120,38 @@ class SlotKVCache(DynamicCache):
         if len(masks) == 1:
             return next(iter(masks.values()))
         return masks
+
+
+def layer_windows(config: PretrainedConfig) -> tuple[list[str], dict[str, int | None]]:
+    """Each decoder layer's attention type, and the window of each type (None: full causal).
+
+    Reads the config's public fields only. A config that lists `layer_types` (Qwen2, and newer
+    releases of most models) is taken as written; otherwise a set `sliding_window` means every
+    layer slides (Mistral's config in older transformers), else every layer is full attention.
+    Layer types this cache cannot mask (chunked attention, shared KV, ...) are refused at
+    start rather than served wrongly.
+    """
+    text = config.get_text_config(decoder=True) if hasattr(config, "get_text_config") else config
+    num_layers = getattr(text, "num_hidden_layers", None) or getattr(text, "n_layer", None)
+    window = getattr(text, "sliding_window", None)
+    if getattr(text, "use_sliding_window", True) is False:
+        window = None  # Qwen2 keeps a sliding_window value around with the feature turned off
+    declared = getattr(text, "layer_types", None)
+    if declared:
+        kinds = [str(kind) for kind in declared]
+    elif isinstance(num_layers, int) and num_layers > 0:
+        kinds = [SLIDING_ATTENTION if window is not None else FULL_ATTENTION] * num_layers
+    else:
+        raise ValueError(
+            f"model config {type(text).__name__} names neither layer_types nor a layer count"
+        )
+    unsupported = sorted(set(kinds) - {FULL_ATTENTION, SLIDING_ATTENTION})
+    if unsupported:
+        raise ValueError(f"attention layer types {unsupported} are not supported by loraserve")
+    if SLIDING_ATTENTION in kinds and not (isinstance(window, int) and window > 0):
+        raise ValueError("sliding_attention layers need a positive sliding_window in the config")
+    windows = {kind: (window if kind == SLIDING_ATTENTION else None) for kind in kinds}
+    return kinds, windows
 
 
 def _mask(

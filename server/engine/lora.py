@@ -135,21 +135,24 @@ class MultiLoRALinear(nn.Module):
         scale: float,
     ) -> None:
         """Stores one adapter's A (r, d_in) and B (d_out, r) * scale in `pages` (in order)."""
+        weight = self.base_layer.weight
+        a_pages, b_pages = adapter_pages(lora_a, lora_b, scale, page_rank, len(pages), weight.dtype)
+        self.write_pages(pages, num_pages, a_pages.to(weight.device), b_pages.to(weight.device))
+
+    def write_pages(
+        self, pages: list[int], num_pages: int, a_pages: torch.Tensor, b_pages: torch.Tensor
+    ) -> None:
+        """Copies ready-made pages (see `adapter_pages`), already on this layer's device and in
+        its dtype, into `pages`: one index_copy per factor (the cold-load commit).
+
+        a_pages: (len(pages), page_rank, d_in); b_pages: (len(pages), d_out, page_rank).
+        """
+        page_rank = a_pages.shape[1]
         self._ensure_capacity(max(pages), page_rank, num_pages)
         assert self.lora_a is not None and self.lora_b is not None
-        rank, n = lora_a.shape[0], len(pages)
-        device, dtype = self.lora_a.device, self.lora_a.dtype
-        # Build the pages on the host, then one copy and one index_copy per factor: few kernel
-        # launches, which is what a cold adapter load costs on a GPU.
-        block_a = torch.zeros(n * page_rank, self.in_features, dtype=dtype)  # (n * page, d_in)
-        block_a[:rank] = lora_a.to(dtype)
-        block_b = torch.zeros(self.out_features, n * page_rank, dtype=dtype)  # (d_out, n * page)
-        block_b[:, :rank] = (lora_b.float() * scale).to(dtype)
-        index = torch.tensor(pages, dtype=torch.long).to(device)  # (n,)
-        a_pages = block_a.view(n, page_rank, self.in_features)  # (n, page, d_in)
-        b_pages = block_b.view(self.out_features, n, page_rank).permute(1, 0, 2)  # (n, d_out, page)
-        self.lora_a.index_copy_(0, index, a_pages.to(device))
-        self.lora_b.index_copy_(0, index, b_pages.contiguous().to(device))
+        index = torch.tensor(pages, dtype=torch.long).to(self.lora_a.device)  # (n,)
+        self.lora_a.index_copy_(0, index, a_pages)
+        self.lora_b.index_copy_(0, index, b_pages)
         self.occupied.update(pages)
         self.generation += 1
 
@@ -220,6 +223,30 @@ class MultiLoRALinear(nn.Module):
             # y += xa @ B^T in one kernel.
             return torch.baddbmm(y, xa, b_rows.transpose(1, 2))  # (batch, seq, d_out)
         return y + torch.bmm(xa, b_rows.transpose(1, 2)).to(y.dtype)
+
+
+def adapter_pages(
+    lora_a: torch.Tensor,
+    lora_b: torch.Tensor,
+    scale: float,
+    page_rank: int,
+    n: int,
+    dtype: torch.dtype,
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One adapter's factors laid out as `n` pages, on the factors' device (the host).
+
+    lora_a: (r, d_in); lora_b: (d_out, r). Returns A pages (n, page_rank, d_in) and B pages
+    (n, d_out, page_rank) in `dtype`, scale folded into B, rank rows past r zero.
+    """
+    rank, d_in = lora_a.shape
+    d_out = lora_b.shape[0]
+    block_a = torch.zeros(n * page_rank, d_in, dtype=dtype)  # (n * page, d_in)
+    block_a[:rank] = lora_a.to(dtype)
+    block_b = torch.zeros(d_out, n * page_rank, dtype=dtype)  # (d_out, n * page)
+    block_b[:, :rank] = (lora_b.float() * scale).to(dtype)
+    a_pages = block_a.view(n, page_rank, d_in)  # (n, page, d_in)
+    b_pages = block_b.view(d_out, n, page_rank).permute(1, 0, 2)  # (n, d_out, page)
+    return a_pages, b_pages.contiguous()
 
 
 def is_lora_target(module: nn.Module) -> bool:

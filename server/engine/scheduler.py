@@ -297,6 +297,7 @@ class Scheduler:
         with self._cond:
             # Fairness: each pick comes from the tenant with the fewest requests running.
             load = collections.Counter(s.tenant for s in self.running)
+            busy = len(free_rows) < len(self._rows)  # rows are decoding
             while self._waiting and len(chosen) < len(free_rows):
                 seq = self._waiting.pop_fair(load)
                 if seq is None:
@@ -312,13 +313,24 @@ class Scheduler:
                     except EngineError as exc:
                         failed.append((seq, exc))
                         continue
+                    # while rows decode, a cold adapter loads in the background
+                    # and its request keeps its place until the adapter is ready (an idle
+                    # engine loads it in acquire(): nobody would be stalled).
+                    load_error = self._pool.take_error(key)
+                    if load_error is not None:
+                        failed.append((seq, load_error))
+                        continue
+                    if not self._pool.ready(key) and busy:
+                        self._pool.request(key)
+                        skipped.append(seq)
+                        continue
                     if key not in new_keys and not self._pool.fits(new_keys | {key}):
                         skipped.append(seq)
                         continue
                     new_keys.add(key)
                 chosen.append(seq)
                 load[seq.tenant] += 1
-            # Requests whose adapter did not fit keep their place at the head of the queue.
+            # Requests whose adapter did not fit (or is loading) keep their place at the head.
             self._waiting.push_front(skipped)
         for seq, exc in failed:
             self._retire(seq, ErrorEvent(exc))

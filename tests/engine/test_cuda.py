@@ -5,6 +5,7 @@ CI has no GPU; these run on a lent GPU machine (see README, "GPU checks").
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 
 import pytest
@@ -107,3 +108,58 @@ def test_cuda_mixed_batch_matches_peft(
                 )
             assert list(job[-1].token_ids) == out[0, len(ids) :].tolist(), adapter
     harness.close()
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_cold_load_on_the_loader_stream(dtype: str, model_cache: Path, tmp_path: Path) -> None:
+    """A background load (pinned memory, the loader's own stream, an event) lands exactly the
+    pages a direct load writes, and a request admitted mid-decode that way generates what it
+    generates alone."""
+    from loraserve.server.engine.lora import adapter_pages
+    from loraserve.server.engine.types import TokenEvent
+
+    model_dir = build_test_model("llama", model_cache)
+    shape = AdapterShape(rank=12, alpha=16, targets="all-linear", seed=9)
+    adapter_dir = make_peft_adapter(model_dir, tmp_path / "cold", shape)
+    harness = EngineHarness(model_dir, tmp_path / "data", device="cuda", dtype=dtype)
+    try:
+        store_adapter(harness.service, "t", "cold", adapter_dir)
+        key = harness.service.resolve(AdapterRef("t", "cold"))
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        ids = tokenizer("The quick brown fox")["input_ids"]
+
+        base = harness.submit(ids, None, max_new_tokens=200, ignore_eos=True)
+        harness.engine.start()
+        deadline = time.monotonic() + 60
+        while not any(isinstance(e, TokenEvent) for e in base):
+            assert time.monotonic() < deadline, "the base request never started decoding"
+            time.sleep(0.001)
+        cold = harness.submit(ids, "cold", max_new_tokens=10, ignore_eos=True)
+        harness.run([cold, base])
+        pool = harness.engine.device_pool
+        placement = pool.placement(key)
+        assert placement is not None and pool.cold_pending() == 0
+
+        weights = harness.service.load(key)
+        for name, (lora_a, lora_b) in weights.modules.items():
+            layer = harness.loaded.lora_layers[name]
+            assert layer.lora_a is not None and layer.lora_b is not None
+            want_a, want_b = adapter_pages(
+                lora_a,
+                lora_b,
+                weights.config.scale,
+                pool.page_rank,
+                len(placement.pages),
+                layer.lora_a.dtype,
+            )
+            index = torch.tensor(placement.pages, device="cuda")
+            assert torch.equal(layer.lora_a[index].cpu(), want_a), name
+            assert torch.equal(layer.lora_b[index].cpu(), want_b), name
+
+        if dtype == "float32":
+            alone = harness.submit(ids, "cold", max_new_tokens=10, ignore_eos=True)
+            harness.run([alone])
+            assert isinstance(cold[-1], FinishEvent) and isinstance(alone[-1], FinishEvent)
+            assert cold[-1].token_ids == alone[-1].token_ids
+    finally:
+        harness.close()

@@ -9,8 +9,10 @@ layer's pages actually hold (each adapter's A and scale * B, all other pages zer
 
 from __future__ import annotations
 
+import threading
+import time
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 import pytest
@@ -19,8 +21,10 @@ from torch import nn
 
 from loraserve.adapters.config import LoraAdapterConfig
 from loraserve.adapters.weights import AdapterWeights
+from loraserve.server.engine import cold_loader as cold_loader_module
 from loraserve.server.engine import device_pool as device_pool_module
 from loraserve.server.engine.accounting import EngineObserver
+from loraserve.server.engine.cold_loader import ColdLoadSettings
 from loraserve.server.engine.device_pool import DevicePool
 from loraserve.server.engine.lora import LoRAContext, MultiLoRALinear
 from loraserve.server.engine.types import AdapterKey, EngineError, ErrorKind
@@ -573,3 +577,227 @@ def test_observer_gets_cache_events_and_residency(
     assert _totals(observer.residency) == pytest.approx(
         {"t": nbytes[B] * 7.5 + nbytes[D] * 3.5 + nbytes[H] * 2.0, "u": nbytes[other] * 5.0}
     )
+
+
+# ---- cold loads in the background -----------------------------------------------------------
+
+WAIT = 60.0
+"""Upper bound on any wait for a background load (a hang guard, never a timing assertion)."""
+
+
+def wait_for(predicate: Callable[[], bool], what: str) -> None:
+    deadline = time.monotonic() + WAIT
+    while not predicate():
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"gave up waiting for {what}")
+        time.sleep(0.001)
+
+
+@dataclass
+class Gate:
+    """Holds the fake loader's reads until opened; `entered` is set once one is waiting."""
+
+    opened: threading.Event = field(default_factory=threading.Event)
+    entered: threading.Event = field(default_factory=threading.Event)
+
+    def __call__(self) -> None:
+        self.entered.set()
+        if not self.opened.wait(WAIT):
+            raise TimeoutError("the test never opened the gate")
+
+
+@pytest.fixture
+def cold_pools() -> Iterator[list[DevicePool]]:
+    """Pools whose loader threads are closed after the test."""
+    pools: list[DevicePool] = []
+    yield pools
+    for pool in pools:
+        pool.close()
+
+
+def make_cold_pool(
+    loader: FakeLoader, pools: list[DevicePool], settings: ColdLoadSettings | None = None
+) -> tuple[DevicePool, dict[str, MultiLoRALinear]]:
+    layers = make_layers()
+    pool = DevicePool(
+        layers, budget_bytes=BUDGET, loader=loader, page_rank=PAGE_RANK, cold=settings
+    )
+    pools.append(pool)
+    return pool, layers
+
+
+def test_background_load_stages_then_acquire_commits_the_same_pages(
+    loader: FakeLoader, cold_pools: list[DevicePool]
+) -> None:
+    pool, layers = make_cold_pool(loader, cold_pools)
+    pool.request(C)
+    wait_for(lambda: pool.ready(C), "C to load")
+    check_state(pool, layers, loader, {})  # loaded, but no page is written before acquire
+    assert pool.cold_pending() == 1
+    pool.request(C)  # already staged: nothing starts
+    pool.acquire(C)
+    check_state(pool, layers, loader, {C: 1})
+    assert loader.loads[C] == 1
+    assert pool.cold_pending() == 0
+    pool.request(C)  # resident: nothing starts
+    assert pool.cold_pending() == 0 and pool.ready(C)
+
+
+def test_acquire_waits_for_the_load_in_flight_instead_of_reading_again(
+    loader: FakeLoader, cold_pools: list[DevicePool]
+) -> None:
+    pool, layers = make_cold_pool(loader, cold_pools)
+    gate = Gate()
+    loader.on_load = gate
+    pool.request(B)
+    assert gate.entered.wait(WAIT)
+    assert not pool.ready(B)
+    opener = threading.Thread(target=lambda: (time.sleep(0.05), gate.opened.set()))
+    opener.start()
+    pool.acquire(B)  # blocks until the background read ends, then commits it
+    opener.join()
+    check_state(pool, layers, loader, {B: 1})
+    assert loader.loads[B] == 1
+
+
+def test_collect_commits_finished_loads_as_warm_evicting_lru(
+    loader: FakeLoader, cold_pools: list[DevicePool]
+) -> None:
+    """A load whose request went away does not hold staging memory: it becomes warm."""
+    pool, layers = make_cold_pool(loader, cold_pools)
+    pool.acquire(A)
+    pool.acquire(B)
+    pool.acquire(D)
+    pool.release(A)
+    pool.release(B)  # four pages used: A, B warm (LRU in that order), D pinned
+    pool.request(H)  # three pages
+    wait_for(lambda: pool.ready(H), "H to load")
+    check_state(pool, layers, loader, {A: 0, B: 0, D: 1})
+    pool.collect()
+    check_state(pool, layers, loader, {D: 1, H: 0})  # A and B were evicted for it, D was not
+    assert pool.cold_pending() == 0
+
+
+def test_a_finished_load_stays_staged_while_every_page_is_pinned(
+    loader: FakeLoader, cold_pools: list[DevicePool]
+) -> None:
+    pool, layers = make_cold_pool(loader, cold_pools)
+    for k in (A, B, D):
+        pool.acquire(k)
+    pool.request(C)
+    wait_for(lambda: pool.ready(C), "C to load")
+    pool.collect()
+    check_state(pool, layers, loader, {A: 1, B: 1, D: 1})
+    assert pool.cold_pending() == 1
+    assert not pool.fits([C])
+    with pytest.raises(EngineError) as caught:
+        pool.acquire(C)
+    assert caught.value.kind is ErrorKind.RESOURCE_EXHAUSTED
+    assert pool.cold_pending() == 1, "a refused commit keeps the loaded adapter"
+    pool.release(B)
+    pool.collect()
+    check_state(pool, layers, loader, {A: 1, C: 0, D: 1})
+    assert pool.cold_pending() == 0
+    assert loader.loads[C] == 1
+
+
+def test_ready_marks_a_warm_adapter_recently_used(
+    loader: FakeLoader, cold_pools: list[DevicePool]
+) -> None:
+    """A request about to be admitted touches its warm adapter, so others are evicted first."""
+    pool, layers = make_cold_pool(loader, cold_pools)
+    for k in (A, B, D):
+        pool.acquire(k)
+    for k in (A, B, D):
+        pool.release(k)  # LRU order: A, B, D
+    assert pool.ready(A)  # now B, D, A
+    pool.acquire(H)  # three pages: B (two) and D (one) go, A stays
+    check_state(pool, layers, loader, {A: 0, H: 1})
+
+
+def test_a_delete_during_a_background_load_leaves_nothing(
+    loader: FakeLoader, cold_pools: list[DevicePool]
+) -> None:
+    pool, layers = make_cold_pool(loader, cold_pools)
+    gate = Gate()
+    loader.on_load = gate
+    pool.request(B)
+    assert gate.entered.wait(WAIT)
+    pool.forget("t", "b")  # deleted while its bytes are being read
+    gate.opened.set()
+    wait_for(lambda: pool.cold_pending() == 0, "the load to end")
+    error = pool.take_error(B)
+    assert error is not None and error.kind is ErrorKind.NOT_FOUND
+    assert "'b'" in error.message
+    pool.collect()
+    check_state(pool, layers, loader, {})
+    assert not pool.ready(B)
+
+
+def test_a_delete_drops_a_staged_load(loader: FakeLoader, cold_pools: list[DevicePool]) -> None:
+    pool, layers = make_cold_pool(loader, cold_pools)
+    pool.request(B)
+    pool.request(D)
+    wait_for(lambda: pool.ready(B) and pool.ready(D), "B and D to load")
+    pool.forget("t", "b")
+    assert not pool.ready(B)
+    assert pool.cold_pending() == 1
+    pool.collect()
+    check_state(pool, layers, loader, {D: 0})
+
+
+def test_a_failed_background_load_is_reported_once_then_forgotten(
+    loader: FakeLoader, cold_pools: list[DevicePool]
+) -> None:
+    pool, layers = make_cold_pool(loader, cold_pools)
+    pool.acquire(A)
+    loader.fail_with = EngineError(ErrorKind.NOT_FOUND, "gone")
+    pool.request(C)
+    wait_for(lambda: pool.cold_pending() == 0, "the load to fail")
+    pool.request(C)  # a failure waiting to be taken is not retried behind the caller's back
+    assert pool.cold_pending() == 0
+    error = pool.take_error(C)
+    assert error is not None and error.kind is ErrorKind.NOT_FOUND
+    assert pool.take_error(C) is None, "reported once"
+
+    loader.fail_with = ValueError("corrupt file")
+    pool.request(C)
+    wait_for(lambda: pool.cold_pending() == 0, "the load to fail")
+    for _ in range(cold_loader_module.FAILURE_TTL):
+        pool.collect()  # nobody took it for as many engine iterations
+    assert pool.take_error(C) is None, "an untaken failure must not fail a later request"
+
+    pool.request(C)
+    wait_for(lambda: pool.cold_pending() == 0, "the load to fail")
+    error = pool.take_error(C)
+    assert error is not None and error.kind is ErrorKind.INTERNAL
+    assert "adapter load failed: corrupt file" in error.message
+    check_state(pool, layers, loader, {A: 1})
+
+    loader.fail_with = None
+    pool.request(C)
+    wait_for(lambda: pool.ready(C), "C to load")
+    pool.acquire(C)
+    check_state(pool, layers, loader, {A: 1, C: 1})
+
+
+def test_at_most_max_pending_loads_are_in_flight_or_staged(
+    loader: FakeLoader, cold_pools: list[DevicePool]
+) -> None:
+    pool, layers = make_cold_pool(loader, cold_pools, ColdLoadSettings(workers=1, max_pending=2))
+    gate = Gate()
+    loader.on_load = gate
+    for k in (A, B, D):
+        pool.request(k)
+    assert pool.cold_pending() == 2, "D must wait for room"
+    gate.opened.set()
+    wait_for(lambda: pool.ready(A) and pool.ready(B), "A and B to load")
+    pool.request(D)
+    assert not pool.ready(D) and pool.cold_pending() == 2, "staged loads count too"
+    pool.acquire(A)  # committing one makes room
+    pool.request(D)
+    wait_for(lambda: pool.ready(D), "D to load")
+    pool.acquire(B)
+    pool.acquire(D)
+    check_state(pool, layers, loader, {A: 1, B: 1, D: 1})
+    assert sum(loader.loads.values()) == 3

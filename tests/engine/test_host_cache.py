@@ -309,3 +309,38 @@ def test_forget_during_an_inflight_prefetch_leaves_nothing_behind(
     cache.prefetch(b)  # the single worker starts b once a's prefetch has finished
     assert loader.began(b).wait(WAIT)
     assert a not in cache.resident(), "a deleted adapter's weights stayed in host memory"
+
+
+def test_a_get_in_flight_is_shared_by_prefetch_and_other_gets(
+    make_cache: MakeCache, loader: FakeLoader, observer: RecordingObserver
+) -> None:
+    """The device pool's cold loader and the scheduler's prefetch may ask for the same adapter
+    at once: it is read from disk once; a failed read is not remembered."""
+    cache = make_cache()
+    a = key("a")
+    gate = loader.gates[a] = threading.Event()
+    results: list[AdapterWeights] = []
+    first = threading.Thread(target=lambda: results.append(cache.get(a)))
+    first.start()
+    assert loader.began(a).wait(WAIT)
+    cache.prefetch(a)  # the read in flight covers it
+    second = threading.Thread(target=lambda: results.append(cache.get(a)))
+    second.start()
+    second.join(0.2)
+    assert second.is_alive(), "a second get() must wait for the read in flight"
+    gate.set()
+    first.join(WAIT)
+    second.join(WAIT)
+    assert loader.calls == {a: 1}
+    assert len(results) == 2 and results[0] is results[1]
+    check(cache, loader, [a])
+    assert observer.count("miss") == 1 and observer.count("prefetch") == 0
+
+    b = key("b")
+    loader.failing.add(b)
+    with pytest.raises(EngineError):
+        cache.get(b)
+    loader.failing.discard(b)
+    cache.get(b)  # a failed read is not remembered: the next get reads again
+    assert loader.calls[b] == 2
+    check(cache, loader, [a, b])

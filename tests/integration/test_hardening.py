@@ -1,4 +1,4 @@
-"""One tenant must never be able to hurt another (issue 13): each class of fault the adversarial
+"""One tenant must never be able to hurt another: each class of fault the adversarial
 test found, through the real gRPC server on a loopback port with the real client.
 
 Each test here failed before its fix; SECURITY.md lists which test covers which class.
