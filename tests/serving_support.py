@@ -124,7 +124,7 @@ class EngineHarness:
         device: str = "cpu",
         dtype: str = "float32",
         observer: object = None,
-        loader: Any = None,
+        loader: object = None,
         **config_overrides: object,
     ) -> None:
         """`loader` replaces the store read the engine uses (default: AdapterService.load)."""
