@@ -121,20 +121,22 @@ def test_long_prompt_is_read_in_chunks_without_stalling_decoding(
     assert scheduler.steps > steps_before
 
 
-def test_kv_rows_are_never_recopied(model_and_adapter, tmp_path: Path) -> None:
+def test_kv_blocks_are_never_recopied(model_and_adapter, tmp_path: Path) -> None:
+    """Paged KV: a running request keeps its blocks, and their contents, while others come
+    and go; the pool itself is never reallocated."""
     harness = _harness(model_and_adapter, tmp_path / "data", max_batch_size=4)
     scheduler = harness.engine.scheduler
-    cache = scheduler._cache
-    snapshots: list[tuple[int, torch.Tensor]] = []
+    kv = scheduler.executor.kv
+    snapshots: list[tuple[tuple[int, ...], torch.Tensor]] = []
     pointers: set[int] = set()
 
     def watch(event: object) -> None:
-        keys = cache._keys[0]
-        if keys is not None:
-            pointers.add(keys.data_ptr())
-            row = next((s.row for s in scheduler.running if s.request.prompt_ids == PROMPT), None)
-            if row is not None:
-                snapshots.append((row, keys[row, :, : len(PROMPT)].clone()))
+        pointers.add(kv.data.data_ptr())
+        seq = next((s for s in scheduler.running if s.request.prompt_ids == PROMPT), None)
+        if seq is not None:
+            first = seq.blocks[0]
+            block = kv.data[:, :, first * kv.block_size : first * kv.block_size + len(PROMPT)]
+            snapshots.append((tuple(seq.blocks[:1]), block.clone()))
         events.append(event)
 
     from loraserve.server.engine.engine import SamplingOverrides
@@ -152,11 +154,11 @@ def test_kv_rows_are_never_recopied(model_and_adapter, tmp_path: Path) -> None:
         harness.run([events, *others])
     finally:
         harness.close()
-    assert len(pointers) == 1, "the KV buffer was reallocated"
-    rows = {row for row, _ in snapshots}
-    assert len(rows) == 1, "a running request moved to another row"
+    assert len(pointers) == 1, "the KV pool was reallocated"
+    assert len({blocks for blocks, _ in snapshots}) == 1, "a running request's block moved"
     first = snapshots[0][1]
     assert all(torch.equal(first, snap) for _, snap in snapshots), "its prompt KV changed"
+    assert scheduler.executor.allocator.free_count == scheduler.executor.allocator.capacity
 
 
 def test_prompt_longer_than_context_is_refused(model_and_adapter, tmp_path: Path) -> None:
