@@ -251,7 +251,7 @@ class PagedExecutor:
         return self._prefill(plan)
 
     def _decode(self, plan: StepPlan) -> torch.Tensor:
-        m, nb, np_ = self._layout
+        _m, _nb, np_ = self._layout
         rows = plan.rows
         batch = len(rows)
         need_span = max(blocks_for(r.start + 1) for r in rows)

@@ -149,9 +149,7 @@ class StepInputs:
 class PagedKV:
     """K and V of every layer in blocks of `block_size` tokens; block 0 is scratch."""
 
-    def __init__(
-        self, shape: LlamaShape, num_blocks: int, block_size: int, dtype, device
-    ) -> None:
+    def __init__(self, shape: LlamaShape, num_blocks: int, block_size: int, dtype, device) -> None:
         self.block_size = block_size
         self.num_blocks = num_blocks
         # (layers, 2, blocks * block_size, kv_heads, head_dim): flat slots, one write per layer.
@@ -294,8 +292,9 @@ class LlamaForCausalLM(nn.Module):
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
             o = o.view(batch, s.kv_heads, group, seq, s.head_dim).permute(0, 3, 1, 2, 4)
             o = o.reshape(batch, seq, q_out)  # (batch, seq, heads * head_dim)
-            x = x + _project(o, attn.o_proj.base_layer.weight, attn.o_proj.base_layer.bias,
-                             attn.o, table)
+            x = x + _project(
+                o, attn.o_proj.base_layer.weight, attn.o_proj.base_layer.bias, attn.o, table
+            )
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp
             gu = _project(h, mlp.gate_up_weight, mlp.gate_up_bias, mlp.gate_up, table)
@@ -375,7 +374,9 @@ def load_llama(
         p = f"{prefix}.layers.{i}"
         attn, mlp = layer.self_attn, layer.mlp
         attn.qkv_weight, attn.qkv_bias = fuse(
-            f"{p}.self_attn", ["q_proj", "k_proj", "v_proj"], [attn.q_proj, attn.k_proj, attn.v_proj]
+            f"{p}.self_attn",
+            ["q_proj", "k_proj", "v_proj"],
+            [attn.q_proj, attn.k_proj, attn.v_proj],
         )
         fuse(f"{p}.self_attn", ["o_proj"], [attn.o_proj])
         mlp.gate_up_weight, mlp.gate_up_bias = fuse(
@@ -385,11 +386,15 @@ def load_llama(
         layer.input_layernorm.weight = _param(need(f"{p}.input_layernorm.weight"))
         layer.post_attention_layernorm.weight = _param(need(f"{p}.post_attention_layernorm.weight"))
         for group in (attn.qkv, attn.o, mlp.gate_up, mlp.down):
-            group.segment = group.segment.to(device) if group.segment.device.type != "meta" else (
-                torch.tensor(
-                    [j for j, out in enumerate(group.outs) for _ in range(out)],
-                    dtype=torch.long,
-                    device=device,
+            group.segment = (
+                group.segment.to(device)
+                if group.segment.device.type != "meta"
+                else (
+                    torch.tensor(
+                        [j for j, out in enumerate(group.outs) for _ in range(out)],
+                        dtype=torch.long,
+                        device=device,
+                    )
                 )
             )
     model.inv_freq = rope_inv_freq(config, model.shape.head_dim).to(device)

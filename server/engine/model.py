@@ -11,6 +11,7 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,9 +20,9 @@ from torch import nn
 from transformers import (
     AutoConfig,
     AutoModelForCausalLM,
+    AutoTokenizer,
     GenerationConfig,
     PretrainedConfig,
-    AutoTokenizer,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
@@ -250,10 +251,8 @@ def _load_own(
         untargetable=untargetable,
     )
     generation = None
-    try:
+    with contextlib.suppress(OSError, ValueError):
         generation = GenerationConfig.from_pretrained(model_path, local_files_only=True)
-    except (OSError, ValueError):
-        pass
     eos = _eos_ids_from((generation, config), tokenizer)
     pad = tokenizer.pad_token_id
     if pad is None:

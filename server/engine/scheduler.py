@@ -34,8 +34,8 @@ import torch
 from loraserve.server.engine.accounting import EngineObserver, step_stats
 from loraserve.server.engine.detokenize import TextState
 from loraserve.server.engine.device_pool import AdapterResolver, DevicePool
-from loraserve.server.engine.fair_queue import FairQueue
 from loraserve.server.engine.executor import ExecutorSettings, make_executor
+from loraserve.server.engine.fair_queue import FairQueue
 from loraserve.server.engine.model import LoadedModel
 from loraserve.server.engine.planner import RowPlan, StepPlan, blocks_for, plan_growth
 from loraserve.server.engine.sampling import make_generator, select_next_tokens
@@ -423,9 +423,7 @@ class Scheduler:
             for seq, row_input in zip(batch, inputs, strict=True):
                 seq.prefilled += len(row_input.tokens)
             # A resumed (preempted) request already has its next token: it only re-reads.
-            complete = [
-                i for i, s in enumerate(batch) if not s.reading and not s.generated
-            ]
+            complete = [i for i, s in enumerate(batch) if not s.reading and not s.generated]
             tokens = self._sample(logits, [batch[i] for i in complete], complete)
         except Exception as exc:
             self._fail_step(batch, exc)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import gc
 import json
@@ -47,10 +48,8 @@ def _write_adapter(service, tenant: str, name: str, spec, seed: int) -> None:
 
 def _trim_heap() -> None:
     """Returns freed heap pages to the OS (glibc keeps them otherwise), so RSS shows frees."""
-    try:
+    with contextlib.suppress(OSError):
         ctypes.CDLL("libc.so.6").malloc_trim(0)
-    except OSError:
-        pass
 
 
 def test_loading_and_deleting_200_adapters_frees_device_and_host_memory(
