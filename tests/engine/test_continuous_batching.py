@@ -173,3 +173,41 @@ def test_prompt_longer_than_context_is_refused(model_and_adapter, tmp_path: Path
         assert len(job[-1].token_ids) == 32 - len(PROMPT), "completion capped by the context"
     finally:
         harness.close()
+
+
+def test_requests_that_cannot_grow_are_preempted_and_finish_as_if_alone(
+    model_and_adapter, tmp_path: Path
+) -> None:
+    """A KV pool of 20 blocks (16 tokens each) for four 80-token requests: the pool runs out
+    mid-generation, the latest admitted requests are preempted and requeued, and every request
+    still produces exactly the tokens it produces alone."""
+    prompts = [[40 + 3 * i + j for j in range(20)] for i in range(4)]
+    adapters = ["a", None, "a", None]
+    alone = [
+        _alone(model_and_adapter, tmp_path / f"alone{i}", p, adapters[i], 60)
+        for i, p in enumerate(prompts)
+    ]
+    probe = _harness(model_and_adapter, tmp_path / "probe")
+    per_block = probe.engine.scheduler.executor.kv.data[:, :, :16].nbytes
+    probe.close()
+    harness = _harness(model_and_adapter, tmp_path / "data", kv_cache_bytes=20 * per_block)
+    scheduler = harness.engine.scheduler
+    try:
+        jobs = [
+            harness.submit(p, adapters[i], max_new_tokens=60, ignore_eos=True)
+            for i, p in enumerate(prompts)
+        ]
+        harness.run(jobs)
+    finally:
+        harness.close()
+    assert scheduler.preemptions > 0, "the pool was meant to run out"
+    for i, job in enumerate(jobs):
+        assert isinstance(job[-1], FinishEvent), job[-1]
+        assert list(job[-1].token_ids) == alone[i], i
+        streamed = [t for e in job[:-1] if isinstance(e, TokenEvent) for t in e.token_ids]
+        assert streamed + list(job[-1].new_token_ids) == alone[i], "each token sent once"
+    allocator = scheduler.executor.allocator
+    assert allocator.free_count == allocator.capacity
+    assert harness.engine.device_pool.resident() and all(
+        pins == 0 for pins in harness.engine.device_pool.resident().values()
+    )
