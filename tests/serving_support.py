@@ -215,9 +215,7 @@ class EngineHarness:
         self.engine.stop(10)
 
 
-def prefill_then_decode(
-    loaded, prompts: list[list[int]], pages: list[tuple[int, ...]], *, num_pages: int = 64
-):
+def prefill_then_decode(loaded, prompts: list[list[int]], pages: list[tuple[int, ...]]):
     """Logits after each prompt (batch, vocab), then after one greedy decode step (batch, vocab).
 
     Runs the engine's own executor for `loaded` (paged KV for the Llama family, KV rows for
@@ -235,7 +233,6 @@ def prefill_then_decode(
             max_batch_size=batch,
             max_seq_len=longest,
             max_batch_tokens=2048,
-            adapter_pages=num_pages,
         ),
     )
     slots = list(range(batch))[::-1]

@@ -224,7 +224,9 @@ class PagedExecutor:
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        widths = [0, *self.page_buckets] if self._has_stacks() else [0]
+        # Adapter graphs only over stacks that can never move (reserved at start).
+        reserved = all(g.reserved for g in self._model.groups())
+        widths = [0, *self.page_buckets] if reserved else [0]
         self._dev.zero_()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())

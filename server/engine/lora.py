@@ -271,6 +271,8 @@ class LoRAGroup:
 
     def reserve(self, num_pages: int, page_rank: int) -> None:
         """Allocates all `num_pages` (+ the zero page) now and never moves or frees them."""
+        if self.reserved:
+            return
         self.ensure_capacity(num_pages, page_rank, num_pages)
         self.reserved = True
 

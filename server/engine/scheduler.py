@@ -206,6 +206,10 @@ class Scheduler:
         self._blocks = self.executor.allocator
         """The paged KV block pool (None on the generic path: one KV row per slot)."""
         self._admissions = 0
+        self.decode_seconds = 0.0
+        """Wall seconds spent in decode steps (forward and sampling), for throughput figures."""
+        self.decode_tokens = 0
+        """Tokens those decode steps generated."""
         self.preemptions = 0
         """Requests preempted so far (their KV could not grow)."""
         self._rows: list[Sequence | None] = [None] * settings.max_batch_size
@@ -450,7 +454,10 @@ class Scheduler:
         except Exception as exc:
             self._fail_step(decoding, exc)
             return
-        self._account("decode", time.monotonic() - started, decoding, [1] * len(decoding))
+        elapsed = time.monotonic() - started
+        self.decode_seconds += elapsed
+        self.decode_tokens += len(decoding)
+        self._account("decode", elapsed, decoding, [1] * len(decoding))
         self._advance(decoding, tokens)
 
     def _row_plan(self, seq: Sequence, tokens: list[int], start: int) -> RowPlan:
