@@ -6,7 +6,8 @@
 # and decode-only tokens/s, cold and warm time to first token). Logs go to $OUT (default
 # /tmp/gpu_check); the last thing printed is the issue's table.
 #   GPU_CHECK_REPEATS (default 2) timed runs per bench mode; GPU_CHECK_SKIP=anchor,parity,bench
-#   skips parts; LORASERVE_ENGINE_OPTS adds --engine-opt FIELD=VALUE (e.g. enforce_eager=true).
+#   skips parts; ANCHOR_TIMEOUT / PARITY_TIMEOUT / BENCH_TIMEOUT cap each part (s);
+#   LORASERVE_ENGINE_OPTS adds --engine-opt FIELD=VALUE (e.g. enforce_eager=true).
 set -uo pipefail
 out="${OUT:-/tmp/gpu_check}"
 mkdir -p "$out"
@@ -25,14 +26,14 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 if [[ ",$skip," != *",anchor,"* && -n "$anchor" ]]; then
   echo "== anchor ($anchor)"
   start=$SECONDS
-  timeout 150 "$py" "$anchor" > "$out/anchor.jsonl" 2> "$out/anchor.err"
+  timeout "${ANCHOR_TIMEOUT:-150}" "$py" "$anchor" > "$out/anchor.jsonl" 2> "$out/anchor.err"
   echo "anchor exit $? in $((SECONDS - start)) s"
 fi
 
 if [[ ",$skip," != *",parity,"* ]]; then
   echo "== CUDA parity tests"
   start=$SECONDS
-  timeout 150 "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py \
+  timeout "${PARITY_TIMEOUT:-150}" "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py \
     > "$out/parity.log" 2>&1
   echo "parity exit $? in $((SECONDS - start)) s: $(tail -1 "$out/parity.log")"
 fi
@@ -42,7 +43,7 @@ if [[ ",$skip," != *",bench,"* ]]; then
   start=$SECONDS
   opts=()
   for o in ${LORASERVE_ENGINE_OPTS:-}; do opts+=(--engine-opt "$o"); done
-  timeout 330 "$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 \
+  timeout "${BENCH_TIMEOUT:-330}" "$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 \
     --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
     --repeats "$repeats" --distinct-sweep 32 --cold-samples 4 --only distinct,cold \
     --out "$out/bench" --no-plot "${opts[@]}" > "$out/bench.log" 2>&1

@@ -15,6 +15,7 @@ Two executors, one interface (`execute(plan) -> logits (rows, vocab)`):
 from __future__ import annotations
 
 import logging
+import time
 from dataclasses import dataclass
 
 import torch
@@ -153,7 +154,16 @@ class PagedExecutor:
         self.page_buckets = sorted({w for w in (2, np_) if w <= np_}) if np_ else []
         self._warm_up()
         if self._graphs_on:
-            self._capture()
+            started = time.monotonic()
+            try:
+                self._capture()
+            except RuntimeError:
+                # A capture failure must not take the server down: decode runs eagerly.
+                log.exception("CUDA graph capture failed; decoding eagerly")
+                self._graphs.clear()
+            log.info(
+                "captured %d decode graphs in %.1f s", len(self._graphs), time.monotonic() - started
+            )
 
     def kv_bytes(self) -> int:
         return self.kv.data.nbytes
@@ -241,7 +251,6 @@ class PagedExecutor:
                         self._graphs[(batch, span, width)] = (graph, out)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        log.info("captured %d decode graphs", len(self._graphs))
 
     # ---- steps -------------------------------------------------------------------------------
 
