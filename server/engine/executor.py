@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.server.engine import runner
+from loraserve.server.engine import lora_kernels, runner
 from loraserve.server.engine.kv_cache import SlotKVCache
 from loraserve.server.engine.llama import LlamaForCausalLM, PagedKV, StepInputs
 from loraserve.server.engine.model import LoadedModel
@@ -52,6 +52,9 @@ class ExecutorSettings:
     """Adapter pages of the largest admitted rank (the widest page table a graph holds)."""
     adapter_pages: int = 0
     page_rank: int = 8
+    lora_kernels: bool = True
+    """Triton BGMV kernels for the adapter term where they run (CUDA with Triton); the torch
+    reference otherwise."""
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -121,6 +124,13 @@ class PagedExecutor:
             # Graphs read the adapter stacks at fixed addresses: allocate every page now.
             for group in self._model.groups():
                 group.reserve(settings.adapter_pages, settings.page_rank)
+            # The Triton kernels need every page to exist, which only reserved stacks promise.
+            self._model.lora_kernels = (
+                settings.lora_kernels
+                and lora_kernels.available(device)
+                and lora_kernels.self_check(device, loaded.dtype)
+            )
+            log.info("multi-LoRA: %s", "Triton kernels" if self._model.lora_kernels else "torch")
         self.max_blocks = blocks_for(settings.max_seq_len)
         per_block = PagedKV.bytes_per_block(shape, BLOCK_SIZE, loaded.dtype.itemsize)
         wanted = settings.max_batch_size * self.max_blocks + 1

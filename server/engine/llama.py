@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
+from loraserve.server.engine import lora_kernels
 from loraserve.server.engine.lora import LoRAContext, LoRAGroup, MultiLoRALinear
 
 FAMILY = ("llama", "mistral", "qwen2")
@@ -215,12 +216,25 @@ def _project(
     bias: torch.Tensor | None,
     group: LoRAGroup,
     page_table: torch.Tensor | None,
+    kernels: bool = False,
 ) -> torch.Tensor:
-    """x: (batch, seq, d_in) -> W x (+ bias) + each row's adapter term, (batch, seq, d_out)."""
+    """x: (batch, seq, d_in) -> W x (+ bias) + each row's adapter term, (batch, seq, d_out).
+
+    kernels: the Triton BGMV kernels read the pages in place (CUDA, stacks reserved); else the
+    torch reference (gather + bmm), which is also the CPU path.
+    """
     y = F.linear(x, weight, bias)
-    if page_table is not None and group.a is not None:
-        y = y + group.delta(x, page_table).to(y.dtype)
-    return y
+    if page_table is None or group.a is None or group.b is None:
+        return y
+    if kernels:
+        batch, seq, d_in = x.shape
+        table = page_table if seq == 1 else page_table.repeat_interleave(seq, 0)  # (T, n)
+        flat = y.view(batch * seq, -1)  # (T, d_out), updated in place
+        lora_kernels.add_lora(
+            flat, x.reshape(batch * seq, d_in).contiguous(), group.a, group.b, group.segment, table
+        )
+        return y
+    return y + group.delta(x, page_table).to(y.dtype)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -234,6 +248,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(self.shape.hidden, self.shape.vocab, bias=False)
         inv = rope_inv_freq(config, self.shape.head_dim)
         self.register_buffer("inv_freq", inv, persistent=False)  # (head_dim / 2,) float32
+        self.lora_kernels = False
+        """Run the adapter term with the Triton kernels (set by the executor once the page
+        stacks are reserved and the kernels passed their self-check)."""
 
     def groups(self) -> list[LoRAGroup]:
         out: list[LoRAGroup] = []
@@ -271,10 +288,11 @@ class LlamaForCausalLM(nn.Module):
         mask = mask.reshape(batch, 1, group * seq, span)
         q_out, kv_out = s.heads * s.head_dim, s.kv_heads * s.head_dim
         table = step.page_table
+        kern = self.lora_kernels
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            qkv = _project(h, attn.qkv_weight, attn.qkv_bias, attn.qkv, table)
+            qkv = _project(h, attn.qkv_weight, attn.qkv_bias, attn.qkv, table, kern)
             q, k, v = qkv.split([q_out, kv_out, kv_out], dim=-1)
             q = q.view(batch, seq, s.heads, s.head_dim)
             k = k.view(batch, seq, s.kv_heads, s.head_dim)
@@ -292,15 +310,14 @@ class LlamaForCausalLM(nn.Module):
             o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
             o = o.view(batch, s.kv_heads, group, seq, s.head_dim).permute(0, 3, 1, 2, 4)
             o = o.reshape(batch, seq, q_out)  # (batch, seq, heads * head_dim)
-            x = x + _project(
-                o, attn.o_proj.base_layer.weight, attn.o_proj.base_layer.bias, attn.o, table
-            )
+            o_proj = attn.o_proj.base_layer
+            x = x + _project(o, o_proj.weight, o_proj.bias, attn.o, table, kern)
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp
-            gu = _project(h, mlp.gate_up_weight, mlp.gate_up_bias, mlp.gate_up, table)
+            gu = _project(h, mlp.gate_up_weight, mlp.gate_up_bias, mlp.gate_up, table, kern)
             gate, up = gu.chunk(2, dim=-1)
             down = mlp.down_proj.base_layer
-            x = x + _project(F.silu(gate) * up, down.weight, down.bias, mlp.down, table)
+            x = x + _project(F.silu(gate) * up, down.weight, down.bias, mlp.down, table, kern)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
