@@ -33,7 +33,7 @@ fi
 if [[ ",$skip," != *",parity,"* ]]; then
   echo "== CUDA parity tests"
   start=$SECONDS
-  timeout "${PARITY_TIMEOUT:-150}" "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py \
+  timeout "${PARITY_TIMEOUT:-150}" "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_lora_kernels.py \
     > "$out/parity.log" 2>&1
   echo "parity exit $? in $((SECONDS - start)) s: $(tail -1 "$out/parity.log")"
 fi
