@@ -264,3 +264,81 @@ def prefill_then_decode(loaded, prompts: list[list[int]], pages: list[tuple[int,
     second_by_slot = executor.execute(StepPlan("decode", decode))
     second = second_by_slot[[by_slot.index(i) for i in range(batch)]]
     return first, next_tokens, second
+
+
+def make_pki(directory: Path) -> Path:
+    """A throwaway CA, a server certificate for localhost/127.0.0.1 and a client certificate.
+
+    Files in `directory`: ca.pem/ca.key, server.pem/server.key, client.pem/client.key, and a
+    second CA (other-ca.pem) with a client certificate it signed (stranger.pem/stranger.key).
+    Needs the openssl binary (.ci/run installs it); fails, never skips, without it.
+    """
+    import shutil
+    import subprocess
+
+    assert shutil.which("openssl"), "openssl missing: install the Debian package 'openssl'"
+
+    def openssl(*args: str) -> None:
+        subprocess.run(["openssl", *args], cwd=directory, check=True, capture_output=True)
+
+    def new_ca(name: str) -> None:
+        openssl(
+            "req",
+            "-x509",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.pem",
+            "-days",
+            "1",
+            "-subj",
+            f"/CN={name}",
+        )
+
+    def issue(name: str, ca: str, san: str | None) -> None:
+        openssl(
+            "req",
+            "-newkey",
+            "ec",
+            "-pkeyopt",
+            "ec_paramgen_curve:prime256v1",
+            "-nodes",
+            "-keyout",
+            f"{name}.key",
+            "-out",
+            f"{name}.csr",
+            "-subj",
+            f"/CN={name}",
+        )
+        ext = directory / f"{name}.ext"
+        ext.write_text(f"subjectAltName={san}\n" if san else "basicConstraints=CA:FALSE\n")
+        openssl(
+            "x509",
+            "-req",
+            "-in",
+            f"{name}.csr",
+            "-CA",
+            f"{ca}.pem",
+            "-CAkey",
+            f"{ca}.key",
+            "-CAcreateserial",
+            "-days",
+            "1",
+            "-out",
+            f"{name}.pem",
+            "-extfile",
+            ext.name,
+        )
+
+    directory.mkdir(parents=True, exist_ok=True)
+    new_ca("ca")
+    new_ca("other-ca")
+    issue("server", "ca", "DNS:localhost,IP:127.0.0.1")
+    issue("client", "ca", None)
+    issue("stranger", "other-ca", None)
+    return directory
