@@ -315,7 +315,14 @@ class PagedExecutor:
         width = need_pages if need_pages and self._has_stacks() else 0
         if width > np_:
             return self._prefill(plan)  # a wider page table than the buffers hold: eager
-        return self._decode_forward(batch, need_span, width)
+        if self._loaded.device.type == "cpu" and width:
+            # The CPU (torch reference) path reuses each layer's gathered adapter rows while
+            # the rows' routing is unchanged: the gather costs as much as the matmuls there.
+            self._model.lora_reuse_key = (batch, width, tuple(r.pages for r in rows))
+        try:
+            return self._decode_forward(batch, need_span, width)
+        finally:
+            self._model.lora_reuse_key = None
 
     def _graph_key(self, batch: int, span: int, width: int) -> tuple[int, int, int] | None:
         if not self._graphs:

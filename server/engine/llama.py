@@ -217,6 +217,7 @@ def _project(
     group: LoRAGroup,
     page_table: torch.Tensor | None,
     kernels: bool = False,
+    reuse_key: object = None,
 ) -> torch.Tensor:
     """x: (batch, seq, d_in) -> W x (+ bias) + each row's adapter term, (batch, seq, d_out).
 
@@ -234,7 +235,7 @@ def _project(
             flat, x.reshape(batch * seq, d_in).contiguous(), group.a, group.b, group.segment, table
         )
         return y
-    return y + group.delta(x, page_table).to(y.dtype)
+    return y + group.delta(x, page_table, reuse_key).to(y.dtype)
 
 
 class LlamaForCausalLM(nn.Module):
@@ -248,6 +249,9 @@ class LlamaForCausalLM(nn.Module):
         self.lm_head = nn.Linear(self.shape.hidden, self.shape.vocab, bias=False)
         inv = rope_inv_freq(config, self.shape.head_dim)
         self.register_buffer("inv_freq", inv, persistent=False)  # (head_dim / 2,) float32
+        self.lora_reuse_key: object = None
+        """Set by the executor for a CPU decode step: identifies the rows' adapter routing, so
+        the torch path reuses its gathered factors while the batch is unchanged."""
         self.lora_kernels = False
         """Run the adapter term with the Triton kernels (set by the executor once the page
         stacks are reserved and the kernels passed their self-check)."""
@@ -289,10 +293,11 @@ class LlamaForCausalLM(nn.Module):
         q_out, kv_out = s.heads * s.head_dim, s.kv_heads * s.head_dim
         table = step.page_table
         kern = self.lora_kernels
+        key = self.lora_reuse_key
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            qkv = _project(h, attn.qkv_weight, attn.qkv_bias, attn.qkv, table, kern)
+            qkv = _project(h, attn.qkv_weight, attn.qkv_bias, attn.qkv, table, kern, key)
             q, k, v = qkv.split([q_out, kv_out, kv_out], dim=-1)
             q = q.view(batch, seq, s.heads, s.head_dim)
             k = k.view(batch, seq, s.kv_heads, s.head_dim)
@@ -311,13 +316,13 @@ class LlamaForCausalLM(nn.Module):
             o = o.view(batch, s.kv_heads, group, seq, s.head_dim).permute(0, 3, 1, 2, 4)
             o = o.reshape(batch, seq, q_out)  # (batch, seq, heads * head_dim)
             o_proj = attn.o_proj.base_layer
-            x = x + _project(o, o_proj.weight, o_proj.bias, attn.o, table, kern)
+            x = x + _project(o, o_proj.weight, o_proj.bias, attn.o, table, kern, key)
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp
-            gu = _project(h, mlp.gate_up_weight, mlp.gate_up_bias, mlp.gate_up, table, kern)
+            gu = _project(h, mlp.gate_up_weight, mlp.gate_up_bias, mlp.gate_up, table, kern, key)
             gate, up = gu.chunk(2, dim=-1)
             down = mlp.down_proj.base_layer
-            x = x + _project(F.silu(gate) * up, down.weight, down.bias, mlp.down, table, kern)
+            x = x + _project(F.silu(gate) * up, down.weight, down.bias, mlp.down, table, kern, key)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

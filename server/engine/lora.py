@@ -258,6 +258,8 @@ class LoRAGroup:
         self.a: torch.Tensor | None = None  # (pages, members, page_rank, d_in)
         self.b: torch.Tensor | None = None  # (pages, sum(outs), page_rank)
         self.reserved = False
+        self._gathered: tuple[object, torch.Tensor, torch.Tensor] | None = None
+        """(reuse key and page versions, A rows, B rows) of the last keyed gather."""
         weight = members[0].base_layer.weight
         segment = [j for j, out in enumerate(self.outs) for _ in range(out)]
         # (sum(outs),) member index of each fused output column, for the expand's selection.
@@ -311,26 +313,36 @@ class LoRAGroup:
     def release_memory(self) -> None:
         if not self.reserved and not self.occupied:
             self.a = self.b = None
+            self._gathered = None
             self._point_members()
 
-    def delta(self, x: torch.Tensor, page_table: torch.Tensor) -> torch.Tensor:
+    def delta(
+        self, x: torch.Tensor, page_table: torch.Tensor, reuse_key: object = None
+    ) -> torch.Tensor:
         """The fused low-rank term of every member. x: (batch, seq, d_in) -> (batch, seq, O).
 
         page_table: (batch, n) each row's pages (0-padded). One gather and one bmm for the
         shrink of all members, one for the expand; same semantics as lora_delta_reference per
-        member, the members' outputs concatenated.
+        member, the members' outputs concatenated. reuse_key (CPU decode): the gathered rows
+        are kept and reused while the key and the pages' contents stay the same, as on the
+        generic path; on a GPU the kernels read the pages in place and nothing is kept.
         """
         assert self.a is not None and self.b is not None
-        table = page_table.masked_fill(page_table >= self.a.shape[0], 0)  # (batch, n)
-        batch, n = table.shape
+        batch, n = page_table.shape
         members, page_rank = self.a.shape[1], self.a.shape[2]
         seq = x.shape[1]
         out = self.b.shape[1]
-        a_rows = self.a[table].reshape(batch, n * members * page_rank, self.d_in)
+        version = (reuse_key, tuple(m.generation for m in self.members))
+        if reuse_key is not None and self._gathered is not None and self._gathered[0] == version:
+            a_rows, b_rows = self._gathered[1], self._gathered[2]
+        else:
+            table = page_table.masked_fill(page_table >= self.a.shape[0], 0)  # (batch, n)
+            a_rows = self.a[table].reshape(batch, n * members * page_rank, self.d_in)
+            b_rows = self.b[table].permute(0, 1, 3, 2).reshape(batch, n * page_rank, out)
+            self._gathered = (version, a_rows, b_rows) if reuse_key is not None else None
         xa = torch.bmm(x.to(a_rows.dtype), a_rows.transpose(1, 2))  # (batch, seq, n*m*page)
         xa = xa.view(batch, seq, n, members, page_rank).permute(0, 1, 3, 2, 4)
         xa = xa.reshape(batch, seq * members, n * page_rank)  # (batch, seq*m, n*page)
-        b_rows = self.b[table].permute(0, 1, 3, 2).reshape(batch, n * page_rank, out)
         full = torch.bmm(xa, b_rows).view(batch, seq, members, out)  # (batch, seq, m, O)
         if members == 1:
             return full[:, :, 0]

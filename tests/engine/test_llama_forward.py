@@ -131,3 +131,20 @@ def test_fused_group_delta_matches_the_reference_per_member(dtype: torch.dtype) 
         torch.testing.assert_close(got[..., offset : offset + o], want, atol=tol * scale, rtol=tol)
         offset += o
     assert got[1].abs().max() == 0, "a row without an adapter gets exactly nothing"
+
+
+def test_reused_gathers_are_refreshed_after_a_page_write() -> None:
+    """The CPU decode path keeps gathered rows across steps of an unchanged batch; a page
+    write (a new adapter in a freed page) must never be served from the old gather."""
+    torch.manual_seed(1)
+    members = [MultiLoRALinear(torch.nn.Linear(16, o), context=None) for o in (16, 8)]
+    group = LoRAGroup(members)
+    members[0].write([1], 4, 4, torch.randn(4, 16), torch.randn(16, 4), scale=1.0)
+    table = torch.tensor([[1], [0]])
+    x = torch.randn(2, 1, 16)
+    first = group.delta(x, table, reuse_key="step")
+    assert torch.equal(group.delta(x, table, reuse_key="step"), first)
+    members[0].write([1], 4, 4, torch.randn(4, 16), torch.randn(16, 4), scale=1.0)
+    fresh = group.delta(x, table)  # no key: always gathers
+    again = group.delta(x, table, reuse_key="step")
+    assert torch.equal(again, fresh) and not torch.equal(again, first)
