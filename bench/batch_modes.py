@@ -39,6 +39,9 @@ def mode_entry(runs: list[RunResult], stat: str, distinct: int | None = None) ->
         "requests": len(runs[-1].requests) if runs else 0,
         "errors": sum(r.errors for r in runs),
     }
+    decode = [d for r in runs if (d := r.decode_tokens_per_s) is not None]
+    if decode:
+        entry["decode_tokens_per_s"] = combine(decode, stat)
     if distinct is not None:
         entry["distinct_adapters"] = distinct
     ttfts = [s for r in runs if (s := r.summary()["ttft_p50_s"]) is not None]
@@ -60,7 +63,9 @@ def _interleaved(
             runs[mode].append(fn())
             run = runs[mode][-1]
             cpu = f"  (cpu {run.cpu_util:.2f} cores)" if run.cpu_util is not None else ""
-            log.info("  %-22s %8.1f tokens/s%s", mode, run.tokens_per_s, cpu)
+            dec = run.decode_tokens_per_s
+            decode = f"  decode {dec:.1f} tokens/s" if dec is not None else ""
+            log.info("  %-22s %8.1f tokens/s%s%s", mode, run.tokens_per_s, decode, cpu)
     return runs
 
 

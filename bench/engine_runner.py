@@ -217,6 +217,8 @@ class EngineBench:
         from loraserve.server.engine.types import AdapterRef
 
         order = sorted(range(len(requests)), key=lambda i: requests[i].arrival_s)
+        scheduler = self.engine.scheduler
+        decode_s0, decode_tokens0 = scheduler.decode_seconds, scheduler.decode_tokens
         cpu_start = time.process_time()
         start = time.perf_counter()
         collector = _Collector(len(requests), start)
@@ -245,7 +247,13 @@ class EngineBench:
             raise TimeoutError(f"the engine did not finish {len(requests)} requests in time")
         cpu_s = time.process_time() - cpu_start
         results = [r for r in collector.results if r is not None]
-        return RunResult(wall_s=collector.last_finish - start, requests=results, cpu_s=cpu_s)
+        return RunResult(
+            wall_s=collector.last_finish - start,
+            requests=results,
+            cpu_s=cpu_s,
+            decode_s=scheduler.decode_seconds - decode_s0,
+            decode_tokens=scheduler.decode_tokens - decode_tokens0,
+        )
 
     def close(self) -> None:
         self.engine.stop(10)

@@ -161,14 +161,18 @@ def format_table(results: Results) -> str:
         base = _get(modes, "base", "tokens_per_s")
         lines += [
             "",
-            f"{'batch mode':<24}{'adapters':>9}{'tokens/s':>11}{'vs base':>9}{'cpu cores':>11}",
+            f"{'batch mode':<24}{'adapters':>9}{'tokens/s':>11}{'vs base':>9}{'cpu cores':>11}"
+            f"{'decode tok/s':>14}{'vs base':>9}",
         ]
+        decode_base = _get(modes, "base", "decode_tokens_per_s")
         for mode, entry in modes.items():
             ratio = _div(entry["tokens_per_s"], base)
             lines.append(
                 f"{mode:<24}{entry.get('distinct_adapters', 0):>9}"
                 f"{_num(entry['tokens_per_s']):>11}{_num(ratio, '{:.3f}'):>9}"
                 f"{_num(entry.get('cpu_util'), '{:.2f}'):>11}"
+                f"{_num(entry.get('decode_tokens_per_s')):>14}"
+                f"{_num(_div(entry.get('decode_tokens_per_s'), decode_base), '{:.3f}'):>9}"
             )
     sweep = _get(results, "batch", "distinct_sweep") or {}
     if sweep:

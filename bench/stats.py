@@ -27,6 +27,17 @@ class RunResult:
     requests: list[RequestResult] = field(default_factory=list)
     cpu_s: float | None = None
     """CPU seconds this process used during the run (all threads), when measured."""
+    decode_s: float | None = None
+    """Engine seconds spent in decode steps during the run (in-process runs only)."""
+    decode_tokens: int | None = None
+    """Tokens those decode steps generated."""
+
+    @property
+    def decode_tokens_per_s(self) -> float | None:
+        """Generated tokens over decode-step time only (prefill and idle time excluded)."""
+        if not self.decode_s or self.decode_tokens is None:
+            return None
+        return self.decode_tokens / self.decode_s
 
     @property
     def cpu_util(self) -> float | None:

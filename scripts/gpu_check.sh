@@ -1,27 +1,127 @@
 #!/usr/bin/env bash
-# One-shot GPU check (run on a machine with CUDA, in the repo root): versions, the CUDA parity
-# tests, a real server on --device cuda driven by the CLI, and the bench on a
-# ~1.2B Llama in bf16. Results go to $OUT (or /tmp) as gpu_*.json / gpu_*.log.
+# One prepared GPU run (well under 8 minutes; run in the repo root on a CUDA machine): versions,
+# the plain-PyTorch anchor (../shared/gpu/anchor.py, or ./anchor.py, or $ANCHOR), the CUDA
+# parity tests, then loraserve's bench on the ~1.2B Llama in bf16 (batch 32, 64 rank-16
+# adapters, prompt 128, output 64: base / identical / distinct / uniform / skewed, end-to-end
+# and decode-only tokens/s, cold and warm time to first token). Logs go to $OUT (default
+# /tmp/gpu_check); the last thing printed is the issue's table.
+#   GPU_CHECK_REPEATS (default 2) timed runs per bench mode; GPU_CHECK_SKIP=anchor,parity,server,overlap,bench
+#   skips parts; ANCHOR_TIMEOUT / PARITY_TIMEOUT / BENCH_TIMEOUT cap each part (s);
+#   LORASERVE_ENGINE_OPTS adds --engine-opt FIELD=VALUE (e.g. enforce_eager=true).
 set -uo pipefail
-out="${OUT:-/tmp}"
-export LORASERVE_CACHE=/tmp/lscache HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
+out="${OUT:-/tmp/gpu_check}"
+mkdir -p "$out"
+export LORASERVE_CACHE="${LORASERVE_CACHE:-/tmp/lscache}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 py="${PYTHON:-python3}"
-nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader
-"$py" -c "import torch, transformers, peft, grpc; print('torch', torch.__version__, 'transformers', transformers.__version__, 'peft', peft.__version__, 'grpc', grpc.__version__, 'cuda', torch.cuda.is_available())"
+skip="${GPU_CHECK_SKIP:-}"
+repeats="${GPU_CHECK_REPEATS:-2}"
+anchor="${ANCHOR:-}"
+for candidate in ../shared/gpu/anchor.py anchor.py; do
+  [ -z "$anchor" ] && [ -f "$candidate" ] && anchor="$candidate"
+done
 
-echo "== CUDA parity tests"
-"$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py 2>&1 | tail -8
+nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
+"$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/gpu.txt"
 
-echo "== server on cuda, through the CLI"
-# Port 0: the server binds a free port and prints it on its "serving on" line.
-"$py" -m loraserve serve --device cuda --port 0 --no-metrics --model embedded \
-  --data-dir /tmp/lsdata > "$out/gpu_server.log" 2>&1 &
-server=$!
-for _ in $(seq 120); do grep -q "serving on" "$out/gpu_server.log" && break; sleep 0.5; done
-port=$(sed -n 's/.*loraserve: serving on [^ ]*:\([0-9]*\).*/\1/p' "$out/gpu_server.log" | head -1)
-"$py" scripts/make_example_adapter.py /tmp/example-adapter > /dev/null 2>&1
-"$py" -m loraserve adapters upload /tmp/example-adapter --name ex --target 127.0.0.1:$port --json
-"$py" -m loraserve generate --adapter ex --max-new-tokens 8 --ignore-eos --json --target 127.0.0.1:$port hello
-"$py" -m loraserve info --target 127.0.0.1:$port | grep -E "device|dtype"
-kill -TERM $server; wait $server; echo "server exit code: $?"
+if [[ ",$skip," != *",anchor,"* && -n "$anchor" ]]; then
+  echo "== anchor ($anchor)"
+  start=$SECONDS
+  timeout "${ANCHOR_TIMEOUT:-150}" "$py" "$anchor" > "$out/anchor.jsonl" 2> "$out/anchor.err"
+  echo "anchor exit $? in $((SECONDS - start)) s"
+fi
 
+if [[ ",$skip," != *",parity,"* ]]; then
+  echo "== CUDA parity tests"
+  start=$SECONDS
+  timeout "${PARITY_TIMEOUT:-150}" "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_lora_kernels.py \
+    > "$out/parity.log" 2>&1
+  echo "parity exit $? in $((SECONDS - start)) s: $(tail -1 "$out/parity.log")"
+fi
+
+if [[ ",$skip," != *",server,"* ]]; then
+  echo "== server on cuda, through the CLI"
+  # Port 0: the server binds a free port and prints it on its "serving on" line.
+  "$py" -m loraserve serve --device cuda --port 0 --no-metrics --model embedded \
+    --data-dir /tmp/lsdata > "$out/server.log" 2>&1 &
+  server=$!
+  for _ in $(seq 120); do grep -q "serving on" "$out/server.log" && break; sleep 0.5; done
+  port=$(sed -n 's/.*loraserve: serving on [^ ]*:\([0-9]*\).*/\1/p' "$out/server.log" | head -1)
+  "$py" scripts/make_example_adapter.py /tmp/example-adapter > /dev/null 2>&1
+  "$py" -m loraserve adapters upload /tmp/example-adapter --name ex --target "127.0.0.1:$port" --json
+  "$py" -m loraserve generate --adapter ex --max-new-tokens 8 --ignore-eos --json \
+    --target "127.0.0.1:$port" hello
+  kill -TERM $server; wait $server; echo "server exit code: $?"
+fi
+
+if [[ ",$skip," != *",overlap,"* ]]; then
+  echo "== cold loads beside running rows (time per output token, cold vs warm joiners)"
+  start=$SECONDS
+  timeout "${OVERLAP_TIMEOUT:-90}" "$py" -m loraserve.bench.cold_overlap --size 1b --device cuda \
+    --dtype bfloat16 --batch 32 --joiners 8 --json "$out/overlap.json" > "$out/overlap.log" 2>&1
+  echo "overlap exit $? in $((SECONDS - start)) s: $(tail -3 "$out/overlap.log" | tr '\n' ' ')"
+fi
+
+if [[ ",$skip," != *",bench,"* ]]; then
+  echo "== bench, ~1.2B Llama, bf16"
+  start=$SECONDS
+  opts=()
+  for o in ${LORASERVE_ENGINE_OPTS:-}; do opts+=(--engine-opt "$o"); done
+  timeout "${BENCH_TIMEOUT:-330}" "$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 \
+    --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
+    --repeats "$repeats" --distinct-sweep 32 --cold-samples 4 --only distinct,cold \
+    --out "$out/bench" --no-plot "${opts[@]}" > "$out/bench.log" 2>&1
+  echo "bench exit $? in $((SECONDS - start)) s"
+fi
+
+"$py" - "$out" <<'EOF'
+import json, sys
+from pathlib import Path
+
+out = Path(sys.argv[1])
+anchor = {}
+for line in (out / "anchor.jsonl").read_text().splitlines() if (out / "anchor.jsonl").exists() else []:
+    try:
+        row = json.loads(line)
+    except ValueError:
+        continue
+    if "mode" in row:
+        anchor[row["mode"]] = row
+bench = {}
+if (out / "bench" / "bench.json").exists():
+    bench = json.loads((out / "bench" / "bench.json").read_text())
+modes = bench.get("batch", {}).get("modes", {})
+cold = bench.get("cold_start", {})
+
+
+def fmt(v, f="{:,.0f}"):
+    return "-" if not isinstance(v, (int, float)) else f.format(v)
+
+
+print("\n| what | tokens/s | decode tokens/s | vs base (decode) |")
+print("| --- | --- | --- | --- |")
+base = modes.get("base", {})
+for name, entry in modes.items():
+    ratio = None
+    if entry.get("decode_tokens_per_s") and base.get("decode_tokens_per_s"):
+        ratio = entry["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    print(f"| loraserve {name} | {fmt(entry.get('tokens_per_s'))} | "
+          f"{fmt(entry.get('decode_tokens_per_s'))} | {fmt(ratio, '{:.3f}')} |")
+for mode in ("eager-base", "eager-lora", "graph-base", "graph-lora", "limit"):
+    if mode in anchor:
+        row = anchor[mode]
+        print(f"| anchor {mode} | {fmt(row.get('tokens_per_s'))} | "
+              f"({fmt(row.get('ms_per_step'), '{:.2f}')} ms/step) | |")
+if "graph-base" in anchor and base.get("decode_tokens_per_s"):
+    print(f"\nloraserve base decode / anchor graph-base: "
+          f"{base['decode_tokens_per_s'] / anchor['graph-base']['tokens_per_s']:.2f}x")
+if cold:
+    print(f"cold / warm TTFT: {fmt(cold.get('cold_ttft_s', 0) * 1e3, '{:.1f}')} / "
+          f"{fmt(cold.get('warm_ttft_s', 0) * 1e3, '{:.1f}')} ms = "
+          f"{fmt(cold.get('cold_over_warm'), '{:.2f}')}x")
+parity = out / "parity.log"
+if parity.exists():
+    print("CUDA parity:", parity.read_text().strip().splitlines()[-1])
+for name in ("errors",):
+    if bench.get(name):
+        print("bench errors:", bench[name])
+EOF

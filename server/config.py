@@ -63,6 +63,13 @@ class ServerConfig:
     max_seq_len: int = 2048
     """Longest request, prompt plus completion (also bounded by the model's context); sizes the
     preallocated KV memory: max_batch_size x max_seq_len tokens."""
+    kv_cache_bytes: int = 0
+    """Paged KV pool (Llama family), in bytes; 0 takes kv_cache_fraction of the device memory
+    free after loading on CUDA, and room for max_batch_size full-length requests on CPU."""
+    kv_cache_fraction: float = 0.5
+    """Share of free device memory the paged KV pool takes when kv_cache_bytes is 0."""
+    enforce_eager: bool = False
+    """Run decode without CUDA graphs (debugging)."""
     max_waiting_requests: int = 1024
     """Requests queued for a batch, at most; beyond it calls get RESOURCE_EXHAUSTED."""
     tenant_max_requests: int = 256
@@ -140,6 +147,10 @@ class ServerConfig:
         for name in _positive:
             if getattr(self, name) < 1:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
+        if self.kv_cache_bytes < 0:
+            raise ConfigError(f"kv_cache_bytes: {self.kv_cache_bytes} is negative")
+        if not 0.0 < self.kv_cache_fraction <= 0.95:
+            raise ConfigError(f"kv_cache_fraction: {self.kv_cache_fraction} is not in (0, 0.95]")
         if self.max_lora_rank > 1024:
             raise ConfigError(f"max_lora_rank: {self.max_lora_rank} is above 1024")
         if self.default_max_new_tokens > self.max_new_tokens_limit:
@@ -195,6 +206,10 @@ class ServerConfig:
             adapter_device_bytes=self.adapter_device_bytes,
             adapter_host_bytes=self.adapter_host_bytes,
             price_per_device_hour=self.price_per_device_hour,
+            max_lora_rank=self.max_lora_rank,
+            kv_cache_bytes=self.kv_cache_bytes,
+            kv_cache_fraction=self.kv_cache_fraction,
+            enforce_eager=self.enforce_eager,
         )
 
     @property

@@ -112,6 +112,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="host memory budget for validated adapters, LRU (default 4 GiB)",
     )
     parser.add_argument("--max-batch-size", type=int, default=d.max_batch_size)
+    parser.add_argument(
+        "--kv-cache-bytes",
+        type=int,
+        default=d.kv_cache_bytes,
+        help="paged KV pool in bytes (Llama family); 0: --kv-cache-fraction of free GPU memory",
+    )
+    parser.add_argument("--kv-cache-fraction", type=float, default=d.kv_cache_fraction)
+    parser.add_argument(
+        "--enforce-eager", action="store_true", help="decode without CUDA graphs (debugging)"
+    )
     parser.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests)
     parser.add_argument(
         "--tenant-max-requests",
@@ -263,6 +273,9 @@ def config_from_args(
         adapter_device_bytes=args.adapter_device_bytes,
         adapter_host_bytes=args.adapter_host_bytes,
         max_batch_size=args.max_batch_size,
+        kv_cache_bytes=args.kv_cache_bytes,
+        kv_cache_fraction=args.kv_cache_fraction,
+        enforce_eager=args.enforce_eager,
         max_waiting_requests=args.max_waiting_requests,
         tenant_max_requests=args.tenant_max_requests,
         tenant_max_queued_tokens=args.tenant_max_queued_tokens,

@@ -172,29 +172,51 @@ class EngineHarness:
 def prefill_then_decode(loaded, prompts: list[list[int]], pages: list[tuple[int, ...]]):
     """Logits after each prompt (batch, vocab), then after one greedy decode step (batch, vocab).
 
-    The prefill writes rows in reverse order (gathered K/V); the decode step uses rows
-    0..batch-1 (K/V views): both cache paths are exercised.
+    Runs the engine's own executor for `loaded` (paged KV for the Llama family, KV rows for
+    the generic path). Rows sit in slots in reverse order and the decode step lists them by
+    slot, so the row-to-slot mapping is exercised in both directions.
     """
-    from loraserve.server.engine.kv_cache import SlotKVCache
-    from loraserve.server.engine.runner import RowInput, forward_rows, lora_state
+    from loraserve.server.engine.executor import ExecutorSettings, make_executor
+    from loraserve.server.engine.planner import RowPlan, StepPlan, blocks_for
 
     batch = len(prompts)
-    cache = SlotKVCache(
-        loaded.model.config,
-        max_rows=batch,
-        max_len=max(len(p) for p in prompts) + 8,
-        dtype=loaded.dtype,
-        device=loaded.device,
+    longest = max(len(p) for p in prompts) + 8
+    executor = make_executor(
+        loaded,
+        ExecutorSettings(
+            max_batch_size=batch,
+            max_seq_len=longest,
+            max_batch_tokens=2048,
+        ),
     )
-    rows = list(range(batch))[::-1]
-    prefill = [RowInput(row=rows[i], tokens=p, start=0) for i, p in enumerate(prompts)]
-    first = forward_rows(loaded, cache, prefill, lora_state(pages, loaded.device))
+    slots = list(range(batch))[::-1]
+    blocks: list[tuple[int, ...]] = []
+    for p in prompts:
+        if executor.allocator is None:
+            blocks.append(())
+        else:
+            got = executor.allocator.allocate(blocks_for(len(p) + 1))
+            assert got is not None
+            blocks.append(tuple(got))
+    prefill = tuple(
+        RowPlan(slot=slots[i], tokens=tuple(p), start=0, blocks=blocks[i], pages=pages[i])
+        for i, p in enumerate(prompts)
+    )
+    first = executor.execute(StepPlan("prefill", prefill))
     next_tokens = first.argmax(-1).tolist()
-    by_row = sorted(range(batch), key=lambda i: rows[i])
-    decode = [RowInput(row=rows[i], tokens=[next_tokens[i]], start=len(prompts[i])) for i in by_row]
-    lora = lora_state([pages[i] for i in by_row], loaded.device)
-    second_by_row = forward_rows(loaded, cache, decode, lora)
-    second = second_by_row[[by_row.index(i) for i in range(batch)]]
+    by_slot = sorted(range(batch), key=lambda i: slots[i])
+    decode = tuple(
+        RowPlan(
+            slot=slots[i],
+            tokens=(next_tokens[i],),
+            start=len(prompts[i]),
+            blocks=blocks[i],
+            pages=pages[i],
+        )
+        for i in by_slot
+    )
+    second_by_slot = executor.execute(StepPlan("decode", decode))
+    second = second_by_slot[[by_slot.index(i) for i in range(batch)]]
     return first, next_tokens, second
 
 

@@ -39,3 +39,12 @@ class EngineConfig:
     """Host-memory tier budget (LRU) for validated adapters, in bytes."""
     price_per_device_hour: float = 0.0
     """Prices each request's attributed compute seconds (Usage.cost)."""
+    max_lora_rank: int = 64
+    """Largest adapter rank; sizes the fused adapter stacks the CUDA graphs read."""
+    kv_cache_bytes: int = 0
+    """Paged KV pool (Llama family), in bytes; 0 takes kv_cache_fraction of the device memory
+    free after loading on CUDA, and room for max_batch_size full-length requests on CPU."""
+    kv_cache_fraction: float = 0.5
+    """Share of free device memory the paged KV pool takes when kv_cache_bytes is 0."""
+    enforce_eager: bool = False
+    """Run decode without CUDA graphs (debugging)."""

@@ -120,6 +120,9 @@ class MultiLoRALinear(nn.Module):
         """Pages holding this layer's part of some adapter."""
         self.generation = 0
         """Bumped on every page write, so gathered copies of old contents are never used."""
+        self.group: LoRAGroup | None = None
+        """Set when this projection is fused with others (own Llama forward): its page stacks
+        are then views into the group's fused stacks."""
 
     def page_bytes(self, page_rank: int, itemsize: int) -> int:
         """Device bytes one page takes in this layer once allocated."""
@@ -162,6 +165,9 @@ class MultiLoRALinear(nn.Module):
         Memory follows the pages in use rather than the whole budget; growing copies adapter
         weights only, never KV, and bumps the generation so no stale gather survives.
         """
+        if self.group is not None:
+            self.group.ensure_capacity(page, page_rank, num_pages)
+            return
         have = 0 if self.lora_a is None else self.lora_a.shape[0]
         if page < have:
             return
@@ -193,6 +199,9 @@ class MultiLoRALinear(nn.Module):
 
     def release_memory(self) -> None:
         """Frees the page stacks when no page is occupied any more."""
+        if self.group is not None:
+            self.group.release_memory()
+            return
         if not self.occupied:
             self.lora_a = None
             self.lora_b = None
@@ -200,7 +209,8 @@ class MultiLoRALinear(nn.Module):
     def allocated_bytes(self) -> int:
         if self.lora_a is None or self.lora_b is None:
             return 0
-        return self.lora_a.nbytes + self.lora_b.nbytes
+        # numel, not nbytes of the storage: a grouped layer's stacks are views of a fused stack.
+        return (self.lora_a.numel() + self.lora_b.numel()) * self.lora_a.element_size()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """x: (batch, seq, d_in) -> (batch, seq, d_out)."""
@@ -252,3 +262,116 @@ def adapter_pages(
 def is_lora_target(module: nn.Module) -> bool:
     """True for layers loraserve can wrap: nn.Linear and GPT-2's Conv1D."""
     return isinstance(module, (nn.Linear, Conv1D))
+
+
+class LoRAGroup:
+    """The page stacks of projections that share one input and run as one fused matmul.
+
+    q/k/v (and gate/up) read the same x, so their adapters run as ONE shrink and ONE expand:
+
+        a: (pages, members, page_rank, d_in)    each member's A pages side by side
+        b: (pages, sum(d_out), page_rank)       each member's B pages stacked along d_out
+
+    Each member MultiLoRALinear's `lora_a` / `lora_b` are views into these, so the device
+    pool writes and clears pages per target module exactly as for unfused layers. `reserve`
+    allocates every page up front and keeps the stacks at fixed addresses (CUDA graphs read
+    them); otherwise they grow on demand and are freed when empty, like an unfused layer.
+    """
+
+    def __init__(self, members: list[MultiLoRALinear]) -> None:
+        self.members = members
+        self.d_in = members[0].in_features
+        self.outs = [m.out_features for m in members]
+        self.a: torch.Tensor | None = None  # (pages, members, page_rank, d_in)
+        self.b: torch.Tensor | None = None  # (pages, sum(outs), page_rank)
+        self.reserved = False
+        self._gathered: tuple[object, torch.Tensor, torch.Tensor] | None = None
+        """(reuse key and page versions, A rows, B rows) of the last keyed gather."""
+        weight = members[0].base_layer.weight
+        segment = [j for j, out in enumerate(self.outs) for _ in range(out)]
+        # (sum(outs),) member index of each fused output column, for the expand's selection.
+        self.segment = torch.tensor(segment, dtype=torch.long, device=weight.device)
+        for member in members:
+            member.group = self
+
+    @property
+    def occupied(self) -> bool:
+        return any(m.occupied for m in self.members)
+
+    def reserve(self, num_pages: int, page_rank: int) -> None:
+        """Allocates all `num_pages` (+ the zero page) now and never moves or frees them."""
+        if self.reserved:
+            return
+        self.ensure_capacity(num_pages, page_rank, num_pages)
+        self.reserved = True
+
+    def ensure_capacity(self, page: int, page_rank: int, num_pages: int) -> None:
+        have = 0 if self.a is None else self.a.shape[0]
+        if page < have:
+            return
+        assert not self.reserved, "a reserved group holds every page already"
+        size = min(max(page + 1, 2 * have, 8), num_pages + 1)
+        weight = self.members[0].base_layer.weight
+        new_a = torch.zeros(
+            (size, len(self.members), page_rank, self.d_in),
+            dtype=weight.dtype,
+            device=weight.device,
+        )  # (size, members, page_rank, d_in)
+        new_b = torch.zeros(
+            (size, sum(self.outs), page_rank), dtype=weight.dtype, device=weight.device
+        )  # (size, sum(outs), page_rank)
+        if self.a is not None and self.b is not None:
+            new_a[:have].copy_(self.a)
+            new_b[:have].copy_(self.b)
+        self.a, self.b = new_a, new_b
+        self._point_members()
+
+    def _point_members(self) -> None:
+        offset = 0
+        for j, member in enumerate(self.members):
+            if self.a is None or self.b is None:
+                member.lora_a = member.lora_b = None
+            else:
+                member.lora_a = self.a[:, j]  # (pages, page_rank, d_in) view
+                member.lora_b = self.b[:, offset : offset + member.out_features]  # view
+            offset += member.out_features
+            member.generation += 1
+
+    def release_memory(self) -> None:
+        if not self.reserved and not self.occupied:
+            self.a = self.b = None
+            self._gathered = None
+            self._point_members()
+
+    def delta(
+        self, x: torch.Tensor, page_table: torch.Tensor, reuse_key: object = None
+    ) -> torch.Tensor:
+        """The fused low-rank term of every member. x: (batch, seq, d_in) -> (batch, seq, O).
+
+        page_table: (batch, n) each row's pages (0-padded). One gather and one bmm for the
+        shrink of all members, one for the expand; same semantics as lora_delta_reference per
+        member, the members' outputs concatenated. reuse_key (CPU decode): the gathered rows
+        are kept and reused while the key and the pages' contents stay the same, as on the
+        generic path; on a GPU the kernels read the pages in place and nothing is kept.
+        """
+        assert self.a is not None and self.b is not None
+        batch, n = page_table.shape
+        members, page_rank = self.a.shape[1], self.a.shape[2]
+        seq = x.shape[1]
+        out = self.b.shape[1]
+        version = (reuse_key, tuple(m.generation for m in self.members))
+        if reuse_key is not None and self._gathered is not None and self._gathered[0] == version:
+            a_rows, b_rows = self._gathered[1], self._gathered[2]
+        else:
+            table = page_table.masked_fill(page_table >= self.a.shape[0], 0)  # (batch, n)
+            a_rows = self.a[table].reshape(batch, n * members * page_rank, self.d_in)
+            b_rows = self.b[table].permute(0, 1, 3, 2).reshape(batch, n * page_rank, out)
+            self._gathered = (version, a_rows, b_rows) if reuse_key is not None else None
+        xa = torch.bmm(x.to(a_rows.dtype), a_rows.transpose(1, 2))  # (batch, seq, n*m*page)
+        xa = xa.view(batch, seq, n, members, page_rank).permute(0, 1, 3, 2, 4)
+        xa = xa.reshape(batch, seq * members, n * page_rank)  # (batch, seq*m, n*page)
+        full = torch.bmm(xa, b_rows).view(batch, seq, members, out)  # (batch, seq, m, O)
+        if members == 1:
+            return full[:, :, 0]
+        index = self.segment.view(1, 1, 1, out).expand(batch, seq, 1, out)
+        return full.gather(2, index).squeeze(2)  # (batch, seq, O): member j's own columns

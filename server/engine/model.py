@@ -11,19 +11,24 @@ import os
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
 from torch import nn
 from transformers import (
+    AutoConfig,
     AutoModelForCausalLM,
     AutoTokenizer,
+    GenerationConfig,
+    PretrainedConfig,
     PreTrainedModel,
     PreTrainedTokenizerBase,
 )
 
 from loraserve.adapters.spec import BaseModelSpec, TargetModule
+from loraserve.server.engine import llama
 from loraserve.server.engine.lora import LoRAContext, MultiLoRALinear, is_lora_target
 
 _DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
@@ -51,10 +56,14 @@ class LoadedModel:
     pad_token_id: int
     cache_kwarg: str = "past_key_values"
     """Name of the forward argument taking the KV cache ("cache" in newer transformers)."""
+    own_forward: bool = False
+    """`model` is loraserve's own Llama-family forward (server.engine.llama, paged KV);
+    otherwise a transformers model run through the generic path."""
 
     @property
     def architecture(self) -> str:
-        return type(self.model).__name__
+        names = getattr(self.model.config, "architectures", None)
+        return str(names[0]) if names else type(self.model).__name__
 
     @property
     def model_type(self) -> str:
@@ -95,8 +104,12 @@ def _max_context(model: PreTrainedModel) -> int:
 
 
 def _eos_ids(model: PreTrainedModel, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
+    return _eos_ids_from((model.generation_config, model.config), tokenizer)
+
+
+def _eos_ids_from(sources: tuple, tokenizer: PreTrainedTokenizerBase) -> frozenset[int]:
     ids: set[int] = set()
-    for source in (model.generation_config, model.config):
+    for source in sources:
         value = getattr(source, "eos_token_id", None) if source is not None else None
         if isinstance(value, int):
             ids.add(value)
@@ -156,8 +169,14 @@ def wrap_lora_layers(
     return spec, layers, context
 
 
-def load_base_model(model_path: Path, *, device: str, dtype: str) -> LoadedModel:
-    """Loads a local checkpoint directory, frozen in eval mode, with its LoRA layers wrapped."""
+def load_base_model(
+    model_path: Path, *, device: str, dtype: str, implementation: str = "auto"
+) -> LoadedModel:
+    """Loads a local checkpoint directory, frozen in eval mode, with its LoRA layers wrapped.
+
+    implementation: "auto" runs the Llama family (Llama, Mistral, Qwen2) on loraserve's own
+    forward and everything else through transformers; "generic" forces transformers.
+    """
     model_path = Path(model_path)
     if not (model_path / "config.json").is_file():
         raise ModelLoadError(
@@ -166,8 +185,16 @@ def load_base_model(model_path: Path, *, device: str, dtype: str) -> LoadedModel
         )
     torch_device = resolve_device(device)
     torch_dtype = resolve_dtype(dtype, torch_device)
+    if implementation not in ("auto", "generic"):
+        raise ModelLoadError(f"implementation: unknown choice {implementation!r}")
     try:
         tokenizer = AutoTokenizer.from_pretrained(model_path, local_files_only=True)
+        config = AutoConfig.from_pretrained(model_path, local_files_only=True)
+    except (OSError, ValueError) as exc:
+        raise ModelLoadError(f"model: cannot load {model_path}: {exc}") from exc
+    if implementation == "auto" and llama.unsupported_reason(config) is None:
+        return _load_own(model_path, config, tokenizer, torch_device, torch_dtype)
+    try:
         model = AutoModelForCausalLM.from_pretrained(
             model_path, local_files_only=True, dtype=torch_dtype, use_safetensors=True
         )
@@ -195,6 +222,54 @@ def load_base_model(model_path: Path, *, device: str, dtype: str) -> LoadedModel
         eos_token_ids=eos,
         pad_token_id=int(pad),
         cache_kwarg=_cache_kwarg(model),
+    )
+
+
+def _load_own(
+    model_path: Path,
+    config: PretrainedConfig,
+    tokenizer: PreTrainedTokenizerBase,
+    device: torch.device,
+    dtype: torch.dtype,
+) -> LoadedModel:
+    """The Llama family on loraserve's own forward, read straight from the safetensors."""
+    context = LoRAContext()
+    try:
+        model = llama.load_llama(model_path, config, dtype, device, context)
+    except (OSError, KeyError, ValueError) as exc:
+        raise ModelLoadError(f"model: cannot load {model_path}: {exc}") from exc
+    layers = {n: m for n, m in model.named_modules() if isinstance(m, MultiLoRALinear)}
+    untargetable = frozenset(
+        n for n, m in model.named_modules() if m is model.lm_head or isinstance(m, nn.Embedding)
+    )
+    spec = BaseModelSpec(
+        model_type=str(config.model_type),
+        modules={
+            name: TargetModule(name=name, in_features=m.in_features, out_features=m.out_features)
+            for name, m in layers.items()
+        },
+        untargetable=untargetable,
+    )
+    generation = None
+    with contextlib.suppress(OSError, ValueError):
+        generation = GenerationConfig.from_pretrained(model_path, local_files_only=True)
+    eos = _eos_ids_from((generation, config), tokenizer)
+    pad = tokenizer.pad_token_id
+    if pad is None:
+        pad = min(eos) if eos else 0
+    return LoadedModel(
+        model=model,  # type: ignore[arg-type]
+        tokenizer=tokenizer,
+        spec=spec,
+        lora_layers=layers,  # type: ignore[arg-type]
+        context=context,
+        device=device,
+        dtype=dtype,
+        model_path=model_path,
+        max_context=int(config.max_position_embeddings),
+        eos_token_ids=eos,
+        pad_token_id=int(pad),
+        own_forward=True,
     )
 
 

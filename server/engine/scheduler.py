@@ -11,10 +11,14 @@ Runs on the engine thread. Each iteration:
    decoding; a request whose prompt is complete gets its first token;
 3. runs one decode forward over every decoding row, whatever its tenant or adapter.
 
-A request that finishes, is cancelled or times out leaves at the next step and frees its row
-and adapter pin; a request that arrives while others decode joins at the next iteration. KV
-memory is one preallocated row per request (server.engine.kv_cache): joining or leaving never
-copies anyone else's cache.
+A request that finishes, is cancelled or times out leaves at the next step and frees its
+slot, KV blocks and adapter pin; a request that arrives while others decode joins at the next
+iteration. The decisions are plain data (server.engine.planner: StepPlan, RowPlan, KV blocks);
+the executor (server.engine.executor) owns the model, KV memory, static buffers and graphs.
+With paged KV (the own Llama-family forward) a request holds only the blocks its tokens fill,
+admission counts free blocks, and a request that cannot grow is preempted: its blocks and pin
+are freed and it is requeued at the head, to recompute its prompt and tokens so far when
+readmitted (its caller sees nothing but a pause).
 """
 
 from __future__ import annotations
@@ -28,14 +32,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from loraserve.server.engine import runner
 from loraserve.server.engine.accounting import EngineObserver, step_stats
 from loraserve.server.engine.detokenize import TextState
 from loraserve.server.engine.device_pool import AdapterResolver, DevicePool
+from loraserve.server.engine.executor import ExecutorSettings, make_executor
 from loraserve.server.engine.fair_queue import FairQueue
-from loraserve.server.engine.kv_cache import SlotKVCache
-from loraserve.server.engine.lora import BatchLoRAState
 from loraserve.server.engine.model import LoadedModel
+from loraserve.server.engine.planner import RowPlan, StepPlan, blocks_for, plan_growth
 from loraserve.server.engine.sampling import SamplingFault, make_generator, select_next_tokens
 from loraserve.server.engine.types import (
     AdapterKey,
@@ -83,9 +86,13 @@ class Sequence:
     pages: tuple[int, ...] = ()
     """Its adapter's device pages while pinned (empty for the base model)."""
     row: int = -1
-    """Its KV row while admitted."""
+    """Its batch slot while admitted."""
     prefilled: int = 0
-    """Prompt tokens already in the KV cache."""
+    """Tokens already in the KV cache (prompt, then generated ones as decoding feeds them)."""
+    blocks: list[int] = field(default_factory=list)
+    """Its KV blocks while admitted (paged KV only)."""
+    admitted: int = 0
+    """Admission counter: the most recently admitted are preempted first."""
     generated: list[int] = field(default_factory=list)
     prefill_start: float = 0.0
     first_token_time: float = 0.0
@@ -112,8 +119,25 @@ class Sequence:
         return self.prompt_len + self.max_new_tokens
 
     @property
+    def context_len(self) -> int:
+        """Tokens that must be in the KV cache before the next decode: the prompt and every
+        generated token but the last (which the next decode step feeds)."""
+        return self.prompt_len + max(len(self.generated) - 1, 0)
+
+    def context_ids(self, start: int, end: int) -> list[int]:
+        ids = self.request.prompt_ids
+        if end <= len(ids):
+            return ids[start:end]
+        return (ids + self.generated)[start:end]
+
+    @property
+    def reading(self) -> bool:
+        """Still (re)reading its context: a new prompt, or a preempted request resuming."""
+        return not self.done and self.prefilled < self.context_len
+
+    @property
     def decoding(self) -> bool:
-        return not self.done and bool(self.generated)
+        return not self.done and bool(self.generated) and not self.reading
 
 
 @dataclass(frozen=True)
@@ -133,6 +157,12 @@ class SchedulerSettings:
     """Tokens per KV row (prompt plus completion)."""
     price_per_device_hour: float = 0.0
     """Prices each request's attributed compute seconds for Usage.cost."""
+    kv_cache_bytes: int = 0
+    """Paged KV pool size (0: from kv_cache_fraction on CUDA, full rows on CPU)."""
+    kv_cache_fraction: float = 0.5
+    enforce_eager: bool = False
+    """No CUDA graphs for decode."""
+    max_lora_rank: int = 64
 
 
 PREFETCH_AHEAD = 8
@@ -160,13 +190,29 @@ class Scheduler:
         self._resolver = resolver
         self._settings = settings
         self._observer = observer or EngineObserver()
-        self._cache = SlotKVCache(
-            loaded.model.config,
-            max_rows=settings.max_batch_size,
-            max_len=settings.max_seq_len,
-            dtype=loaded.dtype,
-            device=loaded.device,
+        self.executor = make_executor(
+            loaded,
+            ExecutorSettings(
+                max_batch_size=settings.max_batch_size,
+                max_seq_len=settings.max_seq_len,
+                max_batch_tokens=settings.max_batch_tokens,
+                kv_cache_bytes=settings.kv_cache_bytes,
+                kv_cache_fraction=settings.kv_cache_fraction,
+                enforce_eager=settings.enforce_eager,
+                max_pages_per_row=pool.pages_for(settings.max_lora_rank),
+                adapter_pages=pool.num_pages,
+                page_rank=pool.page_rank,
+            ),
         )
+        self._blocks = self.executor.allocator
+        """The paged KV block pool (None on the generic path: one KV row per slot)."""
+        self._admissions = 0
+        self.decode_seconds = 0.0
+        """Wall seconds spent in decode steps (forward and sampling), for throughput figures."""
+        self.decode_tokens = 0
+        """Tokens those decode steps generated."""
+        self.preemptions = 0
+        """Requests preempted so far (their KV could not grow)."""
         self._rows: list[Sequence | None] = [None] * settings.max_batch_size
         self._waiting: FairQueue[Sequence] = FairQueue()
         self._in_flight: collections.Counter[str] = collections.Counter()
@@ -174,7 +220,6 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._collect_requested = False
-        self._decode_lora: tuple[tuple[int, ...], BatchLoRAState] | None = None
         self.steps = 0
         """Forward passes run so far (prefills and decode steps)."""
         self.prefill_sizes: list[int] = []
@@ -291,6 +336,7 @@ class Scheduler:
         if not free_rows:
             return
         chosen: list[Sequence] = []
+        free_blocks = self._blocks.free_count if self._blocks is not None else 0
         new_keys: set[AdapterKey] = set()
         skipped: list[Sequence] = []
         failed: list[tuple[Sequence, EngineError]] = []
@@ -307,6 +353,12 @@ class Scheduler:
                         (seq, EngineError(ErrorKind.CANCELLED, "the request was cancelled"))
                     )
                     continue
+                if self._blocks is not None:
+                    need = blocks_for(seq.context_len + 1)
+                    if need > free_blocks:
+                        # Arrival order for KV: nobody behind it jumps the queue.
+                        skipped.append(seq)
+                        break
                 if seq.request.adapter is not None:
                     try:
                         key = self._key_of(seq)
@@ -328,6 +380,8 @@ class Scheduler:
                         skipped.append(seq)
                         continue
                     new_keys.add(key)
+                if self._blocks is not None:
+                    free_blocks -= blocks_for(seq.context_len + 1)
                 chosen.append(seq)
                 load[seq.tenant] += 1
             # Requests whose adapter did not fit (or is loading) keep their place at the head.
@@ -347,36 +401,43 @@ class Scheduler:
                 error = EngineError(ErrorKind.INTERNAL, f"adapter load failed: {exc}")
                 self._retire(seq, ErrorEvent(error))
                 continue
+            if self._blocks is not None:
+                blocks = self._blocks.allocate(blocks_for(seq.context_len + 1))
+                assert blocks is not None, "admission counted free blocks"
+                seq.blocks = blocks
             seq.row = free_rows.pop(0)
-            seq.prefill_start = now
+            if not seq.prefill_start:
+                seq.prefill_start = now
+            self._admissions += 1
+            seq.admitted = self._admissions
             self._rows[seq.row] = seq
 
     def _prefill_step(self) -> None:
         """Feeds the next prompt chunk of every request still reading its prompt."""
         self._drop_cancelled()
-        reading = [s for s in self.running if s.prefilled < s.prompt_len]
+        reading = [s for s in self.running if s.reading]
         if not reading:
             return
         decoding = sum(1 for s in self.running if s.decoding)
         budget = max(self._settings.max_batch_tokens - decoding, MIN_PREFILL_CHUNK)
-        inputs: list[runner.RowInput] = []
+        inputs: list[RowPlan] = []
         batch: list[Sequence] = []
         for seq in reading:
             if budget <= 0:
                 break
-            take = min(seq.prompt_len - seq.prefilled, budget)
-            chunk = seq.request.prompt_ids[seq.prefilled : seq.prefilled + take]
-            inputs.append(runner.RowInput(row=seq.row, tokens=chunk, start=seq.prefilled))
+            take = min(seq.context_len - seq.prefilled, budget)
+            chunk = seq.context_ids(seq.prefilled, seq.prefilled + take)
+            inputs.append(self._row_plan(seq, chunk, seq.prefilled))
             batch.append(seq)
             budget -= take
         self.prefill_sizes = [*self.prefill_sizes[-99:], len(batch)]
         started = time.monotonic()
         try:
-            lora = runner.lora_state([s.pages for s in batch], self._loaded.device)
-            logits = runner.forward_rows(self._loaded, self._cache, inputs, lora)  # (batch, vocab)
+            logits = self.executor.execute(StepPlan("prefill", tuple(inputs)))  # (batch, vocab)
             for seq, row_input in zip(batch, inputs, strict=True):
                 seq.prefilled += len(row_input.tokens)
-            complete = [i for i, s in enumerate(batch) if s.prefilled == s.prompt_len]
+            # A resumed (preempted) request already has its next token: it only re-reads.
+            complete = [i for i, s in enumerate(batch) if not s.reading and not s.generated]
             sampled, tokens = self._sample(logits, [batch[i] for i in complete], complete)
         except Exception as exc:
             self._fail_step(batch, exc)
@@ -387,36 +448,61 @@ class Scheduler:
     def _decode_step(self) -> None:
         """One token for every decoding request, in one forward over rows 0..highest."""
         self._drop_cancelled()
+        self._grow_blocks()
         decoding = [s for s in self.running if s.decoding]
         if not decoding:
             return
-        width = max(s.row for s in decoding) + 1
-        inputs = [runner.RowInput(row=i, tokens=[], start=0) for i in range(width)]
-        pages: list[tuple[int, ...]] = [()] * width
-        for seq in decoding:
-            position = seq.prompt_len + len(seq.generated) - 1
-            inputs[seq.row] = runner.RowInput(
-                row=seq.row, tokens=[seq.generated[-1]], start=position
-            )
-            pages[seq.row] = seq.pages
+        decoding.sort(key=lambda s: s.row)
+        inputs = tuple(self._row_plan(s, [s.generated[-1]], s.prefilled) for s in decoding)
         self.decode_sizes = [*self.decode_sizes[-99:], len(decoding)]
         started = time.monotonic()
         try:
-            logits = runner.forward_rows(self._loaded, self._cache, inputs, self._lora_for(pages))
-            sampled, tokens = self._sample(logits, decoding, [s.row for s in decoding])
+            logits = self.executor.execute(StepPlan("decode", inputs))  # (batch, vocab)
+            for seq in decoding:
+                seq.prefilled += 1
+            sampled, tokens = self._sample(logits, decoding, list(range(len(decoding))))
         except Exception as exc:
             self._fail_step(decoding, exc)
             return
-        self._account("decode", time.monotonic() - started, decoding, [1] * len(decoding))
+        elapsed = time.monotonic() - started
+        self.decode_seconds += elapsed
+        self.decode_tokens += len(decoding)
+        self._account("decode", elapsed, decoding, [1] * len(decoding))
         self._advance(sampled, tokens)
 
-    def _lora_for(self, pages: list[tuple[int, ...]]) -> BatchLoRAState:
-        """The decode routing, reused while the rows' adapters stay the same, so every layer's
-        gathered adapter rows are reused across steps too."""
-        signature = tuple(pages)
-        if self._decode_lora is None or self._decode_lora[0] != signature:
-            self._decode_lora = (signature, runner.lora_state(pages, self._loaded.device))
-        return self._decode_lora[1]
+    def _row_plan(self, seq: Sequence, tokens: list[int], start: int) -> RowPlan:
+        return RowPlan(
+            slot=seq.row,
+            tokens=tuple(tokens),
+            start=start,
+            blocks=tuple(seq.blocks),
+            pages=seq.pages,
+        )
+
+    def _grow_blocks(self) -> None:
+        """Gives every decoding request the block its next token needs, preempting the most
+        recently admitted requests when the pool runs out (paged KV only)."""
+        if self._blocks is None:
+            return
+        running = sorted((s for s in self.running if s.decoding), key=lambda s: s.admitted)
+        needed = [blocks_for(s.prefilled + 1) for s in running]
+        held = [len(s.blocks) for s in running]
+        for i in plan_growth(held, needed, self._blocks.free_count):
+            self._preempt(running[i])
+        for seq, need in zip(running, needed, strict=True):
+            if not seq.done and seq.row >= 0 and need > len(seq.blocks):
+                more = self._blocks.allocate(need - len(seq.blocks))
+                assert more is not None, "plan_growth left room"
+                seq.blocks.extend(more)
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Frees a running request's KV blocks, slot and pin and requeues it at the head."""
+        log.info("preempting request %s: the KV pool is full", seq.request.request_id)
+        self.preemptions += 1
+        self._free_resources(seq)
+        seq.prefilled = 0
+        with self._cond:
+            self._waiting.push_front([seq])
 
     def _key_of(self, seq: Sequence) -> AdapterKey:
         """The adapter version a request runs on, resolved once (at prefetch or admission)."""
@@ -572,9 +658,16 @@ class Scheduler:
             self._in_flight[seq.tenant] -= 1
             if self._in_flight[seq.tenant] <= 0:
                 del self._in_flight[seq.tenant]
+        self._free_resources(seq)
+        self._emit(seq, event)
+
+    def _free_resources(self, seq: Sequence) -> None:
         if 0 <= seq.row < len(self._rows) and self._rows[seq.row] is seq:
             self._rows[seq.row] = None
+        seq.row = -1
+        if self._blocks is not None and seq.blocks:
+            self._blocks.free(seq.blocks)
+            seq.blocks = []
         if seq.key is not None and seq.pages:
             self._pool.release(seq.key)
             seq.pages = ()
-        self._emit(seq, event)

@@ -139,20 +139,22 @@ def test_long_prompt_is_read_in_chunks_without_stalling_decoding(
     assert short_tokens_at_long_first_token[0] - short_tokens_at_submit >= 3
 
 
-def test_kv_rows_are_never_recopied(model_and_adapter, tmp_path: Path) -> None:
+def test_kv_blocks_are_never_recopied(model_and_adapter, tmp_path: Path) -> None:
+    """Paged KV: a running request keeps its blocks, and their contents, while others come
+    and go; the pool itself is never reallocated."""
     harness = _harness(model_and_adapter, tmp_path / "data", max_batch_size=4)
     scheduler = harness.engine.scheduler
-    cache = scheduler._cache
-    snapshots: list[tuple[int, torch.Tensor]] = []
+    kv = scheduler.executor.kv
+    snapshots: list[tuple[tuple[int, ...], torch.Tensor]] = []
     pointers: set[int] = set()
 
     def watch(event: object) -> None:
-        keys = cache._keys[0]
-        if keys is not None:
-            pointers.add(keys.data_ptr())
-            row = next((s.row for s in scheduler.running if s.request.prompt_ids == PROMPT), None)
-            if row is not None:
-                snapshots.append((row, keys[row, :, : len(PROMPT)].clone()))
+        pointers.add(kv.data.data_ptr())
+        seq = next((s for s in scheduler.running if s.request.prompt_ids == PROMPT), None)
+        if seq is not None:
+            first = seq.blocks[0]
+            block = kv.data[:, :, first * kv.block_size : first * kv.block_size + len(PROMPT)]
+            snapshots.append((tuple(seq.blocks[:1]), block.clone()))
         events.append(event)
 
     from loraserve.server.engine.engine import SamplingOverrides
@@ -170,11 +172,11 @@ def test_kv_rows_are_never_recopied(model_and_adapter, tmp_path: Path) -> None:
         harness.run([events, *others])
     finally:
         harness.close()
-    assert len(pointers) == 1, "the KV buffer was reallocated"
-    rows = {row for row, _ in snapshots}
-    assert len(rows) == 1, "a running request moved to another row"
+    assert len(pointers) == 1, "the KV pool was reallocated"
+    assert len({blocks for blocks, _ in snapshots}) == 1, "a running request's block moved"
     first = snapshots[0][1]
     assert all(torch.equal(first, snap) for _, snap in snapshots), "its prompt KV changed"
+    assert scheduler.executor.allocator.free_count == scheduler.executor.allocator.capacity
 
 
 def test_prompt_longer_than_context_is_refused(model_and_adapter, tmp_path: Path) -> None:
@@ -189,3 +191,41 @@ def test_prompt_longer_than_context_is_refused(model_and_adapter, tmp_path: Path
         assert len(job[-1].token_ids) == 32 - len(PROMPT), "completion capped by the context"
     finally:
         harness.close()
+
+
+def test_requests_that_cannot_grow_are_preempted_and_finish_as_if_alone(
+    model_and_adapter, tmp_path: Path
+) -> None:
+    """A KV pool of 20 blocks (16 tokens each) for four 80-token requests: the pool runs out
+    mid-generation, the latest admitted requests are preempted and requeued, and every request
+    still produces exactly the tokens it produces alone."""
+    prompts = [[40 + 3 * i + j for j in range(20)] for i in range(4)]
+    adapters = ["a", None, "a", None]
+    alone = [
+        _alone(model_and_adapter, tmp_path / f"alone{i}", p, adapters[i], 60)
+        for i, p in enumerate(prompts)
+    ]
+    probe = _harness(model_and_adapter, tmp_path / "probe")
+    per_block = probe.engine.scheduler.executor.kv.data[:, :, :16].nbytes
+    probe.close()
+    harness = _harness(model_and_adapter, tmp_path / "data", kv_cache_bytes=20 * per_block)
+    scheduler = harness.engine.scheduler
+    try:
+        jobs = [
+            harness.submit(p, adapters[i], max_new_tokens=60, ignore_eos=True)
+            for i, p in enumerate(prompts)
+        ]
+        harness.run(jobs)
+    finally:
+        harness.close()
+    assert scheduler.preemptions > 0, "the pool was meant to run out"
+    for i, job in enumerate(jobs):
+        assert isinstance(job[-1], FinishEvent), job[-1]
+        assert list(job[-1].token_ids) == alone[i], i
+        streamed = [t for e in job[:-1] if isinstance(e, TokenEvent) for t in e.token_ids]
+        assert streamed + list(job[-1].new_token_ids) == alone[i], "each token sent once"
+    allocator = scheduler.executor.allocator
+    assert allocator.free_count == allocator.capacity
+    assert harness.engine.device_pool.resident() and all(
+        pins == 0 for pins in harness.engine.device_pool.resident().values()
+    )

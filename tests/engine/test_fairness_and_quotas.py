@@ -129,9 +129,9 @@ def test_out_of_memory_fails_only_that_step_with_resource_exhausted(
 ) -> None:
     import torch
 
-    from loraserve.server.engine import runner
-
-    real = runner.forward_rows
+    harness = EngineHarness(model, tmp_path)
+    executor = harness.engine.scheduler.executor
+    real = executor.execute
     calls: list[int] = []
 
     def oom_once(*args: object, **kwargs: object) -> torch.Tensor:
@@ -140,8 +140,7 @@ def test_out_of_memory_fails_only_that_step_with_resource_exhausted(
             raise torch.OutOfMemoryError("CUDA out of memory (injected)")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(runner, "forward_rows", oom_once)
-    harness = EngineHarness(model, tmp_path)
+    monkeypatch.setattr(executor, "execute", oom_once)
     try:
         victims = [harness.submit([5, 6, 7], None, max_new_tokens=5) for _ in range(2)]
         harness.run(victims)

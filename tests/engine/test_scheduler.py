@@ -22,7 +22,6 @@ from serving_support import (
 )
 from transformers import AutoTokenizer
 
-from loraserve.server.engine import runner
 from loraserve.server.engine.device_pool import DEFAULT_PAGE_RANK
 from loraserve.server.engine.engine import SamplingOverrides
 from loraserve.server.engine.model import load_base_model
@@ -407,7 +406,8 @@ def test_failed_forward_fails_only_its_batch(
     setup: Setup, make_harness: Callable[..., EngineHarness], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     harness = make_harness()
-    real = runner.forward_rows
+    executor = harness.engine.scheduler.executor
+    real = executor.execute
     calls: list[int] = []
     failures: list[int] = []
 
@@ -418,7 +418,7 @@ def test_failed_forward_fails_only_its_batch(
             raise RuntimeError("injected device fault")
         return real(*args, **kwargs)  # type: ignore[arg-type]
 
-    monkeypatch.setattr(runner, "forward_rows", flaky)
+    monkeypatch.setattr(executor, "execute", flaky)
     failed = [_submit(harness, "a", 0, setup), _submit(harness, None, 1, setup)]
     _run(harness, failed)
     for job in failed:

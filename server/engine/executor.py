@@ -1,0 +1,391 @@
+"""Runs a StepPlan on the model: owns the KV memory, the static buffers and the CUDA graphs.
+
+Two executors, one interface (`execute(plan) -> logits (rows, vocab)`):
+
+* PagedExecutor, for the Llama family on loraserve's own forward (server.engine.llama): KV in
+  blocks of 16 tokens from a pool sized at start; decode reads token ids, positions, validity,
+  block tables and adapter page tables from ONE static int64 device buffer filled by ONE
+  host-to-device copy per step, and on CUDA replays a graph captured at start for the step's
+  (batch bucket, KV-span bucket, adapter-table width). Prefill runs eagerly, rows of similar
+  length grouped so padding stays small.
+* GenericExecutor, for other architectures (GPT-2): the transformers model with one KV row per
+  request (server.engine.kv_cache, server.engine.runner).
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from dataclasses import dataclass
+
+import torch
+
+from loraserve.server.engine import lora_kernels, runner
+from loraserve.server.engine.kv_cache import SlotKVCache
+from loraserve.server.engine.llama import LlamaForCausalLM, PagedKV, StepInputs
+from loraserve.server.engine.model import LoadedModel
+from loraserve.server.engine.planner import BLOCK_SIZE, BlockAllocator, StepPlan, blocks_for
+
+log = logging.getLogger(__name__)
+
+BATCH_BUCKETS = (1, 2, 4, 8, 16, 24, 32)
+"""Decode graph batch sizes; past 32, every multiple of 16 up to max_batch_size."""
+
+
+class StartupError(RuntimeError):
+    """The configuration does not fit the device (raised at start, never on a request)."""
+
+
+@dataclass(frozen=True)
+class ExecutorSettings:
+    max_batch_size: int
+    max_seq_len: int
+    max_batch_tokens: int
+    kv_cache_bytes: int = 0
+    """KV pool size; 0 sizes it from kv_cache_fraction (CUDA) or for max_batch_size full-length
+    requests (CPU)."""
+    kv_cache_fraction: float = 0.5
+    """Share of free device memory (after weights and adapter pages) the KV pool may take."""
+    enforce_eager: bool = False
+    """No CUDA graphs (debugging)."""
+    max_pages_per_row: int = 8
+    """Adapter pages of the largest admitted rank (the widest page table a graph holds)."""
+    adapter_pages: int = 0
+    page_rank: int = 8
+    lora_kernels: bool = True
+    """Triton BGMV kernels for the adapter term where they run (CUDA with Triton); the torch
+    reference otherwise."""
+
+
+def batch_buckets(max_batch_size: int) -> list[int]:
+    buckets = [b for b in BATCH_BUCKETS if b < max_batch_size]
+    b = 48
+    while b < max_batch_size:
+        buckets.append(b)
+        b += 16
+    return sorted({*buckets, max_batch_size})
+
+
+class GenericExecutor:
+    """The transformers path: one preallocated KV row per batch slot."""
+
+    paged = False
+
+    def __init__(self, loaded: LoadedModel, settings: ExecutorSettings) -> None:
+        self._loaded = loaded
+        self.cache = SlotKVCache(
+            loaded.model.config,
+            max_rows=settings.max_batch_size,
+            max_len=settings.max_seq_len,
+            dtype=loaded.dtype,
+            device=loaded.device,
+        )
+        self.allocator: BlockAllocator | None = None
+        self._decode_lora: tuple[tuple, runner.BatchLoRAState] | None = None
+
+    def kv_bytes(self) -> int:
+        return self.cache.nbytes()
+
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Logits (len(plan.rows), vocab) after each row's last token."""
+        device = self._loaded.device
+        if plan.kind == "prefill":
+            inputs = [runner.RowInput(r.slot, list(r.tokens), r.start) for r in plan.rows]
+            lora = runner.lora_state([r.pages for r in plan.rows], device)
+            return runner.forward_rows(self._loaded, self.cache, inputs, lora)
+        width = max(r.slot for r in plan.rows) + 1
+        inputs = [runner.RowInput(row=i, tokens=[], start=0) for i in range(width)]
+        pages: list[tuple[int, ...]] = [()] * width
+        for r in plan.rows:
+            inputs[r.slot] = runner.RowInput(r.slot, list(r.tokens), r.start)
+            pages[r.slot] = r.pages
+        signature = tuple(pages)
+        if self._decode_lora is None or self._decode_lora[0] != signature:
+            # Reused while the rows' adapters stay the same: gathered factors are reused too.
+            self._decode_lora = (signature, runner.lora_state(pages, device))
+        logits = runner.forward_rows(self._loaded, self.cache, inputs, self._decode_lora[1])
+        return logits[[r.slot for r in plan.rows]]
+
+
+class PagedExecutor:
+    """The own Llama-family forward over paged KV, decode in CUDA graphs."""
+
+    paged = True
+
+    def __init__(self, loaded: LoadedModel, settings: ExecutorSettings) -> None:
+        assert isinstance(loaded.model, LlamaForCausalLM)
+        self._loaded = loaded
+        self._model: LlamaForCausalLM = loaded.model
+        self._settings = settings
+        device = loaded.device
+        shape = self._model.shape
+        self._graphs_on = device.type == "cuda" and not settings.enforce_eager
+        if self._graphs_on and settings.adapter_pages:
+            # Graphs read the adapter stacks at fixed addresses: allocate every page now.
+            for group in self._model.groups():
+                group.reserve(settings.adapter_pages, settings.page_rank)
+            # The Triton kernels need every page to exist, which only reserved stacks promise.
+            self._model.lora_kernels = (
+                settings.lora_kernels
+                and lora_kernels.available(device)
+                and lora_kernels.self_check(device, loaded.dtype)
+            )
+            log.info("multi-LoRA: %s", "Triton kernels" if self._model.lora_kernels else "torch")
+        self.max_blocks = blocks_for(settings.max_seq_len)
+        per_block = PagedKV.bytes_per_block(shape, BLOCK_SIZE, loaded.dtype.itemsize)
+        wanted = settings.max_batch_size * self.max_blocks + 1
+        if settings.kv_cache_bytes:
+            num_blocks = settings.kv_cache_bytes // per_block
+        elif device.type == "cuda":
+            free, _ = torch.cuda.mem_get_info(device)
+            num_blocks = min(int(free * settings.kv_cache_fraction) // per_block, wanted)
+        else:
+            num_blocks = wanted
+        if num_blocks - 1 < self.max_blocks:
+            raise StartupError(
+                f"KV pool: {num_blocks * per_block} bytes hold {max(num_blocks - 1, 0)} blocks of "
+                f"{BLOCK_SIZE} tokens, fewer than one {settings.max_seq_len}-token request needs "
+                f"({self.max_blocks}); give it more memory or lower max_seq_len"
+            )
+        try:
+            self.kv = PagedKV(shape, num_blocks, BLOCK_SIZE, loaded.dtype, device)
+        except torch.OutOfMemoryError as exc:
+            raise StartupError(f"KV pool of {num_blocks} blocks does not fit: {exc}") from exc
+        self.allocator = BlockAllocator(num_blocks)
+        m, nb, np_ = settings.max_batch_size, self.max_blocks, settings.max_pages_per_row
+        self._layout = (m, nb, np_)
+        size = 3 * m + m * nb + m * np_
+        # One int64 staging buffer: tokens, positions, valid, block tables, page tables.
+        self._host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
+        self._dev = torch.zeros(size, dtype=torch.long, device=device)
+        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.batch_buckets = batch_buckets(m)
+        self.span_buckets = sorted({min(b, nb) for b in (16, 64, 256, 1024)} | {nb})
+        self.page_buckets = sorted({w for w in (2, np_) if w <= np_}) if np_ else []
+        self._warm_up()
+        if self._graphs_on:
+            started = time.monotonic()
+            try:
+                self._capture()
+            except RuntimeError:
+                # A capture failure must not take the server down: decode runs eagerly.
+                log.exception("CUDA graph capture failed; decoding eagerly")
+                self._graphs.clear()
+            log.info(
+                "captured %d decode graphs in %.1f s", len(self._graphs), time.monotonic() - started
+            )
+
+    def kv_bytes(self) -> int:
+        return self.kv.data.nbytes
+
+    # ---- static buffer views -----------------------------------------------------------------
+
+    def _views(self, buf: torch.Tensor):
+        m, nb, np_ = self._layout
+        tokens, positions, valid = buf[:m], buf[m : 2 * m], buf[2 * m : 3 * m]
+        blocks = buf[3 * m : 3 * m + m * nb].view(m, nb)
+        pages = buf[3 * m + m * nb :].view(m, np_)
+        return tokens, positions, valid, blocks, pages
+
+    def _decode_inputs(self, batch: int, span: int, width: int) -> StepInputs:
+        tokens, positions, valid, blocks, pages = self._views(self._dev)
+        return StepInputs(
+            input_ids=tokens[:batch].view(batch, 1),
+            positions=positions[:batch].view(batch, 1),
+            block_tables=blocks[:batch, :span],
+            valid=valid[:batch].view(batch, 1).bool(),
+            page_table=pages[:batch, :width] if width else None,
+        )
+
+    def _decode_forward(self, batch: int, span: int, width: int) -> torch.Tensor:
+        step = self._decode_inputs(batch, span, width)
+        hidden = self._model(step, self.kv)  # (batch, 1, hidden)
+        return self._model.logits(hidden[:, 0])  # (batch, vocab)
+
+    # ---- start -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def _warm_up(self) -> None:
+        """One largest prefill and one largest decode, writing only the scratch block, so a
+        configuration that does not fit fails now with a clear message."""
+        s = self._settings
+        tokens = min(s.max_batch_tokens, s.max_seq_len)
+        device = self._loaded.device
+        step = StepInputs(
+            input_ids=torch.zeros((1, tokens), dtype=torch.long, device=device),
+            positions=torch.arange(tokens, device=device)[None],
+            block_tables=torch.zeros((1, blocks_for(tokens)), dtype=torch.long, device=device),
+            valid=torch.zeros((1, tokens), dtype=torch.bool, device=device),
+            page_table=self._pages_or_none(1),
+        )
+        try:
+            self._model(step, self.kv)
+            self._dev.zero_()
+            width = self._layout[2] if self._has_stacks() else 0
+            self._decode_forward(s.max_batch_size, self.max_blocks, width)
+            if device.type == "cuda":
+                torch.cuda.synchronize(device)
+        except torch.OutOfMemoryError as exc:
+            raise StartupError(
+                f"warm-up forward ({tokens}-token prefill, batch {s.max_batch_size} decode) is "
+                f"out of device memory; lower max_batch_tokens, max_batch_size or the KV pool: "
+                f"{exc}"
+            ) from exc
+
+    def _has_stacks(self) -> bool:
+        return any(g.a is not None for g in self._model.groups())
+
+    def _pages_or_none(self, batch: int) -> torch.Tensor | None:
+        if not self._has_stacks():
+            return None
+        width = max(1, self._layout[2])
+        return torch.zeros((batch, width), dtype=torch.long, device=self._loaded.device)
+
+    @torch.inference_mode()
+    def _capture(self) -> None:
+        pool = torch.cuda.graph_pool_handle()
+        # Adapter graphs only over stacks that can never move (reserved at start).
+        reserved = all(g.reserved for g in self._model.groups())
+        widths = [0, *self.page_buckets] if reserved else [0]
+        self._dev.zero_()
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            for batch in reversed(self.batch_buckets):
+                for span in self.span_buckets:
+                    for width in widths:
+                        self._decode_forward(batch, span, width)  # warm the kernels up
+                        graph = torch.cuda.CUDAGraph()
+                        with torch.cuda.graph(graph, pool=pool, stream=stream):
+                            out = self._decode_forward(batch, span, width)
+                        self._graphs[(batch, span, width)] = (graph, out)
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    # ---- steps -------------------------------------------------------------------------------
+
+    @torch.inference_mode()
+    def execute(self, plan: StepPlan) -> torch.Tensor:
+        """Logits (len(plan.rows), vocab) after each row's last token."""
+        if plan.kind == "decode":
+            return self._decode(plan)
+        return self._prefill(plan)
+
+    def _decode(self, plan: StepPlan) -> torch.Tensor:
+        _m, _nb, np_ = self._layout
+        rows = plan.rows
+        batch = len(rows)
+        need_span = max(blocks_for(r.start + 1) for r in rows)
+        need_pages = max(len(r.pages) for r in rows)
+        tokens, positions, valid, blocks, pages = self._views(self._host)
+        tokens[:batch] = torch.tensor([r.tokens[0] for r in rows])
+        positions[:batch] = torch.tensor([r.start for r in rows])
+        valid[:batch] = 1
+        # Block and page tables: rows are padded with block / page 0 (scratch / zero page).
+        blocks[:batch] = 0
+        pages[:batch] = 0
+        flat_blocks = [b for r in rows for b in r.blocks[:need_span]]
+        lengths = torch.tensor([min(len(r.blocks), need_span) for r in rows])
+        row_idx = torch.repeat_interleave(torch.arange(batch), lengths)
+        col_idx = torch.arange(len(flat_blocks)) - torch.repeat_interleave(
+            torch.cumsum(lengths, 0) - lengths, lengths
+        )
+        blocks[row_idx, col_idx] = torch.tensor(flat_blocks, dtype=torch.long)
+        if need_pages:
+            flat_pages = [p for r in rows for p in r.pages]
+            plens = torch.tensor([len(r.pages) for r in rows])
+            prow = torch.repeat_interleave(torch.arange(batch), plens)
+            pcol = torch.arange(len(flat_pages)) - torch.repeat_interleave(
+                torch.cumsum(plens, 0) - plens, plens
+            )
+            pages[prow, pcol] = torch.tensor(flat_pages, dtype=torch.long)
+        graph_key = self._graph_key(batch, need_span, need_pages)
+        if graph_key is not None:
+            gbatch = graph_key[0]
+            tokens[batch:gbatch] = 0
+            positions[batch:gbatch] = 0
+            valid[batch:gbatch] = 0
+            blocks[batch:gbatch] = 0
+            pages[batch:gbatch] = 0
+        self._dev.copy_(self._host, non_blocking=True)  # the step's one host-to-device copy
+        if graph_key is not None:
+            graph, out = self._graphs[graph_key]
+            graph.replay()
+            return out[:batch]
+        width = need_pages if need_pages and self._has_stacks() else 0
+        if width > np_:
+            return self._prefill(plan)  # a wider page table than the buffers hold: eager
+        if self._loaded.device.type == "cpu" and width:
+            # The CPU (torch reference) path reuses each layer's gathered adapter rows while
+            # the rows' routing is unchanged: the gather costs as much as the matmuls there.
+            self._model.lora_reuse_key = (batch, width, tuple(r.pages for r in rows))
+        try:
+            return self._decode_forward(batch, need_span, width)
+        finally:
+            self._model.lora_reuse_key = None
+
+    def _graph_key(self, batch: int, span: int, width: int) -> tuple[int, int, int] | None:
+        if not self._graphs:
+            return None
+        gb = next((b for b in self.batch_buckets if b >= batch), None)
+        gs = next((s for s in self.span_buckets if s >= span), None)
+        gw = 0 if width == 0 else next((w for w in self.page_buckets if w >= width), None)
+        if gb is None or gs is None or gw is None:
+            return None
+        return (gb, gs, gw) if (gb, gs, gw) in self._graphs else None
+
+    def _prefill(self, plan: StepPlan) -> torch.Tensor:
+        """Eager; rows grouped by length so a short row is never padded to a long one."""
+        order = sorted(range(len(plan.rows)), key=lambda i: len(plan.rows[i].tokens))
+        budget = max(self._settings.max_batch_tokens, max(len(r.tokens) for r in plan.rows))
+        out: list[torch.Tensor | None] = [None] * len(plan.rows)
+        group: list[int] = []
+        for i in order:
+            longest = len(plan.rows[i].tokens)  # sorted ascending: this row is the longest
+            if group and (len(group) + 1) * longest > budget:
+                self._prefill_group(plan, group, out)
+                group = []
+            group.append(i)
+        if group:
+            self._prefill_group(plan, group, out)
+        return torch.stack(out)  # type: ignore[arg-type]
+
+    def _prefill_group(self, plan: StepPlan, group: list[int], out: list) -> None:
+        rows = [plan.rows[i] for i in group]
+        device = self._loaded.device
+        batch, seq = len(rows), max(len(r.tokens) for r in rows)
+        span = max(blocks_for(r.start + len(r.tokens)) for r in rows)
+        width = max(len(r.pages) for r in rows)
+        ids = torch.zeros((batch, seq), dtype=torch.long)  # (batch, seq), right-padded
+        positions = torch.zeros((batch, seq), dtype=torch.long)
+        valid = torch.zeros((batch, seq), dtype=torch.bool)
+        blocks = torch.zeros((batch, span), dtype=torch.long)
+        pages = torch.zeros((batch, max(width, 1)), dtype=torch.long)
+        for b, r in enumerate(rows):
+            n = len(r.tokens)
+            ids[b, :n] = torch.tensor(r.tokens)
+            positions[b, :n] = torch.arange(r.start, r.start + n)
+            valid[b, :n] = True
+            used = r.blocks[:span]
+            blocks[b, : len(used)] = torch.tensor(used, dtype=torch.long)
+            if r.pages:
+                pages[b, : len(r.pages)] = torch.tensor(r.pages, dtype=torch.long)
+        step = StepInputs(
+            input_ids=ids.to(device),
+            positions=positions.to(device),
+            block_tables=blocks.to(device),
+            valid=valid.to(device),
+            page_table=pages.to(device) if width and self._has_stacks() else None,
+        )
+        hidden = self._model(step, self.kv)  # (batch, seq, hidden)
+        last = torch.tensor([len(r.tokens) - 1 for r in rows], device=device)
+        logits = self._model.logits(hidden[torch.arange(batch, device=device), last])
+        for b, i in enumerate(group):
+            out[i] = logits[b]
+
+
+def make_executor(loaded: LoadedModel, settings: ExecutorSettings):
+    """The paged executor for the own forward, else the generic transformers path."""
+    if loaded.own_forward:
+        return PagedExecutor(loaded, settings)
+    return GenericExecutor(loaded, settings)
