@@ -99,7 +99,7 @@ def compute_ratios(results: Results) -> list[Ratio]:
             Ratio(
                 "cold / warm TTFT",
                 cold.get("cold_over_warm"),
-                2.0,
+                1.5,
                 "<",
                 f"added {_ms(cold['added_ttft_s'], 1)} (cold {_ms(cold['cold_ttft_s'], 1)}, "
                 f"warm {_ms(cold['warm_ttft_s'], 1)})",
