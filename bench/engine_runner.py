@@ -184,7 +184,7 @@ class EngineBench:
 
     def register(self, tenant: str, name: str, adapter_dir: Path) -> None:
         """Uploads a PEFT directory through AdapterService (checksums, validation, commit)."""
-        from loraserve.server.adapter_service import FileDeclaration
+        from loraserve.server.adapter_service import MAX_CHUNK_BYTES, FileDeclaration
 
         files = {
             "config": (Path(adapter_dir) / "adapter_config.json").read_bytes(),
@@ -197,7 +197,8 @@ class EngineBench:
         session = self.service.begin_upload(tenant, name, "", declarations)
         try:
             for kind, data in files.items():
-                session.add_chunk(kind, data)  # type: ignore[arg-type]
+                for offset in range(0, len(data), MAX_CHUNK_BYTES):  # the upload's chunk bound
+                    session.add_chunk(kind, data[offset : offset + MAX_CHUNK_BYTES])  # type: ignore[arg-type]
             session.finish()
         except BaseException:
             session.abort()
