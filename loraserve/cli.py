@@ -39,6 +39,7 @@ LOCAL_COMMANDS = {
     "train": ("loraserve.adapters.train", "main"),
     "eval": ("loraserve.adapters.evaluate", "main"),
     "demo": ("loraserve.demo", "main"),
+    "serve-ray": ("loraserve.server.ray.main", "main"),
 }
 """Commands that work on local files (imported on use: they need torch), by module."""
 
@@ -122,6 +123,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "fine-tune a LoRA adapter from JSONL (see `loraserve train --help`)"),
         ("eval", "exact match, token accuracy, perplexity: base vs adapter"),
         ("demo", "two tenants train, upload and use their own adapters, end to end"),
+        ("serve-ray", "run N replicas on Ray Serve (see `loraserve serve-ray --help`)"),
     ):
         commands.add_parser(name, add_help=False, help=help_text)
     hash_cmd = commands.add_parser(

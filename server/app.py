@@ -8,12 +8,14 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 from pathlib import Path
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loraserve.adapters.shared_store import SharedAdapterStore
 from loraserve.adapters.store import AdapterStore
 from loraserve.server.adapter_service import AdapterService
 from loraserve.server.api.adapters import AdaptersServicer
@@ -64,6 +66,7 @@ class Server:
         )
         self.port = 0
         self.metrics_port = 0
+        self.served_by = config.replica_id or socket.gethostname()
         self.runtime = Runtime()
         self.metrics = Metrics(
             price_per_device_hour=config.price_per_device_hour,
@@ -82,7 +85,8 @@ class Server:
         auth = self.auth = Authorizer(self.registry)
         # grpc.aio registers handlers only before start; they answer UNAVAILABLE until loaded.
         inference_pb2_grpc.add_InferenceServicer_to_server(
-            InferenceServicer(self.runtime, auth, self.request_log), self.grpc_server
+            InferenceServicer(self.runtime, auth, self.request_log, self.served_by),
+            self.grpc_server,
         )
         adapters_pb2_grpc.add_AdaptersServicer_to_server(
             AdaptersServicer(self.runtime, auth, self.metrics), self.grpc_server
@@ -109,7 +113,8 @@ class Server:
             device=config.device,
             dtype=config.dtype,
         )
-        store = await asyncio.to_thread(AdapterStore, Path(config.data_dir) / "adapters")
+        store_class = SharedAdapterStore if config.shared_store else AdapterStore
+        store = await asyncio.to_thread(store_class, Path(config.data_dir) / "adapters")
         adapter_service = AdapterService(config, store, loaded.spec)
         engine = Engine(config, loaded, adapter_service.resolve, adapter_service.load, self.metrics)
         adapter_service.attach_engine(engine.forget_adapter)

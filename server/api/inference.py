@@ -29,10 +29,13 @@ from loraserve.v1 import inference_pb2, inference_pb2_grpc
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     """Thin: authenticate, turn the request into an engine submission, relay its events."""
 
-    def __init__(self, runtime: Runtime, auth: Authorizer, request_log: RequestLogger) -> None:
+    def __init__(
+        self, runtime: Runtime, auth: Authorizer, request_log: RequestLogger, served_by: str = ""
+    ) -> None:
         self._runtime = runtime
         self._auth = auth
         self._log = request_log
+        self._served_by = served_by
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -46,6 +49,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     usage=usage_pb(event.usage),
                     request_id=request_id,
                     adapter_version=event.adapter_version,
+                    served_by=self._served_by,
                 )
         raise AssertionError("the event stream ended without a finish event")
 
@@ -68,6 +72,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     usage=usage_pb(event.usage),
                     request_id=request_id,
                     adapter_version=event.adapter_version,
+                    served_by=self._served_by,
                 )
 
     async def GetServerInfo(
@@ -110,7 +115,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         Leaving early (client gone, deadline) cancels the request inside the engine. Every
         outcome is recorded once (metrics and access log).
         """
-        record = RequestRecord(rpc=rpc, adapter=request.adapter)
+        record = RequestRecord(rpc=rpc, adapter=request.adapter, served_by=self._served_by)
         logged = False
 
         async def fail(exc: Exception, request_id: str = "") -> None:
