@@ -66,9 +66,9 @@ class SharedAdapterStore(AdapterStore):
     def __init__(self, root: Path) -> None:
         root = Path(root)
         (root / "tmp").mkdir(parents=True, exist_ok=True)
-        self._owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # Held for the life of this store (this process): others see the owner alive.
-        self._owner_fd = os.open(root / "tmp" / f"{self._owner}.lock", os.O_RDWR | os.O_CREAT)
+        self._owner_fd = os.open(root / "tmp" / f"{self.owner}.lock", os.O_RDWR | os.O_CREAT)
         fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
         super().__init__(root)
 
@@ -76,11 +76,11 @@ class SharedAdapterStore(AdapterStore):
         # The base class clears self._tmp_dir and checks every stored version; point it at this
         # owner's own directory and do it under the cluster-wide lock.
         shared_tmp = self._tmp_dir
-        self._tmp_dir = shared_tmp / self._owner
+        self._tmp_dir = shared_tmp / self.owner
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         self._lock = _ProcessAndFileLock(self.root / LOCK_FILE)  # type: ignore[assignment]
         with self._lock:
-            _remove_dead_owners(shared_tmp, self._owner)
+            _remove_dead_owners(shared_tmp, self.owner)
             super()._recover()
 
     def _latest(self, tenant: str, name: str) -> AdapterRecord:
