@@ -16,6 +16,7 @@ import os
 import signal
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 from loraserve.server.config import ServerConfig
 
@@ -39,6 +40,9 @@ class RayServeConfig:
     """Ray GPUs per replica; None means 1 when the device is CUDA, else 0."""
     threads_per_replica: int = 0
     """Torch CPU threads per replica; 0 divides this machine's cores among the replicas."""
+    attach: bool = False
+    """Front an application deployed by someone else (a KubeRay RayService): run only the
+    ingress, and leave the application running on exit."""
 
     def validate(self) -> RayServeConfig:
         from loraserve.server.config import ConfigError
@@ -49,6 +53,8 @@ class RayServeConfig:
             raise ConfigError("replica_cpus/replica_gpus: must not be negative")
         if self.threads_per_replica < 0:
             raise ConfigError("threads_per_replica: must not be negative")
+        if self.attach and self.address is None:
+            raise ConfigError("attach: fronting a deployed application needs --address")
         return self
 
 
@@ -76,12 +82,13 @@ def _wants_gpu(config: ServerConfig) -> bool:
     return torch.cuda.is_available()
 
 
-def deploy(config: ServerConfig, cluster: RayServeConfig):
-    """Deploys the replicas (Ray must be initialized); returns the deployment handle."""
+def application(config: ServerConfig, cluster: RayServeConfig):
+    """The Serve application: `cluster.replicas` LoraserveReplica replicas."""
     from ray import serve
 
     from loraserve.server.ray.replica import LoraserveReplica
 
+    config = absolute_paths(config)
     gpus = cluster.replica_gpus
     if gpus is None:
         gpus = 1.0 if _wants_gpu(config) else 0.0
@@ -101,13 +108,31 @@ def deploy(config: ServerConfig, cluster: RayServeConfig):
         health_check_period_s=2.0,
         health_check_timeout_s=30.0,
     )
+    return deployment.bind(config, config.host)
+
+
+def build_app(args: dict[str, Any]):
+    """Serve's application builder, for a RayService's serveConfigV2 or `serve run`.
+
+    `args["flags"]` is the `loraserve serve-ray` command line (the serve flags plus
+    --replicas ...), e.g. `import_path: loraserve.server.ray.launch:build_app` with
+    `args: {flags: ["--replicas", "2", "--data-dir", "/data"]}`.
+    """
+    from loraserve.server.ray.main import parse_configs
+
+    config, cluster = parse_configs([str(flag) for flag in args.get("flags", [])])
+    return application(config, cluster)
+
+
+def deploy(config: ServerConfig, cluster: RayServeConfig):
+    """Deploys the replicas (Ray must be initialized); returns the deployment handle."""
+    from ray import serve
+
     serve.start(proxy_location="Disabled", http_options={"host": "127.0.0.1"})
-    return serve.run(
-        deployment.bind(config, config.host),
-        name=APP_NAME,
-        route_prefix=None,
-        blocking=False,
-    )
+    if cluster.attach:
+        # The application is managed elsewhere (a RayService): only front it.
+        return serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP_NAME)
+    return serve.run(application(config, cluster), name=APP_NAME, route_prefix=None, blocking=False)
 
 
 def init_ray(cluster: RayServeConfig) -> bool:
@@ -152,7 +177,8 @@ async def serve_ray(config: ServerConfig, cluster: RayServeConfig) -> None:
     finally:
         if ingress is not None:
             await ingress.stop(config.grace_seconds)
-        await asyncio.to_thread(serve.delete, APP_NAME)
+        if not cluster.attach:
+            await asyncio.to_thread(serve.delete, APP_NAME)
         if started_ray:
             await asyncio.to_thread(serve.shutdown)
             await asyncio.to_thread(ray.shutdown)

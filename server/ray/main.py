@@ -7,7 +7,7 @@ import asyncio
 import logging
 import sys
 
-from loraserve.server.config import ConfigError
+from loraserve.server.config import ConfigError, ServerConfig
 from loraserve.server.main import add_serve_arguments, config_from_args
 from loraserve.server.ray.launch import RayServeConfig
 
@@ -44,7 +44,30 @@ def build_parser() -> argparse.ArgumentParser:
         default=0,
         help="torch CPU threads per replica (default: this machine's cores / replicas)",
     )
+    parser.add_argument(
+        "--attach",
+        action="store_true",
+        help="only run the ingress, for an application deployed by a KubeRay RayService "
+        "(needs --address)",
+    )
     return parser
+
+
+def configs_from_args(args: argparse.Namespace) -> tuple[ServerConfig, RayServeConfig]:
+    cluster = RayServeConfig(
+        replicas=args.replicas,
+        address=args.address,
+        replica_cpus=args.replica_cpus,
+        replica_gpus=args.replica_gpus,
+        threads_per_replica=args.threads_per_replica,
+        attach=args.attach,
+    ).validate()
+    return config_from_args(args), cluster
+
+
+def parse_configs(argv: list[str]) -> tuple[ServerConfig, RayServeConfig]:
+    """The configs a `loraserve serve-ray` command line describes (RayService's build_app)."""
+    return configs_from_args(build_parser().parse_args(argv))
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -53,14 +76,7 @@ def main(argv: list[str] | None = None) -> int:
         level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s"
     )
     try:
-        config = config_from_args(args)
-        cluster = RayServeConfig(
-            replicas=args.replicas,
-            address=args.address,
-            replica_cpus=args.replica_cpus,
-            replica_gpus=args.replica_gpus,
-            threads_per_replica=args.threads_per_replica,
-        ).validate()
+        config, cluster = configs_from_args(args)
     except ConfigError as exc:
         print(f"loraserve serve-ray: {exc}", file=sys.stderr)
         return 2

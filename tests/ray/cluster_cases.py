@@ -158,15 +158,12 @@ def cluster(model: Path, tenants_file: Path, tmp_path_factory) -> Iterator[Clust
     ]
     log = open(data_dir / "serve-ray.log", "w")  # noqa: SIM115 (closed below)
     process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=log, text=True)
-    lines: list[str] = []
-    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
-    reader.start()
-    reader.join(240)
-    if not lines or "serving on" not in lines[0]:
+    line = _first_line(process, 240)
+    if "serving on" not in line:
         process.kill()
         log.close()
         pytest.fail(f"serve-ray did not start:\n{(data_dir / 'serve-ray.log').read_text()[-4000:]}")
-    port = int(lines[0].split("serving on ")[1].split()[0].rsplit(":", 1)[1])
+    port = int(line.split("serving on ")[1].split()[0].rsplit(":", 1)[1])
     yield Cluster(f"127.0.0.1:{port}", data_dir, process)
     process.send_signal(signal.SIGTERM)  # drains the ingress, then the replicas
     try:
@@ -304,6 +301,52 @@ def test_every_replica_exports_metrics_as_its_own_target(cluster: Cluster) -> No
         with urllib.request.urlopen(url, timeout=10) as response:
             text = response.read().decode()
         assert "loraserve_requests_total" in text
+
+
+def test_a_second_ingress_attaches_to_the_running_application(
+    cluster: Cluster, tenants_file: Path, uploaded: dict
+) -> None:
+    """What the KubeRay manifest's ingress container does: front an app deployed elsewhere."""
+    command = [
+        sys.executable,
+        "-m",
+        "loraserve",
+        "serve-ray",
+        "--attach",
+        "--address",
+        "auto",
+        "--port",
+        "0",
+        "--tenants",
+        str(tenants_file),
+        "--data-dir",
+        str(cluster.data_dir),
+    ]
+    process = subprocess.Popen(
+        command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True
+    )
+    try:
+        line = _first_line(process, 120)
+        assert line and "serving on" in line, line
+        target = "127.0.0.1:" + line.split("serving on ")[1].split()[0].rsplit(":", 1)[1]
+        replica_ids = {r.replica for r in cluster.replicas()}
+        with cluster.client("globex", target) as c:
+            response = c.generate("through the second door", adapter="solo", max_new_tokens=4)
+            assert response.served_by in replica_ids
+    finally:
+        process.send_signal(signal.SIGTERM)
+        assert process.wait(60) == 0
+    # Leaving did not take the application down.
+    with cluster.client("globex") as c:
+        assert c.generate("still here", adapter="solo", max_new_tokens=2).served_by
+
+
+def _first_line(process: subprocess.Popen[str], timeout: float) -> str:
+    lines: list[str] = []
+    reader = threading.Thread(target=lambda: lines.append(process.stdout.readline()), daemon=True)
+    reader.start()
+    reader.join(timeout)
+    return lines[0] if lines else ""
 
 
 def test_killing_a_replica_fails_only_its_in_flight_calls(cluster: Cluster, uploaded: dict) -> None:
