@@ -142,6 +142,8 @@ def init_ray(cluster: RayServeConfig) -> bool:
     if cluster.address is not None:
         ray.init(address=cluster.address, log_to_driver=True)
         return False
+    # Ray runs its workers at nice 15 by default; here the replicas are the service itself.
+    os.environ.setdefault("RAY_worker_niceness", "0")
     ray.init(
         include_dashboard=False,
         _node_ip_address="127.0.0.1",
