@@ -48,9 +48,7 @@ def test_opening_a_store_keeps_a_live_owners_upload_in_progress(tmp_path: Path) 
     txn.write("config", b'{"peft_type": "LORA"}')
     SharedAdapterStore(tmp_path)  # a replica (re)starting on the same root
     txn.write("weights", b"weights")
-    record = txn.commit(
-        {"rank": 4, "alpha": 8.0, "use_rslora": False, "target_modules": ["q"]}
-    )
+    record = txn.commit({"rank": 4, "alpha": 8.0, "use_rslora": False, "target_modules": ["q"]})
     assert first.read_files(record)[1] == b"weights"
 
 
