@@ -39,6 +39,7 @@ pytestmark = pytest.mark.skipif(
 )
 
 LIMITS = ["--max-lora-rank", "32", "--max-new-tokens", "1000", "--max-seq-len", "1024"]
+TENANT_MAX_ADAPTERS = 5
 PROMPTS = ["The capital of", "Once upon a time"]
 # (tenant, adapter name) -> adapter shape; globex reuses a name of acme's on purpose.
 ADAPTERS = {
@@ -154,6 +155,8 @@ def cluster(model: Path, tenants_file: Path, tmp_path_factory) -> Iterator[Clust
         str(data_dir / "access.log"),
         "--grace-seconds",
         "5",
+        "--tenant-max-adapters",
+        str(TENANT_MAX_ADAPTERS),
         *LIMITS,
     ]
     log = open(data_dir / "serve-ray.log", "w")  # noqa: SIM115 (closed below)
@@ -284,6 +287,22 @@ def test_new_versions_and_deletes_are_seen_by_every_replica(
                 with pytest.raises(grpc.RpcError) as err:
                     call()
                 assert err.value.code() == grpc.StatusCode.NOT_FOUND
+
+
+def test_the_adapter_quota_holds_across_replicas(cluster: Cluster, adapter_dirs: dict) -> None:
+    """Uploads land on either replica; each counts the tenant's adapters in the shared store."""
+    directory = adapter_dirs["acme", "mlp"]
+    with cluster.client("acme") as c:
+        extra = [f"extra-{i}" for i in range(TENANT_MAX_ADAPTERS - len(c.list_adapters()))]
+        for name in extra:
+            c.upload_adapter(directory, name)
+        for _ in range(6):  # uploads and lists go to the less loaded of the two replicas
+            with pytest.raises(grpc.RpcError) as err:
+                c.upload_adapter(directory, "one-too-many")
+            assert err.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+        for name in extra:
+            c.delete_adapter(name)
+        assert len(c.list_adapters()) == TENANT_MAX_ADAPTERS - len(extra)
 
 
 def test_every_replica_exports_metrics_as_its_own_target(cluster: Cluster) -> None:
