@@ -38,7 +38,7 @@ def _first_line(process: subprocess.Popen[str], timeout: float) -> str:
     return lines[0] if lines else ""
 
 
-def run_one(replicas: int, bench_args: list[str], out_dir: Path) -> dict:
+def run_one(replicas: int, threads: int, bench_args: list[str], out_dir: Path) -> dict:
     s = settings_from_args(["--only", "grpc", *bench_args])
     model_dir = bench_model_path(
         s.size,
@@ -59,7 +59,8 @@ def run_one(replicas: int, bench_args: list[str], out_dir: Path) -> dict:
         extra=s.engine_opts,
     )
     argv = [sys.executable, "-m", "loraserve", "serve-ray", "--replicas", str(replicas)]
-    argv += ["--port", "0", *[x for kv in flags.items() for x in kv]]
+    argv += ["--threads-per-replica", str(threads), "--port", "0"]
+    argv += [x for kv in flags.items() for x in kv]
     out_dir.mkdir(parents=True, exist_ok=True)
     with open(out_dir / "serve-ray.log", "w") as log:
         cluster = subprocess.Popen(argv, stdout=subprocess.PIPE, stderr=log, text=True)
@@ -75,28 +76,38 @@ def run_one(replicas: int, bench_args: list[str], out_dir: Path) -> dict:
             cluster.send_signal(signal.SIGTERM)
             cluster.wait(120)
     grpc = json.loads((out_dir / "bench.json").read_text())["grpc"]
-    return {"replicas": replicas, **grpc}
+    return {"replicas": replicas, "threads_per_replica": threads, **grpc}
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m loraserve.bench.ray_scaleout")
     parser.add_argument("--replicas", default="1,2", help="replica counts, e.g. 1,2")
+    parser.add_argument(
+        "--threads-per-replica",
+        type=int,
+        default=0,
+        help="torch threads per replica (0: the cores divided among the replicas)",
+    )
     parser.add_argument("--out", type=Path, default=Path("bench/results/scaleout"))
     parser.add_argument("bench_args", nargs="*", help="after --: `loraserve bench` flags")
     args = parser.parse_args(argv)
     cores = len(os.sched_getaffinity(0))
-    runs = [
-        run_one(int(n), args.bench_args, args.out / f"replicas-{n}")
-        for n in args.replicas.split(",")
-    ]
+    runs = []
+    for n in (int(x) for x in args.replicas.split(",")):
+        threads = args.threads_per_replica or max(1, cores // n)
+        runs.append(run_one(n, threads, args.bench_args, args.out / f"replicas-{n}"))
     summary = {"cpu_cores": cores, "bench_args": args.bench_args, "runs": runs}
     (args.out / "scaleout.json").write_text(json.dumps(summary, indent=2))
     print(f"\nscale-out on {cores} CPU cores (all replicas, Ray and the client share them)")
-    print(f"{'replicas':>8} {'mode':>10} {'tokens/s':>10} {'TTFT p50 s':>11} {'TTFT p99 s':>11}")
+    print(
+        f"{'replicas':>8} {'threads':>7} {'mode':>10} {'tokens/s':>10} "
+        f"{'TTFT p50 s':>11} {'TTFT p99 s':>11}"
+    )
     for run in runs:
         for mode, m in run["modes"].items():
             print(
-                f"{run['replicas']:>8} {mode:>10} {m['tokens_per_s']:>10.1f} "
+                f"{run['replicas']:>8} {run['threads_per_replica']:>7} {mode:>10} "
+                f"{m['tokens_per_s']:>10.1f} "
                 f"{m['ttft_p50_s']:>11.3f} {m['ttft_p99_s']:>11.3f}"
             )
     print(f"JSON: {args.out / 'scaleout.json'}")

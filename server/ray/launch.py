@@ -154,6 +154,11 @@ def init_ray(cluster: RayServeConfig) -> bool:
 
 async def serve_ray(config: ServerConfig, cluster: RayServeConfig) -> None:
     """Runs until SIGTERM or SIGINT, then drains the ingress and the replicas and returns."""
+    # The ingress's router asks a replica for its queue length before sending it a request; if
+    # the answer is late it routes away, even from the replica holding the request's adapter.
+    # Wait up to 1 s (Ray's default is 0.1 s): on a busy host, affinity is worth the wait.
+    # Read when ray.serve is first imported, so set before that.
+    os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
     import ray
     from ray import serve
 
