@@ -159,6 +159,9 @@ async def serve_ray(config: ServerConfig, cluster: RayServeConfig) -> None:
     # Wait up to 1 s (Ray's default is 0.1 s): on a busy host, affinity is worth the wait.
     # Read when ray.serve is first imported, so set before that.
     os.environ.setdefault("RAY_SERVE_QUEUE_LENGTH_RESPONSE_DEADLINE_S", "1.0")
+    # Likewise, keep trying the replicas that hold the adapter for 5 s (Ray's default: 1 to 2 s)
+    # before falling back to the replicas holding the fewest adapters.
+    os.environ.setdefault("RAY_SERVE_MULTIPLEXED_MODEL_ID_MATCHING_TIMEOUT_S", "5.0")
     import ray
     from ray import serve
 
