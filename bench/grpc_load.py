@@ -15,9 +15,12 @@ import logging
 import time
 from dataclasses import dataclass
 
+import numpy as np
+
 from loraserve.bench.context import BenchContext
 from loraserve.bench.grpc_server import serve_flags, start_server
 from loraserve.bench.stats import RequestResult, RunResult, median, percentile
+from loraserve.bench.workloads import popularity
 
 log = logging.getLogger("bench")
 
@@ -140,22 +143,30 @@ async def _drive(ctx: BenchContext, server, concurrency: int) -> dict:
     s = ctx.settings
     tokenizer = build_tokenizer()
     config = ClientConfig(target=server.target, timeout_s=max(600.0, 2 * s.grpc_duration_s))
+    # A shared target may hold adapters of an earlier run: names unique to this run.
+    prefix = f"g{int(time.time()) % 100000:05d}-" if s.grpc_target else "g"
     async with AsyncLoraServeClient(config) as client:
         await _wait_serving(client, server, 300.0)
         names = []
         started = time.perf_counter()
         for index, directory in enumerate(ctx.adapter_dirs(s.adapters)):
-            name = f"g{index:04d}"
+            name = f"{prefix}{index:04d}"
             await client.upload_adapter(directory, name)
             names.append(name)
         upload_s = time.perf_counter() - started
         prompts = [
             tokenizer.decode(list(ctx.prompt(s.prompt_len, i))) for i in range(s.grpc_requests)
         ]
+        if s.grpc_popularity == "zipf":
+            rng = np.random.default_rng(s.seed)
+            picks = popularity("skewed", len(prompts), len(names), rng, s.skew_alpha)
+        else:
+            picks = [i % len(names) for i in range(len(prompts))]
         workloads = {
             "base": [GrpcRequest(p, "", s.output_len) for p in prompts],
             "loraserve": [
-                GrpcRequest(p, names[i % len(names)], s.output_len) for i, p in enumerate(prompts)
+                GrpcRequest(p, names[pick], s.output_len)
+                for pick, p in zip(picks, prompts, strict=True)
             ],
         }
         for requests in workloads.values():  # warm-up: code paths and adapter pages
@@ -169,7 +180,8 @@ async def _drive(ctx: BenchContext, server, concurrency: int) -> dict:
                 log.info("  grpc %-9s %8.1f tokens/s", mode, result.run.tokens_per_s)
     out = {mode: _summary(r, s.stat) for mode, r in runs.items()}
     return {
-        "server": s.grpc_server,
+        "server": s.grpc_target or s.grpc_server,
+        "popularity": s.grpc_popularity,
         "concurrency": concurrency,
         "requests_per_run": s.grpc_requests,
         "duration_cap_s": s.grpc_duration_s,
@@ -179,9 +191,22 @@ async def _drive(ctx: BenchContext, server, concurrency: int) -> dict:
     }
 
 
+@dataclass
+class ExternalServer:
+    """A server or cluster someone else runs (`--grpc-target`): nothing to start or stop."""
+
+    target: str
+
+    def stop(self) -> None:
+        pass
+
+
 def run_grpc(ctx: BenchContext) -> dict:
     s = ctx.settings
     concurrency = s.grpc_concurrency or s.batch
+    if s.grpc_target:
+        log.info("gRPC: loading %s (concurrency %d)", s.grpc_target, concurrency)
+        return asyncio.run(_drive(ctx, ExternalServer(s.grpc_target), concurrency))
     flags = serve_flags(
         ctx.model_dir,
         ctx.work_dir / "grpc-data",

@@ -73,6 +73,11 @@ class BenchSettings:
     """0 means --batch."""
     grpc_duration_s: float = 120.0
     grpc_server: str = "process"
+    grpc_target: str = ""
+    """HOST:PORT of a running server or cluster (`loraserve serve-ray`) to load instead of
+    starting one; its adapters are uploaded through it."""
+    grpc_popularity: str = "roundrobin"
+    """How loraserve-mode requests pick adapters: roundrobin, or zipf (alpha --skew-alpha)."""
     out_dir: Path = Path("bench/results")
     cache_dir: Path = field(default_factory=default_cache_dir)
     work_dir: Path | None = None
@@ -164,6 +169,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--grpc-concurrency", type=int, default=d.grpc_concurrency, help="0: --batch")
     a("--grpc-duration", type=float, default=None, dest="grpc_duration_s")
     a("--grpc-server", choices=["process", "thread"], default=d.grpc_server)
+    a("--grpc-target", default=d.grpc_target, metavar="HOST:PORT", help="load a running server")
+    a("--grpc-popularity", choices=["roundrobin", "zipf"], default=d.grpc_popularity)
     a("--out", type=Path, default=d.out_dir, dest="out_dir", help="results directory")
     a("--cache-dir", type=Path, default=None, help="model and adapter cache")
     a("--work-dir", type=Path, default=None, help="scratch (adapter stores); default a temp dir")

@@ -1,6 +1,6 @@
 """`loraserve train`: supervised LoRA fine-tuning with PEFT on a frozen base model, on CPU or GPU.
 
-From a JSONL dataset (see :mod:`adapters.datasets`) to a standard PEFT adapter directory that
+From a JSONL dataset (see `finetune.datasets`) to a standard PEFT adapter directory that
 uploads to loraserve unchanged:
 
     out/adapter_config.json         plain LoRA (checked with adapters.config before saving)

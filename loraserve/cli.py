@@ -56,6 +56,13 @@ def main(argv: list[str] | None = None) -> int:
         local, rest = LOCAL_COMMANDS[argv[0]], argv[1:]
     elif argv[:2] == ["adapters", "inspect"]:
         local, rest = ("loraserve.finetune.inspect", "main"), argv[2:]
+    if argv and argv[0] == "serve-ray":
+        from loraserve.server.ray.main import main as serve_ray_main  # Ray is an optional extra
+
+        try:
+            return serve_ray_main(argv[1:], _embedded_model)
+        except SystemExit as e:
+            return _exit_code(e)
     if local is not None:
         try:  # imported on use: these need torch
             return int(getattr(importlib.import_module(local[0]), local[1])(rest))
@@ -124,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
         ("train", "fine-tune a LoRA adapter from JSONL (see `loraserve train --help`)"),
         ("eval", "exact match, token accuracy, perplexity: base vs adapter"),
         ("demo", "two tenants train, upload and use their own adapters, end to end"),
+        ("serve-ray", "run N replicas on Ray Serve (see `loraserve serve-ray --help`)"),
     ):
         commands.add_parser(name, add_help=False, help=help_text)
     hash_cmd = commands.add_parser(
@@ -162,7 +170,7 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tenant", default="", help="admin only: the owning tenant")
         sub.set_defaults(handler=handler)
 
-    # Local work on an adapter directory; its flags belong to adapters.inspect (imported on use).
+    # Local work on an adapter directory; its flags belong to finetune.inspect (imported on use).
     adapter_commands.add_parser(
         "inspect",
         add_help=False,

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import socket
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -52,6 +53,8 @@ class Server:
         )
         self.port = 0
         self.metrics_port = 0
+        self.served_by = config.replica_id or socket.gethostname()
+        """Names this replica in responses and the access log (Ray's replica tag, or the host)."""
         self.runtime = Runtime(self.config)
         self.metrics = Metrics(
             price_per_device_hour=config.price_per_device_hour,
@@ -72,7 +75,7 @@ class Server:
         # Registered through wire.add_guarded: undecodable request bytes are INVALID_ARGUMENT.
         add_guarded(
             inference_pb2_grpc.add_InferenceServicer_to_server,
-            InferenceServicer(self.runtime, auth, self.request_log),
+            InferenceServicer(self.runtime, auth, self.request_log, self.served_by),
             self.grpc_server,
         )
         add_guarded(

@@ -116,6 +116,12 @@ class ServerConfig:
     """Where the JSON access log goes: "-" for stderr, a file path, or "" to disable."""
     access_log_content: bool = False
     """Also log prompts and completions (off by default: tenants' data stays private)."""
+    replica_id: str = ""
+    """Stable id of this server replica, sent as `served_by` and logged; "" means the host name
+    (`loraserve serve-ray` sets the Ray Serve replica id)."""
+    shared_store: bool = False
+    """The data directory is shared with other server processes (Ray Serve replicas): no cached
+    latest records, cross-process file locks (adapters.shared_store)."""
 
     def validate(self) -> ServerConfig:
         """Checks bounds and cross-field rules; returns self for chaining."""

@@ -232,9 +232,16 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--log-level", default="INFO")
 
 
-def model_from_args(args: argparse.Namespace, embedded_model: EmbeddedModel | None) -> Path:
-    """The checkpoint directory to serve; raises ConfigError when none was given."""
+def model_from_args(
+    args: argparse.Namespace, embedded_model: EmbeddedModel | None, *, needs_model: bool = True
+) -> Path | None:
+    """The checkpoint directory to serve; raises ConfigError when none was given.
+
+    `needs_model=False` (an ingress that only forwards, `serve-ray --attach`) allows none.
+    """
     choice = args.model
+    if choice is None and not needs_model:
+        return None
     if choice is None:
         if args.tenants is not None:
             raise ConfigError(NO_MODEL_MESSAGE)
@@ -254,11 +261,14 @@ def model_from_args(args: argparse.Namespace, embedded_model: EmbeddedModel | No
 
 
 def config_from_args(
-    args: argparse.Namespace, embedded_model: EmbeddedModel | None = None
+    args: argparse.Namespace,
+    embedded_model: EmbeddedModel | None = None,
+    *,
+    needs_model: bool = True,
 ) -> ServerConfig:
     """The validated ServerConfig of the flags; `embedded_model` builds `--model embedded`."""
     return ServerConfig(
-        model_path=model_from_args(args, embedded_model),
+        model_path=model_from_args(args, embedded_model, needs_model=needs_model),
         host=args.host,
         port=args.port,
         data_dir=args.data_dir,

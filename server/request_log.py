@@ -56,6 +56,7 @@ class RequestRecord:
     finish_reason: str = ""
     prompt: str | None = None
     completion: str | None = None
+    served_by: str = ""
 
 
 class RequestLogger:
@@ -100,6 +101,8 @@ class RequestLogger:
             "adapter_version": rec.adapter_version,
             "status": clip(rec.outcome),
         }
+        if rec.served_by:
+            line["served_by"] = rec.served_by
         if rec.message:
             line["message"] = clip(rec.message)
         if usage is not None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
+from loraserve.adapters.shared_store import SharedAdapterStore
 from loraserve.adapters.store import AdapterStore
 from loraserve.server.adapter_service import AdapterService
 from loraserve.server.config import ConfigError, ServerConfig
@@ -50,7 +51,9 @@ def build_runtime(
             "random-weight test model)"
         )
     loaded = load_base_model(Path(config.model_path), device=config.device, dtype=config.dtype)
-    store = AdapterStore(Path(config.data_dir) / "adapters")
+    # One store shared by several replicas (serve-ray) keeps no per-process "latest" cache.
+    store_class = SharedAdapterStore if config.shared_store else AdapterStore
+    store = store_class(Path(config.data_dir) / "adapters")
     adapter_service = AdapterService(config, store, loaded.spec)
     engine = Engine(
         config.engine_config(),

@@ -36,10 +36,13 @@ from loraserve.v1 import inference_pb2, inference_pb2_grpc
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     """Thin: authenticate, turn the request into an engine submission, relay its events."""
 
-    def __init__(self, runtime: Runtime, auth: Authorizer, request_log: RequestLogger) -> None:
+    def __init__(
+        self, runtime: Runtime, auth: Authorizer, request_log: RequestLogger, served_by: str = ""
+    ) -> None:
         self._runtime = runtime
         self._auth = auth
         self._log = request_log
+        self._served_by = served_by
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -53,6 +56,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     usage=usage_pb(event.usage),
                     request_id=request_id,
                     adapter_version=event.adapter_version,
+                    served_by=self._served_by,
                 )
         raise AssertionError("the event stream ended without a finish event")
 
@@ -75,6 +79,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     usage=usage_pb(event.usage),
                     request_id=request_id,
                     adapter_version=event.adapter_version,
+                    served_by=self._served_by,
                 )
 
     async def GetServerInfo(
@@ -121,7 +126,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         """
         # The adapter name is logged only once the caller is authenticated (and clipped by the
         # logger): an anonymous caller must not be able to write its free text into the log.
-        record = RequestRecord(rpc=rpc)
+        record = RequestRecord(rpc=rpc, served_by=self._served_by)
         logged = False
 
         async def fail(exc: Exception, request_id: str = "") -> None:

@@ -1,4 +1,4 @@
-"""adapters.datasets: JSONL parsing with line-numbered errors, and loss masks per format."""
+"""finetune.datasets: JSONL parsing with line-numbered errors, and loss masks per format."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""Rank advice (adapters.inspect): effective rank on updates of known rank, and SVD truncation.
+"""Rank advice (finetune.inspect): effective rank on updates of known rank, and SVD truncation.
 
 The synthetic adapters have dW = scale * B @ A = U diag(s) V^T of exactly rank k < r, hidden
 behind a random invertible r x r mix (A -> M A, B -> B M^-1), so no row or column is visibly zero.

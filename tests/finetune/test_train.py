@@ -1,4 +1,4 @@
-"""adapters.train: LoRA fine-tuning learns made-up facts, saves a servable adapter, is seeded."""
+"""finetune.train: LoRA fine-tuning learns made-up facts, saves a servable adapter, is seeded."""
 
 from __future__ import annotations
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import math
 import shutil
+import socket
 import subprocess
 import time
 import urllib.request
@@ -155,3 +156,15 @@ def test_cancelled_and_deadline_outcomes_are_counted(metered: BackgroundServer) 
     ):
         assert time.monotonic() < deadline, "cancel/deadline outcomes were not recorded"
         time.sleep(0.05)
+
+
+def test_served_by_names_this_server_in_responses_and_access_log(metered: BackgroundServer) -> None:
+    with client_for(metered, "acme") as c:
+        response = c.generate("who served me", max_new_tokens=3)
+        stream = list(c.generate_stream("who served me", max_new_tokens=3))
+    assert response.served_by == socket.gethostname()  # no replica_id configured
+    assert stream[-1].served_by == socket.gethostname()
+    assert all(not m.served_by for m in stream[:-1])
+    lines = [json.loads(x) for x in Path(metered.config.access_log).read_text().splitlines()]
+    mine = [x for x in lines if x["request_id"] == response.request_id]
+    assert len(mine) == 1 and mine[0]["served_by"] == socket.gethostname()

@@ -74,6 +74,12 @@ def test_no_model_with_tenants_is_refused(tmp_path: Path) -> None:
     assert "random" in str(err.value)
 
 
+def test_a_forwarding_ingress_needs_no_model(tmp_path: Path) -> None:
+    """`serve-ray --attach` loads no model; only it may leave --model out with tenants."""
+    args = _parse("--tenants", str(tmp_path / "t.toml"))
+    assert config_from_args(args, _embedded, needs_model=False).model_path is None
+
+
 def test_no_metrics_disables_and_port_zero_picks_a_free_one() -> None:
     assert config_from_args(_parse("--no-metrics"), _embedded).metrics_port is None
     assert config_from_args(_parse("--metrics-port", "0"), _embedded).metrics_port == 0
