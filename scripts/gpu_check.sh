@@ -13,6 +13,12 @@ out="${OUT:-/tmp/gpu_check}"
 mkdir -p "$out"
 export LORASERVE_CACHE="${LORASERVE_CACHE:-/tmp/lscache}" HF_HUB_OFFLINE=1 PYTHONUNBUFFERED=1
 py="${PYTHON:-python3}"
+# GPU_WHEELS=DIR: wheels the machine lacks or has too old (grpcio >= 1.85.1 for the stubs,
+# grpcio-health-checking, grpcio-reflection), installed beside its own packages.
+if [ -n "${GPU_WHEELS:-}" ]; then
+  "$py" -m pip install -q --no-index --no-deps --upgrade --target /tmp/gpu_site "$GPU_WHEELS"/*.whl \
+    && export PYTHONPATH="/tmp/gpu_site${PYTHONPATH:+:$PYTHONPATH}"
+fi
 skip="${GPU_CHECK_SKIP:-}"
 repeats="${GPU_CHECK_REPEATS:-2}"
 anchor="${ANCHOR:-}"

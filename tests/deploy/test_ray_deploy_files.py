@@ -125,11 +125,12 @@ def test_ingress_container_runs_serve_ray_attached_and_the_service_reaches_it() 
     assert svc["spec"]["selector"]["ray.io/node-type"] == "head"
 
 
-def test_build_app_turns_the_flags_into_a_serve_application() -> None:
+def test_build_app_turns_the_flags_into_a_serve_application(tmp_path: Path) -> None:
     pytest.importorskip("ray", reason="Ray is the optional extra loraserve[ray]")
     from ray.serve import Application
 
     from loraserve.server.ray.launch import build_app
 
-    app = build_app({"flags": ["--replicas", "3", "--device", "cpu"]})
+    # A RayService names its checkpoint (the manifest mounts one); nothing is loaded here.
+    app = build_app({"flags": ["--replicas", "3", "--device", "cpu", "--model", str(tmp_path)]})
     assert isinstance(app, Application)
