@@ -204,6 +204,13 @@ def check_safetensors(
     """
     view = memoryview(data).cast("B")  # index by byte whatever the caller's view format
     header, data_start = _parse_header(view, max_header_bytes)
+    tensors = _check_entries(header, max_tensors)
+    _check_tiling(tensors, len(view) - data_start)
+    return tensors
+
+
+def _check_entries(header: dict[str, Any], max_tensors: int) -> dict[str, TensorHeader]:
+    """The header's metadata and tensor entries checked, at most `max_tensors` of them."""
     entries = {name: entry for name, entry in header.items() if name != _METADATA_KEY}
     if _METADATA_KEY in header:
         _check_metadata(header[_METADATA_KEY])
@@ -211,9 +218,7 @@ def check_safetensors(
         raise AdapterTooLargeError(
             WEIGHTS_FILE, f"has {len(entries)} tensors; at most {max_tensors} are accepted"
         )
-    tensors = {name: _check_entry(name, entry) for name, entry in entries.items()}
-    _check_tiling(tensors, len(view) - data_start)
-    return tensors
+    return {name: _check_entry(name, entry) for name, entry in entries.items()}
 
 
 def header_bytes_needed(head: bytes | memoryview, file_size: int | None = None) -> int | None:
@@ -254,13 +259,6 @@ def check_safetensors_head(
     if needed is None or len(view) < needed:
         raise ValueError("check_safetensors_head needs the whole header")
     header, data_start = _parse_header(view[:needed], DEFAULT_MAX_HEADER_BYTES)
-    entries = {name: entry for name, entry in header.items() if name != _METADATA_KEY}
-    if _METADATA_KEY in header:
-        _check_metadata(header[_METADATA_KEY])
-    if len(entries) > max_tensors:
-        raise AdapterTooLargeError(
-            WEIGHTS_FILE, f"has {len(entries)} tensors; at most {max_tensors} are accepted"
-        )
-    tensors = {name: _check_entry(name, entry) for name, entry in entries.items()}
+    tensors = _check_entries(header, max_tensors)
     _check_tiling(tensors, file_size - data_start)
     return tensors
