@@ -17,21 +17,26 @@ from loraserve.adapters.weights import lora_keys
 from loraserve.server.adapter_service import FileDeclaration
 
 COUNT = 200
+RANK = 32
 
 
 def _write_adapter(service, tenant: str, name: str, spec, seed: int) -> None:
-    """Uploads a rank-2 q_proj adapter through the real upload path."""
+    """Uploads a rank-RANK adapter on every target layer through the real upload path.
+
+    Sized so 200 of them hold about 50 MB in each tier: far above the allocator noise (a few
+    MB) that process RSS shows, so the check below measures the adapters, not the noise.
+    """
     import hashlib
 
     generator = torch.Generator().manual_seed(seed)
     tensors = {}
-    targets = [m for m in spec.modules.values() if m.name.endswith("q_proj")]
-    for module in targets:
+    for module in spec.modules.values():
         key_a, key_b = lora_keys(module.name)
-        tensors[key_a] = torch.randn(2, module.in_features, generator=generator) * 0.1
-        tensors[key_b] = torch.randn(module.out_features, 2, generator=generator) * 0.1
+        tensors[key_a] = torch.randn(RANK, module.in_features, generator=generator) * 0.1
+        tensors[key_b] = torch.randn(module.out_features, RANK, generator=generator) * 0.1
+    targets = sorted({m.name.rsplit(".", 1)[-1] for m in spec.modules.values()})
     config = json.dumps(
-        {"peft_type": "LORA", "r": 2, "lora_alpha": 4, "target_modules": ["q_proj"]}
+        {"peft_type": "LORA", "r": RANK, "lora_alpha": 2 * RANK, "target_modules": targets}
     ).encode()
     weights = save(tensors)
     files = {"config": config, "weights": weights}
