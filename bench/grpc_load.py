@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from loraserve.bench.context import BenchContext
-from loraserve.bench.grpc_server import serve_flags, start_server
+from loraserve.bench.grpc_server import settings_serve_flags, start_server
 from loraserve.bench.stats import RequestResult, RunResult, median, percentile
 from loraserve.bench.workloads import popularity
 
@@ -207,17 +207,7 @@ def run_grpc(ctx: BenchContext) -> dict:
     if s.grpc_target:
         log.info("gRPC: loading %s (concurrency %d)", s.grpc_target, concurrency)
         return asyncio.run(_drive(ctx, ExternalServer(s.grpc_target), concurrency))
-    flags = serve_flags(
-        ctx.model_dir,
-        ctx.work_dir / "grpc-data",
-        device=s.device,
-        dtype=s.dtype,
-        max_batch_size=s.batch,
-        device_adapters=s.engine_device_adapters,
-        max_rank=s.rank,
-        max_new_tokens=max(s.output_len, 8),
-        extra=s.engine_opts,
-    )
+    flags = settings_serve_flags(s, ctx.model_dir, ctx.work_dir / "grpc-data")
     log.info("gRPC: starting a %s server (concurrency %d)", s.grpc_server, concurrency)
     with ctx.timed("grpc_server_start_s"):
         server = start_server(s.grpc_server, flags, s.out_dir / "grpc-server.log")

@@ -14,6 +14,7 @@ from pathlib import Path
 from typing import Literal
 
 from loraserve.bench.engine_runner import device_budget_bytes
+from loraserve.bench.settings import BenchSettings
 from loraserve.server.background import BackgroundServer, ServerProcess
 
 BenchServer = BackgroundServer | ServerProcess
@@ -50,6 +51,23 @@ def serve_flags(
     for key, value in extra:
         flags["--" + key.replace("_", "-")] = value
     return flags
+
+
+def settings_serve_flags(
+    s: BenchSettings, model_dir: Path, data_dir: Path
+) -> dict[str, str | None]:
+    """serve_flags() of a bench run's settings: the server every gRPC part starts."""
+    return serve_flags(
+        model_dir,
+        data_dir,
+        device=s.device,
+        dtype=s.dtype,
+        max_batch_size=s.batch,
+        device_adapters=s.engine_device_adapters,
+        max_rank=s.rank,
+        max_new_tokens=max(s.output_len, 8),
+        extra=s.engine_opts,
+    )
 
 
 def as_argv(flags: dict[str, str | None]) -> list[str]:

@@ -25,7 +25,7 @@ import tempfile
 import threading
 from pathlib import Path
 
-from loraserve.bench.grpc_server import serve_flags
+from loraserve.bench.grpc_server import settings_serve_flags
 from loraserve.bench.models import bench_model_path
 from loraserve.bench.settings import settings_from_args
 
@@ -47,17 +47,7 @@ def run_one(replicas: int, threads: int, bench_args: list[str], out_dir: Path) -
         cache_dir=s.cache_dir,
     )
     work = Path(tempfile.mkdtemp(prefix=f"scaleout-{replicas}-"))
-    flags = serve_flags(
-        model_dir,
-        work / "data",
-        device=s.device,
-        dtype=s.dtype,
-        max_batch_size=s.batch,
-        device_adapters=s.engine_device_adapters,
-        max_rank=s.rank,
-        max_new_tokens=max(s.output_len, 8),
-        extra=s.engine_opts,
-    )
+    flags = settings_serve_flags(s, model_dir, work / "data")
     argv = [sys.executable, "-m", "loraserve", "serve-ray", "--replicas", str(replicas)]
     argv += ["--threads-per-replica", str(threads), "--port", "0"]
     argv += [x for kv in flags.items() for x in kv]
