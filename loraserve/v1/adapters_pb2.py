@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloraserve/v1/adapters.proto\x12\x0cloraserve.v1\"X\n\x0f\x46ileDeclaration\x12\'\n\x04\x66ile\x18\x01 \x01(\x0e\x32\x19.loraserve.v1.AdapterFile\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"o\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x1d.loraserve.v1.FileDeclaration\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"B\n\tFileChunk\x12\'\n\x04\x66ile\x18\x01 \x01(\x0e\x32\x19.loraserve.v1.AdapterFile\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"v\n\x14UploadAdapterRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.loraserve.v1.UploadHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.loraserve.v1.FileChunkH\x00\x42\x06\n\x04part\"\xd2\x01\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05\x61lpha\x18\x05 \x01(\x02\x12\x12\n\nuse_rslora\x18\x06 \x01(\x08\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\"%\n\x13ListAdaptersRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"C\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.loraserve.v1.AdapterInfo\"1\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"4\n\x14\x44\x65leteAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"C\n\x15\x44\x65leteAdapterResponse\x12*\n\x07\x64\x65leted\x18\x01 \x01(\x0b\x32\x19.loraserve.v1.AdapterInfo*^\n\x0b\x41\x64\x61pterFile\x12\x1c\n\x18\x41\x44\x41PTER_FILE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_FILE_CONFIG\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_FILE_WEIGHTS\x10\x02\x32\xd7\x02\n\x08\x41\x64\x61pters\x12P\n\rUploadAdapter\x12\".loraserve.v1.UploadAdapterRequest\x1a\x19.loraserve.v1.AdapterInfo(\x01\x12U\n\x0cListAdapters\x12!.loraserve.v1.ListAdaptersRequest\x1a\".loraserve.v1.ListAdaptersResponse\x12H\n\nGetAdapter\x12\x1f.loraserve.v1.GetAdapterRequest\x1a\x19.loraserve.v1.AdapterInfo\x12X\n\rDeleteAdapter\x12\".loraserve.v1.DeleteAdapterRequest\x1a#.loraserve.v1.DeleteAdapterResponseb\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1bloraserve/v1/adapters.proto\x12\x0cloraserve.v1\"X\n\x0f\x46ileDeclaration\x12\'\n\x04\x66ile\x18\x01 \x01(\x0e\x32\x19.loraserve.v1.AdapterFile\x12\x0c\n\x04size\x18\x02 \x01(\x04\x12\x0e\n\x06sha256\x18\x03 \x01(\t\"o\n\x0cUploadHeader\x12\x0c\n\x04name\x18\x01 \x01(\t\x12,\n\x05\x66iles\x18\x02 \x03(\x0b\x32\x1d.loraserve.v1.FileDeclaration\x12\x0e\n\x06tenant\x18\x03 \x01(\t\x12\x13\n\x0b\x64\x65scription\x18\x04 \x01(\t\"B\n\tFileChunk\x12\'\n\x04\x66ile\x18\x01 \x01(\x0e\x32\x19.loraserve.v1.AdapterFile\x12\x0c\n\x04\x64\x61ta\x18\x02 \x01(\x0c\"v\n\x14UploadAdapterRequest\x12,\n\x06header\x18\x01 \x01(\x0b\x32\x1a.loraserve.v1.UploadHeaderH\x00\x12(\n\x05\x63hunk\x18\x02 \x01(\x0b\x32\x17.loraserve.v1.FileChunkH\x00\x42\x06\n\x04part\"\x9d\x02\n\x0b\x41\x64\x61pterInfo\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\x12\x0f\n\x07version\x18\x03 \x01(\r\x12\x0c\n\x04rank\x18\x04 \x01(\r\x12\r\n\x05\x61lpha\x18\x05 \x01(\x02\x12\x12\n\nuse_rslora\x18\x06 \x01(\x08\x12\x16\n\x0etarget_modules\x18\x07 \x03(\t\x12\x12\n\nsize_bytes\x18\x08 \x01(\x04\x12\x0e\n\x06sha256\x18\t \x01(\t\x12\x12\n\ncreated_at\x18\n \x01(\x01\x12\x13\n\x0b\x64\x65scription\x18\x0b \x01(\t\x12)\n\x05usage\x18\x0c \x01(\x0b\x32\x1a.loraserve.v1.AdapterUsage\x12\x0e\n\x06pinned\x18\r \x01(\x08\x12\x0e\n\x06latest\x18\x0e \x01(\x08\"\xb7\x01\n\x0c\x41\x64\x61pterUsage\x12\x10\n\x08requests\x18\x01 \x01(\x04\x12\x15\n\rprompt_tokens\x18\x02 \x01(\x04\x12\x19\n\x11\x63ompletion_tokens\x18\x03 \x01(\x04\x12\x17\n\x0f\x63ompute_seconds\x18\x04 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x05 \x01(\x01\x12\x11\n\tlast_used\x18\x06 \x01(\x01\x12)\n\x08resident\x18\x07 \x01(\x0e\x32\x17.loraserve.v1.Residency\"%\n\x13ListAdaptersRequest\x12\x0e\n\x06tenant\x18\x01 \x01(\t\"C\n\x14ListAdaptersResponse\x12+\n\x08\x61\x64\x61pters\x18\x01 \x03(\x0b\x32\x19.loraserve.v1.AdapterInfo\"1\n\x11GetAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"4\n\x14\x44\x65leteAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"C\n\x15\x44\x65leteAdapterResponse\x12*\n\x07\x64\x65leted\x18\x01 \x01(\x0b\x32\x19.loraserve.v1.AdapterInfo\":\n\x1aListAdapterVersionsRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t\"J\n\x1bListAdapterVersionsResponse\x12+\n\x08versions\x18\x01 \x03(\x0b\x32\x19.loraserve.v1.AdapterInfo\"J\n\x16RollbackAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x12\n\nto_version\x18\x02 \x01(\r\x12\x0e\n\x06tenant\x18\x03 \x01(\t\"1\n\x11PinAdapterRequest\x12\x0c\n\x04name\x18\x01 \x01(\t\x12\x0e\n\x06tenant\x18\x02 \x01(\t*^\n\x0b\x41\x64\x61pterFile\x12\x1c\n\x18\x41\x44\x41PTER_FILE_UNSPECIFIED\x10\x00\x12\x17\n\x13\x41\x44\x41PTER_FILE_CONFIG\x10\x01\x12\x18\n\x14\x41\x44\x41PTER_FILE_WEIGHTS\x10\x02*d\n\tResidency\x12\x19\n\x15RESIDENCY_UNSPECIFIED\x10\x00\x12\x14\n\x10RESIDENCY_DEVICE\x10\x01\x12\x12\n\x0eRESIDENCY_HOST\x10\x02\x12\x12\n\x0eRESIDENCY_DISK\x10\x03\x32\xad\x05\n\x08\x41\x64\x61pters\x12P\n\rUploadAdapter\x12\".loraserve.v1.UploadAdapterRequest\x1a\x19.loraserve.v1.AdapterInfo(\x01\x12U\n\x0cListAdapters\x12!.loraserve.v1.ListAdaptersRequest\x1a\".loraserve.v1.ListAdaptersResponse\x12H\n\nGetAdapter\x12\x1f.loraserve.v1.GetAdapterRequest\x1a\x19.loraserve.v1.AdapterInfo\x12X\n\rDeleteAdapter\x12\".loraserve.v1.DeleteAdapterRequest\x1a#.loraserve.v1.DeleteAdapterResponse\x12j\n\x13ListAdapterVersions\x12(.loraserve.v1.ListAdapterVersionsRequest\x1a).loraserve.v1.ListAdapterVersionsResponse\x12R\n\x0fRollbackAdapter\x12$.loraserve.v1.RollbackAdapterRequest\x1a\x19.loraserve.v1.AdapterInfo\x12H\n\nPinAdapter\x12\x1f.loraserve.v1.PinAdapterRequest\x1a\x19.loraserve.v1.AdapterInfo\x12J\n\x0cUnpinAdapter\x12\x1f.loraserve.v1.PinAdapterRequest\x1a\x19.loraserve.v1.AdapterInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraserve.v1.adapters_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_ADAPTERFILE']._serialized_start=931
-  _globals['_ADAPTERFILE']._serialized_end=1025
+  _globals['_ADAPTERFILE']._serialized_start=1455
+  _globals['_ADAPTERFILE']._serialized_end=1549
+  _globals['_RESIDENCY']._serialized_start=1551
+  _globals['_RESIDENCY']._serialized_end=1651
   _globals['_FILEDECLARATION']._serialized_start=45
   _globals['_FILEDECLARATION']._serialized_end=133
   _globals['_UPLOADHEADER']._serialized_start=135
@@ -42,17 +44,27 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_UPLOADADAPTERREQUEST']._serialized_start=316
   _globals['_UPLOADADAPTERREQUEST']._serialized_end=434
   _globals['_ADAPTERINFO']._serialized_start=437
-  _globals['_ADAPTERINFO']._serialized_end=647
-  _globals['_LISTADAPTERSREQUEST']._serialized_start=649
-  _globals['_LISTADAPTERSREQUEST']._serialized_end=686
-  _globals['_LISTADAPTERSRESPONSE']._serialized_start=688
-  _globals['_LISTADAPTERSRESPONSE']._serialized_end=755
-  _globals['_GETADAPTERREQUEST']._serialized_start=757
-  _globals['_GETADAPTERREQUEST']._serialized_end=806
-  _globals['_DELETEADAPTERREQUEST']._serialized_start=808
-  _globals['_DELETEADAPTERREQUEST']._serialized_end=860
-  _globals['_DELETEADAPTERRESPONSE']._serialized_start=862
-  _globals['_DELETEADAPTERRESPONSE']._serialized_end=929
-  _globals['_ADAPTERS']._serialized_start=1028
-  _globals['_ADAPTERS']._serialized_end=1371
+  _globals['_ADAPTERINFO']._serialized_end=722
+  _globals['_ADAPTERUSAGE']._serialized_start=725
+  _globals['_ADAPTERUSAGE']._serialized_end=908
+  _globals['_LISTADAPTERSREQUEST']._serialized_start=910
+  _globals['_LISTADAPTERSREQUEST']._serialized_end=947
+  _globals['_LISTADAPTERSRESPONSE']._serialized_start=949
+  _globals['_LISTADAPTERSRESPONSE']._serialized_end=1016
+  _globals['_GETADAPTERREQUEST']._serialized_start=1018
+  _globals['_GETADAPTERREQUEST']._serialized_end=1067
+  _globals['_DELETEADAPTERREQUEST']._serialized_start=1069
+  _globals['_DELETEADAPTERREQUEST']._serialized_end=1121
+  _globals['_DELETEADAPTERRESPONSE']._serialized_start=1123
+  _globals['_DELETEADAPTERRESPONSE']._serialized_end=1190
+  _globals['_LISTADAPTERVERSIONSREQUEST']._serialized_start=1192
+  _globals['_LISTADAPTERVERSIONSREQUEST']._serialized_end=1250
+  _globals['_LISTADAPTERVERSIONSRESPONSE']._serialized_start=1252
+  _globals['_LISTADAPTERVERSIONSRESPONSE']._serialized_end=1326
+  _globals['_ROLLBACKADAPTERREQUEST']._serialized_start=1328
+  _globals['_ROLLBACKADAPTERREQUEST']._serialized_end=1402
+  _globals['_PINADAPTERREQUEST']._serialized_start=1404
+  _globals['_PINADAPTERREQUEST']._serialized_end=1453
+  _globals['_ADAPTERS']._serialized_start=1654
+  _globals['_ADAPTERS']._serialized_end=2339
 # @@protoc_insertion_point(module_scope)

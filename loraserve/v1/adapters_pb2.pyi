@@ -12,9 +12,20 @@ class AdapterFile(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
     ADAPTER_FILE_UNSPECIFIED: _ClassVar[AdapterFile]
     ADAPTER_FILE_CONFIG: _ClassVar[AdapterFile]
     ADAPTER_FILE_WEIGHTS: _ClassVar[AdapterFile]
+
+class Residency(int, metaclass=_enum_type_wrapper.EnumTypeWrapper):
+    __slots__ = ()
+    RESIDENCY_UNSPECIFIED: _ClassVar[Residency]
+    RESIDENCY_DEVICE: _ClassVar[Residency]
+    RESIDENCY_HOST: _ClassVar[Residency]
+    RESIDENCY_DISK: _ClassVar[Residency]
 ADAPTER_FILE_UNSPECIFIED: AdapterFile
 ADAPTER_FILE_CONFIG: AdapterFile
 ADAPTER_FILE_WEIGHTS: AdapterFile
+RESIDENCY_UNSPECIFIED: Residency
+RESIDENCY_DEVICE: Residency
+RESIDENCY_HOST: Residency
+RESIDENCY_DISK: Residency
 
 class FileDeclaration(_message.Message):
     __slots__ = ("file", "size", "sha256")
@@ -55,7 +66,7 @@ class UploadAdapterRequest(_message.Message):
     def __init__(self, header: _Optional[_Union[UploadHeader, _Mapping]] = ..., chunk: _Optional[_Union[FileChunk, _Mapping]] = ...) -> None: ...
 
 class AdapterInfo(_message.Message):
-    __slots__ = ("name", "tenant", "version", "rank", "alpha", "use_rslora", "target_modules", "size_bytes", "sha256", "created_at", "description")
+    __slots__ = ("name", "tenant", "version", "rank", "alpha", "use_rslora", "target_modules", "size_bytes", "sha256", "created_at", "description", "usage", "pinned", "latest")
     NAME_FIELD_NUMBER: _ClassVar[int]
     TENANT_FIELD_NUMBER: _ClassVar[int]
     VERSION_FIELD_NUMBER: _ClassVar[int]
@@ -67,6 +78,9 @@ class AdapterInfo(_message.Message):
     SHA256_FIELD_NUMBER: _ClassVar[int]
     CREATED_AT_FIELD_NUMBER: _ClassVar[int]
     DESCRIPTION_FIELD_NUMBER: _ClassVar[int]
+    USAGE_FIELD_NUMBER: _ClassVar[int]
+    PINNED_FIELD_NUMBER: _ClassVar[int]
+    LATEST_FIELD_NUMBER: _ClassVar[int]
     name: str
     tenant: str
     version: int
@@ -78,7 +92,28 @@ class AdapterInfo(_message.Message):
     sha256: str
     created_at: float
     description: str
-    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[float] = ..., description: _Optional[str] = ...) -> None: ...
+    usage: AdapterUsage
+    pinned: bool
+    latest: bool
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ..., version: _Optional[int] = ..., rank: _Optional[int] = ..., alpha: _Optional[float] = ..., use_rslora: _Optional[bool] = ..., target_modules: _Optional[_Iterable[str]] = ..., size_bytes: _Optional[int] = ..., sha256: _Optional[str] = ..., created_at: _Optional[float] = ..., description: _Optional[str] = ..., usage: _Optional[_Union[AdapterUsage, _Mapping]] = ..., pinned: _Optional[bool] = ..., latest: _Optional[bool] = ...) -> None: ...
+
+class AdapterUsage(_message.Message):
+    __slots__ = ("requests", "prompt_tokens", "completion_tokens", "compute_seconds", "cost", "last_used", "resident")
+    REQUESTS_FIELD_NUMBER: _ClassVar[int]
+    PROMPT_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPLETION_TOKENS_FIELD_NUMBER: _ClassVar[int]
+    COMPUTE_SECONDS_FIELD_NUMBER: _ClassVar[int]
+    COST_FIELD_NUMBER: _ClassVar[int]
+    LAST_USED_FIELD_NUMBER: _ClassVar[int]
+    RESIDENT_FIELD_NUMBER: _ClassVar[int]
+    requests: int
+    prompt_tokens: int
+    completion_tokens: int
+    compute_seconds: float
+    cost: float
+    last_used: float
+    resident: Residency
+    def __init__(self, requests: _Optional[int] = ..., prompt_tokens: _Optional[int] = ..., completion_tokens: _Optional[int] = ..., compute_seconds: _Optional[float] = ..., cost: _Optional[float] = ..., last_used: _Optional[float] = ..., resident: _Optional[_Union[Residency, str]] = ...) -> None: ...
 
 class ListAdaptersRequest(_message.Message):
     __slots__ = ("tenant",)
@@ -113,3 +148,35 @@ class DeleteAdapterResponse(_message.Message):
     DELETED_FIELD_NUMBER: _ClassVar[int]
     deleted: AdapterInfo
     def __init__(self, deleted: _Optional[_Union[AdapterInfo, _Mapping]] = ...) -> None: ...
+
+class ListAdapterVersionsRequest(_message.Message):
+    __slots__ = ("name", "tenant")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tenant: str
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class ListAdapterVersionsResponse(_message.Message):
+    __slots__ = ("versions",)
+    VERSIONS_FIELD_NUMBER: _ClassVar[int]
+    versions: _containers.RepeatedCompositeFieldContainer[AdapterInfo]
+    def __init__(self, versions: _Optional[_Iterable[_Union[AdapterInfo, _Mapping]]] = ...) -> None: ...
+
+class RollbackAdapterRequest(_message.Message):
+    __slots__ = ("name", "to_version", "tenant")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TO_VERSION_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    to_version: int
+    tenant: str
+    def __init__(self, name: _Optional[str] = ..., to_version: _Optional[int] = ..., tenant: _Optional[str] = ...) -> None: ...
+
+class PinAdapterRequest(_message.Message):
+    __slots__ = ("name", "tenant")
+    NAME_FIELD_NUMBER: _ClassVar[int]
+    TENANT_FIELD_NUMBER: _ClassVar[int]
+    name: str
+    tenant: str
+    def __init__(self, name: _Optional[str] = ..., tenant: _Optional[str] = ...) -> None: ...

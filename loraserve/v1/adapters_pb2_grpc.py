@@ -54,6 +54,26 @@ class AdaptersStub:
                 request_serializer=loraserve_dot_v1_dot_adapters__pb2.DeleteAdapterRequest.SerializeToString,
                 response_deserializer=loraserve_dot_v1_dot_adapters__pb2.DeleteAdapterResponse.FromString,
                 _registered_method=True)
+        self.ListAdapterVersions = channel.unary_unary(
+                '/loraserve.v1.Adapters/ListAdapterVersions',
+                request_serializer=loraserve_dot_v1_dot_adapters__pb2.ListAdapterVersionsRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_adapters__pb2.ListAdapterVersionsResponse.FromString,
+                _registered_method=True)
+        self.RollbackAdapter = channel.unary_unary(
+                '/loraserve.v1.Adapters/RollbackAdapter',
+                request_serializer=loraserve_dot_v1_dot_adapters__pb2.RollbackAdapterRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_adapters__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.PinAdapter = channel.unary_unary(
+                '/loraserve.v1.Adapters/PinAdapter',
+                request_serializer=loraserve_dot_v1_dot_adapters__pb2.PinAdapterRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_adapters__pb2.AdapterInfo.FromString,
+                _registered_method=True)
+        self.UnpinAdapter = channel.unary_unary(
+                '/loraserve.v1.Adapters/UnpinAdapter',
+                request_serializer=loraserve_dot_v1_dot_adapters__pb2.PinAdapterRequest.SerializeToString,
+                response_deserializer=loraserve_dot_v1_dot_adapters__pb2.AdapterInfo.FromString,
+                _registered_method=True)
 
 
 class AdaptersServicer:
@@ -84,7 +104,40 @@ class AdaptersServicer:
         raise NotImplementedError('Method not implemented!')
 
     def DeleteAdapter(self, request, context):
-        """Deletes an adapter (all versions). Requests already running finish on it.
+        """Deletes an adapter: all versions for `name`, one version for `name@N`.
+        Requests already running finish on it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListAdapterVersions(self, request, context):
+        """Lists every stored version of one adapter name, oldest first.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RollbackAdapter(self, request, context):
+        """Makes an older stored version the latest, atomically (it survives restarts
+        and crashes). Authorized like UploadAdapter. Requests already running finish
+        on the version they started with.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PinAdapter(self, request, context):
+        """Admin only: keeps the adapter resident on the device tier until unpinned.
+        Pinned bytes count against the device budget; a pin that would not fit is
+        refused with RESOURCE_EXHAUSTED.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def UnpinAdapter(self, request, context):
+        """Admin only: releases a pin (the adapter may then be evicted as usual).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -112,6 +165,26 @@ def add_AdaptersServicer_to_server(servicer, server):
                     servicer.DeleteAdapter,
                     request_deserializer=loraserve_dot_v1_dot_adapters__pb2.DeleteAdapterRequest.FromString,
                     response_serializer=loraserve_dot_v1_dot_adapters__pb2.DeleteAdapterResponse.SerializeToString,
+            ),
+            'ListAdapterVersions': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListAdapterVersions,
+                    request_deserializer=loraserve_dot_v1_dot_adapters__pb2.ListAdapterVersionsRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_adapters__pb2.ListAdapterVersionsResponse.SerializeToString,
+            ),
+            'RollbackAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.RollbackAdapter,
+                    request_deserializer=loraserve_dot_v1_dot_adapters__pb2.RollbackAdapterRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_adapters__pb2.AdapterInfo.SerializeToString,
+            ),
+            'PinAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.PinAdapter,
+                    request_deserializer=loraserve_dot_v1_dot_adapters__pb2.PinAdapterRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_adapters__pb2.AdapterInfo.SerializeToString,
+            ),
+            'UnpinAdapter': grpc.unary_unary_rpc_method_handler(
+                    servicer.UnpinAdapter,
+                    request_deserializer=loraserve_dot_v1_dot_adapters__pb2.PinAdapterRequest.FromString,
+                    response_serializer=loraserve_dot_v1_dot_adapters__pb2.AdapterInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -222,6 +295,114 @@ class Adapters:
             '/loraserve.v1.Adapters/DeleteAdapter',
             loraserve_dot_v1_dot_adapters__pb2.DeleteAdapterRequest.SerializeToString,
             loraserve_dot_v1_dot_adapters__pb2.DeleteAdapterResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListAdapterVersions(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.Adapters/ListAdapterVersions',
+            loraserve_dot_v1_dot_adapters__pb2.ListAdapterVersionsRequest.SerializeToString,
+            loraserve_dot_v1_dot_adapters__pb2.ListAdapterVersionsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RollbackAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.Adapters/RollbackAdapter',
+            loraserve_dot_v1_dot_adapters__pb2.RollbackAdapterRequest.SerializeToString,
+            loraserve_dot_v1_dot_adapters__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PinAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.Adapters/PinAdapter',
+            loraserve_dot_v1_dot_adapters__pb2.PinAdapterRequest.SerializeToString,
+            loraserve_dot_v1_dot_adapters__pb2.AdapterInfo.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def UnpinAdapter(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/loraserve.v1.Adapters/UnpinAdapter',
+            loraserve_dot_v1_dot_adapters__pb2.PinAdapterRequest.SerializeToString,
+            loraserve_dot_v1_dot_adapters__pb2.AdapterInfo.FromString,
             options,
             channel_credentials,
             insecure,

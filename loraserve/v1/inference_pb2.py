@@ -24,31 +24,35 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf8\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x17\n\nignore_eos\x18\x07 \x01(\x08H\x05\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"\x8f\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.loraserve.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\"\xb3\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x07 \x01(\x01\"\xca\x01\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\r\x12\x11\n\tserved_by\x18\x07 \x01(\t\"\xd0\x01\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\r\x12\x11\n\tserved_by\x18\x07 \x01(\t\"\x16\n\x14GetServerInfoRequest\"\xe0\x02\n\nServerInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\rmax_lora_rank\x18\x06 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11max_adapter_bytes\x18\t \x01(\x04\x12\x16\n\x0etarget_modules\x18\n \x03(\t\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x0e\n\x06tenant\x18\r \x01(\t\x12\x19\n\x11has_chat_template\x18\x0e \x01(\x08\x12\x10\n\x08\x63urrency\x18\x0f \x01(\t\x12\x12\n\nmodel_name\x18\x10 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xfe\x01\n\tInference\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraserve.v1.GenerateRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x12M\n\rGetServerInfo\x12\".loraserve.v1.GetServerInfoRequest\x1a\x18.loraserve.v1.ServerInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n\x1cloraserve/v1/inference.proto\x12\x0cloraserve.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"\xf8\x01\n\x0eSamplingParams\x12\x1b\n\x0emax_new_tokens\x18\x01 \x01(\rH\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x02H\x01\x88\x01\x01\x12\x12\n\x05top_p\x18\x03 \x01(\x02H\x02\x88\x01\x01\x12\x12\n\x05top_k\x18\x04 \x01(\rH\x03\x88\x01\x01\x12\x11\n\x04seed\x18\x05 \x01(\x04H\x04\x88\x01\x01\x12\x0c\n\x04stop\x18\x06 \x03(\t\x12\x17\n\nignore_eos\x18\x07 \x01(\x08H\x05\x88\x01\x01\x42\x11\n\x0f_max_new_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_pB\x08\n\x06_top_kB\x07\n\x05_seedB\r\n\x0b_ignore_eos\"\xd0\x01\n\x0fGenerateRequest\x12\x0f\n\x07\x61\x64\x61pter\x18\x01 \x01(\t\x12\x0e\n\x06prompt\x18\x02 \x01(\t\x12+\n\x08messages\x18\x03 \x03(\x0b\x32\x19.loraserve.v1.ChatMessage\x12.\n\x08sampling\x18\x04 \x01(\x0b\x32\x1c.loraserve.v1.SamplingParams\x12\x10\n\x08logprobs\x18\x05 \x01(\x08\x12\x14\n\x0ctop_logprobs\x18\x06 \x01(\r\x12\x17\n\x0fprompt_logprobs\x18\x07 \x01(\x08\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\"X\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x02\x12%\n\x03top\x18\x03 \x03(\x0b\x32\x18.loraserve.v1.TopLogprob\"\xb3\x01\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\r\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\r\x12\x15\n\rqueue_seconds\x18\x03 \x01(\x01\x12#\n\x1btime_to_first_token_seconds\x18\x04 \x01(\x01\x12\x15\n\rtotal_seconds\x18\x05 \x01(\x01\x12\x17\n\x0f\x63ompute_seconds\x18\x06 \x01(\x01\x12\x0c\n\x04\x63ost\x18\x07 \x01(\x01\"\xad\x02\n\x10GenerateResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\r\x12\x11\n\tserved_by\x18\x07 \x01(\t\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\"\xb3\x02\n\x16GenerateStreamResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\r\x12\x31\n\rfinish_reason\x18\x03 \x01(\x0e\x32\x1a.loraserve.v1.FinishReason\x12\"\n\x05usage\x18\x04 \x01(\x0b\x32\x13.loraserve.v1.Usage\x12\x12\n\nrequest_id\x18\x05 \x01(\t\x12\x17\n\x0f\x61\x64\x61pter_version\x18\x06 \x01(\r\x12\x11\n\tserved_by\x18\x07 \x01(\t\x12,\n\x08logprobs\x18\x08 \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\x12\x33\n\x0fprompt_logprobs\x18\t \x03(\x0b\x32\x1a.loraserve.v1.TokenLogprob\"\x16\n\x14GetServerInfoRequest\"\xe0\x02\n\nServerInfo\x12\x12\n\nmodel_path\x18\x01 \x01(\t\x12\x12\n\nmodel_type\x18\x02 \x01(\t\x12\x14\n\x0c\x61rchitecture\x18\x03 \x01(\t\x12\x0e\n\x06\x64\x65vice\x18\x04 \x01(\t\x12\r\n\x05\x64type\x18\x05 \x01(\t\x12\x15\n\rmax_lora_rank\x18\x06 \x01(\r\x12\x16\n\x0emax_new_tokens\x18\x07 \x01(\r\x12\x19\n\x11max_prompt_tokens\x18\x08 \x01(\r\x12\x19\n\x11max_adapter_bytes\x18\t \x01(\x04\x12\x16\n\x0etarget_modules\x18\n \x03(\t\x12\x16\n\x0emax_batch_size\x18\x0b \x01(\r\x12\x0f\n\x07version\x18\x0c \x01(\t\x12\x0e\n\x06tenant\x18\r \x01(\t\x12\x19\n\x11has_chat_template\x18\x0e \x01(\x08\x12\x10\n\x08\x63urrency\x18\x0f \x01(\t\x12\x12\n\nmodel_name\x18\x10 \x01(\t*v\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x01\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x02\x12\x15\n\x11\x46INISH_REASON_EOS\x10\x03\x32\xfe\x01\n\tInference\x12I\n\x08Generate\x12\x1d.loraserve.v1.GenerateRequest\x1a\x1e.loraserve.v1.GenerateResponse\x12W\n\x0eGenerateStream\x12\x1d.loraserve.v1.GenerateRequest\x1a$.loraserve.v1.GenerateStreamResponse0\x01\x12M\n\rGetServerInfo\x12\".loraserve.v1.GetServerInfoRequest\x1a\x18.loraserve.v1.ServerInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'loraserve.v1.inference_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=1466
-  _globals['_FINISHREASON']._serialized_end=1584
+  _globals['_FINISHREASON']._serialized_start=1868
+  _globals['_FINISHREASON']._serialized_end=1986
   _globals['_CHATMESSAGE']._serialized_start=46
   _globals['_CHATMESSAGE']._serialized_end=90
   _globals['_SAMPLINGPARAMS']._serialized_start=93
   _globals['_SAMPLINGPARAMS']._serialized_end=341
   _globals['_GENERATEREQUEST']._serialized_start=344
-  _globals['_GENERATEREQUEST']._serialized_end=487
-  _globals['_USAGE']._serialized_start=490
-  _globals['_USAGE']._serialized_end=669
-  _globals['_GENERATERESPONSE']._serialized_start=672
-  _globals['_GENERATERESPONSE']._serialized_end=874
-  _globals['_GENERATESTREAMRESPONSE']._serialized_start=877
-  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1085
-  _globals['_GETSERVERINFOREQUEST']._serialized_start=1087
-  _globals['_GETSERVERINFOREQUEST']._serialized_end=1109
-  _globals['_SERVERINFO']._serialized_start=1112
-  _globals['_SERVERINFO']._serialized_end=1464
-  _globals['_INFERENCE']._serialized_start=1587
-  _globals['_INFERENCE']._serialized_end=1841
+  _globals['_GENERATEREQUEST']._serialized_end=552
+  _globals['_TOPLOGPROB']._serialized_start=554
+  _globals['_TOPLOGPROB']._serialized_end=601
+  _globals['_TOKENLOGPROB']._serialized_start=603
+  _globals['_TOKENLOGPROB']._serialized_end=691
+  _globals['_USAGE']._serialized_start=694
+  _globals['_USAGE']._serialized_end=873
+  _globals['_GENERATERESPONSE']._serialized_start=876
+  _globals['_GENERATERESPONSE']._serialized_end=1177
+  _globals['_GENERATESTREAMRESPONSE']._serialized_start=1180
+  _globals['_GENERATESTREAMRESPONSE']._serialized_end=1487
+  _globals['_GETSERVERINFOREQUEST']._serialized_start=1489
+  _globals['_GETSERVERINFOREQUEST']._serialized_end=1511
+  _globals['_SERVERINFO']._serialized_start=1514
+  _globals['_SERVERINFO']._serialized_end=1866
+  _globals['_INFERENCE']._serialized_start=1989
+  _globals['_INFERENCE']._serialized_end=2243
 # @@protoc_insertion_point(module_scope)
