@@ -12,4 +12,9 @@ fi
 .venv/bin/python -m pip install -q --upgrade pip
 # torch first and pinned, so the project's own `torch>=...` does not pull a multi-GB CUDA build.
 .venv/bin/python -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
+if [ -z "${TORCH_SPEC:-}" ]; then
+  # Triton for the tests only: without CUDA its interpreter runs the multi-LoRA kernels on CPU
+  # against the torch reference (tests/engine/test_lora_kernels.py). A CUDA torch brings its own.
+  .venv/bin/python -m pip install -q "triton==3.9.0"
+fi
 .venv/bin/python -m pip install -q -e ".[dev]"

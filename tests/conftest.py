@@ -6,8 +6,14 @@ import os
 from pathlib import Path
 
 import pytest
+import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
+# Without CUDA, Triton kernels run under Triton's CPU interpreter (tests/engine/test_lora_kernels).
+# It is chosen when a kernel is decorated, so it must be set before anything imports Triton. The
+# engine itself never uses the kernels on CPU (lora_kernels.available() is CUDA-only).
+if not torch.cuda.is_available():
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
 @pytest.fixture(scope="session")
