@@ -8,6 +8,7 @@
 #   GPU_CHECK_REPEATS (default 2) timed runs per bench mode; GPU_CHECK_SKIP=anchor,parity,server,overlap,bench
 #   skips parts; ANCHOR_TIMEOUT / PARITY_TIMEOUT / BENCH_TIMEOUT cap each part (s);
 #   LORASERVE_ENGINE_OPTS adds --engine-opt FIELD=VALUE (e.g. enforce_eager=true).
+#   GPU_CHECK_ATTENTION=1 also benches decode attention=sdpa against attention=triton.
 set -uo pipefail
 out="${OUT:-/tmp/gpu_check}"
 mkdir -p "$out"
@@ -77,6 +78,18 @@ if [[ ",$skip," != *",bench,"* ]]; then
     --repeats "$repeats" --distinct-sweep 32 --cold-samples 4 --only distinct,cold \
     --out "$out/bench" --no-plot "${opts[@]}" > "$out/bench.log" 2>&1
   echo "bench exit $? in $((SECONDS - start)) s"
+fi
+
+if [[ -n "${GPU_CHECK_ATTENTION:-}" ]]; then
+  echo "== decode attention: the paged Triton kernel vs SDPA (distinct mode, one run each)"
+  for backend in sdpa triton; do
+    start=$SECONDS
+    timeout "${ATTENTION_TIMEOUT:-120}" "$py" -m loraserve.bench.run --size 1b --device cuda \
+      --dtype bfloat16 --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
+      --repeats 1 --only distinct --out "$out/attention-$backend" --no-plot \
+      --engine-opt "attention=$backend" > "$out/attention-$backend.log" 2>&1
+    echo "attention=$backend exit $? in $((SECONDS - start)) s: $(grep -i 'decode' "$out/attention-$backend.log" | tail -2 | tr '\n' ' ')"
+  done
 fi
 
 "$py" - "$out" <<'EOF'

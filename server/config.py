@@ -11,7 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
-from loraserve.server.engine.config import EngineConfig
+from loraserve.server.engine.config import ATTENTION_BACKENDS, EngineConfig
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
@@ -70,6 +70,9 @@ class ServerConfig:
     """Share of free device memory the paged KV pool takes when kv_cache_bytes is 0."""
     enforce_eager: bool = False
     """Run decode without CUDA graphs (debugging)."""
+    attention: str = "sdpa"
+    """Decode attention of the own Llama-family forward: "sdpa" (gather the row's KV blocks, then
+    PyTorch SDPA) or "triton" (a Triton kernel reading the blocks in place; CUDA with Triton)."""
     max_waiting_requests: int = 1024
     """Requests queued for a batch, at most; beyond it calls get RESOURCE_EXHAUSTED."""
     tenant_max_requests: int = 256
@@ -155,6 +158,10 @@ class ServerConfig:
                 raise ConfigError(f"{name}: must be at least 1, got {getattr(self, name)}")
         if self.kv_cache_bytes < 0:
             raise ConfigError(f"kv_cache_bytes: {self.kv_cache_bytes} is negative")
+        if self.attention not in ATTENTION_BACKENDS:
+            raise ConfigError(
+                f"attention: {self.attention!r} is not one of {', '.join(ATTENTION_BACKENDS)}"
+            )
         if not 0.0 < self.kv_cache_fraction <= 0.95:
             raise ConfigError(f"kv_cache_fraction: {self.kv_cache_fraction} is not in (0, 0.95]")
         if self.max_lora_rank > 1024:
@@ -216,6 +223,7 @@ class ServerConfig:
             kv_cache_bytes=self.kv_cache_bytes,
             kv_cache_fraction=self.kv_cache_fraction,
             enforce_eager=self.enforce_eager,
+            attention=self.attention,
         )
 
     @property

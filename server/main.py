@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from loraserve.server.config import ConfigError, ServerConfig
+from loraserve.server.engine.config import ATTENTION_BACKENDS
 
 if TYPE_CHECKING:
     from loraserve.server.app import Server
@@ -121,6 +122,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kv-cache-fraction", type=float, default=d.kv_cache_fraction)
     parser.add_argument(
         "--enforce-eager", action="store_true", help="decode without CUDA graphs (debugging)"
+    )
+    parser.add_argument(
+        "--attention",
+        choices=ATTENTION_BACKENDS,
+        default=d.attention,
+        help="decode attention of the Llama-family forward: sdpa (default) or triton "
+        "(a paged-KV Triton kernel; needs CUDA and Triton)",
     )
     parser.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests)
     parser.add_argument(
@@ -286,6 +294,7 @@ def config_from_args(
         kv_cache_bytes=args.kv_cache_bytes,
         kv_cache_fraction=args.kv_cache_fraction,
         enforce_eager=args.enforce_eager,
+        attention=args.attention,
         max_waiting_requests=args.max_waiting_requests,
         tenant_max_requests=args.tenant_max_requests,
         tenant_max_queued_tokens=args.tenant_max_queued_tokens,

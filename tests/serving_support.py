@@ -169,7 +169,9 @@ class EngineHarness:
         self.engine.stop(10)
 
 
-def prefill_then_decode(loaded, prompts: list[list[int]], pages: list[tuple[int, ...]]):
+def prefill_then_decode(
+    loaded, prompts: list[list[int]], pages: list[tuple[int, ...]], attention: str = "sdpa"
+):
     """Logits after each prompt (batch, vocab), then after one greedy decode step (batch, vocab).
 
     Runs the engine's own executor for `loaded` (paged KV for the Llama family, KV rows for
@@ -187,6 +189,7 @@ def prefill_then_decode(loaded, prompts: list[list[int]], pages: list[tuple[int,
             max_batch_size=batch,
             max_seq_len=longest,
             max_batch_tokens=2048,
+            attention=attention,
         ),
     )
     slots = list(range(batch))[::-1]

@@ -8,6 +8,9 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+ATTENTION_BACKENDS = ("sdpa", "triton")
+"""Decode attention choices of the own Llama-family forward (EngineConfig.attention)."""
+
 
 @dataclass(frozen=True)
 class EngineConfig:
@@ -48,3 +51,5 @@ class EngineConfig:
     """Share of free device memory the paged KV pool takes when kv_cache_bytes is 0."""
     enforce_eager: bool = False
     """Run decode without CUDA graphs (debugging)."""
+    attention: str = "sdpa"
+    """Decode attention of the own forward: "sdpa" or "triton" (ATTENTION_BACKENDS)."""

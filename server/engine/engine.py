@@ -79,6 +79,7 @@ class Engine:
                 kv_cache_bytes=config.kv_cache_bytes,
                 kv_cache_fraction=config.kv_cache_fraction,
                 enforce_eager=config.enforce_eager,
+                attention=config.attention,
                 max_lora_rank=config.max_lora_rank,
             ),
             observer,

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.server.engine import lora_kernels, runner
+from loraserve.server.engine import lora_kernels, paged_attention, runner
 from loraserve.server.engine.kv_cache import SlotKVCache
 from loraserve.server.engine.llama import LlamaForCausalLM, PagedKV, StepInputs
 from loraserve.server.engine.model import LoadedModel
@@ -48,6 +48,9 @@ class ExecutorSettings:
     """Share of free device memory (after weights and adapter pages) the KV pool may take."""
     enforce_eager: bool = False
     """No CUDA graphs (debugging)."""
+    attention: str = "sdpa"
+    """Decode attention: "sdpa" or "triton" (paged_attention.decode, reading the KV blocks in
+    place); the own forward only."""
     max_pages_per_row: int = 8
     """Adapter pages of the largest admitted rank (the widest page table a graph holds)."""
     adapter_pages: int = 0
@@ -131,6 +134,19 @@ class PagedExecutor:
                 and lora_kernels.self_check(device, loaded.dtype)
             )
             log.info("multi-LoRA: %s", "Triton kernels" if self._model.lora_kernels else "torch")
+        if settings.attention == "triton":
+            if not paged_attention.available(device):
+                raise StartupError(
+                    f"--attention triton needs Triton and a CUDA device; this is {device} "
+                    f"{'without Triton' if paged_attention.triton is None else ''}".rstrip()
+                )
+            if not paged_attention.supports(shape.head_dim, BLOCK_SIZE):
+                raise StartupError(
+                    f"--attention triton: head_dim {shape.head_dim} is not a power of two "
+                    ">= 16; use --attention sdpa"
+                )
+            self._model.paged_attention = True
+        log.info("decode attention: %s", settings.attention)
         self.max_blocks = blocks_for(settings.max_seq_len)
         per_block = PagedKV.bytes_per_block(shape, BLOCK_SIZE, loaded.dtype.itemsize)
         wanted = settings.max_batch_size * self.max_blocks + 1
@@ -388,4 +404,9 @@ def make_executor(loaded: LoadedModel, settings: ExecutorSettings):
     """The paged executor for the own forward, else the generic transformers path."""
     if loaded.own_forward:
         return PagedExecutor(loaded, settings)
+    if settings.attention != "sdpa":
+        raise StartupError(
+            f"--attention {settings.attention} applies to the own Llama-family forward; "
+            f"{loaded.architecture} runs on the generic transformers path (use --attention sdpa)"
+        )
     return GenericExecutor(loaded, settings)

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from loraserve.server.engine import lora_kernels
+from loraserve.server.engine import lora_kernels, paged_attention
 from loraserve.server.engine.lora import LoRAContext, LoRAGroup, MultiLoRALinear
 
 FAMILY = ("llama", "mistral", "qwen2")
@@ -253,6 +253,8 @@ class LlamaForCausalLM(nn.Module):
         """Set by the executor for a CPU decode step: identifies the rows' adapter routing, so
         the torch path reuses its gathered factors while the batch is unchanged."""
         self.lora_kernels = False
+        self.paged_attention = False
+        """Decode steps (one token per row) attend with paged_attention.decode instead of SDPA."""
         """Run the adapter term with the Triton kernels (set by the executor once the page
         stacks are reserved and the kernels passed their self-check)."""
 
@@ -281,15 +283,19 @@ class LlamaForCausalLM(nn.Module):
         slot = step.block_tables.gather(1, block.clamp(max=step.block_tables.shape[1] - 1))
         slots = torch.where(step.valid, slot * bs + step.positions % bs, 0).reshape(-1)
         span = step.block_tables.shape[1] * bs
-        key_pos = torch.arange(span, device=x.device)  # (span,)
-        q_pos = step.positions[:, :, None]  # (batch, seq, 1)
-        allowed = key_pos <= q_pos  # (batch, seq, span)
-        if s.window is not None:
-            allowed = allowed & (key_pos > q_pos - s.window)
         group = s.heads // s.kv_heads
-        # Queries of one KV head side by side along the query axis: GQA without repeating K/V.
-        mask = allowed[:, None, None].expand(batch, 1, group, seq, span)
-        mask = mask.reshape(batch, 1, group * seq, span)
+        kernel_decode = self.paged_attention and seq == 1
+        if kernel_decode:
+            decode_positions = step.positions[:, 0].contiguous()  # (batch,)
+        else:
+            key_pos = torch.arange(span, device=x.device)  # (span,)
+            q_pos = step.positions[:, :, None]  # (batch, seq, 1)
+            allowed = key_pos <= q_pos  # (batch, seq, span)
+            if s.window is not None:
+                allowed = allowed & (key_pos > q_pos - s.window)
+            # Queries of one KV head side by side along the query axis: GQA without repeating K/V.
+            mask = allowed[:, None, None].expand(batch, 1, group, seq, span)
+            mask = mask.reshape(batch, 1, group * seq, span)
         q_out, kv_out = s.heads * s.head_dim, s.kv_heads * s.head_dim
         table = step.page_table
         kern = self.lora_kernels
@@ -306,15 +312,26 @@ class LlamaForCausalLM(nn.Module):
             cache_k, cache_v = kv.data[i, 0], kv.data[i, 1]  # (slots, kv_heads, head_dim)
             cache_k.index_copy_(0, slots, k.reshape(-1, s.kv_heads, s.head_dim))
             cache_v.index_copy_(0, slots, v.reshape(-1, s.kv_heads, s.head_dim))
-            keys = cache_k.view(-1, bs, s.kv_heads, s.head_dim)[step.block_tables]
-            values = cache_v.view(-1, bs, s.kv_heads, s.head_dim)[step.block_tables]
-            keys = keys.view(batch, span, s.kv_heads, s.head_dim).transpose(1, 2)
-            values = values.view(batch, span, s.kv_heads, s.head_dim).transpose(1, 2)
-            qg = q.view(batch, seq, s.kv_heads, group, s.head_dim).permute(0, 2, 3, 1, 4)
-            qg = qg.reshape(batch, s.kv_heads, group * seq, s.head_dim)
-            o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-            o = o.view(batch, s.kv_heads, group, seq, s.head_dim).permute(0, 3, 1, 2, 4)
-            o = o.reshape(batch, seq, q_out)  # (batch, seq, heads * head_dim)
+            if kernel_decode:
+                o = paged_attention.decode(
+                    q.reshape(batch, s.heads, s.head_dim),
+                    cache_k,
+                    cache_v,
+                    step.block_tables,
+                    decode_positions,
+                    s.window,
+                    bs,
+                ).view(batch, seq, q_out)  # (batch, 1, heads * head_dim)
+            else:
+                keys = cache_k.view(-1, bs, s.kv_heads, s.head_dim)[step.block_tables]
+                values = cache_v.view(-1, bs, s.kv_heads, s.head_dim)[step.block_tables]
+                keys = keys.view(batch, span, s.kv_heads, s.head_dim).transpose(1, 2)
+                values = values.view(batch, span, s.kv_heads, s.head_dim).transpose(1, 2)
+                qg = q.view(batch, seq, s.kv_heads, group, s.head_dim).permute(0, 2, 3, 1, 4)
+                qg = qg.reshape(batch, s.kv_heads, group * seq, s.head_dim)
+                o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+                o = o.view(batch, s.kv_heads, group, seq, s.head_dim).permute(0, 3, 1, 2, 4)
+                o = o.reshape(batch, seq, q_out)  # (batch, seq, heads * head_dim)
             o_proj = attn.o_proj.base_layer
             x = x + _project(o, o_proj.weight, o_proj.bias, attn.o, table, kern, key)
             h = layer.post_attention_layernorm(x)

@@ -162,6 +162,8 @@ class SchedulerSettings:
     kv_cache_fraction: float = 0.5
     enforce_eager: bool = False
     """No CUDA graphs for decode."""
+    attention: str = "sdpa"
+    """Decode attention of the own forward (EngineConfig.attention)."""
     max_lora_rank: int = 64
 
 
@@ -199,6 +201,7 @@ class Scheduler:
                 kv_cache_bytes=settings.kv_cache_bytes,
                 kv_cache_fraction=settings.kv_cache_fraction,
                 enforce_eager=settings.enforce_eager,
+                attention=settings.attention,
                 max_pages_per_row=pool.pages_for(settings.max_lora_rank),
                 adapter_pages=pool.num_pages,
                 page_rank=pool.page_rank,

@@ -2,7 +2,8 @@
 
 Configs the PEFT parity suite does not cover: llama3 rope scaling, a Mistral sliding window
 shorter than the prompt, Qwen2's q/k/v bias with untied embeddings. Logits must match
-transformers' within float32 tolerance, through the paged KV executor.
+transformers' within float32 tolerance, through the paged KV executor, with decode attention
+through SDPA and through the paged Triton kernel (under Triton's interpreter on CPU).
 """
 
 from __future__ import annotations
@@ -15,7 +16,13 @@ import torch
 from serving_support import build_test_model, prefill_then_decode
 from transformers import AutoModelForCausalLM, LlamaConfig, MistralConfig, Qwen2Config
 
-from loraserve.server.engine.executor import ExecutorSettings, PagedExecutor, StartupError
+from loraserve.server.engine import paged_attention
+from loraserve.server.engine.executor import (
+    ExecutorSettings,
+    PagedExecutor,
+    StartupError,
+    make_executor,
+)
 from loraserve.server.engine.lora import LoRAGroup, MultiLoRALinear, lora_delta_reference
 from loraserve.server.engine.model import load_base_model
 
@@ -62,14 +69,24 @@ def _checkpoint(name: str, tmp_path: Path, model_cache: Path) -> Path:
     return tmp_path
 
 
+TRITON_ATTENTION = pytest.mark.skipif(
+    not paged_attention.available(torch.device("cpu")),
+    reason="needs Triton's CPU interpreter (Triton installed, TRITON_INTERPRET=1)",
+)
+
+
+@pytest.mark.parametrize("attention", ["sdpa", pytest.param("triton", marks=TRITON_ATTENTION)])
 @pytest.mark.parametrize("name", sorted(CONFIGS))
-def test_own_forward_matches_transformers(name: str, tmp_path: Path, model_cache: Path) -> None:
+def test_own_forward_matches_transformers(
+    name: str, attention: str, tmp_path: Path, model_cache: Path
+) -> None:
+    """Decode attends through SDPA or the paged Triton kernel (interpreted here); same logits."""
     path = _checkpoint(name, tmp_path, model_cache)
     loaded = load_base_model(path, device="cpu", dtype="float32")
     assert loaded.own_forward
     hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
     prompts = [[(7 * i + 3 * j) % 1000 + 4 for i in range(20 + 3 * j)] for j in range(3)]
-    logits, next_tokens, step2 = prefill_then_decode(loaded, prompts, [(), (), ()])
+    logits, next_tokens, step2 = prefill_then_decode(loaded, prompts, [(), (), ()], attention)
     for row, ids in enumerate(prompts):
         with torch.no_grad():
             expected = hf(input_ids=torch.tensor([[*ids, next_tokens[row]]])).logits[0]
@@ -86,6 +103,19 @@ def test_generic_implementation_can_be_forced(model_cache: Path) -> None:
         implementation="generic",
     )
     assert not loaded.own_forward and loaded.architecture == "LlamaForCausalLM"
+
+
+def test_triton_attention_is_refused_where_it_cannot_run(
+    model_cache: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """An explicit --attention triton fails at start with the reason, never falls back silently."""
+    gpt2 = load_base_model(build_test_model("gpt2", model_cache), device="cpu", dtype="float32")
+    with pytest.raises(StartupError, match="own Llama-family forward"):
+        make_executor(gpt2, ExecutorSettings(4, 64, 64, attention="triton"))
+    llama = load_base_model(build_test_model("llama", model_cache), device="cpu", dtype="float32")
+    monkeypatch.setattr(paged_attention, "available", lambda device: False)  # CPU, no interpreter
+    with pytest.raises(StartupError, match="needs Triton and a CUDA device"):
+        make_executor(llama, ExecutorSettings(4, 64, 64, attention="triton"))
 
 
 def test_kv_pool_smaller_than_one_request_fails_at_start(model_cache: Path) -> None:

@@ -24,6 +24,7 @@ from serving_support import (
 )
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
+from loraserve.server.engine import paged_attention
 from loraserve.server.engine.types import FinishEvent
 
 MAX_NEW = 12
@@ -153,6 +154,31 @@ def test_greedy_tokens_match_peft_mixed_in_one_batch(case: ArchCase, tmp_path: P
         scheduler = harness.engine.scheduler
         assert scheduler.prefill_sizes == [len(jobs)], "all prompts must share one prefill"
         assert scheduler.decode_sizes[0] == len(jobs), "all rows must decode together"
+        for key, events in jobs.items():
+            assert _tokens(events) == case.reference[key], key
+    finally:
+        harness.close()
+
+
+@pytest.mark.skipif(
+    not paged_attention.available(torch.device("cpu")),
+    reason="needs Triton's CPU interpreter (Triton installed, TRITON_INTERPRET=1)",
+)
+def test_greedy_tokens_match_peft_with_triton_decode_attention(
+    case: ArchCase, tmp_path: Path
+) -> None:
+    """--attention triton: the paged decode kernel (interpreted on CPU) gives PEFT's tokens."""
+    if case.arch == "gpt2":
+        pytest.skip("GPT-2 runs on the generic path, which has no --attention choice")
+    harness = _harness(case, tmp_path, attention="triton")
+    try:
+        assert harness.engine.scheduler.executor._model.paged_attention
+        jobs = {
+            (adapter, i): harness.submit(ids, adapter, max_new_tokens=MAX_NEW)
+            for i, ids in enumerate(case.prompts)
+            for adapter in [None, *case.adapter_dirs]
+        }
+        harness.run(list(jobs.values()))
         for key, events in jobs.items():
             assert _tokens(events) == case.reference[key], key
     finally:

@@ -138,12 +138,27 @@ def test_host_rule_is_checked_even_when_other_fields_are_fine() -> None:
         _with(host="0.0.0.0", port=0, metrics_port=None).validate()
 
 
+def _other_value(default: object) -> object:
+    """A valid value different from `default` (strings are the attention backend choice)."""
+    if isinstance(default, str):
+        from loraserve.server.engine.config import ATTENTION_BACKENDS
+
+        return next(choice for choice in ATTENTION_BACKENDS if choice != default)
+    return default + 1  # type: ignore[operator]
+
+
 def test_engine_config_takes_every_engine_field_from_the_server_config() -> None:
     """EngineConfig is a projection: each of its fields has the ServerConfig value of that name."""
     from loraserve.server.engine.config import EngineConfig
 
     names = [f.name for f in dataclasses.fields(EngineConfig)]
     # Distinct, non-default values, so a field left at EngineConfig's default is caught.
-    changes = {name: getattr(ServerConfig(), name) + 1 for name in names}
+    changes = {name: _other_value(getattr(ServerConfig(), name)) for name in names}
     engine = _with(**changes).engine_config()
     assert {name: getattr(engine, name) for name in names} == changes
+
+
+def test_attention_backend_is_one_of_the_choices() -> None:
+    assert _with(attention="triton").validate().attention == "triton"
+    with pytest.raises(ConfigError, match="attention: 'flash' is not one of sdpa, triton"):
+        _with(attention="flash").validate()
