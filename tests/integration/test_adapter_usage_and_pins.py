@@ -9,6 +9,7 @@ compute seconds.
 from __future__ import annotations
 
 import dataclasses
+import json
 import subprocess
 import sys
 import time
@@ -18,8 +19,9 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_support import client_for
+from serving_support import KEYS, client_for
 
+from loraserve.cli import main as cli_main
 from loraserve.client.results import adapter_info_to_dict
 from loraserve.client.sync import LoraServeClient
 from loraserve.server import app as app_module
@@ -465,3 +467,44 @@ def test_serve_exits_2_on_a_bad_preload(
     )
     assert result.returncode == 2, result.stderr
     assert needle in result.stderr and "Traceback" not in result.stderr
+
+
+def test_cli_pin_unpin_and_usage_in_get_and_list(
+    pool_server: BackgroundServer,
+    clients: dict[str, LoraServeClient],
+    adapter_dirs: dict[str, Path],
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    acme = clients["acme"]
+    acme.upload_adapter(adapter_dirs["qv"], "clipin")
+
+    def cli(tenant: str, *argv: str) -> tuple[int, str, str]:
+        code = cli_main(["--target", pool_server.target, "--api-key", KEYS[tenant], *argv])
+        captured = capsys.readouterr()
+        return code, captured.out, captured.err
+
+    try:
+        generate(acme, "clipin", 3)
+        code, out, _ = cli("root", "adapters", "pin", "clipin", "--tenant", "acme", "--json")
+        assert code == 0
+        pinned = json.loads(out)
+        assert pinned["pinned"] is True and pinned["usage"]["resident"] == "device"
+
+        code, out, _ = cli("acme", "adapters", "get", "clipin")
+        assert code == 0
+        assert "usage: 1 requests" in out and "3 completion tokens" in out
+        assert "since server start" in out and "resident: device (pinned)" in out
+
+        code, out, _ = cli("acme", "adapters", "list")
+        header, row = out.splitlines()
+        assert "REQUESTS" in header and "RESIDENT" in header
+        assert row.split()[0] == "clipin" and "device (pinned)" in row
+
+        code, _, err = cli("acme", "adapters", "pin", "clipin", "--tenant", "acme")
+        assert code == 1 and "PERMISSION_DENIED" in err
+
+        code, out, _ = cli("root", "adapters", "unpin", "clipin", "--tenant", "acme", "--json")
+        assert code == 0 and json.loads(out)["pinned"] is False
+        assert cli("root", "adapters", "pin", "clipin")[0] == 2, "--tenant is required"
+    finally:
+        acme.delete_adapter("clipin")
