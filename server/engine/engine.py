@@ -88,7 +88,6 @@ class Engine:
     ) -> None:
         self.config = config
         self.loaded = loaded
-        self._resolver = resolver
         self.usage = AdapterUsageLedger()
         """Per adapter name since the start; read through AdapterInfo.usage."""
         self._pins: dict[tuple[str, str], _Pin] = {}
@@ -318,6 +317,12 @@ class Engine:
         except EngineError:
             self._drop_pin(released)  # its hold was released above
             raise
+        if key not in self.device_pool.held():
+            # Deleted or replaced while it loaded: the pool kept nothing to pin.
+            self._drop_pin(released)
+            raise EngineError(
+                ErrorKind.NOT_FOUND, f"adapter {key.name!r} was deleted or replaced; retry"
+            )
         with self._pins_lock:
             self._pins[(key.tenant, key.name)] = _Pin(key, follow_latest)
 
