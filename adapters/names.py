@@ -65,3 +65,19 @@ def validate_adapter_name(name: str) -> str:
 def validate_tenant_name(name: str) -> str:
     """Return `name` if it is a valid tenant name (same rules as adapter names)."""
     return _validate(name, "tenant", "tenant")
+
+
+def parse_versioned_name(spec: str) -> tuple[str, int | None]:
+    """Splits `name@N` into (name, N); plain `name` gives (name, None). Both parts validated.
+
+    The one place that reads the `@N` suffix (requests, Get/Delete/Pin of one version).
+    """
+    name, at, version = spec.partition("@") if isinstance(spec, str) else (spec, "", "")
+    validate_adapter_name(name)
+    if not at:
+        return name, None
+    if not version.isascii() or not version.isdigit() or int(version) < 1 or len(version) > 10:
+        raise AdapterValidationError(
+            "name", f"version after '@' must be a positive integer (got {version!r})"
+        )
+    return name, int(version)

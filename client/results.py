@@ -57,6 +57,29 @@ def adapter_info_to_dict(info: adapters_pb2.AdapterInfo) -> JsonObject:
         "sha256": info.sha256,
         "created_at": info.created_at,
         "description": info.description,
+        "usage": adapter_usage_to_dict(info.usage),
+        "pinned": info.pinned,
+    }
+
+
+RESIDENCY_NAMES = {
+    adapters_pb2.RESIDENCY_UNSPECIFIED: "unknown",
+    adapters_pb2.RESIDENCY_DEVICE: "device",
+    adapters_pb2.RESIDENCY_HOST: "host",
+    adapters_pb2.RESIDENCY_DISK: "disk",
+}
+
+
+def adapter_usage_to_dict(usage: adapters_pb2.AdapterUsage) -> JsonObject:
+    """AdapterUsage (per adapter name, since the server process started), residency by name."""
+    return {
+        "requests": usage.requests,
+        "prompt_tokens": usage.prompt_tokens,
+        "completion_tokens": usage.completion_tokens,
+        "compute_seconds": usage.compute_seconds,
+        "cost": usage.cost,
+        "last_used": usage.last_used,
+        "resident": RESIDENCY_NAMES.get(usage.resident, "unknown"),
     }
 
 

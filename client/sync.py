@@ -178,6 +178,32 @@ class LoraServeClient:
         )
         return response.deleted
 
+    def pin_adapter(
+        self, name: str, *, tenant: str, timeout_s: float | None = None
+    ) -> adapters_pb2.AdapterInfo:
+        """Admin only: loads `tenant`'s adapter onto the device tier and keeps it there.
+
+        `name` follows the name's latest version (a new upload moves the pin); `name@N` pins
+        version N only. RESOURCE_EXHAUSTED when it does not fit beside the other pins.
+        """
+        info: adapters_pb2.AdapterInfo = self._adapters.PinAdapter(
+            adapters_pb2.PinAdapterRequest(name=name, tenant=tenant),
+            timeout=self._timeout(timeout_s),
+            metadata=self._metadata,
+        )
+        return info
+
+    def unpin_adapter(
+        self, name: str, *, tenant: str, timeout_s: float | None = None
+    ) -> adapters_pb2.AdapterInfo:
+        """Admin only: ends a pin; the adapter stays loaded until evicted as usual."""
+        info: adapters_pb2.AdapterInfo = self._adapters.UnpinAdapter(
+            adapters_pb2.PinAdapterRequest(name=name, tenant=tenant),
+            timeout=self._timeout(timeout_s),
+            metadata=self._metadata,
+        )
+        return info
+
     # Health
 
     def wait_until_serving(self, timeout_s: float, *, service: str = "") -> None:

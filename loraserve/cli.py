@@ -26,6 +26,7 @@ from loraserve.client.results import (
     JsonObject,
     StreamAccumulator,
     adapter_info_to_dict,
+    adapter_usage_to_dict,
     generate_response_to_dict,
     server_info_to_dict,
 )
@@ -168,6 +169,17 @@ def build_parser() -> argparse.ArgumentParser:
         sub = adapter_commands.add_parser(action, parents=[common], help=help_text)
         sub.add_argument("name", metavar="NAME", help="adapter name")
         sub.add_argument("--tenant", default="", help="admin only: the owning tenant")
+        sub.set_defaults(handler=handler)
+
+    for action, handler, help_text in (
+        ("pin", _pin, "admin only: keep an adapter loaded on the device tier"),
+        ("unpin", _unpin, "admin only: release a pin"),
+    ):
+        sub = adapter_commands.add_parser(action, parents=[common], help=help_text)
+        sub.add_argument(
+            "name", metavar="NAME", help="adapter name (follows new versions), or NAME@N"
+        )
+        sub.add_argument("--tenant", required=True, help="the owning tenant")
         sub.set_defaults(handler=handler)
 
     # Local work on an adapter directory; its flags belong to finetune.inspect (imported on use).
@@ -408,7 +420,19 @@ def _list(client: LoraServeClient, args: argparse.Namespace) -> int:
     if not adapters:
         print("no adapters")
         return 0
-    rows = [("NAME", "VERSION", "RANK", "SIZE", "CREATED", "DESCRIPTION")]
+    rows = [
+        (
+            "NAME",
+            "VERSION",
+            "RANK",
+            "SIZE",
+            "CREATED",
+            "REQUESTS",
+            "TOKENS",
+            "RESIDENT",
+            "DESCRIPTION",
+        )
+    ]
     rows += [
         (
             a.name,
@@ -416,6 +440,9 @@ def _list(client: LoraServeClient, args: argparse.Namespace) -> int:
             str(a.rank),
             _size(a.size_bytes),
             _time(a.created_at),
+            str(a.usage.requests),
+            str(a.usage.prompt_tokens + a.usage.completion_tokens),
+            _resident(a),
             a.description,
         )
         for a in adapters
@@ -430,6 +457,16 @@ def _list(client: LoraServeClient, args: argparse.Namespace) -> int:
 
 def _get(client: LoraServeClient, args: argparse.Namespace) -> int:
     _print_adapter(client.get_adapter(args.name, tenant=args.tenant), args.json)
+    return 0
+
+
+def _pin(client: LoraServeClient, args: argparse.Namespace) -> int:
+    _print_adapter(client.pin_adapter(args.name, tenant=args.tenant), args.json)
+    return 0
+
+
+def _unpin(client: LoraServeClient, args: argparse.Namespace) -> int:
+    _print_adapter(client.unpin_adapter(args.name, tenant=args.tenant), args.json)
     return 0
 
 
@@ -453,8 +490,22 @@ def _print_adapter(info: adapters_pb2.AdapterInfo, as_json: bool) -> None:
     fields["size_bytes"] = f"{info.size_bytes} ({_size(info.size_bytes)})"
     fields["created_at"] = _time(info.created_at)
     fields["target_modules"] = f"{len(info.target_modules)} modules"
+    usage = fields.pop("usage")
     for key, value in fields.items():
         print(f"{key}: {value}")
+    # Since this server process started (per adapter name, all versions).
+    last = _time(info.usage.last_used) if info.usage.last_used else "never"
+    print(
+        f"usage: {usage['requests']} requests, {usage['prompt_tokens']} prompt + "
+        f"{usage['completion_tokens']} completion tokens, {usage['compute_seconds']:.3f} "
+        f"compute s, cost {usage['cost']:.6g}, last used {last} (since server start)"
+    )
+    print(f"resident: {_resident(info)}")
+
+
+def _resident(info: adapters_pb2.AdapterInfo) -> str:
+    where = str(adapter_usage_to_dict(info.usage)["resident"])
+    return f"{where} (pinned)" if info.pinned else where
 
 
 def _size(n: int) -> str:

@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,7 +21,7 @@ from loraserve.adapters.errors import (
     AdapterQuotaError,
     AdapterValidationError,
 )
-from loraserve.adapters.names import validate_adapter_name
+from loraserve.adapters.names import parse_versioned_name, validate_adapter_name
 from loraserve.adapters.spec import BaseModelSpec
 from loraserve.adapters.store import AdapterRecord, AdapterStore, UploadTransaction
 from loraserve.adapters.weights import AdapterWeights, load_adapter_weights
@@ -226,6 +227,8 @@ class AdapterService:
         self.spec = spec
         self.uploads = UploadSlots(config)
         self._forget = lambda tenant, name, below: None
+        self._on_deleted: Callable[[str, str, int], None] = lambda tenant, name, version: None
+        self._on_new_version: Callable[[AdapterKey], None] = lambda key: None
         self._reservations: list[_Reservation] = []
         """Uploads in progress that passed the quota check at their header (guarded by _lock)."""
         self._lock = threading.Lock()
@@ -237,6 +240,16 @@ class AdapterService:
     def attach_engine(self, forget) -> None:
         """Lets deletes and re-uploads free the engine's device copies."""
         self._forget = forget
+
+    def attach_usage_and_pins(
+        self,
+        on_deleted: Callable[[str, str, int], None],
+        on_new_version: Callable[[AdapterKey], None],
+    ) -> None:
+        """Lets deletes drop a name's usage totals and uploads move a pin that follows the name
+        to the new version (Engine.adapter_deleted, Engine.pin_new_version)."""
+        self._on_deleted = on_deleted
+        self._on_new_version = on_new_version
 
     def begin_upload(
         self, tenant: str, name: str, description: str, files: list[FileDeclaration]
@@ -335,6 +348,17 @@ class AdapterService:
 
     def on_replaced(self, record: AdapterRecord) -> None:
         self._forget(record.tenant, record.name, record.version)
+        try:
+            self._on_new_version(key_of(record))
+        except EngineError as exc:
+            # The upload is committed either way; the operator learns the pin ended.
+            log.error(
+                "pin of adapter %s/%s ended: version %d could not be pinned: %s",
+                record.tenant,
+                record.name,
+                record.version,
+                exc.message,
+            )
 
     def list(self, tenant: str) -> list[AdapterRecord]:
         return self.store.list(tenant)
@@ -347,7 +371,18 @@ class AdapterService:
         validate_adapter_name(name)
         record = self.store.delete(tenant, name)
         self._forget(tenant, name, None)
+        self._on_deleted(tenant, name, record.version)
         return record
+
+    def get_for_pin(self, tenant: str, spec: str) -> tuple[AdapterRecord, bool]:
+        """The version a pin of `spec` holds, and whether the pin follows the name's latest
+        version (plain `name`) or stays on that version (`name@N`)."""
+        name, version = parse_versioned_name(spec)
+        record = self.store.get(tenant, name)
+        if version is not None and version != record.version:
+            # Only the latest version is stored (an upload replaces the previous one).
+            raise AdapterNotFoundError(f"{name}@{version}")
+        return record, version is None
 
     # ---- the engine's view --------------------------------------------------------------------
 
@@ -363,7 +398,7 @@ class AdapterService:
             raise EngineError(
                 ErrorKind.INTERNAL, f"adapter {ref.name!r} is unusable (see the server log)"
             ) from exc
-        return AdapterKey(ref.tenant, ref.name, record.version, rank=record.rank)
+        return key_of(record)
 
     def load(self, key: AdapterKey) -> AdapterWeights:
         """Reads, checksums and validates one adapter version (engine loader)."""
@@ -391,6 +426,11 @@ class AdapterService:
             raise EngineError(
                 ErrorKind.INTERNAL, f"stored adapter {key.name!r} is unusable (see the server log)"
             ) from exc
+
+
+def key_of(record: AdapterRecord) -> AdapterKey:
+    """The engine's key of one stored adapter version."""
+    return AdapterKey(record.tenant, record.name, record.version, rank=record.rank)
 
 
 def _file_name(kind: FileKind) -> str:

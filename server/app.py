@@ -15,11 +15,15 @@ import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
+from loraserve.adapters.errors import AdapterError, AdapterNotFoundError
+from loraserve.server.adapter_service import AdapterService, key_of
 from loraserve.server.api.adapters import AdaptersServicer
 from loraserve.server.api.auth import Authorizer
 from loraserve.server.api.inference import InferenceServicer
 from loraserve.server.api.wire import add_guarded
-from loraserve.server.config import ServerConfig
+from loraserve.server.config import ConfigError, ServerConfig
+from loraserve.server.engine.engine import Engine
+from loraserve.server.engine.types import EngineError
 from loraserve.server.metrics import Metrics
 from loraserve.server.request_log import RequestLogger
 from loraserve.server.runtime import Runtime, build_runtime
@@ -102,6 +106,8 @@ class Server:
         loaded, engine = parts.loaded, parts.engine
         self.metrics.watch(engine, parts.store, loaded, self.registry.tenants, config.currency)
         engine.start()
+        # Before SERVING: a preloaded adapter is on the device when the first request comes.
+        await asyncio.to_thread(preload_adapters, config, parts.adapter_service, engine)
         self.runtime.ready(engine, parts.adapter_service)
         await self._set_health(health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -145,6 +151,23 @@ class Server:
     async def _set_health(self, status: int) -> None:
         for name in ("", *SERVICE_NAMES):
             await self.health.set(name, status)
+
+
+def preload_adapters(config: ServerConfig, service: AdapterService, engine: Engine) -> None:
+    """Pins every --preload adapter on the device; ConfigError naming the first that fails."""
+    for tenant, spec in config.preloads():
+        try:
+            record, follow = service.get_for_pin(tenant, spec)
+            engine.pin(key_of(record), follow_latest=follow)
+        except AdapterNotFoundError:
+            raise ConfigError(
+                f"--preload {tenant}/{spec}: tenant {tenant!r} has no adapter {spec!r} in "
+                f"{config.data_dir}"
+            ) from None
+        except (AdapterError, EngineError) as exc:
+            message = exc.message if isinstance(exc, EngineError) else str(exc)
+            raise ConfigError(f"--preload {tenant}/{spec}: {message}") from None
+        log.info("preloaded and pinned adapter %s/%s (version %d)", tenant, spec, record.version)
 
 
 def _server_credentials(config: ServerConfig) -> grpc.ServerCredentials | None:

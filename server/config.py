@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Literal
 
+from loraserve.adapters.errors import AdapterValidationError
+from loraserve.adapters.names import parse_versioned_name, validate_tenant_name
 from loraserve.server.engine.config import ATTENTION_BACKENDS, EngineConfig
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
@@ -122,6 +124,10 @@ class ServerConfig:
     replica_id: str = ""
     """Stable id of this server replica, sent as `served_by` and logged; "" means the host name
     (`loraserve serve-ray` sets the Ray Serve replica id)."""
+    preload: tuple[str, ...] = ()
+    """`TENANT/NAME` (or `TENANT/NAME@N`) adapters loaded onto the device tier and pinned before
+    health turns SERVING (--preload); a missing one, or one that does not fit, fails the start.
+    Pins made over the API (PinAdapter) are not persisted: only these come back on a restart."""
     shared_store: bool = False
     """The data directory is shared with other server processes (Ray Serve replicas): no cached
     latest records, cross-process file locks (adapters.shared_store)."""
@@ -195,6 +201,8 @@ class ServerConfig:
             path = getattr(self, name)
             if path is not None and not Path(path).is_file():
                 raise ConfigError(f"{name}: {path} is not a readable file")
+        for spec in self.preload:
+            parse_preload(spec)
         if self.tenants_file is None and not is_loopback(self.host):
             raise ConfigError(
                 f"host: {self.host!r} is not a loopback address; without --tenants the server runs "
@@ -202,6 +210,10 @@ class ServerConfig:
                 "(pass --tenants FILE to serve other hosts)"
             )
         return self
+
+    def preloads(self) -> list[tuple[str, str]]:
+        """The --preload entries as (tenant, adapter spec) pairs, in order."""
+        return [parse_preload(spec) for spec in self.preload]
 
     def engine_config(self) -> EngineConfig:
         """The engine's share of the settings."""
@@ -240,3 +252,16 @@ def is_loopback(host: str) -> bool:
         return ipaddress.ip_address(host.strip("[]")).is_loopback
     except ValueError:
         return False
+
+
+def parse_preload(spec: str) -> tuple[str, str]:
+    """`TENANT/NAME[@N]` -> (tenant, `NAME[@N]`); ConfigError naming the entry if malformed."""
+    tenant, slash, adapter = spec.partition("/")
+    try:
+        if not slash:
+            raise AdapterValidationError("preload", "must be TENANT/NAME or TENANT/NAME@N")
+        validate_tenant_name(tenant)
+        parse_versioned_name(adapter)
+    except AdapterValidationError as exc:
+        raise ConfigError(f"preload: {spec!r}: {exc.message}") from None
+    return tenant, adapter

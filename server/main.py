@@ -237,6 +237,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         action="store_true",
         help="also log prompts and completions (off by default: tenants' data stays private)",
     )
+    parser.add_argument(
+        "--preload",
+        action="append",
+        default=[],
+        metavar="TENANT/NAME[@N]",
+        help="load this adapter onto the device tier before serving and keep it pinned "
+        "(repeatable); a missing adapter or one that does not fit fails the start (exit 2)",
+    )
     parser.add_argument("--log-level", default="INFO")
 
 
@@ -320,6 +328,7 @@ def config_from_args(
         currency=args.currency,
         access_log=args.access_log,
         access_log_content=args.access_log_content,
+        preload=tuple(getattr(args, "preload", None) or ()),
     ).validate()
 
 
@@ -374,6 +383,9 @@ def run_serve(args: argparse.Namespace, embedded_model: EmbeddedModel | None = N
         )
     try:
         asyncio.run(serve(config))
+    except ConfigError as exc:  # found only at start, e.g. a --preload adapter that is missing
+        print(f"loraserve serve: {exc}", file=sys.stderr)
+        return 2
     except Exception as exc:  # a start failure: say what, not a traceback wall
         from loraserve.server.engine.model import ModelLoadError
         from loraserve.server.tenants import TenantsFileError

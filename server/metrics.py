@@ -147,6 +147,13 @@ class Metrics(EngineObserver):
             ["tenant", "outcome"],
             registry=r,
         )
+        self.adapter_pinned_bytes = Gauge(
+            "loraserve_adapter_pinned_bytes",
+            "Device adapter budget bytes (whole pages) held by the tenant's pinned adapters "
+            "(PinAdapter, --preload).",
+            ["tenant"],
+            registry=r,
+        )
         self.adapters_stored = Gauge(
             "loraserve_adapters_stored", "Adapters in the durable store.", ["tenant"], registry=r
         )
@@ -209,6 +216,9 @@ class Metrics(EngineObserver):
         self.adapter_resident_bytes.labels("host").set_function(host.resident_bytes)
         for tenant in tenants:
             self.adapters_stored.labels(tenant).set_function(lambda t=tenant: len(store.list(t)))
+            self.adapter_pinned_bytes.labels(tenant).set_function(
+                lambda t=tenant: engine.pinned_bytes().get(t, 0)
+            )
 
     def declare_tenants(self, tenants: list[str]) -> None:
         """Exports zeros for every configured tenant, so rates work from the first scrape."""

@@ -64,6 +64,8 @@ def build_runtime(
     )
     # Deleting or replacing an adapter frees its memory in the engine's tiers.
     adapter_service.attach_engine(engine.forget_adapter)
+    # Deleting a name drops its usage totals; a pin of a plain name follows its new versions.
+    adapter_service.attach_usage_and_pins(engine.adapter_deleted, engine.pin_new_version)
     return ServingParts(config, loaded, store, adapter_service, engine)
 
 

@@ -128,16 +128,22 @@ class AdaptersServicer:
         raise NotImplementedError('Method not implemented!')
 
     def PinAdapter(self, request, context):
-        """Admin only: keeps the adapter resident on the device tier until unpinned.
-        Pinned bytes count against the device budget; a pin that would not fit is
-        refused with RESOURCE_EXHAUSTED.
+        """Admin only (PERMISSION_DENIED otherwise): loads the adapter onto the device
+        tier and keeps it resident until unpinned, deleted or the server exits (pins
+        are not persisted; `--preload` pins at start). Pinned bytes count against
+        the device budget; a pin that would not fit beside the other pins is refused
+        with RESOURCE_EXHAUSTED (the message gives the bytes needed and available).
+        A pin of plain `name` follows the name: a new upload moves it to the new
+        version. A pin of `name@N` holds version N only. Under serve-ray this answers
+        UNIMPLEMENTED (a pin must hold on every replica; use --preload).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def UnpinAdapter(self, request, context):
-        """Admin only: releases a pin (the adapter may then be evicted as usual).
+        """Admin only: releases a pin (the adapter stays loaded, evictable as usual);
+        unpinning an adapter that is not pinned changes nothing.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -9,11 +9,13 @@ from concurrent.futures import ThreadPoolExecutor
 import grpc
 
 from loraserve.adapters.errors import AdapterError, AdapterValidationError
+from loraserve.adapters.store import AdapterRecord
 from loraserve.server.adapter_service import (
     AdapterService,
     FileDeclaration,
     UploadSession,
     UploadSlot,
+    key_of,
 )
 from loraserve.server.api.auth import Authorizer
 from loraserve.server.api.convert import FILE_KINDS, adapter_info
@@ -43,6 +45,11 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
 
     def _service(self) -> AdapterService:
         return self._runtime.require()[1]
+
+    def _described(self, record: AdapterRecord) -> adapters_pb2.AdapterInfo:
+        """AdapterInfo with the engine's view: usage since the start, residency, pin."""
+        engine = self._runtime.require()[0]
+        return adapter_info(record, engine.adapter_status(key_of(record)))
 
     async def UploadAdapter(
         self,
@@ -139,10 +146,12 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         tenant = await self._auth.acting_tenant(context, request.tenant)
         try:
             records = await asyncio.to_thread(self._service().list, tenant)
+            # Off the loop: each reads the tiers' locks, which the engine may hold briefly.
+            infos = await asyncio.to_thread(lambda: [self._described(r) for r in records])
         except (AdapterError, EngineError, OSError) as exc:
             await abort_for(context, exc)
             raise
-        return adapters_pb2.ListAdaptersResponse(adapters=[adapter_info(r) for r in records])
+        return adapters_pb2.ListAdaptersResponse(adapters=infos)
 
     async def GetAdapter(
         self, request: adapters_pb2.GetAdapterRequest, context: grpc.aio.ServicerContext
@@ -150,10 +159,11 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         tenant = await self._auth.acting_tenant(context, request.tenant)
         try:
             record = await asyncio.to_thread(self._service().get, tenant, request.name)
+            info = await asyncio.to_thread(self._described, record)
         except (AdapterError, EngineError, OSError) as exc:
             await abort_for(context, exc)
             raise
-        return adapter_info(record)
+        return info
 
     async def DeleteAdapter(
         self, request: adapters_pb2.DeleteAdapterRequest, context: grpc.aio.ServicerContext
@@ -165,6 +175,64 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
             await abort_for(context, exc)
             raise
         return adapters_pb2.DeleteAdapterResponse(deleted=adapter_info(record))
+
+    async def PinAdapter(
+        self, request: adapters_pb2.PinAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.AdapterInfo:
+        tenant = await self._admin_tenant(context, request.tenant, "PinAdapter")
+        try:
+            engine, service = self._runtime.require()
+
+            def pin() -> adapters_pb2.AdapterInfo:
+                record, follow = service.get_for_pin(tenant, request.name)
+                engine.pin(key_of(record), follow_latest=follow)
+                return self._described(record)
+
+            # Blocks until the engine thread has the adapter in device pages.
+            return await asyncio.to_thread(pin)
+        except (AdapterError, EngineError, OSError) as exc:
+            await abort_for(context, exc)
+            raise
+
+    async def UnpinAdapter(
+        self, request: adapters_pb2.PinAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.AdapterInfo:
+        tenant = await self._admin_tenant(context, request.tenant, "UnpinAdapter")
+        try:
+            engine, service = self._runtime.require()
+
+            def unpin() -> adapters_pb2.AdapterInfo:
+                record, _ = service.get_for_pin(tenant, request.name)
+                engine.unpin(tenant, record.name)  # unpinning what is not pinned is a no-op
+                return self._described(record)
+
+            return await asyncio.to_thread(unpin)
+        except (AdapterError, EngineError, OSError) as exc:
+            await abort_for(context, exc)
+            raise
+
+    async def _admin_tenant(
+        self, context: grpc.aio.ServicerContext, requested: str, rpc: str
+    ) -> str:
+        """The tenant an admin-only call names; PERMISSION_DENIED for a tenant key, and
+        INVALID_ARGUMENT when the (required) tenant is missing or unknown."""
+        principal = await self._auth.principal(context)
+        if not principal.admin:
+            await context.abort(
+                grpc.StatusCode.PERMISSION_DENIED,
+                f"{rpc} needs an admin key: pinning takes device memory from every tenant",
+            )
+        if not requested:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT, "tenant: required (the adapter's owner)"
+            )
+        tenant = await self._auth.acting_tenant(context, requested, principal)
+        if tenant not in self._auth.registry.tenants:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"tenant: {tenant!r} is not a tenant in the tenants file",
+            )
+        return tenant
 
 
 def _known_file(kind: int) -> bool:

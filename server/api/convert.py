@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from loraserve.adapters.store import AdapterRecord
-from loraserve.server.engine.engine import SamplingOverrides
+from loraserve.server.engine.engine import AdapterStatus, Residency, SamplingOverrides
 from loraserve.server.engine.types import FinishReason, Usage
 from loraserve.v1 import adapters_pb2, inference_pb2
 
@@ -54,8 +54,31 @@ def usage_pb(usage: Usage) -> inference_pb2.Usage:
     )
 
 
-def adapter_info(record: AdapterRecord) -> adapters_pb2.AdapterInfo:
-    return adapters_pb2.AdapterInfo(
+RESIDENCIES = {
+    Residency.DEVICE: adapters_pb2.RESIDENCY_DEVICE,
+    Residency.HOST: adapters_pb2.RESIDENCY_HOST,
+    Residency.DISK: adapters_pb2.RESIDENCY_DISK,
+}
+
+
+def adapter_usage_pb(status: AdapterStatus) -> adapters_pb2.AdapterUsage:
+    usage = status.usage
+    return adapters_pb2.AdapterUsage(
+        requests=usage.requests,
+        prompt_tokens=usage.prompt_tokens,
+        completion_tokens=usage.completion_tokens,
+        compute_seconds=usage.compute_seconds,
+        cost=usage.cost,
+        last_used=usage.last_used,
+        resident=RESIDENCIES[status.resident],
+    )
+
+
+def adapter_info(
+    record: AdapterRecord, status: AdapterStatus | None = None
+) -> adapters_pb2.AdapterInfo:
+    """`status` (the engine's view: usage, residency, pin) fills usage and pinned when given."""
+    info = adapters_pb2.AdapterInfo(
         name=record.name,
         tenant=record.tenant,
         version=record.version,
@@ -68,3 +91,7 @@ def adapter_info(record: AdapterRecord) -> adapters_pb2.AdapterInfo:
         created_at=record.created_at,
         description=record.description,
     )
+    if status is not None:
+        info.usage.CopyFrom(adapter_usage_pb(status))
+        info.pinned = status.pinned
+    return info

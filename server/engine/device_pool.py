@@ -5,6 +5,11 @@ fewer large ones. An adapter in use by a running request is pinned and never evi
 adapters stay loaded (warm) until their pages are needed or the adapter is deleted, then the
 least recently used go first. Page 0 is reserved as the all-zero "no adapter" page.
 
+An operator can also *hold* an adapter (PinAdapter, `--preload`): it is loaded and kept resident
+however long nobody uses it. Held pages count against the budget: a hold is refused when the
+held adapters would exceed it, and a request whose adapter cannot fit beside the held ones is
+refused rather than queued forever.
+
 Cold adapters load off the engine thread (server.engine.cold_loader): the scheduler calls
 `request(key)` for a request whose adapter is not resident, keeps decoding the running rows, and
 admits the request once `ready(key)`; a failed load is reported by `take_error(key)`. Only
@@ -59,8 +64,15 @@ class _Entry:
     nbytes: int
     """Device bytes of the adapter's own factors (what the tenant is billed for)."""
     pins: int = 0
+    """Running requests using it."""
+    held: bool = False
+    """Kept resident by an operator (PinAdapter, --preload): never evicted until released."""
     doomed: bool = False
     """Deleted from the store: free the pages as soon as the last pin is released."""
+
+    @property
+    def evictable(self) -> bool:
+        return self.pins == 0 and not self.held
 
 
 class DevicePool:
@@ -122,6 +134,20 @@ class DevicePool:
         with self._lock:
             return {k: e.pins for k, e in self._entries.items()}
 
+    def is_resident(self, key: AdapterKey) -> bool:
+        """Whether this adapter version is in device pages now (any thread)."""
+        with self._lock:
+            return key in self._entries
+
+    def held(self) -> dict[AdapterKey, int]:
+        """Held adapter versions and the budget bytes (whole pages) each takes."""
+        with self._lock:
+            return {
+                k: len(e.placement.pages) * self.page_bytes
+                for k, e in self._entries.items()
+                if e.held
+            }
+
     def resident_bytes(self) -> int:
         """Bytes of the resident adapters' own factors."""
         with self._lock:
@@ -148,6 +174,65 @@ class DevicePool:
                 len(self._entries[k].placement.pages) for k in self._lru if k not in wanted
             )
             return needed <= len(self._free) + evictable
+
+    # ---- operator holds (PinAdapter, --preload) ------------------------------------------------
+
+    def _held_pages_locked(self, besides: AdapterKey | None = None) -> int:
+        return sum(
+            len(e.placement.pages) for k, e in self._entries.items() if e.held and k != besides
+        )
+
+    def check_hold(self, key: AdapterKey, replacing: AdapterKey | None = None) -> None:
+        """Raises RESOURCE_EXHAUSTED unless `key` fits in the budget beside the other held
+        adapters (`replacing`, held now, is about to be released and does not count)."""
+        needed = self.pages_for(key.rank)
+        with self._lock:
+            others = self._held_pages_locked(besides=key)
+            old = self._entries.get(replacing) if replacing not in (None, key) else None
+            if old is not None and old.held:
+                others -= len(old.placement.pages)
+        available = self.num_pages - others
+        if needed > available:
+            raise EngineError(
+                ErrorKind.RESOURCE_EXHAUSTED,
+                f"pinning adapter {key.name!r} needs {needed * self.page_bytes} bytes of the "
+                f"device adapter budget ({needed} pages of {self.page_bytes} bytes) but only "
+                f"{available * self.page_bytes} bytes are not pinned by other adapters "
+                f"(budget {self.num_pages * self.page_bytes} bytes, --adapter-device-bytes)",
+            )
+
+    def hold(self, key: AdapterKey) -> Placement:
+        """Engine thread: loads `key` if needed and keeps it resident until `unhold`.
+
+        Raises RESOURCE_EXHAUSTED when held adapters leave no room for it, or when running
+        requests pin the pages it needs right now (retry once they finish).
+        """
+        self.check_hold(key)
+        placement = self.acquire(key)
+        with self._lock:
+            entry = self._entries[key]
+            entry.held = not entry.doomed  # deleted meanwhile: nothing to keep
+        self.release(key)
+        return placement
+
+    def unhold(self, key: AdapterKey) -> bool:
+        """Ends a hold (any thread); the adapter stays warm, evictable as usual. Whether it was
+        held."""
+        with self._lock:
+            entry = self._entries.get(key)
+            if entry is None or not entry.held:
+                return False
+            entry.held = False
+            if entry.pins == 0 and not entry.doomed:
+                self._lru[key] = None  # most recently used: it was wanted until now
+            return True
+
+    def can_ever_fit(self, key: AdapterKey) -> bool:
+        """Whether `key` fits beside the held adapters once running requests finish."""
+        with self._lock:
+            if key in self._entries:
+                return True
+            return self.pages_for(key.rank) <= self.num_pages - self._held_pages_locked()
 
     # ---- cold loads off the engine thread ------------------------------------------------------
 
@@ -287,7 +372,7 @@ class DevicePool:
             if entry.pins == 0:
                 if entry.doomed:
                     self._evict(key)
-                else:
+                elif not entry.held:
                     self._lru[key] = None
 
     def forget(self, tenant: str, name: str, below_version: int | None = None) -> None:
@@ -305,6 +390,7 @@ class DevicePool:
             for key, entry in self._entries.items():
                 if matches(key):
                     entry.doomed = True
+                    entry.held = False  # a deleted or replaced version's hold ends with it
             if self._loading is not None and matches(self._loading):
                 self._loading_doomed = True  # being loaded right now: doomed on arrival
             self._cold.forget(matches)  # background loads of it: discarded, never resident

@@ -6,6 +6,7 @@ token ids, checks request bounds, and hands requests to the scheduler.
 
 from __future__ import annotations
 
+import enum
 import functools
 import threading
 import uuid
@@ -21,6 +22,7 @@ from loraserve.server.engine.prompt_bounds import longest_token_bytes
 from loraserve.server.engine.sampling import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE
 from loraserve.server.engine.scheduler import RequestHandle, Scheduler, SchedulerSettings
 from loraserve.server.engine.types import (
+    AdapterKey,
     AdapterRef,
     EngineError,
     ErrorKind,
@@ -28,6 +30,7 @@ from loraserve.server.engine.types import (
     GenerationRequest,
     SamplingParams,
 )
+from loraserve.server.engine.usage import AdapterUsageLedger, AdapterUsageTotals
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,35 @@ class SamplingOverrides:
     ignore_eos: bool | None = None
 
 
+class Residency(enum.Enum):
+    """Where an adapter version's weights are right now."""
+
+    DEVICE = "device"
+    HOST = "host"
+    DISK = "disk"
+
+
+@dataclass(frozen=True)
+class AdapterStatus:
+    """What the engine knows of one adapter version, for AdapterInfo."""
+
+    usage: AdapterUsageTotals
+    """Of the adapter's name, all versions, since the start."""
+    resident: Residency
+    pinned: bool
+
+
+@dataclass(frozen=True)
+class _Pin:
+    key: AdapterKey
+    follow_latest: bool
+    """Pinned by plain name: a new upload of the name moves the pin to the new version."""
+
+
+PIN_TIMEOUT_SECONDS = 120.0
+"""Longest a pin waits for the engine thread to load the adapter (it loads between steps)."""
+
+
 class Engine:
     """Serves generation requests for one loaded base model."""
 
@@ -56,6 +88,11 @@ class Engine:
     ) -> None:
         self.config = config
         self.loaded = loaded
+        self.usage = AdapterUsageLedger()
+        """Per adapter name since the start; read through AdapterInfo.usage."""
+        self._pins: dict[tuple[str, str], _Pin] = {}
+        """Operator pins by (tenant, name); the device pool holds their pages."""
+        self._pins_lock = threading.Lock()
         # Tiers: disk (the store, via `loader`) -> host memory (LRU) -> device pages.
         self.host_cache = HostCache(loader, config.adapter_host_bytes, observer)
         self.device_pool = DevicePool(
@@ -84,6 +121,7 @@ class Engine:
             ),
             observer,
             prefetch=self.host_cache.prefetch,
+            usage=self.usage,
         )
         self._thread: threading.Thread | None = None
 
@@ -233,7 +271,117 @@ class Engine:
         return self.scheduler.submit(request, sink)
 
     def forget_adapter(self, tenant: str, name: str, below_version: int | None = None) -> None:
-        """Frees device memory of a deleted (or replaced) adapter once no request uses it."""
+        """Frees device memory of a deleted (or replaced) adapter once no request uses it.
+
+        A deleted name's pin ends. A replaced version's pin ends too, unless it was pinned by
+        plain name: then the pin moves to the new version (`pin_new_version`).
+        """
         self.device_pool.forget(tenant, name, below_version)
         self.host_cache.forget(tenant, name, below_version)
+        with self._pins_lock:
+            pin = self._pins.get((tenant, name))
+            replaced = pin is not None and pin.key.version < (below_version or 0)
+            if pin is not None and (below_version is None or (replaced and not pin.follow_latest)):
+                del self._pins[(tenant, name)]
         self.scheduler.request_collect()
+
+    def adapter_deleted(self, tenant: str, name: str, version: int) -> None:
+        """The name was deleted (latest version `version`): its usage totals are dropped."""
+        self.usage.forget(tenant, name, version)
+
+    # ---- pins (operator: PinAdapter, --preload) -----------------------------------------------
+
+    def pin(self, key: AdapterKey, *, follow_latest: bool, timeout: float | None = None) -> None:
+        """Loads `key` onto the device and keeps it there until `unpin` (blocking; not on the
+        engine thread). Raises EngineError RESOURCE_EXHAUSTED when it does not fit beside the
+        other pins; a previous pin of the same name is released once this one holds.
+        """
+        with self._pins_lock:
+            previous = self._pins.get((key.tenant, key.name))
+        replacing = previous.key if previous is not None else None
+        self.device_pool.check_hold(key, replacing=replacing)  # before reading any bytes
+        self.host_cache.get(key)  # read and validate here, not on the engine thread
+        released = previous if replacing is not None and replacing != key else None
+        if released is not None:
+            self.device_pool.unhold(released.key)
+        try:
+            future = self.scheduler.run_on_engine(lambda: self.device_pool.hold(key))
+            future.result(PIN_TIMEOUT_SECONDS if timeout is None else timeout)
+        except TimeoutError:
+            # Should the hold still land, nothing would own it: release it then.
+            if replacing != key:
+                future.add_done_callback(lambda _: self.device_pool.unhold(key))
+            self._drop_pin(released)
+            raise EngineError(
+                ErrorKind.UNAVAILABLE, f"pinning adapter {key.name!r} timed out; retry"
+            ) from None
+        except EngineError:
+            self._drop_pin(released)  # its hold was released above
+            raise
+        if key not in self.device_pool.held():
+            # Deleted or replaced while it loaded: the pool kept nothing to pin.
+            self._drop_pin(released)
+            raise EngineError(
+                ErrorKind.NOT_FOUND, f"adapter {key.name!r} was deleted or replaced; retry"
+            )
+        with self._pins_lock:
+            self._pins[(key.tenant, key.name)] = _Pin(key, follow_latest)
+
+    def _drop_pin(self, pin: _Pin | None) -> None:
+        if pin is None:
+            return
+        with self._pins_lock:
+            if self._pins.get((pin.key.tenant, pin.key.name)) == pin:
+                del self._pins[(pin.key.tenant, pin.key.name)]
+
+    def unpin(self, tenant: str, name: str) -> bool:
+        """Ends the name's pin; the adapter stays warm but evictable. Whether one was pinned."""
+        with self._pins_lock:
+            pin = self._pins.pop((tenant, name), None)
+        if pin is None:
+            return False
+        self.device_pool.unhold(pin.key)
+        return True
+
+    def pin_new_version(self, key: AdapterKey) -> None:
+        """A new version of a name was uploaded: a pin that follows the name moves to it.
+
+        If it does not fit, the pin ends (logged by the caller); the upload itself stands.
+        """
+        with self._pins_lock:
+            pin = self._pins.get((key.tenant, key.name))
+        if pin is None or not pin.follow_latest or pin.key == key:
+            return
+        try:
+            self.pin(key, follow_latest=True)
+        except EngineError:
+            self._drop_pin(pin)
+            raise
+
+    def pinned(self, key: AdapterKey) -> bool:
+        """Whether this version is pinned now."""
+        with self._pins_lock:
+            pin = self._pins.get((key.tenant, key.name))
+        return pin is not None and pin.key == key
+
+    def pinned_bytes(self) -> dict[str, int]:
+        """Device budget bytes held by pins, per tenant (for metrics)."""
+        totals: dict[str, int] = {}
+        for key, nbytes in self.device_pool.held().items():
+            totals[key.tenant] = totals.get(key.tenant, 0) + nbytes
+        return totals
+
+    def residency(self, key: AdapterKey) -> Residency:
+        """Where this version is now; reads the tiers' own locks briefly, never the engine's."""
+        if self.device_pool.is_resident(key):
+            return Residency.DEVICE
+        if self.host_cache.contains(key):
+            return Residency.HOST
+        return Residency.DISK
+
+    def adapter_status(self, key: AdapterKey) -> AdapterStatus:
+        return AdapterStatus(
+            usage=self.usage.get(key.tenant, key.name),
+            resident=self.residency(key),
+            pinned=self.pinned(key),
+        )

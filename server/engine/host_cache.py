@@ -129,6 +129,11 @@ class HostCache:
                     self._bytes -= self._entries.pop(key).nbytes
             self._dropped.update(k for k in self._inflight if matches(k))
 
+    def contains(self, key: AdapterKey) -> bool:
+        """Whether this adapter version is in host memory now (not counting loads in flight)."""
+        with self._lock:
+            return key in self._entries
+
     def resident(self) -> list[AdapterKey]:
         with self._lock:
             return list(self._entries)

@@ -28,6 +28,7 @@ import logging
 import threading
 import time
 from collections.abc import Callable
+from concurrent.futures import Future
 from dataclasses import dataclass, field
 
 import torch
@@ -52,6 +53,7 @@ from loraserve.server.engine.types import (
     TokenEvent,
     Usage,
 )
+from loraserve.server.engine.usage import AdapterUsageLedger
 
 log = logging.getLogger(__name__)
 
@@ -185,8 +187,10 @@ class Scheduler:
         settings: SchedulerSettings,
         observer: EngineObserver | None = None,
         prefetch: Callable[[AdapterKey], None] | None = None,
+        usage: AdapterUsageLedger | None = None,
     ) -> None:
         self._loaded = loaded
+        self._usage = usage
         self._pool = pool
         self._prefetch = prefetch
         self._resolver = resolver
@@ -223,6 +227,10 @@ class Scheduler:
         self._cond = threading.Condition()
         self._stopping = False
         self._collect_requested = False
+        self._tasks: collections.deque[tuple[Callable[[], object], Future[object]]] = (
+            collections.deque()
+        )
+        """Work other threads hand the engine thread (guarded by _cond): see run_on_engine."""
         self.steps = 0
         """Forward passes run so far (prefills and decode steps)."""
         self.prefill_sizes: list[int] = []
@@ -294,6 +302,28 @@ class Scheduler:
         with self._cond:
             return len(self._waiting)
 
+    def run_on_engine(self, work: Callable[[], object]) -> Future[object]:
+        """Runs `work` on the engine thread between two steps (device page writes must happen
+        there); the future holds its result or exception. UNAVAILABLE once stopping."""
+        future: Future[object] = Future()
+        with self._cond:
+            if self._stopping:
+                raise EngineError(ErrorKind.UNAVAILABLE, "the server is shutting down")
+            self._tasks.append((work, future))
+            self._cond.notify()
+        return future
+
+    def _run_tasks(self) -> None:
+        with self._cond:
+            tasks, self._tasks = list(self._tasks), collections.deque()
+        for work, future in tasks:
+            if not future.set_running_or_notify_cancel():
+                continue
+            try:
+                future.set_result(work())
+            except BaseException as exc:
+                future.set_exception(exc)
+
     def request_collect(self) -> None:
         """Wakes an idle engine so it frees a deleted adapter's device pages now."""
         with self._cond:
@@ -311,11 +341,17 @@ class Scheduler:
                     and not self.running
                     and not self._stopping
                     and not self._collect_requested
+                    and not self._tasks
                 ):
                     # Wake once a second while idle so adapter residency keeps being accounted.
                     if not self._cond.wait(timeout=1.0):
                         self._pool.tick()
                 if self._stopping and not self._waiting and not self.running:
+                    for _, future in self._tasks:
+                        if future.set_running_or_notify_cancel():
+                            future.set_exception(
+                                EngineError(ErrorKind.UNAVAILABLE, "the server is shutting down")
+                            )
                     return
                 self._collect_requested = False
             try:
@@ -328,6 +364,7 @@ class Scheduler:
     def iterate(self) -> None:
         """One scheduling iteration: admit, prefill a chunk, decode one step."""
         self._pool.collect()
+        self._run_tasks()
         self._admit()
         self._prefetch_waiting(PREFETCH_AHEAD)
         self._prefill_step()
@@ -374,6 +411,10 @@ class Scheduler:
                     load_error = self._pool.take_error(key)
                     if load_error is not None:
                         failed.append((seq, load_error))
+                        continue
+                    if not self._pool.can_ever_fit(key):
+                        # Pinned adapters hold the budget: waiting would never end.
+                        failed.append((seq, _crowded_out(key)))
                         continue
                     if not self._pool.ready(key) and busy:
                         self._pool.request(key)
@@ -662,6 +703,9 @@ class Scheduler:
             if self._in_flight[seq.tenant] <= 0:
                 del self._in_flight[seq.tenant]
         self._free_resources(seq)
+        if isinstance(event, FinishEvent) and seq.key is not None and self._usage is not None:
+            # Before the caller hears of it, so usage read after a response includes it.
+            self._usage.record(seq.key, event.usage)
         self._emit(seq, event)
 
     def _free_resources(self, seq: Sequence) -> None:
@@ -674,3 +718,11 @@ class Scheduler:
         if seq.key is not None and seq.pages:
             self._pool.release(seq.key)
             seq.pages = ()
+
+
+def _crowded_out(key: AdapterKey) -> EngineError:
+    return EngineError(
+        ErrorKind.RESOURCE_EXHAUSTED,
+        f"adapter {key.name!r} does not fit in the device adapter budget beside the pinned "
+        "adapters; ask an operator to unpin some (or raise --adapter-device-bytes)",
+    )

@@ -36,6 +36,12 @@ ADAPTERS = adapters_pb2.DESCRIPTOR.services_by_name["Adapters"].full_name
 SERVICE_NAMES = (INFERENCE, ADAPTERS)
 
 _DROPPED_METADATA = {"user-agent", "content-type", "te", "grpc-accept-encoding", "grpc-timeout"}
+PER_REPLICA_RPCS = ("PinAdapter", "UnpinAdapter")
+PER_REPLICA_MESSAGE = (
+    "pinning over the API is not supported under serve-ray: a call reaches one replica, and a "
+    "pin must hold on every one; start serve-ray with --preload TENANT/NAME, which every "
+    "replica applies at start"
+)
 _UPLOAD_SLACK_BYTES = 1 << 20
 """Protobuf framing and the header, beyond the two files' size limits."""
 
@@ -91,6 +97,7 @@ class Ingress:
                             name: unary(self._unary(f"/{ADAPTERS}/{name}"))
                             for name in ("ListAdapters", "GetAdapter", "DeleteAdapter")
                         },
+                        **{name: unary(self._per_replica_only) for name in PER_REPLICA_RPCS},
                     },
                 ),
             )
@@ -126,6 +133,12 @@ class Ingress:
             return await self._call(context, "", "unary", method, payload)
 
         return forward
+
+    async def _per_replica_only(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
+        """Pins hold one replica's device memory, and a call here reaches one replica."""
+        await self._auth.principal(context)
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED, PER_REPLICA_MESSAGE)
+        raise AssertionError("abort raises")
 
     async def _forward_generate(self, payload: bytes, context: grpc.aio.ServicerContext) -> bytes:
         route = await self._route(payload, context)

@@ -40,3 +40,46 @@ def test_replicas_get_absolute_paths_and_a_private_loopback_server(tmp_path: Pat
     assert (replica.host, replica.port, replica.metrics_port) == ("127.0.0.1", 0, 0)
     assert replica.replica_id == "abc123" and replica.shared_store
     assert replica.tls_cert is None and replica.data_dir == config.data_dir
+
+
+def test_the_ingress_refuses_pins_clearly_rather_than_pinning_one_replica() -> None:
+    """A pin must hold on every replica, and a forwarded call reaches one: refused, with the
+    way that works (--preload, which every replica applies) in the message."""
+    import asyncio
+
+    import grpc
+
+    from loraserve.client.aio import AsyncLoraServeClient
+    from loraserve.client.config import ClientConfig
+    from loraserve.server.ray.ingress import Ingress
+
+    async def scenario() -> list[tuple[grpc.StatusCode, str]]:
+        ingress = Ingress(ServerConfig(port=0), handle=None)  # no replica is ever called
+        port = await ingress.start()
+        seen = []
+        try:
+            async with AsyncLoraServeClient(ClientConfig(target=f"127.0.0.1:{port}")) as client:
+                for call in (client.pin_adapter, client.unpin_adapter):
+                    try:
+                        await call("a", tenant="dev")
+                    except grpc.aio.AioRpcError as exc:
+                        seen.append((exc.code(), exc.details() or ""))
+        finally:
+            await ingress.stop(0)
+        return seen
+
+    seen = asyncio.run(scenario())
+    assert len(seen) == 2
+    for code, details in seen:
+        assert code == grpc.StatusCode.UNIMPLEMENTED
+        assert "not supported under serve-ray" in details and "--preload" in details
+
+
+def test_preload_passes_through_to_the_replicas_config() -> None:
+    from loraserve.server.ray.main import parse_configs
+
+    config, _ = parse_configs(
+        ["--model", "/models/m", "--preload", "acme/a", "--preload", "acme/b@2"]
+    )
+    assert config.preload == ("acme/a", "acme/b@2")
+    assert replica_config(config, "r1").preload == config.preload
