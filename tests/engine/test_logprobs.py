@@ -268,3 +268,50 @@ def test_logprob_options_are_checked() -> None:
             Engine.logprob_options(*bad)
         assert info.value.kind is ErrorKind.INVALID_ARGUMENT
         assert "top_logprobs" in info.value.message
+
+
+def test_token_logprobs_unit_per_row_temperature_and_top_n() -> None:
+    from loraserve.server.engine.logprobs import token_logprobs
+
+    generator = torch.Generator().manual_seed(0)
+    logits = torch.randn((3, 50), generator=generator) * 4  # (rows, vocab)
+    entries = token_logprobs(logits, [1, 2, 3], [0, 2, 50], [0.0, 0.5, 2.0])
+    for row, (temperature, top) in enumerate(((1.0, 0), (0.5, 2), (2.0, 50))):
+        expected = torch.log_softmax(logits[row] / temperature, dim=-1)  # (vocab,)
+        assert entries[row].token_id == row + 1
+        assert entries[row].logprob == pytest.approx(float(expected[row + 1]), rel=1e-5)
+        assert len(entries[row].top) == top
+        if top:
+            assert entries[row].top[0].token_id == int(expected.argmax())
+            assert [t.logprob for t in entries[row].top] == sorted(
+                (t.logprob for t in entries[row].top), reverse=True
+            )
+    assert token_logprobs(logits[:0], [], [], None) == []
+
+
+def test_score_positions_unit_spans_slices(monkeypatch: pytest.MonkeyPatch) -> None:
+    from loraserve.server.engine import logprobs as module
+
+    monkeypatch.setattr(module, "SCORE_SLICE", 4)
+    head = torch.randn((8, 30), generator=torch.Generator().manual_seed(1))  # (hidden, vocab)
+    hidden = torch.randn((11, 8), generator=torch.Generator().manual_seed(2))  # (positions, hidden)
+    targets = [(5 * i) % 30 for i in range(10)]  # one fewer than positions: the last predicts
+    slices: list[int] = []
+
+    def project(x: torch.Tensor) -> torch.Tensor:
+        slices.append(x.shape[0])
+        return x @ head
+
+    entries = module.score_positions(project, hidden, targets, 1)
+    assert slices == [4, 4, 2]
+    expected = torch.log_softmax(hidden[:10] @ head, dim=-1)
+    assert [e.token_id for e in entries] == targets
+    torch.testing.assert_close(
+        torch.tensor([e.logprob for e in entries]),
+        expected[torch.arange(10), torch.tensor(targets)],
+        rtol=1e-5,
+        atol=1e-6,
+    )
+    assert module.prompt_targets([9, 8, 7, 6, 5], 0, 2) == [8, 7]
+    assert module.prompt_targets([9, 8, 7, 6, 5], 3, 2) == [5]  # the last position: generation
+    assert module.prompt_targets([9], 0, 1) == []

@@ -184,3 +184,25 @@ def test_cli_generate_logprobs(
         assert all(len(line.split()) == 2 + 3 for line in table)
     assert main([*base, "--logprobs", "21"]) == 2
     assert "0..20" in capsys.readouterr().err
+
+
+def test_async_client_returns_the_same_entries(server: BackgroundServer, acme) -> None:
+    import asyncio
+
+    from loraserve.client.aio import AsyncLoraServeClient
+    from loraserve.client.config import ClientConfig
+
+    options = {"max_new_tokens": 5, "logprobs": True, "top_logprobs": 2, "prompt_logprobs": True}
+    expected = acme.generate(PROMPT, **options)
+
+    async def run() -> tuple[inference_pb2.GenerateResponse, list]:
+        config = ClientConfig(target=server.target, api_key=KEYS["acme"], timeout_s=60)
+        async with AsyncLoraServeClient(config) as client:
+            unary = await client.generate(PROMPT, **options)
+            chunks = [c async for c in client.generate_stream(PROMPT, **options)]
+        return unary, chunks
+
+    unary, chunks = asyncio.run(run())
+    assert list(unary.logprobs) == list(expected.logprobs)
+    assert list(unary.prompt_logprobs) == list(expected.prompt_logprobs)
+    assert list(merge_stream(chunks).logprobs) == list(expected.logprobs)
