@@ -11,7 +11,7 @@ from typing import Protocol
 from loraserve.client.channel import call_metadata, create_aio_channel
 from loraserve.client.config import ClientConfig
 from loraserve.client.health import wait_until_serving_async
-from loraserve.client.request import Prompt, Sampling, build_generate_request
+from loraserve.client.request import Logprobs, Prompt, Sampling, build_generate_request
 from loraserve.client.upload import plan_upload, upload_requests_async
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -62,10 +62,16 @@ class AsyncLoraServeClient:
         stop: Sequence[str] = (),
         ignore_eos: bool | None = None,
         timeout_s: float | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        prompt_logprobs: bool = False,
     ) -> inference_pb2.GenerateResponse:
         """Generates a whole completion of `prompt` (a str, or chat messages) with `adapter`.
 
         Unset sampling fields take the server's defaults; timeout_s overrides config.timeout_s.
+        logprobs / top_logprobs / prompt_logprobs fill response.logprobs (one TokenLogprob per
+        generated token, with the top_logprobs most likely alternatives) and
+        response.prompt_logprobs (every prompt token after the first).
         """
         sampling = Sampling(
             max_new_tokens=max_new_tokens,
@@ -76,7 +82,8 @@ class AsyncLoraServeClient:
             stop=stop,
             ignore_eos=ignore_eos,
         )
-        request = build_generate_request(prompt, adapter, sampling)
+        scoring = Logprobs(logprobs, top_logprobs, prompt_logprobs)
+        request = build_generate_request(prompt, adapter, sampling, scoring)
         response: inference_pb2.GenerateResponse = await self._inference.Generate(
             request, timeout=self._timeout(timeout_s), metadata=self._metadata
         )
@@ -95,11 +102,16 @@ class AsyncLoraServeClient:
         stop: Sequence[str] = (),
         ignore_eos: bool | None = None,
         timeout_s: float | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        prompt_logprobs: bool = False,
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
         """Like generate, but an async iterator of per-token messages (`async for`).
 
         The last message carries finish_reason and usage. The deadline covers the whole
         stream; closing the iterator early (aclose, or leaving `async for`) cancels the call.
+        With logprobs, each message's logprobs holds the entries of its own token_ids; the
+        first message carries prompt_logprobs.
         """
         sampling = Sampling(
             max_new_tokens=max_new_tokens,
@@ -110,7 +122,8 @@ class AsyncLoraServeClient:
             stop=stop,
             ignore_eos=ignore_eos,
         )
-        request = build_generate_request(prompt, adapter, sampling)
+        scoring = Logprobs(logprobs, top_logprobs, prompt_logprobs)
+        request = build_generate_request(prompt, adapter, sampling, scoring)
         # Started here, not on the first __anext__, so the deadline counts from this call.
         call: _AsyncStreamCall = self._inference.GenerateStream(
             request, timeout=self._timeout(timeout_s), metadata=self._metadata

@@ -56,11 +56,30 @@ def to_chat_message(message: ChatMessageLike) -> inference_pb2.ChatMessage:
     return inference_pb2.ChatMessage(role=role, content=content)
 
 
+@dataclass(frozen=True)
+class Logprobs:
+    """Which log-probabilities to return (all off by default)."""
+
+    logprobs: bool = False
+    """The log-probability of every generated token (GenerateResponse.logprobs)."""
+    top_logprobs: int = 0
+    """With logprobs or prompt_logprobs: this many most likely tokens per position (0..20)."""
+    prompt_logprobs: bool = False
+    """The log-probability of every prompt token after the first (scores a text)."""
+
+
 def build_generate_request(
-    prompt: Prompt, adapter: str, sampling: Sampling
+    prompt: Prompt, adapter: str, sampling: Sampling, logprobs: Logprobs | None = None
 ) -> inference_pb2.GenerateRequest:
     """The GenerateRequest for a prompt (a str) or chat messages (a sequence) on one adapter."""
-    request = inference_pb2.GenerateRequest(adapter=adapter, sampling=sampling.to_proto())
+    scoring = logprobs or Logprobs()
+    request = inference_pb2.GenerateRequest(
+        adapter=adapter,
+        sampling=sampling.to_proto(),
+        logprobs=scoring.logprobs,
+        top_logprobs=scoring.top_logprobs,
+        prompt_logprobs=scoring.prompt_logprobs,
+    )
     # str is itself a Sequence, so it must be tested first.
     if isinstance(prompt, str):
         request.prompt = prompt

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
 
 from loraserve.v1 import adapters_pb2, inference_pb2
@@ -31,9 +32,56 @@ def usage_to_dict(usage: inference_pb2.Usage) -> JsonObject:
     }
 
 
+@dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position."""
+
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """A token's natural-log probability and the most likely alternatives (most likely first)."""
+
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...]
+
+    @property
+    def rank1(self) -> bool:
+        """The token is the most likely one (needs top_logprobs >= 1 in the request)."""
+        return bool(self.top) and self.top[0].token_id == self.token_id
+
+
+def token_logprobs(entries: Iterable[inference_pb2.TokenLogprob]) -> list[TokenLogprob]:
+    """A response's logprobs or prompt_logprobs as plain Python values."""
+    return [
+        TokenLogprob(
+            token_id=e.token_id,
+            logprob=e.logprob,
+            top=tuple(TopLogprob(t.token_id, t.logprob) for t in e.top),
+        )
+        for e in entries
+    ]
+
+
+def logprobs_to_list(entries: Iterable[inference_pb2.TokenLogprob]) -> list[JsonObject]:
+    """[{"token_id", "logprob", "top": [{"token_id", "logprob"}, ...]}, ...]."""
+    return [
+        {
+            "token_id": e.token_id,
+            "logprob": e.logprob,
+            "top": [{"token_id": t.token_id, "logprob": t.logprob} for t in e.top],
+        }
+        for e in entries
+    ]
+
+
 def generate_response_to_dict(response: inference_pb2.GenerateResponse) -> JsonObject:
-    """{"text", "token_ids", "finish_reason", "usage", "request_id", "adapter_version"}."""
-    return {
+    """{"text", "token_ids", "finish_reason", "usage", "request_id", "adapter_version"}, plus
+    "logprobs" and "prompt_logprobs" when the response carries them."""
+    out: JsonObject = {
         "text": response.text,
         "token_ids": list(response.token_ids),
         "finish_reason": finish_reason_name(response.finish_reason),
@@ -41,6 +89,11 @@ def generate_response_to_dict(response: inference_pb2.GenerateResponse) -> JsonO
         "request_id": response.request_id,
         "adapter_version": response.adapter_version,
     }
+    if response.logprobs:
+        out["logprobs"] = logprobs_to_list(response.logprobs)
+    if response.prompt_logprobs:
+        out["prompt_logprobs"] = logprobs_to_list(response.prompt_logprobs)
+    return out
 
 
 def adapter_info_to_dict(info: adapters_pb2.AdapterInfo) -> JsonObject:
@@ -116,6 +169,8 @@ class StreamAccumulator:
         """Appends one message's text and tokens; keeps the last non-empty metadata."""
         self._text.append(chunk.text)
         self.response.token_ids.extend(chunk.token_ids)
+        self.response.logprobs.extend(chunk.logprobs)
+        self.response.prompt_logprobs.extend(chunk.prompt_logprobs)
         if chunk.finish_reason != inference_pb2.FINISH_REASON_UNSPECIFIED:
             self.response.finish_reason = chunk.finish_reason
         if chunk.HasField("usage"):

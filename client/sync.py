@@ -10,7 +10,7 @@ from typing import Protocol
 from loraserve.client.channel import call_metadata, create_channel
 from loraserve.client.config import ClientConfig
 from loraserve.client.health import wait_until_serving_sync
-from loraserve.client.request import Prompt, Sampling, build_generate_request
+from loraserve.client.request import Logprobs, Prompt, Sampling, build_generate_request
 from loraserve.client.upload import plan_upload, upload_requests
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc, inference_pb2, inference_pb2_grpc
 
@@ -61,10 +61,16 @@ class LoraServeClient:
         stop: Sequence[str] = (),
         ignore_eos: bool | None = None,
         timeout_s: float | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        prompt_logprobs: bool = False,
     ) -> inference_pb2.GenerateResponse:
         """Generates a whole completion of `prompt` (a str, or chat messages) with `adapter`.
 
         Unset sampling fields take the server's defaults; timeout_s overrides config.timeout_s.
+        logprobs / top_logprobs / prompt_logprobs fill response.logprobs (one TokenLogprob per
+        generated token, with the top_logprobs most likely alternatives) and
+        response.prompt_logprobs (every prompt token after the first).
         """
         sampling = Sampling(
             max_new_tokens=max_new_tokens,
@@ -75,7 +81,8 @@ class LoraServeClient:
             stop=stop,
             ignore_eos=ignore_eos,
         )
-        request = build_generate_request(prompt, adapter, sampling)
+        scoring = Logprobs(logprobs, top_logprobs, prompt_logprobs)
+        request = build_generate_request(prompt, adapter, sampling, scoring)
         response: inference_pb2.GenerateResponse = self._inference.Generate(
             request, timeout=self._timeout(timeout_s), metadata=self._metadata
         )
@@ -94,10 +101,15 @@ class LoraServeClient:
         stop: Sequence[str] = (),
         ignore_eos: bool | None = None,
         timeout_s: float | None = None,
+        logprobs: bool = False,
+        top_logprobs: int = 0,
+        prompt_logprobs: bool = False,
     ) -> Iterator[inference_pb2.GenerateStreamResponse]:
         """Like generate, but yields a message per token; the last carries finish_reason, usage.
 
         The deadline covers the whole stream. Closing the iterator early cancels the call.
+        With logprobs, each message's logprobs holds the entries of its own token_ids; the
+        first message carries prompt_logprobs.
         """
         sampling = Sampling(
             max_new_tokens=max_new_tokens,
@@ -108,7 +120,8 @@ class LoraServeClient:
             stop=stop,
             ignore_eos=ignore_eos,
         )
-        request = build_generate_request(prompt, adapter, sampling)
+        scoring = Logprobs(logprobs, top_logprobs, prompt_logprobs)
+        request = build_generate_request(prompt, adapter, sampling, scoring)
         # Started here, not on the first next(), so the deadline counts from this call.
         call: _StreamCall = self._inference.GenerateStream(
             request, timeout=self._timeout(timeout_s), metadata=self._metadata

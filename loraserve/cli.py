@@ -12,7 +12,7 @@ import importlib
 import json
 import os
 import sys
-from collections.abc import Callable
+from collections.abc import Callable, Iterable
 from datetime import UTC, datetime
 from pathlib import Path
 from typing import TypedDict
@@ -32,7 +32,7 @@ from loraserve.client.results import (
 )
 from loraserve.client.sync import LoraServeClient
 from loraserve.client.upload import AdapterDirectoryError
-from loraserve.v1 import adapters_pb2
+from loraserve.v1 import adapters_pb2, inference_pb2
 
 TARGET_ENV = "LORASERVE_TARGET"
 API_KEY_ENV = "LORASERVE_API_KEY"
@@ -211,6 +211,13 @@ def build_parser() -> argparse.ArgumentParser:
     generate.add_argument(
         "--chat", action="store_true", help="send the prompt as one user chat message"
     )
+    generate.add_argument(
+        "--logprobs",
+        type=_top_logprobs,
+        default=None,
+        metavar="N",
+        help="print each generated token's logprob and its N (0-20) most likely alternatives",
+    )
     generate.set_defaults(handler=_generate)
 
     info = commands.add_parser("info", parents=[common], help="describe the server")
@@ -344,6 +351,8 @@ class _GenerateOptions(TypedDict):
     seed: int | None
     stop: list[str]
     ignore_eos: bool | None
+    logprobs: bool
+    top_logprobs: int
 
 
 def _generate(client: LoraServeClient, args: argparse.Namespace) -> int:
@@ -358,6 +367,8 @@ def _generate(client: LoraServeClient, args: argparse.Namespace) -> int:
         seed=args.seed,
         stop=args.stop,
         ignore_eos=args.ignore_eos,
+        logprobs=args.logprobs is not None,
+        top_logprobs=args.logprobs or 0,
     )
     if not args.stream:
         response = client.generate(prompt, **options)
@@ -365,6 +376,7 @@ def _generate(client: LoraServeClient, args: argparse.Namespace) -> int:
             _print_json(generate_response_to_dict(response))
         else:
             print(response.text)
+            _print_logprobs(response.logprobs)
         return 0
 
     accumulator = StreamAccumulator()
@@ -377,7 +389,26 @@ def _generate(client: LoraServeClient, args: argparse.Namespace) -> int:
         _print_json(generate_response_to_dict(accumulator.result()))
     else:
         sys.stdout.write("\n")
+        _print_logprobs(accumulator.result().logprobs)
     return 0
+
+
+def _top_logprobs(value: str) -> int:
+    n = int(value)
+    if not 0 <= n <= 20:
+        raise argparse.ArgumentTypeError(f"{n} is not in 0..20")
+    return n
+
+
+def _print_logprobs(entries: Iterable[inference_pb2.TokenLogprob]) -> None:
+    """One line per generated token: its id, logprob, and the alternatives as id:logprob."""
+    rows = list(entries)
+    if not rows:
+        return
+    print(f"{'token':>8} {'logprob':>10}  top")
+    for e in rows:
+        top = " ".join(f"{t.token_id}:{t.logprob:.4f}" for t in e.top)
+        print(f"{e.token_id:>8} {e.logprob:>10.4f}  {top}".rstrip())
 
 
 def _hash_key(args: argparse.Namespace) -> int:

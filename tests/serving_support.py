@@ -136,8 +136,17 @@ class EngineHarness:
         parts = build_runtime(self.config, observer, loader)  # type: ignore[arg-type]
         self.loaded, self.service, self.engine = parts.loaded, parts.adapter_service, parts.engine
 
-    def submit(self, prompt_ids: list[int], adapter: str | None, tenant: str = "t", **sampling):
-        """Queues one request; returns the list its events will be appended to."""
+    def submit(
+        self,
+        prompt_ids: list[int],
+        adapter: str | None,
+        tenant: str = "t",
+        logprobs: object = None,
+        **sampling,
+    ):
+        """Queues one request; returns the list its events will be appended to.
+
+        logprobs: a LogprobOptions (None asks for none)."""
         from loraserve.server.engine.engine import SamplingOverrides
         from loraserve.server.engine.types import AdapterRef
 
@@ -148,6 +157,7 @@ class EngineHarness:
             prompt_ids=prompt_ids,
             sampling=self.engine.sampling(SamplingOverrides(**sampling)),
             sink=events.append,
+            logprobs=logprobs,  # type: ignore[arg-type]
         )
         return events
 

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from loraserve.adapters.store import AdapterRecord
 from loraserve.server.engine.engine import AdapterStatus, Residency, SamplingOverrides
-from loraserve.server.engine.types import FinishReason, Usage
+from loraserve.server.engine.types import FinishReason, TokenLogprob, Usage
 from loraserve.v1 import adapters_pb2, inference_pb2
 
 FINISH_REASONS = {
@@ -52,6 +52,18 @@ def usage_pb(usage: Usage) -> inference_pb2.Usage:
         compute_seconds=usage.compute_seconds,
         cost=usage.cost,
     )
+
+
+def token_logprobs_pb(entries: tuple[TokenLogprob, ...]) -> list[inference_pb2.TokenLogprob]:
+    """Engine logprob entries as TokenLogprob messages, in order."""
+    return [
+        inference_pb2.TokenLogprob(
+            token_id=e.token_id,
+            logprob=e.logprob,
+            top=[inference_pb2.TopLogprob(token_id=t.token_id, logprob=t.logprob) for t in e.top],
+        )
+        for e in entries
+    ]
 
 
 RESIDENCIES = {

@@ -15,6 +15,7 @@ from loraserve.server.api.convert import (
     FINISH_REASONS,
     model_name,
     sampling_overrides,
+    token_logprobs_pb,
     usage_pb,
 )
 from loraserve.server.api.errors import abort_for, status_for
@@ -25,6 +26,7 @@ from loraserve.server.engine.types import (
     ErrorEvent,
     Event,
     FinishEvent,
+    LogprobOptions,
     SamplingParams,
     TokenEvent,
 )
@@ -57,20 +59,28 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     request_id=request_id,
                     adapter_version=event.adapter_version,
                     served_by=self._served_by,
+                    logprobs=token_logprobs_pb(event.logprobs),
+                    prompt_logprobs=token_logprobs_pb(event.prompt_logprobs),
                 )
         raise AssertionError("the event stream ended without a finish event")
 
     async def GenerateStream(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> AsyncIterator[inference_pb2.GenerateStreamResponse]:
+        first = True  # prompt_logprobs ride on the first message only
         async for request_id, event in self._events(request, context, "GenerateStream"):
+            # Each engine event carries exactly the entries of its own token ids, whatever
+            # text is held back (stop sequences, partial characters), so they stay aligned.
             if isinstance(event, TokenEvent):
                 yield inference_pb2.GenerateStreamResponse(
                     text=event.text,
                     token_ids=list(event.token_ids),
                     request_id=request_id,
                     adapter_version=event.adapter_version,
+                    logprobs=token_logprobs_pb(event.logprobs),
+                    prompt_logprobs=token_logprobs_pb(event.prompt_logprobs if first else ()),
                 )
+                first = False
             elif isinstance(event, FinishEvent):
                 yield inference_pb2.GenerateStreamResponse(
                     text=event.text_delta,
@@ -80,6 +90,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     request_id=request_id,
                     adapter_version=event.adapter_version,
                     served_by=self._served_by,
+                    logprobs=token_logprobs_pb(event.new_logprobs),
+                    prompt_logprobs=token_logprobs_pb(event.prompt_logprobs if first else ()),
                 )
 
     async def GetServerInfo(
@@ -155,7 +167,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 # Never on the event loop, where it would stall every other tenant's calls:
                 # tokenizing takes time proportional to the prompt, and so does converting a
                 # request's repeated fields (up to a message's worth of chat turns or stops).
-                sampling, prompt_ids = await asyncio.to_thread(_prepare, engine, request)
+                sampling, prompt_ids, logprobs = await asyncio.to_thread(_prepare, engine, request)
             except (AdapterError, EngineError) as exc:
                 await fail(exc)
                 return
@@ -174,6 +186,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     prompt_ids=prompt_ids,
                     sampling=sampling,
                     sink=sink,
+                    logprobs=logprobs,
                 )
             except EngineError as exc:
                 await fail(exc)
@@ -210,8 +223,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
 def _prepare(
     engine: Engine, request: inference_pb2.GenerateRequest
-) -> tuple[SamplingParams, list[int]]:
-    """Checked sampling parameters and prompt token ids of a request (on a worker thread)."""
+) -> tuple[SamplingParams, list[int], LogprobOptions]:
+    """Checked sampling parameters, prompt token ids and logprob options of a request (on a
+    worker thread)."""
     sampling = engine.sampling(sampling_overrides(request.sampling))
+    logprobs = engine.logprob_options(
+        request.logprobs, request.top_logprobs, request.prompt_logprobs
+    )
     messages = [(m.role, m.content) for m in request.messages]
-    return sampling, engine.encode(request.prompt, messages)
+    prompt_ids = engine.encode(request.prompt, messages, scoring=request.prompt_logprobs)
+    return sampling, prompt_ids, logprobs

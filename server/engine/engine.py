@@ -22,12 +22,14 @@ from loraserve.server.engine.prompt_bounds import longest_token_bytes
 from loraserve.server.engine.sampling import MAX_SEED, MAX_TEMPERATURE, MIN_TEMPERATURE
 from loraserve.server.engine.scheduler import RequestHandle, Scheduler, SchedulerSettings
 from loraserve.server.engine.types import (
+    MAX_TOP_LOGPROBS,
     AdapterKey,
     AdapterRef,
     EngineError,
     ErrorKind,
     EventSink,
     GenerationRequest,
+    LogprobOptions,
     SamplingParams,
 )
 from loraserve.server.engine.usage import AdapterUsageLedger, AdapterUsageTotals
@@ -158,8 +160,16 @@ class Engine:
         self.device_pool.close()
         self.host_cache.close()
 
-    def encode(self, prompt: str, messages: Seq[tuple[str, str]]) -> list[int]:
-        """Token ids of a plain prompt or of chat messages rendered with the chat template."""
+    def encode(
+        self, prompt: str, messages: Seq[tuple[str, str]], *, scoring: bool = False
+    ) -> list[int]:
+        """Token ids of a plain prompt or of chat messages rendered with the chat template.
+
+        Chat messages get the assistant generation prompt appended, except when `scoring`
+        (the request asks for prompt_logprobs) and the last message is the assistant's: then
+        they are rendered as they stand, so that turn (with its end-of-turn marker) is part of
+        the prompt and gets scored, as `loraserve train` tokenizes it.
+        """
         tokenizer = self.loaded.tokenizer
         if bool(prompt) == bool(messages):
             raise EngineError(ErrorKind.INVALID_ARGUMENT, "set exactly one of prompt and messages")
@@ -193,7 +203,7 @@ class Engine:
             rendered = tokenizer.apply_chat_template(
                 [{"role": r, "content": c} for r, c in messages],
                 tokenize=False,
-                add_generation_prompt=True,
+                add_generation_prompt=not (scoring and messages[-1][0] == "assistant"),
             )
             ids = tokenizer(rendered, add_special_tokens=False)["input_ids"]
         else:
@@ -251,6 +261,28 @@ class Engine:
             ignore_eos=bool(given.ignore_eos),
         )
 
+    @staticmethod
+    def logprob_options(logprobs: bool, top_logprobs: int, prompt_logprobs: bool) -> LogprobOptions:
+        """Checks what a request asks to be scored; raises EngineError INVALID_ARGUMENT.
+
+        top_logprobs without logprobs or prompt_logprobs is refused rather than ignored: it
+        would silently return nothing.
+        """
+        if not 0 <= top_logprobs <= MAX_TOP_LOGPROBS:
+            raise EngineError(
+                ErrorKind.INVALID_ARGUMENT,
+                f"top_logprobs: {top_logprobs} is not in 0..{MAX_TOP_LOGPROBS}",
+            )
+        if top_logprobs and not (logprobs or prompt_logprobs):
+            raise EngineError(
+                ErrorKind.INVALID_ARGUMENT,
+                "top_logprobs: set logprobs or prompt_logprobs too (top_logprobs alone "
+                "returns nothing)",
+            )
+        return LogprobOptions(
+            logprobs=logprobs, top_logprobs=top_logprobs, prompt_logprobs=prompt_logprobs
+        )
+
     def submit(
         self,
         *,
@@ -259,6 +291,7 @@ class Engine:
         prompt_ids: list[int],
         sampling: SamplingParams,
         sink: EventSink,
+        logprobs: LogprobOptions | None = None,
     ) -> RequestHandle:
         """Queues one request; events reach `sink` on the engine thread."""
         request = GenerationRequest(
@@ -267,6 +300,7 @@ class Engine:
             adapter=adapter,
             prompt_ids=prompt_ids,
             sampling=sampling,
+            logprobs=logprobs or LogprobOptions(),
         )
         return self.scheduler.submit(request, sink)
 

@@ -1,6 +1,8 @@
 """Runs a StepPlan on the model: owns the KV memory, the static buffers and the CUDA graphs.
 
-Two executors, one interface (`execute(plan) -> logits (rows, vocab)`):
+Two executors, one interface (`execute(plan) -> logits (rows, vocab)`; `execute_scored(plan,
+scoring)` also scores every fed position of the prefill rows that asked for prompt_logprobs,
+and only those, so a step where nobody asked runs exactly as `execute`):
 
 * PagedExecutor, for the Llama family on loraserve's own forward (server.engine.llama): KV in
   blocks of 16 tokens from a pool sized at start; decode reads token ids, positions, validity,
@@ -16,6 +18,7 @@ from __future__ import annotations
 
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
@@ -23,8 +26,13 @@ import torch
 from loraserve.server.engine import lora_kernels, paged_attention, runner
 from loraserve.server.engine.kv_cache import SlotKVCache
 from loraserve.server.engine.llama import LlamaForCausalLM, PagedKV, StepInputs
+from loraserve.server.engine.logprobs import PositionScoring, score_positions
 from loraserve.server.engine.model import LoadedModel
 from loraserve.server.engine.planner import BLOCK_SIZE, BlockAllocator, StepPlan, blocks_for
+from loraserve.server.engine.types import TokenLogprob
+
+Scored = dict[int, list[TokenLogprob]]
+"""Prompt positions scored in one prefill: plan row index -> one entry per scored position."""
 
 log = logging.getLogger(__name__)
 
@@ -91,11 +99,30 @@ class GenericExecutor:
 
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Logits (len(plan.rows), vocab) after each row's last token."""
+        return self.execute_scored(plan, {})[0]
+
+    def execute_scored(
+        self, plan: StepPlan, scoring: Mapping[int, PositionScoring]
+    ) -> tuple[torch.Tensor, Scored]:
+        """execute(), plus the prompt positions `scoring` asks of prefill rows (by row index).
+
+        transformers computes the logits of the last k columns for the whole batch, k the
+        longest chunk among the scored rows: (batch, k, vocab) float while scoring.
+        """
         device = self._loaded.device
         if plan.kind == "prefill":
             inputs = [runner.RowInput(r.slot, list(r.tokens), r.start) for r in plan.rows]
             lora = runner.lora_state([r.pages for r in plan.rows], device)
-            return runner.forward_rows(self._loaded, self.cache, inputs, lora)
+            if not scoring:
+                return runner.forward_rows(self._loaded, self.cache, inputs, lora), {}
+            keep = max(len(plan.rows[i].tokens) for i in scoring)
+            logits = runner.forward_rows_last(self._loaded, self.cache, inputs, lora, keep)
+            scored: Scored = {}
+            for i, want in scoring.items():
+                first = keep - len(plan.rows[i].tokens)  # left padding: the row's first column
+                row = logits[i, first:]  # (tokens, vocab)
+                scored[i] = score_positions(lambda x: x, row, want.targets, want.top_n)
+            return logits[:, -1, :], scored
         width = max(r.slot for r in plan.rows) + 1
         inputs = [runner.RowInput(row=i, tokens=[], start=0) for i in range(width)]
         pages: list[tuple[int, ...]] = [()] * width
@@ -107,7 +134,7 @@ class GenericExecutor:
             # Reused while the rows' adapters stay the same: gathered factors are reused too.
             self._decode_lora = (signature, runner.lora_state(pages, device))
         logits = runner.forward_rows(self._loaded, self.cache, inputs, self._decode_lora[1])
-        return logits[[r.slot for r in plan.rows]]
+        return logits[[r.slot for r in plan.rows]], {}
 
 
 class PagedExecutor:
@@ -280,12 +307,20 @@ class PagedExecutor:
 
     # ---- steps -------------------------------------------------------------------------------
 
-    @torch.inference_mode()
     def execute(self, plan: StepPlan) -> torch.Tensor:
         """Logits (len(plan.rows), vocab) after each row's last token."""
+        return self.execute_scored(plan, {})[0]
+
+    @torch.inference_mode()
+    def execute_scored(
+        self, plan: StepPlan, scoring: Mapping[int, PositionScoring]
+    ) -> tuple[torch.Tensor, Scored]:
+        """execute(), plus the prompt positions `scoring` asks of prefill rows (by row index):
+        the LM head runs over those rows' hidden states only, SCORE_SLICE positions at a time."""
         if plan.kind == "decode":
-            return self._decode(plan)
-        return self._prefill(plan)
+            return self._decode(plan), {}
+        scored: Scored = {}
+        return self._prefill(plan, scoring, scored), scored
 
     def _decode(self, plan: StepPlan) -> torch.Tensor:
         _m, _nb, np_ = self._layout
@@ -350,7 +385,12 @@ class PagedExecutor:
             return None
         return (gb, gs, gw) if (gb, gs, gw) in self._graphs else None
 
-    def _prefill(self, plan: StepPlan) -> torch.Tensor:
+    def _prefill(
+        self,
+        plan: StepPlan,
+        scoring: Mapping[int, PositionScoring] | None = None,
+        scored: Scored | None = None,
+    ) -> torch.Tensor:
         """Eager; rows grouped by length so a short row is never padded to a long one."""
         order = sorted(range(len(plan.rows)), key=lambda i: len(plan.rows[i].tokens))
         budget = max(self._settings.max_batch_tokens, max(len(r.tokens) for r in plan.rows))
@@ -359,14 +399,21 @@ class PagedExecutor:
         for i in order:
             longest = len(plan.rows[i].tokens)  # sorted ascending: this row is the longest
             if group and (len(group) + 1) * longest > budget:
-                self._prefill_group(plan, group, out)
+                self._prefill_group(plan, group, out, scoring, scored)
                 group = []
             group.append(i)
         if group:
-            self._prefill_group(plan, group, out)
+            self._prefill_group(plan, group, out, scoring, scored)
         return torch.stack(out)  # type: ignore[arg-type]
 
-    def _prefill_group(self, plan: StepPlan, group: list[int], out: list) -> None:
+    def _prefill_group(
+        self,
+        plan: StepPlan,
+        group: list[int],
+        out: list,
+        scoring: Mapping[int, PositionScoring] | None = None,
+        scored: Scored | None = None,
+    ) -> None:
         rows = [plan.rows[i] for i in group]
         device = self._loaded.device
         batch, seq = len(rows), max(len(r.tokens) for r in rows)
@@ -398,6 +445,10 @@ class PagedExecutor:
         logits = self._model.logits(hidden[torch.arange(batch, device=device), last])
         for b, i in enumerate(group):
             out[i] = logits[b]
+            if scoring and scored is not None and i in scoring:
+                want = scoring[i]
+                # Right-padded: the row's fed positions are columns 0..len(tokens)-1.
+                scored[i] = score_positions(self._model.logits, hidden[b], want.targets, want.top_n)
 
 
 def make_executor(loaded: LoadedModel, settings: ExecutorSettings):

@@ -42,7 +42,6 @@ def lora_state(pages: list[tuple[int, ...]], device: torch.device) -> BatchLoRAS
     )
 
 
-@torch.inference_mode()
 def forward_rows(
     loaded: LoadedModel,
     cache: SlotKVCache,
@@ -53,6 +52,22 @@ def forward_rows(
 
     Rows whose inputs are empty are idle: they compute on a pad token that writes only to the
     scratch column and is masked from everything (their logits are meaningless).
+    """
+    return forward_rows_last(loaded, cache, inputs, lora, keep=1)[:, -1, :]
+
+
+@torch.inference_mode()
+def forward_rows_last(
+    loaded: LoadedModel,
+    cache: SlotKVCache,
+    inputs: list[RowInput],
+    lora: BatchLoRAState,
+    keep: int,
+) -> torch.Tensor:
+    """As forward_rows, but returns the logits of the last `keep` columns (batch, keep, vocab).
+
+    Rows are left-padded, so row b's i-th token sits in kept column keep - len(tokens_b) + i
+    whenever len(tokens_b) <= keep (prompt_logprobs asks for every position of its rows).
     """
     device = loaded.device
     batch = len(inputs)
@@ -85,10 +100,10 @@ def forward_rows(
             attention_mask=masks,  # (batch, 1, width, kv_len), or one per layer type
             position_ids=positions,  # (batch, width)
             use_cache=True,
-            logits_to_keep=1,
+            logits_to_keep=keep,
             **{loaded.cache_kwarg: cache},
         )
     finally:
         loaded.context.current = None
         cache.plan = None
-    return out.logits[:, -1, :]  # (batch, vocab)
+    return out.logits[:, -keep:, :]  # (batch, keep, vocab)

@@ -38,6 +38,7 @@ from loraserve.server.engine.detokenize import TextState
 from loraserve.server.engine.device_pool import AdapterResolver, DevicePool
 from loraserve.server.engine.executor import ExecutorSettings, make_executor
 from loraserve.server.engine.fair_queue import FairQueue
+from loraserve.server.engine.logprobs import PositionScoring, prompt_targets, token_logprobs
 from loraserve.server.engine.model import LoadedModel
 from loraserve.server.engine.planner import RowPlan, StepPlan, blocks_for, plan_growth
 from loraserve.server.engine.sampling import SamplingFault, make_generator, select_next_tokens
@@ -51,6 +52,7 @@ from loraserve.server.engine.types import (
     FinishReason,
     GenerationRequest,
     TokenEvent,
+    TokenLogprob,
     Usage,
 )
 from loraserve.server.engine.usage import AdapterUsageLedger
@@ -102,6 +104,12 @@ class Sequence:
     compute_seconds: float = 0.0
     """This request's attributed share of every step it was part of."""
     done: bool = False
+    logprobs: list[TokenLogprob] = field(default_factory=list)
+    """With LogprobOptions.logprobs: one entry per generated token."""
+    prompt_logprobs: list[TokenLogprob] = field(default_factory=list)
+    """With LogprobOptions.prompt_logprobs: prompt tokens 1.. scored so far (chunk by chunk)."""
+    events_sent: int = 0
+    """Events emitted so far (prompt_logprobs ride on the first)."""
 
     @property
     def prompt_len(self) -> int:
@@ -140,6 +148,18 @@ class Sequence:
     @property
     def decoding(self) -> bool:
         return not self.done and bool(self.generated) and not self.reading
+
+    def prompt_scoring(self, take: int) -> PositionScoring | None:
+        """What prompt_logprobs wants from this request's next `take` fed tokens, or None.
+
+        Chunk by chunk, each chunk scores the prompt tokens its positions predict; a request
+        re-reading its context after preemption has them all already and asks for nothing.
+        """
+        options = self.request.logprobs
+        if not options.prompt_logprobs or self.prefilled != len(self.prompt_logprobs):
+            return None
+        targets = prompt_targets(self.request.prompt_ids, self.prefilled, take)
+        return PositionScoring(tuple(targets), options.top_logprobs) if targets else None
 
 
 @dataclass(frozen=True)
@@ -466,28 +486,38 @@ class Scheduler:
         budget = max(self._settings.max_batch_tokens - decoding, MIN_PREFILL_CHUNK)
         inputs: list[RowPlan] = []
         batch: list[Sequence] = []
+        scoring: dict[int, PositionScoring] = {}
         for seq in reading:
             if budget <= 0:
                 break
             take = min(seq.context_len - seq.prefilled, budget)
             chunk = seq.context_ids(seq.prefilled, seq.prefilled + take)
+            wanted = seq.prompt_scoring(take)
+            if wanted is not None:
+                scoring[len(batch)] = wanted
             inputs.append(self._row_plan(seq, chunk, seq.prefilled))
             batch.append(seq)
             budget -= take
         self.prefill_sizes = [*self.prefill_sizes[-99:], len(batch)]
         started = time.monotonic()
         try:
-            logits = self.executor.execute(StepPlan("prefill", tuple(inputs)))  # (batch, vocab)
+            plan = StepPlan("prefill", tuple(inputs))
+            if scoring:
+                logits, scored = self.executor.execute_scored(plan, scoring)  # (batch, vocab)
+                for i, entries in scored.items():
+                    batch[i].prompt_logprobs.extend(entries)
+            else:
+                logits = self.executor.execute(plan)  # (batch, vocab)
             for seq, row_input in zip(batch, inputs, strict=True):
                 seq.prefilled += len(row_input.tokens)
             # A resumed (preempted) request already has its next token: it only re-reads.
             complete = [i for i, s in enumerate(batch) if not s.reading and not s.generated]
-            sampled, tokens = self._sample(logits, [batch[i] for i in complete], complete)
+            sampled, tokens, entries = self._sample(logits, [batch[i] for i in complete], complete)
         except Exception as exc:
             self._fail_step(batch, exc)
             return
         self._account("prefill", time.monotonic() - started, batch, [len(r.tokens) for r in inputs])
-        self._advance(sampled, tokens)
+        self._advance(sampled, tokens, entries)
 
     def _decode_step(self) -> None:
         """One token for every decoding request, in one forward over rows 0..highest."""
@@ -504,7 +534,7 @@ class Scheduler:
             logits = self.executor.execute(StepPlan("decode", inputs))  # (batch, vocab)
             for seq in decoding:
                 seq.prefilled += 1
-            sampled, tokens = self._sample(logits, decoding, list(range(len(decoding))))
+            sampled, tokens, entries = self._sample(logits, decoding, list(range(len(decoding))))
         except Exception as exc:
             self._fail_step(decoding, exc)
             return
@@ -512,7 +542,7 @@ class Scheduler:
         self.decode_seconds += elapsed
         self.decode_tokens += len(decoding)
         self._account("decode", elapsed, decoding, [1] * len(decoding))
-        self._advance(sampled, tokens)
+        self._advance(sampled, tokens, entries)
 
     def _row_plan(self, seq: Sequence, tokens: list[int], start: int) -> RowPlan:
         return RowPlan(
@@ -572,11 +602,12 @@ class Scheduler:
 
     def _sample(
         self, logits: torch.Tensor, seqs: list[Sequence], rows: list[int]
-    ) -> tuple[list[Sequence], list[int]]:
-        """The sequences that got a token, and their tokens; a row whose sampling fails
-        (non-finite logits) is retired alone, so it cannot fail the rest of the step."""
+    ) -> tuple[list[Sequence], list[int], list[TokenLogprob | None]]:
+        """The sequences that got a token, their tokens, and each one's logprob entry (None
+        where the request did not ask); a row whose sampling fails (non-finite logits) is
+        retired alone, so it cannot fail the rest of the step."""
         if not seqs:
-            return [], []
+            return [], [], []
         picked = logits[rows] if len(rows) != logits.shape[0] else logits  # (len(seqs), vocab)
         chosen = select_next_tokens(
             picked, [s.request.sampling for s in seqs], [s.generator for s in seqs]
@@ -590,7 +621,29 @@ class Scheduler:
             else:
                 sampled.append(seq)
                 tokens.append(token)
-        return sampled, tokens
+        return sampled, tokens, self._token_logprobs(picked, seqs, sampled, tokens)
+
+    @staticmethod
+    def _token_logprobs(
+        picked: torch.Tensor, seqs: list[Sequence], sampled: list[Sequence], tokens: list[int]
+    ) -> list[TokenLogprob | None]:
+        """Logprob entries of the sampled rows that asked, in one vectorised pass over those
+        rows only (none asked: no work). picked: (len(seqs), vocab), rows aligned with seqs."""
+        asking = [i for i, s in enumerate(sampled) if s.request.logprobs.logprobs]
+        entries: list[TokenLogprob | None] = [None] * len(sampled)
+        if not asking:
+            return entries
+        index = {id(s): row for row, s in enumerate(seqs)}
+        rows = [index[id(sampled[i])] for i in asking]
+        computed = token_logprobs(
+            picked[rows],  # (asking, vocab)
+            [tokens[i] for i in asking],
+            [sampled[i].request.logprobs.top_logprobs for i in asking],
+            [sampled[i].request.sampling.temperature for i in asking],
+        )
+        for i, entry in zip(asking, computed, strict=True):
+            entries[i] = entry
+        return entries
 
     def _drop_cancelled(self) -> None:
         for seq in self.running:
@@ -632,10 +685,19 @@ class Scheduler:
         self._observer.on_step(stats)
         self._pool.tick()
 
-    def _advance(self, batch: list[Sequence], tokens: list[int]) -> None:
-        """Appends each request's new token, emits events, retires finished requests."""
+    def _advance(
+        self,
+        batch: list[Sequence],
+        tokens: list[int],
+        entries: list[TokenLogprob | None] | None = None,
+    ) -> None:
+        """Appends each request's new token (and logprob entry), emits events, retires
+        finished requests."""
         now = time.monotonic()
         produced: dict[str, int] = {}
+        for seq, entry in zip(batch, entries or [None] * len(batch), strict=True):
+            if entry is not None:
+                seq.logprobs.append(entry)
         for seq, token in zip(batch, tokens, strict=True):
             if not seq.generated:
                 seq.first_token_time = now
@@ -658,7 +720,14 @@ class Scheduler:
                 reason = FinishReason.LENGTH
             if reason is None:
                 version = seq.key.version if seq.key else 0
-                self._emit(seq, TokenEvent(token_ids=(token,), text=delta, adapter_version=version))
+                event = TokenEvent(
+                    token_ids=(token,),
+                    text=delta,
+                    adapter_version=version,
+                    logprobs=tuple(seq.logprobs[-1:]) if seq.request.logprobs.logprobs else (),
+                    prompt_logprobs=() if seq.events_sent else tuple(seq.prompt_logprobs),
+                )
+                self._emit(seq, event)
             else:
                 self._retire(seq, self._finish_event(seq, reason, delta, now))
 
@@ -683,10 +752,14 @@ class Scheduler:
             text_delta=delta + seq.text.flush(),
             new_token_ids=(seq.generated[-1],),
             adapter_version=seq.key.version if seq.key else 0,
+            logprobs=tuple(seq.logprobs),
+            new_logprobs=tuple(seq.logprobs[-1:]),
+            prompt_logprobs=tuple(seq.prompt_logprobs),
         )
 
     def _emit(self, seq: Sequence, event: TokenEvent | FinishEvent | ErrorEvent) -> None:
         """Hands an event to the caller; a failing sink must not break the engine loop."""
+        seq.events_sent += 1
         try:
             seq.sink(event)
         except Exception:

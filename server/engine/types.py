@@ -55,6 +55,40 @@ class SamplingParams:
 
 
 @dataclass(frozen=True)
+class LogprobOptions:
+    """Which log-probabilities a request asks for (all off by default: no extra work)."""
+
+    logprobs: bool = False
+    """The log-probability of every generated token."""
+    top_logprobs: int = 0
+    """With logprobs or prompt_logprobs: this many most likely tokens per position (0..20)."""
+    prompt_logprobs: bool = False
+    """The log-probability of every prompt token after the first, given the ones before it."""
+
+
+MAX_TOP_LOGPROBS = 20
+"""Most alternatives a request may ask for per position (as the OpenAI and vLLM APIs allow)."""
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    """One of the most likely tokens at a position."""
+
+    token_id: int
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """The natural-log probability of one token, and the `top` most likely alternatives
+    (most likely first) of the distribution it was scored under."""
+
+    token_id: int
+    logprob: float
+    top: tuple[TopLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
 class AdapterRef:
     """An adapter as a request names it; the engine resolves the current version at admission."""
 
@@ -96,6 +130,11 @@ class TokenEvent:
     text: str
     adapter_version: int
     """The adapter version serving this request (0 for the base model)."""
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """With LogprobOptions.logprobs: one entry per token in token_ids."""
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    """With LogprobOptions.prompt_logprobs: every prompt token after the first, on the
+    request's first event only."""
 
 
 @dataclass(frozen=True)
@@ -111,6 +150,13 @@ class FinishEvent:
     new_token_ids: tuple[int, ...]
     """Tokens produced in the finishing step (not sent in a TokenEvent)."""
     adapter_version: int
+    logprobs: tuple[TokenLogprob, ...] = ()
+    """With LogprobOptions.logprobs: one entry per token in token_ids."""
+    new_logprobs: tuple[TokenLogprob, ...] = ()
+    """The entries of new_token_ids (the stream's last message carries these)."""
+    prompt_logprobs: tuple[TokenLogprob, ...] = ()
+    """With LogprobOptions.prompt_logprobs: every prompt token after the first (always
+    here in full, whether or not a TokenEvent carried them before)."""
 
 
 @dataclass(frozen=True)
@@ -136,3 +182,4 @@ class GenerationRequest:
     prompt_ids: list[int]
     sampling: SamplingParams
     arrival_time: float = field(default_factory=time.monotonic)
+    logprobs: LogprobOptions = field(default_factory=LogprobOptions)

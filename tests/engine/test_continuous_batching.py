@@ -16,7 +16,13 @@ from serving_support import (
     store_adapter,
 )
 
-from loraserve.server.engine.types import EngineError, ErrorKind, FinishEvent, TokenEvent
+from loraserve.server.engine.types import (
+    EngineError,
+    ErrorKind,
+    FinishEvent,
+    LogprobOptions,
+    TokenEvent,
+)
 
 PROMPT = [11, 12, 13, 14, 15]
 LONG_PROMPT = [(7 * i) % 200 + 20 for i in range(70)]
@@ -211,8 +217,17 @@ def test_requests_that_cannot_grow_are_preempted_and_finish_as_if_alone(
     harness = _harness(model_and_adapter, tmp_path / "data", kv_cache_bytes=20 * per_block)
     scheduler = harness.engine.scheduler
     try:
+        # Rows 2 and 3 (admitted last, so preempted first) also ask for logprobs: a preempted
+        # request keeps its entries and never scores its prompt twice while re-reading it.
+        options = LogprobOptions(logprobs=True, top_logprobs=2, prompt_logprobs=True)
         jobs = [
-            harness.submit(p, adapters[i], max_new_tokens=60, ignore_eos=True)
+            harness.submit(
+                p,
+                adapters[i],
+                max_new_tokens=60,
+                ignore_eos=True,
+                logprobs=options if i >= 2 else None,
+            )
             for i, p in enumerate(prompts)
         ]
         harness.run(jobs)
@@ -222,6 +237,9 @@ def test_requests_that_cannot_grow_are_preempted_and_finish_as_if_alone(
     for i, job in enumerate(jobs):
         assert isinstance(job[-1], FinishEvent), job[-1]
         assert list(job[-1].token_ids) == alone[i], i
+        entries = [e.token_id for e in job[-1].logprobs]
+        assert entries == (alone[i] if i >= 2 else []), i
+        assert [e.token_id for e in job[-1].prompt_logprobs] == (prompts[i][1:] if i >= 2 else [])
         streamed = [t for e in job[:-1] if isinstance(e, TokenEvent) for t in e.token_ids]
         assert streamed + list(job[-1].new_token_ids) == alone[i], "each token sent once"
     allocator = scheduler.executor.allocator

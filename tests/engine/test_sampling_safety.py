@@ -27,7 +27,13 @@ from loraserve.server.engine.sampling import (
     make_generator,
     select_next_tokens,
 )
-from loraserve.server.engine.types import EngineError, ErrorEvent, FinishEvent, SamplingParams
+from loraserve.server.engine.types import (
+    EngineError,
+    ErrorEvent,
+    FinishEvent,
+    LogprobOptions,
+    SamplingParams,
+)
 
 
 def test_the_smallest_temperature_cannot_overflow_float32() -> None:
@@ -78,7 +84,12 @@ def test_engine_refuses_unsafe_values(model_dir: Path, tmp_path: Path) -> None:
     assert h.engine.sampling(SamplingOverrides(temperature=0.01, seed=MAX_SEED)).seed == MAX_SEED
 
 
-def test_a_nan_row_fails_alone_inside_one_prefill_step(model_dir: Path, tmp_path: Path) -> None:
+@pytest.mark.parametrize("asks", [False, True], ids=["plain", "logprobs"])
+def test_a_nan_row_fails_alone_inside_one_prefill_step(
+    model_dir: Path, tmp_path: Path, asks: bool
+) -> None:
+    """Also when every row asks for logprobs and prompt_logprobs: scoring never fails a step."""
+    options = LogprobOptions(logprobs=True, top_logprobs=3, prompt_logprobs=True) if asks else None
     out = make_peft_adapter(
         model_dir, tmp_path / "mlp", AdapterShape(rank=4, alpha=8, targets=["down_proj"])
     )
@@ -94,13 +105,28 @@ def test_a_nan_row_fails_alone_inside_one_prefill_step(model_dir: Path, tmp_path
         store_adapter(h.service, "t", "blowup", out)
         # Queued before the engine starts, so all five share the first prefill step.
         good = [
-            h.submit([1, 2, 3 + i], None, tenant="t", temperature=1.0, seed=i, max_new_tokens=3)
+            h.submit(
+                [1, 2, 3 + i],
+                None,
+                tenant="t",
+                logprobs=options,
+                temperature=1.0,
+                seed=i,
+                max_new_tokens=3,
+            )
             for i in range(4)
         ]
-        bad = h.submit([1, 2, 3], "blowup", tenant="t", temperature=1.0, max_new_tokens=3)
+        bad = h.submit(
+            [1, 2, 3], "blowup", tenant="t", logprobs=options, temperature=1.0, max_new_tokens=3
+        )
         h.run([*good, bad])
         assert isinstance(bad[-1], ErrorEvent) and "not finite" in bad[-1].error.message
         assert all(isinstance(events[-1], FinishEvent) for events in good)
+        for events in good:
+            finish = events[-1]
+            assert len(finish.logprobs) == (len(finish.token_ids) if asks else 0)
+            assert len(finish.prompt_logprobs) == (2 if asks else 0)
+            assert all(torch.isfinite(torch.tensor(e.logprob)) for e in finish.logprobs)
         assert h.engine.scheduler.prefill_sizes[0] == 5
     finally:
         h.close()
