@@ -28,6 +28,7 @@ from loraserve.server.engine.types import (
     GenerationRequest,
     SamplingParams,
 )
+from loraserve.server.limits import LimitsLookup, TenantLimitTable
 
 
 @dataclass(frozen=True)
@@ -53,7 +54,9 @@ class Engine:
         resolver: AdapterResolver,
         loader: AdapterLoader,
         observer: EngineObserver | None = None,
+        limits: LimitsLookup | None = None,
     ) -> None:
+        """`limits`: per-tenant request limits (default: the server defaults for everyone)."""
         self.config = config
         self.loaded = loaded
         # Tiers: disk (the store, via `loader`) -> host memory (LRU) -> device pages.
@@ -71,8 +74,6 @@ class Engine:
             SchedulerSettings(
                 max_batch_size=config.max_batch_size,
                 max_waiting_requests=config.max_waiting_requests,
-                tenant_max_requests=config.tenant_max_requests,
-                tenant_max_queued_tokens=config.tenant_max_queued_tokens,
                 max_batch_tokens=config.max_batch_tokens,
                 max_seq_len=self.max_seq_len,
                 price_per_device_hour=config.price_per_device_hour,
@@ -83,6 +84,7 @@ class Engine:
             ),
             observer,
             prefetch=self.host_cache.prefetch,
+            limits=limits or TenantLimitTable(),
         )
         self._thread: threading.Thread | None = None
 

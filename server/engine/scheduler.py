@@ -52,6 +52,7 @@ from loraserve.server.engine.types import (
     TokenEvent,
     Usage,
 )
+from loraserve.server.limits import LimitsLookup, TenantLimitTable
 
 log = logging.getLogger(__name__)
 
@@ -147,10 +148,6 @@ class SchedulerSettings:
     max_batch_size: int
     """KV rows: requests running at once."""
     max_waiting_requests: int
-    tenant_max_requests: int = 256
-    """Requests one tenant may have waiting or running at once."""
-    tenant_max_queued_tokens: int = 1_000_000
-    """Prompt plus requested completion tokens one tenant may have waiting."""
     max_batch_tokens: int = 2048
     """Tokens per iteration (prefill chunks plus one per decoding row)."""
     max_seq_len: int = 2048
@@ -183,8 +180,11 @@ class Scheduler:
         settings: SchedulerSettings,
         observer: EngineObserver | None = None,
         prefetch: Callable[[AdapterKey], None] | None = None,
+        limits: LimitsLookup | None = None,
     ) -> None:
         self._loaded = loaded
+        self._limits = limits or TenantLimitTable()
+        """Per-tenant max_requests / max_queued_tokens, looked up at each submission."""
         self._pool = pool
         self._prefetch = prefetch
         self._resolver = resolver
@@ -270,16 +270,17 @@ class Scheduler:
 
         if len(self._waiting) >= settings.max_waiting_requests:
             raise refuse(f"the waiting queue is full ({settings.max_waiting_requests} requests)")
-        if self._in_flight[tenant] >= settings.tenant_max_requests:
+        limits = self._limits(tenant)
+        if self._in_flight[tenant] >= limits.max_requests.value:
             raise refuse(
                 f"tenant {tenant!r} has {self._in_flight[tenant]} requests waiting or running "
-                f"(limit {settings.tenant_max_requests} per tenant)"
+                f"({limits.max_requests.describe()})"
             )
         queued = self._waiting.tokens(tenant) + seq.cost_tokens
-        if queued > settings.tenant_max_queued_tokens:
+        if queued > limits.max_queued_tokens.value:
             raise refuse(
                 f"tenant {tenant!r} would have {queued} tokens queued "
-                f"(limit {settings.tenant_max_queued_tokens} per tenant)"
+                f"({limits.max_queued_tokens.describe()})"
             )
 
     def stop(self) -> None:
