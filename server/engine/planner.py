@@ -340,6 +340,12 @@ class Planner:
         waiting.push_front(skipped)
         return AdmissionPlan(tuple(admit), tuple(failed), tuple(load))
 
+    def prefetch_candidates(self, waiting: FairQueue[R], limit: int) -> list[R]:
+        """The queued requests likely to be admitted next (up to `limit`, the tenants' heads
+        round-robin) that run on an adapter: the scheduler warms those adapters in host
+        memory ahead of admission."""
+        return [r for r in waiting.heads(limit) if r.wants_adapter]
+
     def plan_growth(self, running: Iterable[R], free_blocks: int) -> GrowthPlan[R]:
         """Gives every decoding request the block its next token needs, preempting the most
         recently admitted when the pool runs out (paged KV; nothing otherwise)."""

@@ -477,7 +477,7 @@ class Scheduler:
         if self._prefetch is None:
             return
         with self._cond:
-            upcoming = [s for s in self._waiting.heads(limit) if s.request.adapter is not None]
+            upcoming = self.planner.prefetch_candidates(self._waiting, limit)
         for seq in upcoming:
             try:
                 key = self._key_of(seq)

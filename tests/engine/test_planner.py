@@ -336,3 +336,13 @@ def test_decode_plans_every_decoding_row_in_slot_order_with_its_blocks_and_pages
         ),
     )
     assert _planner().plan_decode([Req("c", 0, prompt=9, row=2)]) is None
+
+
+def test_prefetch_candidates_are_the_next_heads_that_need_an_adapter() -> None:
+    a1, a2 = Req("a", 1, adapter="x"), Req("a", 2, adapter="y")
+    b1, c1 = Req("b", 3), Req("c", 4, adapter="z")
+    queue = _queue(a1, a2, b1, c1)
+    # Round-robin over the tenants' heads (a1, b1, c1, then a2), base-model requests dropped.
+    assert _planner().prefetch_candidates(queue, 3) == [a1, c1]
+    assert _planner().prefetch_candidates(queue, 4) == [a1, c1, a2]
+    assert len(queue) == 4  # nothing is taken off the queue
