@@ -101,7 +101,7 @@ class Server:
         await self.grpc_server.start()
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.metrics_port, config.host)
-        parts = await asyncio.to_thread(build_runtime, config, self.metrics, None, self.limits)
+        parts = await asyncio.to_thread(build_runtime, config, self.metrics, limits=self.limits)
         loaded, engine = parts.loaded, parts.engine
         self.metrics.watch(engine, parts.store, loaded, self.registry.tenants, config.currency)
         engine.start()
