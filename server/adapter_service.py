@@ -27,6 +27,7 @@ from loraserve.adapters.store import AdapterRecord, AdapterStore, UploadTransact
 from loraserve.adapters.weights import AdapterWeights, load_adapter_weights
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
+from loraserve.server.limits import LimitsLookup, TenantLimitTable
 
 log = logging.getLogger(__name__)
 
@@ -54,21 +55,22 @@ class UploadSlots:
     tenant could open streams until the process runs out of file descriptors.
     """
 
-    def __init__(self, config: ServerConfig) -> None:
+    def __init__(self, config: ServerConfig, limits: LimitsLookup) -> None:
         self._config = config
+        self._limits = limits
         self._lock = threading.Lock()
         self._by_tenant: dict[str, int] = {}
         self._total = 0
 
     def acquire(self, tenant: str) -> UploadSlot:
         """A slot for one upload by `tenant`; AdapterQuotaError (naming the limit) if none."""
-        tenant_limit, limit = self._config.tenant_max_uploads, self._config.max_uploads
+        tenant_limit, limit = self._limits(tenant).max_uploads, self._config.max_uploads
         with self._lock:
             mine = self._by_tenant.get(tenant, 0)
-            if mine >= tenant_limit:
+            if mine >= tenant_limit.value:
                 raise AdapterQuotaError(
                     f"tenant {tenant!r} already has {mine} uploads in progress "
-                    f"(limit {tenant_limit}, --tenant-max-uploads); wait for one to finish"
+                    f"({tenant_limit.describe()}); wait for one to finish"
                 )
             if self._total >= limit:
                 raise AdapterQuotaError(
@@ -221,11 +223,19 @@ class UploadSession:
 class AdapterService:
     """Per-tenant adapter operations over the store; raises adapters.errors exceptions."""
 
-    def __init__(self, config: ServerConfig, store: AdapterStore, spec: BaseModelSpec) -> None:
+    def __init__(
+        self,
+        config: ServerConfig,
+        store: AdapterStore,
+        spec: BaseModelSpec,
+        limits: LimitsLookup | None = None,
+    ) -> None:
+        """`limits`: per-tenant limits (default: the config's tenant_max_* for every tenant)."""
         self._config = config
         self.store = store
         self.spec = spec
-        self.uploads = UploadSlots(config)
+        self._limits = limits or TenantLimitTable(config.limit_defaults())
+        self.uploads = UploadSlots(config, self._limits)
         self._forget = lambda tenant, name, below: None
         self._on_deleted: Callable[[str, str, int], None] = lambda tenant, name, version: None
         self._on_new_version: Callable[[AdapterKey], None] = lambda key: None
@@ -327,18 +337,17 @@ class AdapterService:
         """
         others = [r for r in stored if r.name != name]
         names = {r.name for r in others} | {p.name for p in pending} | {name}
-        limit = self._config.tenant_max_adapters
-        if len(names) > limit:
+        limits = self._limits(tenant)
+        if len(names) > limits.max_adapters.value:
             raise AdapterQuotaError(
                 f"tenant {tenant!r} stores or is uploading {len(names) - 1} other adapters "
-                f"(quota {limit}, --tenant-max-adapters); delete one first"
+                f"(quota: {limits.max_adapters.describe()}); delete one first"
             )
         total = sum(r.size_bytes for r in others) + sum(p.size for p in pending) + size
-        byte_limit = self._config.tenant_max_adapter_bytes
-        if total > byte_limit:
+        if total > limits.max_adapter_bytes.value:
             raise AdapterQuotaError(
                 f"tenant {tenant!r} would store {total} bytes of adapters, counting uploads in "
-                f"progress (quota {byte_limit}, --tenant-max-adapter-bytes); delete some first"
+                f"progress (quota: {limits.max_adapter_bytes.describe()}); delete some first"
             )
 
     def validate(self, config_bytes: bytes, weights_bytes: bytes) -> AdapterWeights:

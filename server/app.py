@@ -24,6 +24,7 @@ from loraserve.server.api.wire import add_guarded
 from loraserve.server.config import ConfigError, ServerConfig
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.types import EngineError
+from loraserve.server.limits import TenantLimitTable
 from loraserve.server.metrics import Metrics
 from loraserve.server.request_log import RequestLogger
 from loraserve.server.runtime import Runtime, build_runtime
@@ -48,6 +49,8 @@ class Server:
             if config.tenants_file is None
             else TenantRegistry.from_file(config.tenants_file)
         )
+        self.limits = TenantLimitTable(self.config.limit_defaults(), self.registry.limits)
+        """Per-tenant limits: the tenants file's overrides over --tenant-max-* (reloaded)."""
         self.health = health.aio.HealthServicer()
         self.grpc_server = grpc.aio.server(
             options=[
@@ -102,7 +105,7 @@ class Server:
         await self.grpc_server.start()
         if config.metrics_port is not None:
             self.metrics_port = self.metrics.serve(config.metrics_port, config.host)
-        parts = await asyncio.to_thread(build_runtime, config, self.metrics)
+        parts = await asyncio.to_thread(build_runtime, config, self.metrics, limits=self.limits)
         loaded, engine = parts.loaded, parts.engine
         self.metrics.watch(engine, parts.store, loaded, self.registry.tenants, config.currency)
         engine.start()
@@ -127,7 +130,9 @@ class Server:
     def reload_tenants(self) -> None:
         """Re-reads the tenants file; new calls use it, calls in flight keep their principal.
 
-        A bad file raises TenantsFileError and the old tenants stay in force.
+        Per-tenant limits change with it for new requests and uploads; what was admitted under
+        the old limits keeps running. A bad file raises TenantsFileError and the old tenants
+        and limits stay in force.
         """
         if self.config.tenants_file is None:
             log.info("tenants reload ignored: development mode has no tenants file")
@@ -135,6 +140,7 @@ class Server:
         registry = TenantRegistry.from_file(self.config.tenants_file)
         self.registry = registry
         self.auth.registry = registry  # one reference swap: handlers see old or new, whole
+        self.limits.update(registry.limits)
         self.metrics.declare_tenants(registry.tenants)
         log.info("tenants reloaded: %d tenants", len(registry.tenants))
 

@@ -14,6 +14,7 @@ from typing import Literal
 from loraserve.adapters.errors import AdapterValidationError
 from loraserve.adapters.names import parse_versioned_name, validate_tenant_name
 from loraserve.server.engine.config import ATTENTION_BACKENDS, EngineConfig
+from loraserve.server.limits import LimitDefaults
 
 DeviceChoice = Literal["auto", "cpu", "cuda"]
 DtypeChoice = Literal["auto", "float32", "bfloat16", "float16"]
@@ -77,13 +78,15 @@ class ServerConfig:
     PyTorch SDPA) or "triton" (a Triton kernel reading the blocks in place; CUDA with Triton)."""
     max_waiting_requests: int = 1024
     """Requests queued for a batch, at most; beyond it calls get RESOURCE_EXHAUSTED."""
-    tenant_max_requests: int = 256
-    """Requests one tenant may have waiting or running at once (RESOURCE_EXHAUSTED beyond)."""
-    tenant_max_queued_tokens: int = 1_000_000
+    tenant_max_requests: int = LimitDefaults.max_requests
+    """Requests one tenant may have waiting or running at once (RESOURCE_EXHAUSTED beyond).
+    Like every tenant_max_*, the default for tenants whose table in the tenants file sets no
+    max_requests of their own (server.limits)."""
+    tenant_max_queued_tokens: int = LimitDefaults.max_queued_tokens
     """Prompt plus requested completion tokens one tenant may have waiting."""
-    tenant_max_adapters: int = 1000
+    tenant_max_adapters: int = LimitDefaults.max_adapters
     """Adapters one tenant may store."""
-    tenant_max_adapter_bytes: int = 16 << 30
+    tenant_max_adapter_bytes: int = LimitDefaults.max_adapter_bytes
     """Bytes of adapter weights one tenant may store."""
     max_new_tokens_limit: int = 1024
     """Largest max_new_tokens a request may ask for."""
@@ -97,7 +100,7 @@ class ServerConfig:
     """Largest adapter_config.json accepted at upload."""
     max_stop_sequences: int = 8
     """Stop sequences per request, at most."""
-    tenant_max_uploads: int = 4
+    tenant_max_uploads: int = LimitDefaults.max_uploads
     """Uploads one tenant may have in progress at once (RESOURCE_EXHAUSTED beyond): each holds
     open files and a temp directory, so an unbounded number would exhaust descriptors."""
     max_uploads: int = 64
@@ -220,8 +223,6 @@ class ServerConfig:
         return EngineConfig(
             max_batch_size=self.max_batch_size,
             max_waiting_requests=self.max_waiting_requests,
-            tenant_max_requests=self.tenant_max_requests,
-            tenant_max_queued_tokens=self.tenant_max_queued_tokens,
             max_batch_tokens=self.max_batch_tokens,
             max_seq_len=self.max_seq_len,
             max_prompt_tokens=self.max_prompt_tokens,
@@ -236,6 +237,16 @@ class ServerConfig:
             kv_cache_fraction=self.kv_cache_fraction,
             enforce_eager=self.enforce_eager,
             attention=self.attention,
+        )
+
+    def limit_defaults(self) -> LimitDefaults:
+        """The server-wide per-tenant limits, which the tenants file may override per tenant."""
+        return LimitDefaults(
+            max_requests=self.tenant_max_requests,
+            max_queued_tokens=self.tenant_max_queued_tokens,
+            max_adapters=self.tenant_max_adapters,
+            max_adapter_bytes=self.tenant_max_adapter_bytes,
+            max_uploads=self.tenant_max_uploads,
         )
 
     @property

@@ -135,25 +135,29 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--tenant-max-requests",
         type=int,
         default=d.tenant_max_requests,
-        help="requests one tenant may have waiting or running",
+        help="requests one tenant may have waiting or running "
+        "(a tenant's own max_requests in the tenants file overrides it)",
     )
     parser.add_argument(
         "--tenant-max-queued-tokens",
         type=int,
         default=d.tenant_max_queued_tokens,
-        help="prompt + requested completion tokens one tenant may have waiting",
+        help="prompt + requested completion tokens one tenant may have waiting "
+        "(a tenant's own max_queued_tokens in the tenants file overrides it)",
     )
     parser.add_argument(
         "--tenant-max-adapters",
         type=int,
         default=d.tenant_max_adapters,
-        help="adapters one tenant may store",
+        help="adapters one tenant may store "
+        "(a tenant's own max_adapters in the tenants file overrides it)",
     )
     parser.add_argument(
         "--tenant-max-adapter-bytes",
         type=int,
         default=d.tenant_max_adapter_bytes,
-        help="bytes of adapter weights one tenant may store",
+        help="bytes of adapter weights one tenant may store "
+        "(a tenant's own max_adapter_bytes in the tenants file overrides it)",
     )
     parser.add_argument(
         "--max-batch-tokens",
@@ -187,7 +191,8 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--tenant-max-uploads",
         type=int,
         default=d.tenant_max_uploads,
-        help=f"uploads one tenant may have in progress at once (default {d.tenant_max_uploads})",
+        help=f"uploads one tenant may have in progress at once (default {d.tenant_max_uploads}) "
+        "(a tenant's own max_uploads in the tenants file overrides it)",
     )
     parser.add_argument(
         "--max-uploads",

@@ -20,6 +20,7 @@ from loraserve.server.engine.device_pool import AdapterLoader
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.model import LoadedModel, load_base_model
 from loraserve.server.engine.types import EngineError, ErrorKind
+from loraserve.server.limits import TenantLimitTable
 
 
 @dataclass(frozen=True)
@@ -37,13 +38,16 @@ def build_runtime(
     config: ServerConfig,
     observer: EngineObserver | None = None,
     adapter_loader: AdapterLoader | None = None,
+    limits: TenantLimitTable | None = None,
 ) -> ServingParts:
     """Loads the base model, opens the store, builds the adapter service and the engine.
 
     Blocking (reads the checkpoint); call `parts.engine.start()` to start serving. `observer`
     receives the engine's accounting events (the server passes its Metrics). `adapter_loader`
     replaces the engine's read of a stored adapter (default: `AdapterService.load`; tests pass
-    a gated or failing reader).
+    a gated or failing reader). `limits`: the per-tenant limits the scheduler and the adapter
+    service enforce (the server passes the table its tenants file fills; default: the config's
+    `--tenant-max-*` for every tenant).
     """
     if config.model_path is None:
         raise ConfigError(
@@ -54,13 +58,15 @@ def build_runtime(
     # One store shared by several replicas (serve-ray) keeps no per-process "latest" cache.
     store_class = SharedAdapterStore if config.shared_store else AdapterStore
     store = store_class(Path(config.data_dir) / "adapters")
-    adapter_service = AdapterService(config, store, loaded.spec)
+    limits = limits or TenantLimitTable(config.limit_defaults())
+    adapter_service = AdapterService(config, store, loaded.spec, limits)
     engine = Engine(
         config.engine_config(),
         loaded,
         adapter_service.resolve,
         adapter_loader or adapter_service.load,
         observer,
+        limits,
     )
     # Deleting or replacing an adapter frees its memory in the engine's tiers.
     adapter_service.attach_engine(engine.forget_adapter)

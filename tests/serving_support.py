@@ -125,15 +125,20 @@ class EngineHarness:
         dtype: str = "float32",
         observer: object = None,
         loader: object = None,
+        limits: dict[str, dict[str, int]] | None = None,
         **config_overrides: object,
     ) -> None:
-        """`loader` replaces the store read the engine uses (default: AdapterService.load)."""
+        """`loader` replaces the store read the engine uses (default: AdapterService.load);
+        `limits`: per-tenant overrides, as a tenants file's tables give them."""
         from loraserve.server.runtime import build_runtime
 
         self.config = ServerConfig(
             model_path=model_dir, data_dir=data_dir, device=device, dtype=dtype, **config_overrides
         ).validate()
-        parts = build_runtime(self.config, observer, loader)  # type: ignore[arg-type]
+        from loraserve.server.limits import TenantLimitTable
+
+        self.limits = TenantLimitTable(self.config.limit_defaults(), limits)
+        parts = build_runtime(self.config, observer, loader, self.limits)  # type: ignore[arg-type]
         self.loaded, self.service, self.engine = parts.loaded, parts.adapter_service, parts.engine
 
     def submit(

@@ -20,10 +20,6 @@ class EngineConfig:
     """Requests running at once (one KV row each)."""
     max_waiting_requests: int = 1024
     """Queue bound; beyond it submissions get RESOURCE_EXHAUSTED."""
-    tenant_max_requests: int = 256
-    """Requests one tenant may have waiting or running at once."""
-    tenant_max_queued_tokens: int = 1_000_000
-    """Prompt plus requested completion tokens one tenant may have waiting."""
     max_batch_tokens: int = 2048
     """Tokens per engine iteration: prompt chunks plus one per decoding request."""
     max_seq_len: int = 2048

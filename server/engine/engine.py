@@ -33,6 +33,7 @@ from loraserve.server.engine.types import (
     SamplingParams,
 )
 from loraserve.server.engine.usage import AdapterUsageLedger, AdapterUsageTotals
+from loraserve.server.limits import LimitsLookup, TenantLimitTable
 
 
 @dataclass(frozen=True)
@@ -87,7 +88,9 @@ class Engine:
         resolver: AdapterResolver,
         loader: AdapterLoader,
         observer: EngineObserver | None = None,
+        limits: LimitsLookup | None = None,
     ) -> None:
+        """`limits`: per-tenant request limits (default: the server defaults for everyone)."""
         self.config = config
         self.loaded = loaded
         self.usage = AdapterUsageLedger()
@@ -110,8 +113,6 @@ class Engine:
             SchedulerSettings(
                 max_batch_size=config.max_batch_size,
                 max_waiting_requests=config.max_waiting_requests,
-                tenant_max_requests=config.tenant_max_requests,
-                tenant_max_queued_tokens=config.tenant_max_queued_tokens,
                 max_batch_tokens=config.max_batch_tokens,
                 max_seq_len=self.max_seq_len,
                 price_per_device_hour=config.price_per_device_hour,
@@ -124,6 +125,7 @@ class Engine:
             observer,
             prefetch=self.host_cache.prefetch,
             usage=self.usage,
+            limits=limits or TenantLimitTable(),
         )
         self._thread: threading.Thread | None = None
 

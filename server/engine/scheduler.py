@@ -13,8 +13,11 @@ Runs on the engine thread. Each iteration:
 
 A request that finishes, is cancelled or times out leaves at the next step and frees its
 slot, KV blocks and adapter pin; a request that arrives while others decode joins at the next
-iteration. The decisions are plain data (server.engine.planner: StepPlan, RowPlan, KV blocks);
-the executor (server.engine.executor) owns the model, KV memory, static buffers and graphs.
+iteration. Every decision (limits at submission, admission, preemption, prefill chunks, the
+rows of each forward) is made by server.engine.planner.Planner from the request states, as plain
+data; this loop feeds it, applies its plans (pins adapters, allocates blocks, assigns rows) and
+hands each StepPlan to the executor (server.engine.executor), which owns the model, KV memory,
+static buffers and graphs.
 With paged KV (the own Llama-family forward) a request holds only the blocks its tokens fill,
 admission counts free blocks, and a request that cannot grow is preempted: its blocks and pin
 are freed and it is requeued at the head, to recompute its prompt and tokens so far when
@@ -40,7 +43,7 @@ from loraserve.server.engine.executor import ExecutorSettings, make_executor
 from loraserve.server.engine.fair_queue import FairQueue
 from loraserve.server.engine.logprobs import PositionScoring, prompt_targets, token_logprobs
 from loraserve.server.engine.model import LoadedModel
-from loraserve.server.engine.planner import RowPlan, StepPlan, blocks_for, plan_growth
+from loraserve.server.engine.planner import Planner, PlannerSettings, StepPlan
 from loraserve.server.engine.sampling import SamplingFault, make_generator, select_next_tokens
 from loraserve.server.engine.types import (
     AdapterKey,
@@ -56,6 +59,7 @@ from loraserve.server.engine.types import (
     Usage,
 )
 from loraserve.server.engine.usage import AdapterUsageLedger
+from loraserve.server.limits import LimitsLookup, TenantLimitTable
 
 log = logging.getLogger(__name__)
 
@@ -141,6 +145,18 @@ class Sequence:
         return (ids + self.generated)[start:end]
 
     @property
+    def cancelled(self) -> bool:
+        return self.handle.cancelled
+
+    @property
+    def wants_adapter(self) -> bool:
+        return self.request.adapter is not None
+
+    @property
+    def last_token(self) -> int:
+        return self.generated[-1]
+
+    @property
     def reading(self) -> bool:
         """Still (re)reading its context: a new prompt, or a preempted request resuming."""
         return not self.done and self.prefilled < self.context_len
@@ -169,10 +185,6 @@ class SchedulerSettings:
     max_batch_size: int
     """KV rows: requests running at once."""
     max_waiting_requests: int
-    tenant_max_requests: int = 256
-    """Requests one tenant may have waiting or running at once."""
-    tenant_max_queued_tokens: int = 1_000_000
-    """Prompt plus requested completion tokens one tenant may have waiting."""
     max_batch_tokens: int = 2048
     """Tokens per iteration (prefill chunks plus one per decoding row)."""
     max_seq_len: int = 2048
@@ -192,9 +204,6 @@ class SchedulerSettings:
 PREFETCH_AHEAD = 8
 """Queued requests whose adapters are prefetched into host memory ahead of admission."""
 
-MIN_PREFILL_CHUNK = 16
-"""Prefill always progresses by at least this many tokens per iteration, however busy decoding."""
-
 
 class Scheduler:
     """The engine loop: admit, prefill a chunk, decode a step, repeat."""
@@ -208,9 +217,12 @@ class Scheduler:
         observer: EngineObserver | None = None,
         prefetch: Callable[[AdapterKey], None] | None = None,
         usage: AdapterUsageLedger | None = None,
+        limits: LimitsLookup | None = None,
     ) -> None:
         self._loaded = loaded
         self._usage = usage
+        self._limits = limits or TenantLimitTable()
+        """Per-tenant max_requests / max_queued_tokens, looked up at each submission."""
         self._pool = pool
         self._prefetch = prefetch
         self._resolver = resolver
@@ -233,6 +245,15 @@ class Scheduler:
         )
         self._blocks = self.executor.allocator
         """The paged KV block pool (None on the generic path: one KV row per slot)."""
+        self.planner = Planner(
+            PlannerSettings(
+                max_batch_tokens=settings.max_batch_tokens,
+                max_waiting_requests=settings.max_waiting_requests,
+                paged=self._blocks is not None,
+            )
+        )
+        """Decides who runs, with which blocks and pages; this loop applies its plans."""
+        self._adapters = _PoolReadiness(self)
         self._admissions = 0
         self.decode_seconds = 0.0
         """Wall seconds spent in decode steps (forward and sampling), for throughput figures."""
@@ -294,24 +315,15 @@ class Scheduler:
 
     def _check_limits(self, seq: Sequence) -> None:
         """RESOURCE_EXHAUSTED, naming the limit, when admitting `seq` would exceed one."""
-        settings, tenant = self._settings, seq.tenant
-
-        def refuse(message: str) -> EngineError:
-            return EngineError(ErrorKind.RESOURCE_EXHAUSTED, f"{message}; retry later")
-
-        if len(self._waiting) >= settings.max_waiting_requests:
-            raise refuse(f"the waiting queue is full ({settings.max_waiting_requests} requests)")
-        if self._in_flight[tenant] >= settings.tenant_max_requests:
-            raise refuse(
-                f"tenant {tenant!r} has {self._in_flight[tenant]} requests waiting or running "
-                f"(limit {settings.tenant_max_requests} per tenant)"
-            )
-        queued = self._waiting.tokens(tenant) + seq.cost_tokens
-        if queued > settings.tenant_max_queued_tokens:
-            raise refuse(
-                f"tenant {tenant!r} would have {queued} tokens queued "
-                f"(limit {settings.tenant_max_queued_tokens} per tenant)"
-            )
+        refusal = self.planner.submit_refusal(
+            seq,
+            waiting=len(self._waiting),
+            in_flight=self._in_flight[seq.tenant],
+            queued_tokens=self._waiting.tokens(seq.tenant),
+            limits=self._limits(seq.tenant),
+        )
+        if refusal is not None:
+            raise refusal
 
     def stop(self) -> None:
         with self._cond:
@@ -391,72 +403,30 @@ class Scheduler:
         self._decode_step()
 
     def _admit(self) -> None:
-        """Moves queued requests into free rows, fairly across tenants, while adapters fit."""
+        """Moves queued requests into free rows as the planner decides, pinning their adapters
+        and allocating their KV blocks."""
         free_rows = [i for i, s in enumerate(self._rows) if s is None]
         if not free_rows:
             return
-        chosen: list[Sequence] = []
-        free_blocks = self._blocks.free_count if self._blocks is not None else 0
-        new_keys: set[AdapterKey] = set()
-        skipped: list[Sequence] = []
-        failed: list[tuple[Sequence, EngineError]] = []
         with self._cond:
-            # Fairness: each pick comes from the tenant with the fewest requests running.
-            load = collections.Counter(s.tenant for s in self.running)
-            busy = len(free_rows) < len(self._rows)  # rows are decoding
-            while self._waiting and len(chosen) < len(free_rows):
-                seq = self._waiting.pop_fair(load)
-                if seq is None:
-                    break
-                if seq.handle.cancelled:
-                    failed.append(
-                        (seq, EngineError(ErrorKind.CANCELLED, "the request was cancelled"))
-                    )
-                    continue
-                if self._blocks is not None:
-                    need = blocks_for(seq.context_len + 1)
-                    if need > free_blocks:
-                        # Arrival order for KV: nobody behind it jumps the queue.
-                        skipped.append(seq)
-                        break
-                if seq.request.adapter is not None:
-                    try:
-                        key = self._key_of(seq)
-                    except EngineError as exc:
-                        failed.append((seq, exc))
-                        continue
-                    # while rows decode, a cold adapter loads in the background
-                    # and its request keeps its place until the adapter is ready (an idle
-                    # engine loads it in acquire(): nobody would be stalled).
-                    load_error = self._pool.take_error(key)
-                    if load_error is not None:
-                        failed.append((seq, load_error))
-                        continue
-                    if not self._pool.can_ever_fit(key):
-                        # Pinned adapters hold the budget: waiting would never end.
-                        failed.append((seq, _crowded_out(key)))
-                        continue
-                    if not self._pool.ready(key) and busy:
-                        self._pool.request(key)
-                        skipped.append(seq)
-                        continue
-                    if key not in new_keys and not self._pool.fits(new_keys | {key}):
-                        skipped.append(seq)
-                        continue
-                    new_keys.add(key)
-                if self._blocks is not None:
-                    free_blocks -= blocks_for(seq.context_len + 1)
-                chosen.append(seq)
-                load[seq.tenant] += 1
-            # Requests whose adapter did not fit (or is loading) keep their place at the head.
-            self._waiting.push_front(skipped)
-        for seq, exc in failed:
+            plan = self.planner.plan_admission(
+                self._waiting,
+                self.running,
+                free_rows=len(free_rows),
+                busy=len(free_rows) < len(self._rows),  # rows are decoding
+                free_blocks=self._blocks.free_count if self._blocks is not None else 0,
+                adapters=self._adapters,
+            )
+        for key in plan.load:
+            self._pool.request(key)
+        for seq, exc in plan.failed:
             self._retire(seq, ErrorEvent(exc))
         now = time.monotonic()
-        for seq in chosen:
+        for admission in plan.admit:
+            seq = admission.request
             try:
-                if seq.key is not None:
-                    seq.pages = self._pool.acquire(seq.key).pages
+                if admission.key is not None:
+                    seq.pages = self._pool.acquire(admission.key).pages
             except EngineError as exc:
                 self._retire(seq, ErrorEvent(exc))
                 continue
@@ -466,8 +436,8 @@ class Scheduler:
                 self._retire(seq, ErrorEvent(error))
                 continue
             if self._blocks is not None:
-                blocks = self._blocks.allocate(blocks_for(seq.context_len + 1))
-                assert blocks is not None, "admission counted free blocks"
+                blocks = self._blocks.allocate(admission.blocks)
+                assert blocks is not None, "the planner counted free blocks"
                 seq.blocks = blocks
             seq.row = free_rows.pop(0)
             if not seq.prefill_start:
@@ -479,29 +449,19 @@ class Scheduler:
     def _prefill_step(self) -> None:
         """Feeds the next prompt chunk of every request still reading its prompt."""
         self._drop_cancelled()
-        reading = [s for s in self.running if s.reading]
-        if not reading:
+        plan = self.planner.plan_prefill(self.running)
+        if plan is None:
             return
-        decoding = sum(1 for s in self.running if s.decoding)
-        budget = max(self._settings.max_batch_tokens - decoding, MIN_PREFILL_CHUNK)
-        inputs: list[RowPlan] = []
-        batch: list[Sequence] = []
+        inputs = plan.rows
+        batch = self._batch_of(plan)
         scoring: dict[int, PositionScoring] = {}
-        for seq in reading:
-            if budget <= 0:
-                break
-            take = min(seq.context_len - seq.prefilled, budget)
-            chunk = seq.context_ids(seq.prefilled, seq.prefilled + take)
-            wanted = seq.prompt_scoring(take)
+        for i, (seq, row) in enumerate(zip(batch, inputs, strict=True)):
+            wanted = seq.prompt_scoring(len(row.tokens))
             if wanted is not None:
-                scoring[len(batch)] = wanted
-            inputs.append(self._row_plan(seq, chunk, seq.prefilled))
-            batch.append(seq)
-            budget -= take
+                scoring[i] = wanted
         self.prefill_sizes = [*self.prefill_sizes[-99:], len(batch)]
         started = time.monotonic()
         try:
-            plan = StepPlan("prefill", tuple(inputs))
             if scoring:
                 logits, scored = self.executor.execute_scored(plan, scoring)  # (batch, vocab)
                 for i, entries in scored.items():
@@ -523,15 +483,14 @@ class Scheduler:
         """One token for every decoding request, in one forward over rows 0..highest."""
         self._drop_cancelled()
         self._grow_blocks()
-        decoding = [s for s in self.running if s.decoding]
-        if not decoding:
+        plan = self.planner.plan_decode(self.running)
+        if plan is None:
             return
-        decoding.sort(key=lambda s: s.row)
-        inputs = tuple(self._row_plan(s, [s.generated[-1]], s.prefilled) for s in decoding)
+        decoding = self._batch_of(plan)
         self.decode_sizes = [*self.decode_sizes[-99:], len(decoding)]
         started = time.monotonic()
         try:
-            logits = self.executor.execute(StepPlan("decode", inputs))  # (batch, vocab)
+            logits = self.executor.execute(plan)  # (batch, vocab)
             for seq in decoding:
                 seq.prefilled += 1
             sampled, tokens, entries = self._sample(logits, decoding, list(range(len(decoding))))
@@ -544,30 +503,27 @@ class Scheduler:
         self._account("decode", elapsed, decoding, [1] * len(decoding))
         self._advance(sampled, tokens, entries)
 
-    def _row_plan(self, seq: Sequence, tokens: list[int], start: int) -> RowPlan:
-        return RowPlan(
-            slot=seq.row,
-            tokens=tuple(tokens),
-            start=start,
-            blocks=tuple(seq.blocks),
-            pages=seq.pages,
-        )
+    def _batch_of(self, plan: StepPlan) -> list[Sequence]:
+        """The requests of a plan's rows, in its order."""
+        batch: list[Sequence] = []
+        for row in plan.rows:
+            seq = self._rows[row.slot]
+            assert seq is not None, "the planner planned an empty slot"
+            batch.append(seq)
+        return batch
 
     def _grow_blocks(self) -> None:
-        """Gives every decoding request the block its next token needs, preempting the most
-        recently admitted requests when the pool runs out (paged KV only)."""
+        """Gives every decoding request the blocks its next token needs, preempting as the
+        planner decides when the pool runs out (paged KV only)."""
         if self._blocks is None:
             return
-        running = sorted((s for s in self.running if s.decoding), key=lambda s: s.admitted)
-        needed = [blocks_for(s.prefilled + 1) for s in running]
-        held = [len(s.blocks) for s in running]
-        for i in plan_growth(held, needed, self._blocks.free_count):
-            self._preempt(running[i])
-        for seq, need in zip(running, needed, strict=True):
-            if not seq.done and seq.row >= 0 and need > len(seq.blocks):
-                more = self._blocks.allocate(need - len(seq.blocks))
-                assert more is not None, "plan_growth left room"
-                seq.blocks.extend(more)
+        growth = self.planner.plan_growth(self.running, self._blocks.free_count)
+        for seq in growth.preempt:
+            self._preempt(seq)
+        for seq, more in growth.grow:
+            blocks = self._blocks.allocate(more)
+            assert blocks is not None, "the planner left room"
+            seq.blocks.extend(blocks)
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees a running request's KV blocks, slot and pin and requeues it at the head."""
@@ -591,7 +547,7 @@ class Scheduler:
         if self._prefetch is None:
             return
         with self._cond:
-            upcoming = [s for s in self._waiting.heads(limit) if s.request.adapter is not None]
+            upcoming = self.planner.prefetch_candidates(self._waiting, limit)
         for seq in upcoming:
             try:
                 key = self._key_of(seq)
@@ -793,9 +749,24 @@ class Scheduler:
             seq.pages = ()
 
 
-def _crowded_out(key: AdapterKey) -> EngineError:
-    return EngineError(
-        ErrorKind.RESOURCE_EXHAUSTED,
-        f"adapter {key.name!r} does not fit in the device adapter budget beside the pinned "
-        "adapters; ask an operator to unpin some (or raise --adapter-device-bytes)",
-    )
+class _PoolReadiness:
+    """The planner's view of the adapter tiers: the scheduler's resolver and DevicePool."""
+
+    def __init__(self, scheduler: Scheduler) -> None:
+        self._scheduler = scheduler
+        self._pool = scheduler._pool
+
+    def key_of(self, request: Sequence) -> AdapterKey:
+        return self._scheduler._key_of(request)
+
+    def take_error(self, key: AdapterKey) -> EngineError | None:
+        return self._pool.take_error(key)
+
+    def ready(self, key: AdapterKey) -> bool:
+        return self._pool.ready(key)
+
+    def fits(self, keys: set[AdapterKey]) -> bool:
+        return self._pool.fits(keys)
+
+    def can_ever_fit(self, key: AdapterKey) -> bool:
+        return self._pool.can_ever_fit(key)

@@ -31,7 +31,10 @@ def test_tenant_request_limit_is_per_tenant(model: Path, tmp_path: Path) -> None
         with pytest.raises(EngineError) as err:
             harness.submit([5, 6], None, tenant="heavy", max_new_tokens=4)
         assert err.value.kind is ErrorKind.RESOURCE_EXHAUSTED
-        assert "'heavy'" in err.value.message and "limit 2 per tenant" in err.value.message
+        assert (
+            "'heavy'" in err.value.message
+            and "limit 2, the server default --tenant-max-requests" in err.value.message
+        )
         jobs.append(harness.submit([5, 6], None, tenant="light", max_new_tokens=4))
         harness.run(jobs)
         assert all(isinstance(j[-1], FinishEvent) for j in jobs)
@@ -105,7 +108,7 @@ def test_adapter_count_and_byte_quotas(model: Path, tmp_path: Path) -> None:
         store_adapter(harness.service, "t", "two", adapter)
         with pytest.raises(AdapterQuotaError) as err:
             store_adapter(harness.service, "t", "three", adapter)
-        assert "quota 2" in str(err.value)
+        assert "limit 2, the server default --tenant-max-adapters" in str(err.value)
         assert status_for(err.value)[0] == grpc.StatusCode.RESOURCE_EXHAUSTED
         store_adapter(harness.service, "t", "two", adapter)  # a re-upload replaces: allowed
         store_adapter(harness.service, "other", "three", adapter)  # quotas are per tenant
@@ -151,5 +154,36 @@ def test_out_of_memory_fails_only_that_step_with_resource_exhausted(
         harness.run([later])
         assert isinstance(later[-1], FinishEvent) and len(later[-1].token_ids) == 5
         assert harness.engine.scheduler.running == []
+    finally:
+        harness.close()
+
+
+def test_a_tenants_own_request_limits_override_the_defaults(model: Path, tmp_path: Path) -> None:
+    harness = EngineHarness(
+        model,
+        tmp_path,
+        limits={"small": {"max_requests": 1}, "thin": {"max_queued_tokens": 40}},
+        tenant_max_requests=3,
+    )
+    try:
+        jobs = [harness.submit([5, 6], None, tenant="small", max_new_tokens=4)]
+        with pytest.raises(EngineError) as err:
+            harness.submit([5, 6], None, tenant="small", max_new_tokens=4)
+        assert err.value.kind is ErrorKind.RESOURCE_EXHAUSTED
+        assert "limit 1, this tenant's max_requests in the tenants file" in err.value.message
+        jobs += [harness.submit([5, 6], None, tenant="big", max_new_tokens=4) for _ in range(3)]
+        with pytest.raises(EngineError) as err:
+            harness.submit([5, 6], None, tenant="big", max_new_tokens=4)
+        assert "limit 3, the server default --tenant-max-requests" in err.value.message
+        jobs.append(harness.submit([1] * 10, None, tenant="thin", max_new_tokens=20))  # 30
+        with pytest.raises(EngineError) as err:
+            harness.submit([1] * 10, None, tenant="thin", max_new_tokens=20)
+        assert "would have 60 tokens queued" in err.value.message
+        assert "limit 40, this tenant's max_queued_tokens" in err.value.message
+        # A reload raises small's limit: the next request is taken while the first still waits.
+        harness.limits.update({"small": {"max_requests": 2}})
+        jobs.append(harness.submit([5, 6], None, tenant="small", max_new_tokens=4))
+        harness.run(jobs)
+        assert all(isinstance(j[-1], FinishEvent) for j in jobs), [j[-1] for j in jobs]
     finally:
         harness.close()

@@ -238,3 +238,84 @@ def test_error_messages_name_the_file(tmp_path: Path) -> None:
     with pytest.raises(TenantsFileError) as err:
         TenantRegistry.from_file(path)
     assert str(err.value).startswith(f"tenants file {path}:")
+
+
+# ---- per-tenant limits (issue 12 item 5) ------------------------------------------------------
+
+
+def test_limits_in_a_tenant_table_are_parsed(tmp_path: Path) -> None:
+    key = f'api_keys = ["{hash_key(ACME_KEY)}"]'
+    text = _one_tenant(
+        f"{key}\nmax_requests = 3\nmax_queued_tokens = 500\nmax_adapters = 2\n"
+        f"max_adapter_bytes = {1 << 30}\nmax_uploads = 1"
+    ) + _one_tenant(f'api_keys = ["{hash_key(ROOT_KEY)}"]\nadmin = true', name="root")
+    registry = TenantRegistry.from_file(_write(tmp_path, text))
+    assert registry.limits == {
+        "acme": {
+            "max_requests": 3,
+            "max_queued_tokens": 500,
+            "max_adapters": 2,
+            "max_adapter_bytes": 1 << 30,
+            "max_uploads": 1,
+        }
+    }  # root sets none: absent, so every limit is the server default
+    assert registry.authenticate(ACME_KEY) == Principal("acme", admin=False)
+
+
+def test_a_file_without_limits_has_no_overrides(tmp_path: Path) -> None:
+    assert TenantRegistry.from_file(_valid_file(tmp_path)).limits == {}
+    assert TenantRegistry.development().limits == {}
+
+
+@pytest.mark.parametrize(
+    ("entry", "needle"),
+    [
+        ("max_requests = true", "max_requests must be a whole number in 1..1000000, got bool"),
+        ("max_uploads = false", "max_uploads must be a whole number in 1..10000, got bool"),
+        ("max_adapters = 2.0", "max_adapters must be a whole number in 1..1000000, got float"),
+        ('max_requests = "5"', "max_requests must be a whole number in 1..1000000, got str"),
+        ("max_requests = [5]", "got list"),
+        ("max_requests = 0", "max_requests must be in 1..1000000, got 0"),
+        ("max_queued_tokens = -1", "max_queued_tokens must be in 1..1000000000000, got -1"),
+        ("max_requests = 1000001", "max_requests must be in 1..1000000, got 1000001"),
+        (
+            f"max_adapter_bytes = {(1 << 50) + 1}",
+            "max_adapter_bytes must be in 1..1125899906842624",
+        ),
+        ("max_uploads = 10001", "max_uploads must be in 1..10000, got 10001"),
+    ],
+)
+def test_bad_limit_values_are_refused(tmp_path: Path, entry: str, needle: str) -> None:
+    text = _one_tenant(f'api_keys = ["{hash_key(ACME_KEY)}"]\n{entry}')
+    with pytest.raises(TenantsFileError) as err:
+        TenantRegistry.from_file(_write(tmp_path, text))
+    assert "[tenants.acme]" in str(err.value) and needle in str(err.value), str(err.value)
+
+
+def test_limits_at_their_bounds_are_accepted(tmp_path: Path) -> None:
+    text = _one_tenant(
+        f'api_keys = ["{hash_key(ACME_KEY)}"]\nmax_requests = 1\nmax_uploads = 10000\n'
+        f"max_adapter_bytes = {1 << 50}"
+    )
+    registry = TenantRegistry.from_file(_write(tmp_path, text))
+    assert registry.limits["acme"] == {
+        "max_requests": 1,
+        "max_uploads": 10000,
+        "max_adapter_bytes": 1 << 50,
+    }
+
+
+@pytest.mark.parametrize("key", ["max_request", "tenant_max_requests", "Admin", "rate_limit"])
+def test_unknown_keys_are_refused_naming_the_key_and_the_tenant(tmp_path: Path, key: str) -> None:
+    text = _one_tenant(f'api_keys = ["{hash_key(ACME_KEY)}"]\n{key} = 3', name="globex")
+    with pytest.raises(TenantsFileError) as err:
+        TenantRegistry.from_file(_write(tmp_path, text))
+    message = str(err.value)
+    assert f"[tenants.globex]: unknown key {key!r}" in message, message
+    assert "max_requests" in message  # the allowed keys are listed
+
+
+def test_a_limit_given_as_a_table_is_refused(tmp_path: Path) -> None:
+    text = _one_tenant(f'api_keys = ["{hash_key(ACME_KEY)}"]\n[tenants.acme.max_requests]\nx = 1')
+    with pytest.raises(TenantsFileError, match=r"\[tenants.acme\]: max_requests must be"):
+        TenantRegistry.from_file(_write(tmp_path, text))

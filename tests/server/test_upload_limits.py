@@ -16,6 +16,7 @@ from loraserve.adapters.store import AdapterStore
 from loraserve.server.adapter_service import MAX_CHUNK_BYTES, AdapterService, FileDeclaration
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine.model import load_base_model
+from loraserve.server.limits import TenantLimitTable
 
 TENANT = "acme"
 
@@ -60,7 +61,7 @@ def _tmp(service: AdapterService) -> list[Path]:
 def test_upload_slots_cap_each_tenant_and_the_server(tmp_path: Path, spec: BaseModelSpec) -> None:
     service = _service(tmp_path, spec, tenant_max_uploads=2, max_uploads=3)
     a1, a2 = service.uploads.acquire("a"), service.uploads.acquire("a")
-    with pytest.raises(AdapterQuotaError, match="limit 2, --tenant-max-uploads"):
+    with pytest.raises(AdapterQuotaError, match="limit 2, the server default --tenant-max-uploads"):
         service.uploads.acquire("a")
     b1 = service.uploads.acquire("b")
     with pytest.raises(AdapterQuotaError, match="limit 3, --max-uploads"):
@@ -213,3 +214,70 @@ def test_reading_an_adapter_out_of_descriptors_is_retryable_and_names_no_path(
         service.load(AdapterKey(TENANT, "qv", record.version))
     assert err.value.kind == ErrorKind.RESOURCE_EXHAUSTED
     assert "Too many open files" in err.value.message and str(tmp_path) not in err.value.message
+
+
+# ---- per-tenant overrides from the tenants file (issue 12 item 5) -----------------------------
+
+
+def _service_with(
+    root: Path, spec: BaseModelSpec, overrides: dict[str, dict[str, int]], **config: object
+) -> tuple[AdapterService, TenantLimitTable]:
+    server_config = ServerConfig(data_dir=root, max_lora_rank=16, **config)  # type: ignore[arg-type]
+    table = TenantLimitTable(server_config.limit_defaults(), overrides)
+    return AdapterService(server_config, AdapterStore(root / "adapters"), spec, table), table
+
+
+def test_a_tenants_own_upload_cap_overrides_the_default(
+    tmp_path: Path, spec: BaseModelSpec
+) -> None:
+    service, table = _service_with(
+        tmp_path, spec, {"small": {"max_uploads": 1}}, tenant_max_uploads=3
+    )
+    small = service.uploads.acquire("small")
+    with pytest.raises(
+        AdapterQuotaError, match="limit 1, this tenant's max_uploads in the tenants"
+    ):
+        service.uploads.acquire("small")
+    others = [service.uploads.acquire("big") for _ in range(3)]  # the default, 3
+    with pytest.raises(AdapterQuotaError, match="limit 3, the server default --tenant-max-uploads"):
+        service.uploads.acquire("big")
+    # A reload lifts the override: new uploads see it, the one in progress is untouched.
+    table.update({"small": {"max_uploads": 2}})
+    second = service.uploads.acquire("small")
+    assert service.uploads.in_progress() == 5
+    # Lowered below what is in progress: nothing is ended, new ones wait until under it.
+    table.update({"small": {"max_uploads": 1}})
+    with pytest.raises(AdapterQuotaError, match="limit 1, this tenant's"):
+        service.uploads.acquire("small")
+    for slot in (small, second, *others):
+        slot.release()
+    service.uploads.acquire("small").release()
+    assert service.uploads.in_progress() == 0
+
+
+def test_a_tenants_own_adapter_quotas_override_the_defaults(
+    tmp_path: Path, spec: BaseModelSpec, files: dict[str, bytes]
+) -> None:
+    size = len(files["weights"])
+    service, _ = _service_with(
+        tmp_path,
+        spec,
+        {"few": {"max_adapters": 1}, "small": {"max_adapter_bytes": size * 3 // 2}},
+        tenant_max_adapters=3,
+    )
+    one = service.begin_upload("few", "one", "", _decls(files))
+    with pytest.raises(AdapterQuotaError) as err:
+        service.begin_upload("few", "two", "", _decls(files))
+    assert "quota: limit 1, this tenant's max_adapters in the tenants file" in str(err.value)
+    first = service.begin_upload("small", "one", "", _decls(files))
+    with pytest.raises(AdapterQuotaError) as err:
+        service.begin_upload("small", "two", "", _decls(files))
+    assert f"quota: limit {size * 3 // 2}, this tenant's max_adapter_bytes" in str(err.value)
+    # A tenant without overrides gets the defaults: 3 adapters.
+    sessions = [service.begin_upload("other", f"n{i}", "", _decls(files)) for i in range(3)]
+    with pytest.raises(AdapterQuotaError) as err:
+        service.begin_upload("other", "n3", "", _decls(files))
+    assert "quota: limit 3, the server default --tenant-max-adapters" in str(err.value)
+    for session in (one, first, *sessions):
+        session.abort()
+    assert _tmp(service) == []
