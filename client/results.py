@@ -57,6 +57,7 @@ def adapter_info_to_dict(info: adapters_pb2.AdapterInfo) -> JsonObject:
         "sha256": info.sha256,
         "created_at": info.created_at,
         "description": info.description,
+        "latest": info.latest,
     }
 
 

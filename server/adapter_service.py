@@ -1,4 +1,4 @@
-"""Adapter management as the gRPC layer sees it: upload sessions, list, get, delete.
+"""Adapter management as the gRPC layer sees it: upload sessions, list, get, delete, versions.
 
 Ties the durable store, validation against the base model and the engine's device pages
 together, so the gRPC handlers only decode, call one method and encode.
@@ -10,6 +10,7 @@ import logging
 import os
 import re
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -20,7 +21,7 @@ from loraserve.adapters.errors import (
     AdapterQuotaError,
     AdapterValidationError,
 )
-from loraserve.adapters.names import validate_adapter_name
+from loraserve.adapters.names import format_ref, split_version, validate_adapter_name
 from loraserve.adapters.spec import BaseModelSpec
 from loraserve.adapters.store import AdapterRecord, AdapterStore, UploadTransaction
 from loraserve.adapters.weights import AdapterWeights, load_adapter_weights
@@ -225,7 +226,7 @@ class AdapterService:
         self.store = store
         self.spec = spec
         self.uploads = UploadSlots(config)
-        self._forget = lambda tenant, name, below: None
+        self._forget: Callable[..., None] = lambda tenant, name, below, *, version=None: None
         self._reservations: list[_Reservation] = []
         """Uploads in progress that passed the quota check at their header (guarded by _lock)."""
         self._lock = threading.Lock()
@@ -234,8 +235,9 @@ class AdapterService:
     def config(self) -> ServerConfig:
         return self._config
 
-    def attach_engine(self, forget) -> None:
-        """Lets deletes and re-uploads free the engine's device copies."""
+    def attach_engine(self, forget: Callable[..., None]) -> None:
+        """Lets deletes and pruning uploads free the engine's copies: `forget(tenant, name,
+        below_version, *, version=None)` (Engine.forget_adapter)."""
         self._forget = forget
 
     def begin_upload(
@@ -282,7 +284,7 @@ class AdapterService:
     def _reserve(self, tenant: str, name: str, size: int) -> _Reservation:
         """Checks the quota counting the uploads already in progress, and holds this one's
         share of it until the upload ends: concurrent uploads cannot all pass one check."""
-        stored = self.store.list(tenant)
+        stored = self.store.all_versions(tenant)
         with self._lock:
             pending = [r for r in self._reservations if r.tenant == tenant]
             self.check_quota(tenant, name, size, stored, pending)
@@ -307,12 +309,17 @@ class AdapterService:
     ) -> None:
         """Refuses an upload that would exceed the tenant's adapter count or bytes.
 
-        `stored`: the tenant's committed adapters; `pending`: its other uploads in progress,
-        whose bytes (in tmp/) count. Re-uploading a name replaces it, so its current version
-        does not count. Called at the header (with pending) and again at commit under the
-        store's lock (with what is committed at that moment).
+        Counts what is on disk: `stored` holds every kept version of the tenant's adapters
+        (store.all_versions), each version's bytes count, and the adapter count is of names.
+        The versions of `name` that this upload's publish prunes (the oldest beyond
+        store.versions_kept) do not count. `pending`: the tenant's other uploads in progress,
+        whose bytes (in tmp/) count. Called at the header (with pending) and again at commit
+        under the store's lock (with what is committed at that moment).
         """
-        others = [r for r in stored if r.name != name]
+        same = sorted((r for r in stored if r.name == name), key=lambda r: r.version)
+        # After the publish, `name` keeps its newest versions_kept - 1 old versions plus this one.
+        kept_same = same[max(0, len(same) + 1 - self.store.versions_kept) :]
+        others = [r for r in stored if r.name != name] + kept_same
         names = {r.name for r in others} | {p.name for p in pending} | {name}
         limit = self._config.tenant_max_adapters
         if len(names) > limit:
@@ -334,29 +341,80 @@ class AdapterService:
         )
 
     def on_replaced(self, record: AdapterRecord) -> None:
-        self._forget(record.tenant, record.name, record.version)
+        """After a publish: frees the engine's copies of the versions it pruned.
+
+        Pruning removes the oldest versions, so everything below the oldest one still stored
+        is gone; the kept versions stay cached (still valid for `name@N`, and a rollback may
+        make one the latest again). Plain `name` never hits a stale copy: it is resolved to
+        a version number through the store on every request.
+        """
+        try:
+            oldest = self.store.list_versions(record.tenant, record.name)[0].version
+        except AdapterNotFoundError:
+            oldest = None  # deleted meanwhile; the delete forgot every version
+        except AdapterError as exc:  # a damaged version: keep the cached copies; reads re-check
+            log.error("listing %s/%s after an upload failed: %s", record.tenant, record.name, exc)
+            return
+        self._forget(record.tenant, record.name, oldest)
 
     def list(self, tenant: str) -> list[AdapterRecord]:
         return self.store.list(tenant)
 
     def get(self, tenant: str, name: str) -> AdapterRecord:
-        validate_adapter_name(name)
-        return self.store.get(tenant, name)
+        """The latest version for `name`, version N for `name@N` (`latest` set if it is)."""
+        plain, version = split_version(name)
+        if version is None:
+            return self.store.get(tenant, plain)
+        return self.store.get_version(tenant, plain, version)
 
     def delete(self, tenant: str, name: str) -> AdapterRecord:
-        validate_adapter_name(name)
-        record = self.store.delete(tenant, name)
-        self._forget(tenant, name, None)
+        """Deletes every version for `name`, version N only for `name@N`.
+
+        Requests running on a deleted version finish on it: the engine frees its memory when
+        the last one releases it (forget dooms, it does not evict pinned pages).
+        """
+        plain, version = split_version(name)
+        if version is None:
+            record = self.store.delete(tenant, plain)
+            self._forget(tenant, plain, None)
+        else:
+            record = self.store.delete_version(tenant, plain, version)
+            self._forget(tenant, plain, None, version=version)
+        log.info("adapter deleted: tenant=%s name=%s", tenant, format_ref(plain, version))
+        return record
+
+    def list_versions(self, tenant: str, name: str) -> list[AdapterRecord]:
+        """Every stored version of `name`, oldest first, exactly one marked latest."""
+        _plain_name(name)
+        return self.store.list_versions(tenant, name)
+
+    def rollback(self, tenant: str, name: str, to_version: int) -> AdapterRecord:
+        """Makes stored version `to_version` the latest of `name`, durably.
+
+        Nothing is evicted: every kept version is immutable and cached under its own number,
+        and new plain-`name` requests resolve through the store to the new latest. Requests
+        already resolved keep the version they started with.
+        """
+        _plain_name(name)
+        if to_version < 1:
+            raise AdapterValidationError("to_version", f"must be >= 1, got {to_version}")
+        record = self.store.rollback(tenant, name, to_version)
+        log.info("adapter rolled back: tenant=%s name=%s latest=%d", tenant, name, to_version)
         return record
 
     # ---- the engine's view --------------------------------------------------------------------
 
     def resolve(self, ref: AdapterRef) -> AdapterKey:
-        """The current version of a named adapter (engine resolver)."""
+        """The version a request runs on: the pinned one, else the latest now (engine resolver)."""
         try:
-            record = self.store.get(ref.tenant, ref.name)
+            if ref.version is None:
+                record = self.store.get(ref.tenant, ref.name)
+            else:
+                record = self.store.get_version(ref.tenant, ref.name, ref.version)
         except AdapterNotFoundError as exc:
-            raise EngineError(ErrorKind.NOT_FOUND, f"adapter {ref.name!r} not found") from exc
+            raise EngineError(
+                ErrorKind.NOT_FOUND, f"adapter {format_ref(ref.name, ref.version)!r} not found"
+            ) from exc
         except AdapterError as exc:
             # The details name files on the server's disk: for the operator's log only.
             log.error("adapter %s/%s is unusable: %s", ref.tenant, ref.name, exc)
@@ -368,9 +426,7 @@ class AdapterService:
     def load(self, key: AdapterKey) -> AdapterWeights:
         """Reads, checksums and validates one adapter version (engine loader)."""
         try:
-            record = self.store.get(key.tenant, key.name)
-            if record.version != key.version:
-                raise AdapterNotFoundError(key.name)
+            record = self.store.get_version(key.tenant, key.name, key.version)
             config_bytes, weights_bytes = self.store.read_files(record)
             return self.validate(config_bytes, weights_bytes)
         except AdapterNotFoundError as exc:
@@ -391,6 +447,13 @@ class AdapterService:
             raise EngineError(
                 ErrorKind.INTERNAL, f"stored adapter {key.name!r} is unusable (see the server log)"
             ) from exc
+
+
+def _plain_name(name: str) -> str:
+    """`name` if it is a valid adapter name without a version (`name@N` is refused)."""
+    if "@" in name:
+        raise AdapterValidationError("name", "takes an adapter name without a version (no @N)")
+    return validate_adapter_name(name)
 
 
 def _file_name(kind: FileKind) -> str:

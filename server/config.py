@@ -79,7 +79,10 @@ class ServerConfig:
     tenant_max_adapters: int = 1000
     """Adapters one tenant may store."""
     tenant_max_adapter_bytes: int = 16 << 30
-    """Bytes of adapter weights one tenant may store."""
+    """Bytes of adapter weights one tenant may store, counting every kept version."""
+    adapter_versions_kept: int = 5
+    """Versions of each adapter name kept on disk, the latest included (older ones can be
+    pinned with `name@N` or rolled back to); an upload prunes the oldest beyond it."""
     max_new_tokens_limit: int = 1024
     """Largest max_new_tokens a request may ask for."""
     default_max_new_tokens: int = 64
@@ -141,6 +144,7 @@ class ServerConfig:
             "tenant_max_queued_tokens",
             "tenant_max_adapters",
             "tenant_max_adapter_bytes",
+            "adapter_versions_kept",
             "max_new_tokens_limit",
             "default_max_new_tokens",
             "max_prompt_tokens",

@@ -1,4 +1,4 @@
-"""The Adapters service: upload (client-streaming), list, get, delete."""
+"""The Adapters service: upload (client-streaming), list, get, delete, versions, rollback."""
 
 from __future__ import annotations
 
@@ -165,6 +165,42 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
             await abort_for(context, exc)
             raise
         return adapters_pb2.DeleteAdapterResponse(deleted=adapter_info(record))
+
+    async def ListAdapterVersions(
+        self, request: adapters_pb2.ListAdapterVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.ListAdapterVersionsResponse:
+        tenant = await self._versions_tenant(context, request.tenant)
+        try:
+            records = await asyncio.to_thread(self._service().list_versions, tenant, request.name)
+        except (AdapterError, EngineError, OSError) as exc:
+            await abort_for(context, exc)
+            raise
+        return adapters_pb2.ListAdapterVersionsResponse(versions=[adapter_info(r) for r in records])
+
+    async def RollbackAdapter(
+        self, request: adapters_pb2.RollbackAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.AdapterInfo:
+        tenant = await self._versions_tenant(context, request.tenant)
+        try:
+            record = await asyncio.to_thread(
+                self._service().rollback, tenant, request.name, request.to_version
+            )
+        except (AdapterError, EngineError, OSError) as exc:
+            await abort_for(context, exc)
+            raise
+        return adapter_info(record)
+
+    async def _versions_tenant(self, context: grpc.aio.ServicerContext, requested: str) -> str:
+        """The tenant a version RPC acts for, authorized like UploadAdapter: the caller's own,
+        or (admins only) a tenant of the tenants file."""
+        principal = await self._auth.principal(context)
+        tenant = await self._auth.acting_tenant(context, requested, principal)
+        if tenant not in self._auth.registry.tenants:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"tenant: {tenant!r} is not a tenant in the tenants file",
+            )
+        return tenant
 
 
 def _known_file(kind: int) -> bool:

@@ -67,4 +67,5 @@ def adapter_info(record: AdapterRecord) -> adapters_pb2.AdapterInfo:
         sha256=record.sha256,
         created_at=record.created_at,
         description=record.description,
+        latest=record.latest,
     )

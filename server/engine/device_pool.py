@@ -290,7 +290,14 @@ class DevicePool:
                 else:
                     self._lru[key] = None
 
-    def forget(self, tenant: str, name: str, below_version: int | None = None) -> None:
+    def forget(
+        self,
+        tenant: str,
+        name: str,
+        below_version: int | None = None,
+        *,
+        version: int | None = None,
+    ) -> None:
         """The adapter was deleted (or replaced by `below_version`): doom its loaded versions.
 
         The engine thread frees doomed pages in `collect()`, so a forward in progress never sees
@@ -299,6 +306,8 @@ class DevicePool:
 
         def matches(key: AdapterKey) -> bool:
             same = key.tenant == tenant and key.name == name
+            if version is not None:  # one deleted version; the others stay valid
+                return same and key.version == version
             return same and (below_version is None or key.version < below_version)
 
         with self._lock:

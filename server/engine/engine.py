@@ -231,8 +231,16 @@ class Engine:
         )
         return self.scheduler.submit(request, sink)
 
-    def forget_adapter(self, tenant: str, name: str, below_version: int | None = None) -> None:
-        """Frees device memory of a deleted (or replaced) adapter once no request uses it."""
-        self.device_pool.forget(tenant, name, below_version)
-        self.host_cache.forget(tenant, name, below_version)
+    def forget_adapter(
+        self,
+        tenant: str,
+        name: str,
+        below_version: int | None = None,
+        *,
+        version: int | None = None,
+    ) -> None:
+        """Frees device memory of a deleted (or pruned) adapter once no request uses it: every
+        version, those below `below_version`, or only `version`."""
+        self.device_pool.forget(tenant, name, below_version, version=version)
+        self.host_cache.forget(tenant, name, below_version, version=version)
         self.scheduler.request_collect()

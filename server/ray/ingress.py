@@ -89,7 +89,13 @@ class Ingress:
                         "UploadAdapter": grpc.stream_unary_rpc_method_handler(self._forward_upload),
                         **{
                             name: unary(self._unary(f"/{ADAPTERS}/{name}"))
-                            for name in ("ListAdapters", "GetAdapter", "DeleteAdapter")
+                            for name in (
+                                "ListAdapters",
+                                "GetAdapter",
+                                "DeleteAdapter",
+                                "ListAdapterVersions",
+                                "RollbackAdapter",
+                            )
                         },
                     },
                 ),
