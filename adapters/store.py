@@ -783,10 +783,12 @@ class AdapterStore:
         validate_adapter_name(name)
         with self._lock:
             record = self._version_record(tenant, name, version)
-            versions = self._versions(self._name_dir(tenant, name))
-            if versions and self._latest_of(tenant, name, versions) == version:
-                record = replace(record, latest=True)
-            return record
+            try:
+                # The cached latest record (in this process's store): no disk read per request.
+                latest = self._latest(tenant, name).version == version
+            except AdapterCorruptError:
+                latest = False  # the latest is damaged, so it is not this readable version
+            return replace(record, latest=True) if latest else record
 
     def list_versions(self, tenant: str, name: str) -> list[AdapterRecord]:
         """Every stored version of tenant/name, oldest first, exactly one with `latest` set;
