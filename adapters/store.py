@@ -32,6 +32,7 @@ before commit().
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -42,7 +43,7 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
+from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
@@ -496,6 +497,16 @@ class AdapterStore:
         for key in [k for k in self._version_records if k[0] == tenant and k[1] == name]:
             del self._version_records[key]
 
+    @contextlib.contextmanager
+    def _changing(self, tenant: str, name: str) -> Iterator[None]:
+        """Holds the lock for a change to tenant/name's versions; drops its cached records on
+        the way out, also when the change failed half-way (the disk may differ from the cache)."""
+        with self._lock:
+            try:
+                yield
+            finally:
+                self._forget_records(tenant, name)
+
     @staticmethod
     def _prunable(versions: list[int], latest: int, kept: int) -> list[int]:
         """The oldest versions beyond `kept`, never `latest` (versions ascending)."""
@@ -627,7 +638,7 @@ class AdapterStore:
         """Rename a finished upload directory into place as the next (and latest) version, prune
         the oldest beyond versions_kept; return the new version."""
         name_dir = self._name_dir(tenant, name)
-        with self._lock:
+        with self._changing(tenant, name):
             if admit is not None:
                 admit(self._all_versions_locked(tenant))
             created = not name_dir.exists()
@@ -648,7 +659,6 @@ class AdapterStore:
             # before this leaves the rolled-back version latest and the unacknowledged upload
             # stored beside it, not latest.
             self._set_pointer(name_dir, None)
-            self._forget_records(tenant, name)
             pruned = self._prunable([*existing, version], version, self.versions_kept)
             garbage = [self._move_to_tmp(name_dir / f"v{old}") for old in pruned]
             if garbage:
@@ -662,7 +672,7 @@ class AdapterStore:
         validate_tenant_name(tenant)
         validate_adapter_name(name)
         name_dir = self._name_dir(tenant, name)
-        with self._lock:
+        with self._changing(tenant, name):
             corrupt: AdapterCorruptError | None = None
             try:
                 record = self._latest(tenant, name)
@@ -672,7 +682,6 @@ class AdapterStore:
             garbage = [self._move_to_tmp(name_dir / f"v{v}") for v in self._versions(name_dir)]
             self._set_pointer(name_dir, None)
             _fsync_dir(name_dir)
-            self._forget_records(tenant, name)
         for path in garbage:
             shutil.rmtree(path, ignore_errors=True)
         if corrupt is not None:
@@ -690,7 +699,7 @@ class AdapterStore:
         validate_tenant_name(tenant)
         validate_adapter_name(name)
         name_dir = self._name_dir(tenant, name)
-        with self._lock:
+        with self._changing(tenant, name):
             versions = self._versions(name_dir)
             if version not in versions:
                 raise AdapterNotFoundError(f"adapter {name + '@' + str(version)!r} not found")
@@ -707,7 +716,6 @@ class AdapterStore:
                 self._set_pointer(name_dir, None)
             garbage = self._move_to_tmp(name_dir / f"v{version}")
             _fsync_dir(name_dir)
-            self._forget_records(tenant, name)
         shutil.rmtree(garbage, ignore_errors=True)
         if corrupt is not None:
             raise AdapterCorruptError(
@@ -725,14 +733,13 @@ class AdapterStore:
         validate_tenant_name(tenant)
         validate_adapter_name(name)
         name_dir = self._name_dir(tenant, name)
-        with self._lock:
+        with self._changing(tenant, name):
             versions = self._versions(name_dir)
             if version not in versions:
                 raise AdapterNotFoundError(f"adapter {name + '@' + str(version)!r} not found")
             # Refuse to point at files that no longer match their checksums.
             record = self._version_record(tenant, name, version)
             self._set_pointer(name_dir, None if version == versions[-1] else version)
-            self._forget_records(tenant, name)
         return replace(record, latest=True)
 
     # ----- reads -----

@@ -7,6 +7,7 @@ SharedAdapterStore (the same root opened twice, as Ray replicas do).
 from __future__ import annotations
 
 import logging
+import os
 from pathlib import Path
 
 import pytest
@@ -299,3 +300,49 @@ def test_the_plain_store_caches_version_records_the_shared_one_rereads(tmp_path:
 def test_versions_kept_must_be_positive(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="versions_kept"):
         AdapterStore(tmp_path, versions_kept=0)
+
+
+def test_a_crash_mid_delete_of_the_latest_leaves_a_consistent_latest(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Pointer removed, version not yet renamed away: the highest version is the latest, which
+    is what the finished delete would also have left."""
+    store = AdapterStore(tmp_path)
+    for _ in range(3):
+        upload(store, "t", "a")
+    store.rollback("t", "a", 2)
+
+    def crash(self: AdapterStore, path: Path) -> Path:
+        raise OSError("simulated crash before the rename")
+
+    monkeypatch.setattr(AdapterStore, "_move_to_tmp", crash)
+    with pytest.raises(OSError, match="simulated"):
+        store.delete_version("t", "a", 2)
+    monkeypatch.undo()
+    assert latest(store, "t", "a") == 3  # the failed change left no stale cached latest
+    reopened = AdapterStore(tmp_path)
+    assert stored(reopened, "t", "a") == [1, 2, 3] and latest(reopened, "t", "a") == 3
+    reopened.delete_version("t", "a", 2)  # the retried delete
+    assert stored(reopened, "t", "a") == [1, 3] and latest(reopened, "t", "a") == 3
+
+
+def test_the_pointer_and_its_directory_are_fsynced(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    store = AdapterStore(tmp_path)
+    upload(store, "t", "a")
+    upload(store, "t", "a")
+    synced_dirs: list[Path] = []
+    synced_files: list[str] = []
+    real_fsync = store_module.os.fsync
+
+    def record_fsync(fd: int) -> None:
+        synced_files.append(os.readlink(f"/proc/self/fd/{fd}"))
+        real_fsync(fd)
+
+    monkeypatch.setattr(store_module, "_fsync_dir", synced_dirs.append)
+    monkeypatch.setattr(store_module.os, "fsync", record_fsync)
+    store.rollback("t", "a", 1)
+    pointer_dir = name_dir(tmp_path)
+    assert synced_files == [str(pointer_dir / f"{LATEST_FILE}.tmp")]  # before the rename
+    assert synced_dirs == [pointer_dir]  # after it
