@@ -6,6 +6,7 @@ and a test can tell from the output which version served it.
 
 from __future__ import annotations
 
+import asyncio
 import dataclasses
 import itertools
 import json
@@ -18,6 +19,8 @@ import pytest
 from serving_support import KEYS, client_for
 
 from loraserve.cli import main as cli_main
+from loraserve.client.aio import AsyncLoraServeClient
+from loraserve.client.config import ClientConfig
 from loraserve.client.sync import LoraServeClient
 from loraserve.server.background import BackgroundServer
 from loraserve.server.config import ServerConfig
@@ -243,6 +246,22 @@ def test_cli_versions_rollback_get_delete_and_generate(
     assert "NOT_FOUND" in capsys.readouterr().err
     assert cli_main([*base, "adapters", "rollback", name, "--to", "0"]) == 2  # usage error
     assert "not a version number" in capsys.readouterr().err
+
+
+def test_the_asyncio_client_lists_versions_and_rolls_back(
+    server: BackgroundServer, two_versions: str
+) -> None:
+    name = two_versions
+
+    async def run() -> tuple[list[tuple[int, bool]], int, int]:
+        config = ClientConfig(target=server.target, api_key=KEYS["acme"], timeout_s=60)
+        async with AsyncLoraServeClient(config) as client:
+            rolled = await client.rollback_adapter(name, 1)
+            versions = await client.list_adapter_versions(name)
+            pinned = await client.get_adapter(f"{name}@2")
+            return [(v.version, v.latest) for v in versions], rolled.version, pinned.version
+
+    assert asyncio.run(run()) == ([(1, True), (2, False)], 1, 2)
 
 
 def test_raw_rpcs_need_a_key(server: BackgroundServer) -> None:
