@@ -298,7 +298,8 @@ class DevicePool:
         *,
         version: int | None = None,
     ) -> None:
-        """The adapter was deleted (or replaced by `below_version`): doom its loaded versions.
+        """The adapter was deleted (or its versions below `below_version` pruned, or only
+        `version` deleted): doom those loaded versions.
 
         The engine thread frees doomed pages in `collect()`, so a forward in progress never sees
         its layers change underneath it.
