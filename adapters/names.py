@@ -67,17 +67,40 @@ def validate_tenant_name(name: str) -> str:
     return _validate(name, "tenant", "tenant")
 
 
-def parse_versioned_name(spec: str) -> tuple[str, int | None]:
-    """Splits `name@N` into (name, N); plain `name` gives (name, None). Both parts validated.
+MAX_VERSION_DIGITS = 18
+"""Longest version number accepted in `name@N` (the store's version directories allow as many)."""
 
-    The one place that reads the `@N` suffix (requests, Get/Delete/Pin of one version).
+
+def split_version(text: str, field: str = "name") -> tuple[str, int | None]:
+    """Split `name@N` into (name, N), or plain `name` into (name, None); both parts validated.
+
+    N must be a positive decimal integer written plainly: ASCII digits only, no sign, no leading
+    zero, no spaces, at most MAX_VERSION_DIGITS digits. Anything else is refused (never guessed
+    at), so "a@01" and "a@1" cannot name the same version in logs and caches under two spellings.
     """
-    name, at, version = spec.partition("@") if isinstance(spec, str) else (spec, "", "")
-    validate_adapter_name(name)
+    if not isinstance(text, str):
+        raise AdapterValidationError(field, "adapter name must be a string")
+    name, at, version_text = text.partition("@")
+    _validate(name, "adapter", field)
     if not at:
         return name, None
-    if not version.isascii() or not version.isdigit() or int(version) < 1 or len(version) > 10:
+    if not version_text:
+        raise AdapterValidationError(field, "a version must follow '@' (name@N, N >= 1)")
+    if not (version_text.isascii() and version_text.isdigit()):
         raise AdapterValidationError(
-            "name", f"version after '@' must be a positive integer (got {version!r})"
+            field, "the version after '@' must be a decimal number >= 1 (digits only)"
         )
-    return name, int(version)
+    if version_text[0] == "0":
+        raise AdapterValidationError(
+            field, "the version after '@' must be >= 1, written without leading zeros"
+        )
+    if len(version_text) > MAX_VERSION_DIGITS:
+        raise AdapterValidationError(
+            field, f"the version after '@' has more than {MAX_VERSION_DIGITS} digits"
+        )
+    return name, int(version_text)
+
+
+def format_ref(name: str, version: int | None) -> str:
+    """`name@N`, or `name` when no version is given (the inverse of split_version)."""
+    return name if version is None else f"{name}@{version}"

@@ -4,10 +4,11 @@ AdapterStore assumes it is the only writer of its root: it caches each name's la
 clears all of tmp/ when it opens. With N replicas on one directory (NFS or similar in
 production, one local directory in tests) neither holds, so this subclass:
 
-- reads the latest record from disk on every lookup (no cached "latest": an upload, new version
-  or delete through any replica is what every replica sees on its next request);
+- reads records (and the `.latest` pointer) from disk on every lookup (no cached "latest": an
+  upload, new version, rollback or delete through any replica is what every replica sees on its
+  next request);
 - takes an exclusive `flock` on `root/.lock` (besides the in-process lock) around every publish,
-  delete and directory scan, so no process reads a name mid-rename in another;
+  delete, rollback and directory scan, so no process reads a name mid-rename in another;
 - keeps each process's uploads in flight under `tmp/<owner>/`, an owner holding a `flock` on
   `tmp/<owner>.lock` while it lives: opening a store removes only the debris of owners whose
   lock is free (dead processes), never another replica's upload in progress.
@@ -27,7 +28,7 @@ import uuid
 from pathlib import Path
 from types import TracebackType
 
-from loraserve.adapters.store import AdapterRecord, AdapterStore
+from loraserve.adapters.store import DEFAULT_VERSIONS_KEPT, AdapterStore
 
 LOCK_FILE = ".lock"
 
@@ -61,16 +62,24 @@ class _ProcessAndFileLock:
 
 
 class SharedAdapterStore(AdapterStore):
-    """An AdapterStore that several processes may open on the same root at once."""
+    """An AdapterStore that several processes may open on the same root at once.
 
-    def __init__(self, root: Path) -> None:
+    Versions, retention and rollback behave as in AdapterStore: every process must be opened
+    with the same `versions_kept` (the one publishing prunes).
+    """
+
+    # Another process may have published, rolled back or deleted since the last read: never
+    # trust a cached record (callers hold self._lock, which is also the file lock).
+    _cache_records = False
+
+    def __init__(self, root: Path, versions_kept: int = DEFAULT_VERSIONS_KEPT) -> None:
         root = Path(root)
         (root / "tmp").mkdir(parents=True, exist_ok=True)
         self.owner = f"{os.uname().nodename}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
         # Held for the life of this store (this process): others see the owner alive.
         self._owner_fd = os.open(root / "tmp" / f"{self.owner}.lock", os.O_RDWR | os.O_CREAT)
         fcntl.flock(self._owner_fd, fcntl.LOCK_EX)
-        super().__init__(root)
+        super().__init__(root, versions_kept)
 
     def _recover(self) -> None:
         # The base class clears self._tmp_dir and checks every stored version; point it at this
@@ -82,12 +91,6 @@ class SharedAdapterStore(AdapterStore):
         with self._lock:
             _remove_dead_owners(shared_tmp, self.owner)
             super()._recover()
-
-    def _latest(self, tenant: str, name: str) -> AdapterRecord:
-        # Another process may have published or deleted since the last read: never trust the
-        # cache (callers hold self._lock, which is also the file lock).
-        self._records.pop((tenant, name), None)
-        return super()._latest(tenant, name)
 
 
 def _remove_dead_owners(shared_tmp: Path, own: str) -> None:

@@ -6,21 +6,33 @@ Layout under the root directory:
                                       /adapter_model.safetensors
                                       /meta.json           (checksums, sizes, summary; written last)
     tenants/<tenant>/<name>/.last_version                   (highest version ever assigned)
+    tenants/<tenant>/<name>/.latest                         (the latest version, after a rollback)
     tmp/                                                    (uploads in progress, deletes in flight)
     quarantine/<tenant>/<name>/v<version>-<unix time>/      (versions that failed verification)
 
 Visibility rests on one atomic step: an upload is written, fsynced and checksummed in its own
 directory under tmp/, then os.rename()d to its version directory; a delete renames away before it
 removes anything. So a reader sees a whole version or none, and a crash leaves only debris under
-tmp/, which the next start removes. At start every stored version is also re-hashed against its
-meta.json (streamed, in chunks); one whose files are missing, truncated or changed is moved aside
-to quarantine/ (logged at ERROR) instead of stopping the start, and is no longer visible. The
-store knows files and checksums only: validating the contents against the base model is the
-caller's job (adapters.weights) before commit().
+tmp/, which the next start removes.
+
+Versions: every upload of a name becomes version max+1 and its latest; the `versions_kept`
+newest are kept (older ones are pruned on publish and at start, the latest never). Numbers are
+never reused (`.last_version`), since caches key on (tenant, name, version). Which version a plain
+`name` means is the highest one, unless `.latest` names another (a rollback): that pointer file
+is replaced atomically (write, fsync, rename, fsync the directory), so a crash leaves the old
+latest or the new one, never neither. A pointer to a version that is gone (quarantined, or a
+crash mid-delete) falls back to the highest valid version, logged.
+
+At start every stored version is also re-hashed against its meta.json (streamed, in chunks); one
+whose files are missing, truncated or changed is moved aside to quarantine/ (logged at ERROR)
+instead of stopping the start, and is no longer visible. The store knows files and checksums
+only: validating the contents against the base model is the caller's job (adapters.weights)
+before commit().
 """
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import json
 import logging
@@ -31,8 +43,8 @@ import shutil
 import tempfile
 import threading
 import time
-from collections.abc import Callable, Iterable, Mapping
-from dataclasses import dataclass
+from collections.abc import Callable, Iterable, Iterator, Mapping
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal
@@ -57,6 +69,10 @@ FILE_NAMES: dict[AdapterFileKind, str] = {
 
 META_FILE = "meta.json"
 LAST_VERSION_FILE = ".last_version"
+LATEST_FILE = ".latest"
+"""Names the latest version when it is not the highest (after a rollback); absent otherwise."""
+DEFAULT_VERSIONS_KEPT = 5
+"""Versions of a name kept on disk (the latest included) unless the store is told otherwise."""
 QUARANTINE_DIR = "quarantine"
 """Directory under the root that corrupt versions are moved to at start (kept for inspection)."""
 _VERIFY_CHUNK = 1 << 20
@@ -90,6 +106,9 @@ class AdapterRecord:
     description: str
     path: Path
     """The version directory holding the files."""
+    latest: bool = field(default=False, compare=False)
+    """Whether this version was the one a plain `name` resolves to when the record was read
+    (a display flag: a rollback or upload may change it at any moment after)."""
 
 
 def _fsync_dir(path: Path) -> None:
@@ -274,14 +293,16 @@ class UploadTransaction:
         meta: Mapping[str, Any],
         admit: Callable[[list[AdapterRecord]], None] | None = None,
     ) -> AdapterRecord:
-        """Make the upload visible as the next version of the name and drop older versions.
+        """Make the upload visible as the next version of the name (and its latest); prune the
+        oldest versions beyond the store's `versions_kept`.
 
         `meta` summarizes the validated adapter: rank, alpha, use_rslora, target_modules (full
         module names) and optionally description. Files and meta.json are fsynced before the
         atomic rename, so after a crash the version either exists whole or not at all.
-        `admit`, if given, is called under the store's lock just before the rename with the
-        tenant's committed adapters, and may raise to refuse the commit (a quota check no
-        concurrent commit can slip past); the upload then stays uncommitted.
+        `admit`, if given, is called under the store's lock just before the rename with every
+        committed version of the tenant's adapters (as all_versions() returns them), and may
+        raise to refuse the commit (a quota check no concurrent commit can slip past); the
+        upload then stays uncommitted.
         """
         with self._lock:
             self._require_open()
@@ -323,6 +344,7 @@ class UploadTransaction:
             created_at=created_at,
             description=summary["description"],
             path=self._store.version_dir(self.tenant, self.name, version),
+            latest=True,
         )
 
     def abort(self) -> None:
@@ -350,23 +372,32 @@ class UploadTransaction:
 class AdapterStore:
     """All tenants' adapters under one root directory. Safe to call from many threads.
 
-    One lock guards every change of what is visible (the publish rename, the delete rename) and
-    every directory scan, so readers never see a version between its rename and the removal of
-    the one it replaced. Slow work (writing, fsyncing and hashing files, removing trees) happens
-    outside the lock.
+    One lock guards every change of what is visible (the publish rename, the delete rename, the
+    latest pointer) and every directory scan, so readers never see a version between its rename
+    and the pruning it causes. Slow work (writing, fsyncing and hashing files, removing trees)
+    happens outside the lock.
 
     Construction removes everything under root/tmp, so open one AdapterStore per root, once, at
     process start (before any upload can be in progress).
     """
 
-    def __init__(self, root: Path) -> None:
+    _cache_records = True
+    """Whether records read from meta.json may be reused: true while this process is the only
+    writer of the root (SharedAdapterStore turns it off)."""
+
+    def __init__(self, root: Path, versions_kept: int = DEFAULT_VERSIONS_KEPT) -> None:
+        if versions_kept < 1:
+            raise ValueError(f"versions_kept must be at least 1, got {versions_kept}")
         self.root = Path(root)
+        self.versions_kept = versions_kept
         self._tenants_dir = self.root / "tenants"
         self._tmp_dir = self.root / "tmp"
         self._quarantine_dir = self.root / QUARANTINE_DIR
         self._lock = threading.Lock()
         self._records: dict[tuple[str, str], AdapterRecord] = {}
         """Latest record per (tenant, name), read once from meta.json (guarded by _lock)."""
+        self._version_records: dict[tuple[str, str, int], AdapterRecord] = {}
+        """Record per stored (tenant, name, version), for pinned requests (guarded by _lock)."""
         self._tenants_dir.mkdir(parents=True, exist_ok=True)
         self._tmp_dir.mkdir(parents=True, exist_ok=True)
         self._recover()
@@ -402,6 +433,57 @@ class AdapterStore:
         except (FileNotFoundError, ValueError):
             return 0
 
+    @staticmethod
+    def _pointer(name_dir: Path) -> int | None:
+        """The version `.latest` names, None without one (or with an unreadable one)."""
+        try:
+            text = (name_dir / LATEST_FILE).read_text(encoding="ascii")
+        except FileNotFoundError:
+            return None
+        except (OSError, ValueError):
+            return None
+        match = _VERSION_DIR.fullmatch(f"v{text.strip()}")
+        return int(match.group(1)) if match else None
+
+    @staticmethod
+    def _set_pointer(name_dir: Path, version: int | None) -> None:
+        """Durably make `version` the latest (None: the highest, by removing the pointer).
+
+        Write a temp file, fsync it, rename it over `.latest`, fsync the directory: after a crash
+        the pointer is the old one or the new one, whole.
+        """
+        pointer = name_dir / LATEST_FILE
+        if version is None:
+            try:
+                pointer.unlink()
+            except FileNotFoundError:
+                return
+        else:
+            staged = name_dir / f"{LATEST_FILE}.tmp"
+            with open(staged, "w", encoding="ascii") as handle:
+                handle.write(str(version))
+                handle.flush()
+                os.fsync(handle.fileno())
+            os.replace(staged, pointer)
+        _fsync_dir(name_dir)
+
+    def _latest_of(self, tenant: str, name: str, versions: list[int]) -> int:
+        """Which of `versions` (ascending, not empty) a plain `name` means now."""
+        pointed = self._pointer(self._name_dir(tenant, name))
+        if pointed is None or pointed == versions[-1]:
+            return versions[-1]
+        if pointed in versions:
+            return pointed
+        log.warning(
+            "adapter tenant=%s name=%s: latest pointer names version %d, which is gone; "
+            "serving the highest version, %d",
+            tenant,
+            name,
+            pointed,
+            versions[-1],
+        )
+        return versions[-1]
+
     def _move_to_tmp(self, path: Path) -> Path:
         """Atomically take `path` out of view; the caller removes the returned path later."""
         target = Path(tempfile.mkdtemp(dir=self._tmp_dir, prefix="removed-"))
@@ -409,14 +491,40 @@ class AdapterStore:
         os.rename(path, destination)
         return target
 
+    def _forget_records(self, tenant: str, name: str) -> None:
+        """Drops every cached record of tenant/name (after any change to its versions)."""
+        self._records.pop((tenant, name), None)
+        for key in [k for k in self._version_records if k[0] == tenant and k[1] == name]:
+            del self._version_records[key]
+
+    @contextlib.contextmanager
+    def _changing(self, tenant: str, name: str) -> Iterator[None]:
+        """Holds the lock for a change to tenant/name's versions; drops its cached records on
+        the way out, also when the change failed half-way (the disk may differ from the cache)."""
+        with self._lock:
+            try:
+                yield
+            finally:
+                self._forget_records(tenant, name)
+
+    @staticmethod
+    def _prunable(versions: list[int], latest: int, kept: int) -> list[int]:
+        """The oldest versions beyond `kept`, never `latest` (versions ascending)."""
+        excess = len(versions) - kept
+        if excess <= 0:
+            return []
+        return [v for v in versions if v != latest][:excess]
+
     # ----- recovery -----
 
     def _recover(self) -> None:
         """Clean up after a crash and set aside what the disk corrupted, before serving anything.
 
-        Removes everything under tmp/ (uploads and deletes in flight) and versions superseded by
-        a newer one (a crash between a publish and its cleanup). The newest version of each name
-        is re-hashed against its meta.json; one that does not match is quarantined.
+        Removes everything under tmp/ (uploads and deletes in flight). Every stored version is
+        re-hashed against its meta.json; one that does not match is quarantined. A latest
+        pointer to a version that is gone is removed (the highest valid version is then the
+        latest, logged), and versions beyond `versions_kept` (a crash between a publish and its
+        pruning, or a lowered setting) are pruned, oldest first, never the latest.
         """
         for entry in self._tmp_dir.iterdir():
             if entry.is_dir() and not entry.is_symlink():
@@ -430,33 +538,54 @@ class AdapterStore:
             for name_dir in sorted(tenant_dir.iterdir()):
                 if not name_dir.is_dir():
                     continue
-                versions = self._versions(name_dir)
-                if not versions:
-                    continue
-                newest = versions[-1]
-                # Older versions were replaced by a publish that reached disk: never resurrect
-                # one, not even when the newest turns out to be corrupt.
-                for version in versions[:-1]:
-                    garbage.append(self._move_to_tmp(name_dir / f"v{version}"))
-                path = name_dir / f"v{newest}"
-                reason = _verify_version(path, tenant_dir.name, name_dir.name, newest)
-                if reason is None:
-                    continue
-                try:
-                    self._quarantine(tenant_dir.name, name_dir.name, newest, path, reason)
-                except OSError as exc:
-                    # Still start: reads re-check checksums, so the version is never served.
-                    log.error(
-                        "could not quarantine corrupt adapter tenant=%s name=%s version=%d "
-                        "(%s): %s",
-                        tenant_dir.name,
-                        name_dir.name,
-                        newest,
-                        reason,
-                        exc,
-                    )
+                garbage.extend(self._recover_name(tenant_dir.name, name_dir))
         for path in garbage:
             shutil.rmtree(path, ignore_errors=True)
+
+    def _recover_name(self, tenant: str, name_dir: Path) -> list[Path]:
+        """_recover() for one name directory; returns the pruned versions' new paths."""
+        name = name_dir.name
+        valid: list[int] = []
+        for version in self._versions(name_dir):
+            path = name_dir / f"v{version}"
+            reason = _verify_version(path, tenant, name, version)
+            if reason is None:
+                valid.append(version)
+                continue
+            try:
+                self._quarantine(tenant, name, version, path, reason)
+            except OSError as exc:
+                # Still start: reads re-check checksums, so the version is never served.
+                log.error(
+                    "could not quarantine corrupt adapter tenant=%s name=%s version=%d (%s): %s",
+                    tenant,
+                    name,
+                    version,
+                    reason,
+                    exc,
+                )
+        pointed = self._pointer(name_dir)
+        if pointed is not None and pointed not in valid:
+            log.error(
+                "adapter tenant=%s name=%s: the latest pointer names version %d, which is "
+                "missing or quarantined; the latest is now the highest valid version (%s)",
+                tenant,
+                name,
+                pointed,
+                valid[-1] if valid else "none left",
+            )
+            self._set_pointer(name_dir, None)
+            pointed = None
+        if not valid:
+            return []
+        latest = valid[-1] if pointed is None else pointed
+        garbage = [
+            self._move_to_tmp(name_dir / f"v{version}")
+            for version in self._prunable(valid, latest, self.versions_kept)
+        ]
+        if garbage:
+            _fsync_dir(name_dir)
+        return garbage
 
     def _quarantine(self, tenant: str, name: str, version: int, path: Path, reason: str) -> None:
         """Move a version that failed verification out of view, keeping its number used."""
@@ -506,11 +635,12 @@ class AdapterStore:
         directory: Path,
         admit: Callable[[list[AdapterRecord]], None] | None = None,
     ) -> int:
-        """Rename a finished upload directory into place as the next version; return it."""
+        """Rename a finished upload directory into place as the next (and latest) version, prune
+        the oldest beyond versions_kept; return the new version."""
         name_dir = self._name_dir(tenant, name)
-        with self._lock:
+        with self._changing(tenant, name):
             if admit is not None:
-                admit(self._list_locked(tenant))
+                admit(self._all_versions_locked(tenant))
             created = not name_dir.exists()
             name_dir.mkdir(parents=True, exist_ok=True)
             if created:
@@ -525,8 +655,14 @@ class AdapterStore:
             os.replace(counter, name_dir / LAST_VERSION_FILE)
             os.rename(directory, name_dir / f"v{version}")
             _fsync_dir(name_dir)
-            self._records.pop((tenant, name), None)
-            garbage = [self._move_to_tmp(name_dir / f"v{old}") for old in existing]
+            # The new version is the highest: a rollback's pointer no longer applies. A crash
+            # before this leaves the rolled-back version latest and the unacknowledged upload
+            # stored beside it, not latest.
+            self._set_pointer(name_dir, None)
+            pruned = self._prunable([*existing, version], version, self.versions_kept)
+            garbage = [self._move_to_tmp(name_dir / f"v{old}") for old in pruned]
+            if garbage:
+                _fsync_dir(name_dir)
         for path in garbage:
             shutil.rmtree(path, ignore_errors=True)
         return version
@@ -536,7 +672,7 @@ class AdapterStore:
         validate_tenant_name(tenant)
         validate_adapter_name(name)
         name_dir = self._name_dir(tenant, name)
-        with self._lock:
+        with self._changing(tenant, name):
             corrupt: AdapterCorruptError | None = None
             try:
                 record = self._latest(tenant, name)
@@ -544,8 +680,8 @@ class AdapterStore:
                 # Still delete: a tenant must be able to get rid of a broken adapter.
                 corrupt = exc
             garbage = [self._move_to_tmp(name_dir / f"v{v}") for v in self._versions(name_dir)]
+            self._set_pointer(name_dir, None)
             _fsync_dir(name_dir)
-            self._records.pop((tenant, name), None)
         for path in garbage:
             shutil.rmtree(path, ignore_errors=True)
         if corrupt is not None:
@@ -554,20 +690,90 @@ class AdapterStore:
             )
         return record
 
+    def delete_version(self, tenant: str, name: str, version: int) -> AdapterRecord:
+        """Remove one version of tenant/name; return its record (`latest` as it was).
+
+        Deleting the latest makes the newest remaining version the latest; deleting the only one
+        deletes the adapter (its version numbers stay used).
+        """
+        validate_tenant_name(tenant)
+        validate_adapter_name(name)
+        name_dir = self._name_dir(tenant, name)
+        with self._changing(tenant, name):
+            versions = self._versions(name_dir)
+            if version not in versions:
+                raise AdapterNotFoundError(f"adapter {name + '@' + str(version)!r} not found")
+            latest = self._latest_of(tenant, name, versions) == version
+            corrupt: AdapterCorruptError | None = None
+            record: AdapterRecord | None = None
+            try:
+                record = replace(self._version_record(tenant, name, version), latest=latest)
+            except AdapterCorruptError as exc:
+                corrupt = exc
+            if latest:
+                # Pointer first: a crash in between leaves the highest version latest, which is
+                # what it becomes anyway once this version is gone (or this one, if highest).
+                self._set_pointer(name_dir, None)
+            garbage = self._move_to_tmp(name_dir / f"v{version}")
+            _fsync_dir(name_dir)
+        shutil.rmtree(garbage, ignore_errors=True)
+        if corrupt is not None:
+            raise AdapterCorruptError(
+                f"deleted {tenant}/{name} version {version}, whose files were corrupt: {corrupt}"
+            )
+        assert record is not None
+        return record
+
+    def rollback(self, tenant: str, name: str, version: int) -> AdapterRecord:
+        """Make stored `version` the latest of tenant/name, durably; return its record.
+
+        AdapterNotFoundError if that version is not stored; a no-op (still durable) when it is
+        the latest already. A later upload becomes the highest version and the latest again.
+        """
+        validate_tenant_name(tenant)
+        validate_adapter_name(name)
+        name_dir = self._name_dir(tenant, name)
+        with self._changing(tenant, name):
+            versions = self._versions(name_dir)
+            if version not in versions:
+                raise AdapterNotFoundError(f"adapter {name + '@' + str(version)!r} not found")
+            # Refuse to point at files that no longer match their checksums.
+            record = self._version_record(tenant, name, version)
+            self._set_pointer(name_dir, None if version == versions[-1] else version)
+        return replace(record, latest=True)
+
     # ----- reads -----
 
     def _latest(self, tenant: str, name: str) -> AdapterRecord:
-        # Every write goes through this process (commit, delete), which drops the entry, so a
-        # cached record is current; this keeps disk reads out of each request's path.
-        cached = self._records.get((tenant, name))
-        if cached is not None:
-            return cached
+        # Every write goes through this process (commit, delete, rollback), which drops the
+        # entry, so a cached record is current; this keeps disk reads out of each request's path.
+        if self._cache_records:
+            cached = self._records.get((tenant, name))
+            if cached is not None:
+                return cached
         versions = self._versions(self._name_dir(tenant, name))
         if not versions:
             raise AdapterNotFoundError(f"adapter {name!r} not found")
-        version = versions[-1]
-        record = _record_from_meta(self.version_dir(tenant, name, version), tenant, name, version)
-        self._records[(tenant, name)] = record
+        version = self._latest_of(tenant, name, versions)
+        path = self.version_dir(tenant, name, version)
+        record = replace(_record_from_meta(path, tenant, name, version), latest=True)
+        if self._cache_records:
+            self._records[(tenant, name)] = record
+        return record
+
+    def _version_record(self, tenant: str, name: str, version: int) -> AdapterRecord:
+        """The record of one stored version (its `latest` flag unset); caller holds the lock."""
+        key = (tenant, name, version)
+        if self._cache_records:
+            cached = self._version_records.get(key)
+            if cached is not None:
+                return cached
+        path = self.version_dir(tenant, name, version)
+        if not path.is_dir():
+            raise AdapterNotFoundError(f"adapter {name + '@' + str(version)!r} not found")
+        record = _record_from_meta(path, tenant, name, version)
+        if self._cache_records:
+            self._version_records[key] = record
         return record
 
     def get(self, tenant: str, name: str) -> AdapterRecord:
@@ -577,21 +783,59 @@ class AdapterStore:
         with self._lock:
             return self._latest(tenant, name)
 
+    def get_version(self, tenant: str, name: str, version: int) -> AdapterRecord:
+        """Version `version` of tenant/name, `latest` set if it is the latest now;
+        AdapterNotFoundError if that version is not stored."""
+        validate_tenant_name(tenant)
+        validate_adapter_name(name)
+        with self._lock:
+            record = self._version_record(tenant, name, version)
+            try:
+                # The cached latest record (in this process's store): no disk read per request.
+                latest = self._latest(tenant, name).version == version
+            except AdapterCorruptError:
+                latest = False  # the latest is damaged, so it is not this readable version
+            return replace(record, latest=True) if latest else record
+
+    def list_versions(self, tenant: str, name: str) -> list[AdapterRecord]:
+        """Every stored version of tenant/name, oldest first, exactly one with `latest` set;
+        AdapterNotFoundError if there is none. A version whose meta.json is unreadable is
+        left out (logged), as in list()."""
+        validate_tenant_name(tenant)
+        validate_adapter_name(name)
+        with self._lock:
+            versions = self._versions(self._name_dir(tenant, name))
+            if not versions:
+                raise AdapterNotFoundError(f"adapter {name!r} not found")
+            latest = self._latest_of(tenant, name, versions)
+            records = []
+            for version in versions:
+                try:
+                    record = self._version_record(tenant, name, version)
+                except AdapterCorruptError as exc:
+                    if version == latest:
+                        raise  # get() reports the same: the name's latest is unusable
+                    log.error("skipping corrupt adapter version in listing: %s", exc)
+                    continue
+                records.append(replace(record, latest=version == latest))
+            return records
+
     def list(self, tenant: str) -> list[AdapterRecord]:
         """The latest version of each of the tenant's adapters, sorted by name."""
         validate_tenant_name(tenant)
         with self._lock:
             return self._list_locked(tenant)
 
-    def _list_locked(self, tenant: str) -> list[AdapterRecord]:
-        """list() for a caller that holds self._lock."""
-        tenant_dir = self._tenants_dir / tenant
+    def _names_locked(self, tenant: str) -> list[str]:
         try:
-            names = sorted(entry.name for entry in tenant_dir.iterdir() if entry.is_dir())
+            return sorted(e.name for e in (self._tenants_dir / tenant).iterdir() if e.is_dir())
         except FileNotFoundError:
             return []
+
+    def _list_locked(self, tenant: str) -> list[AdapterRecord]:
+        """list() for a caller that holds self._lock."""
         records = []
-        for name in names:
+        for name in self._names_locked(tenant):
             try:
                 records.append(self._latest(tenant, name))
             except AdapterNotFoundError:
@@ -599,6 +843,23 @@ class AdapterStore:
             except AdapterCorruptError as exc:
                 # One broken adapter must not hide the tenant's others; get() reports it.
                 log.error("skipping corrupt adapter in listing: %s", exc)
+        return records
+
+    def all_versions(self, tenant: str) -> list[AdapterRecord]:
+        """Every stored version of every adapter of the tenant (what its quota counts), by name
+        then version; versions with unreadable meta.json are left out (logged)."""
+        validate_tenant_name(tenant)
+        with self._lock:
+            return self._all_versions_locked(tenant)
+
+    def _all_versions_locked(self, tenant: str) -> list[AdapterRecord]:
+        records = []
+        for name in self._names_locked(tenant):
+            for version in self._versions(self._name_dir(tenant, name)):
+                try:
+                    records.append(self._version_record(tenant, name, version))
+                except (AdapterNotFoundError, AdapterCorruptError) as exc:
+                    log.error("not counting unreadable adapter version: %s", exc)
         return records
 
     def tenants(self) -> list[str]:

@@ -112,6 +112,7 @@ def adapter_info_to_dict(info: adapters_pb2.AdapterInfo) -> JsonObject:
         "description": info.description,
         "usage": adapter_usage_to_dict(info.usage),
         "pinned": info.pinned,
+        "latest": info.latest,
     }
 
 

@@ -172,7 +172,8 @@ class LoraServeClient:
     def get_adapter(
         self, name: str, *, tenant: str = "", timeout_s: float | None = None
     ) -> adapters_pb2.AdapterInfo:
-        """Describes one adapter; NOT_FOUND if the caller has none by that name."""
+        """Describes one adapter: `name` its latest version, `name@N` version N; NOT_FOUND if
+        the caller has no such adapter or version."""
         info: adapters_pb2.AdapterInfo = self._adapters.GetAdapter(
             adapters_pb2.GetAdapterRequest(name=name, tenant=tenant),
             timeout=self._timeout(timeout_s),
@@ -183,7 +184,8 @@ class LoraServeClient:
     def delete_adapter(
         self, name: str, *, tenant: str = "", timeout_s: float | None = None
     ) -> adapters_pb2.AdapterInfo:
-        """Deletes an adapter (all versions) and returns it as it was before deletion."""
+        """Deletes an adapter: every version for `name`, version N only for `name@N`; returns
+        what was deleted as it was before (for `name`, its latest version)."""
         response: adapters_pb2.DeleteAdapterResponse = self._adapters.DeleteAdapter(
             adapters_pb2.DeleteAdapterRequest(name=name, tenant=tenant),
             timeout=self._timeout(timeout_s),
@@ -212,6 +214,29 @@ class LoraServeClient:
         """Admin only: ends a pin; the adapter stays loaded until evicted as usual."""
         info: adapters_pb2.AdapterInfo = self._adapters.UnpinAdapter(
             adapters_pb2.PinAdapterRequest(name=name, tenant=tenant),
+            timeout=self._timeout(timeout_s),
+            metadata=self._metadata,
+        )
+        return info
+
+    def list_adapter_versions(
+        self, name: str, *, tenant: str = "", timeout_s: float | None = None
+    ) -> list[adapters_pb2.AdapterInfo]:
+        """Every stored version of adapter `name`, oldest first; exactly one has `latest`."""
+        response: adapters_pb2.ListAdapterVersionsResponse = self._adapters.ListAdapterVersions(
+            adapters_pb2.ListAdapterVersionsRequest(name=name, tenant=tenant),
+            timeout=self._timeout(timeout_s),
+            metadata=self._metadata,
+        )
+        return list(response.versions)
+
+    def rollback_adapter(
+        self, name: str, to_version: int, *, tenant: str = "", timeout_s: float | None = None
+    ) -> adapters_pb2.AdapterInfo:
+        """Makes stored version `to_version` of `name` the latest (durably); returns it.
+        NOT_FOUND if that version is not stored. Requests already running keep their version."""
+        info: adapters_pb2.AdapterInfo = self._adapters.RollbackAdapter(
+            adapters_pb2.RollbackAdapterRequest(name=name, to_version=to_version, tenant=tenant),
             timeout=self._timeout(timeout_s),
             metadata=self._metadata,
         )

@@ -163,11 +163,11 @@ def build_parser() -> argparse.ArgumentParser:
     listing.set_defaults(handler=_list)
 
     for action, handler, help_text in (
-        ("get", _get, "describe one adapter"),
-        ("delete", _delete, "delete an adapter (all versions)"),
+        ("get", _get, "describe an adapter's latest version, or version N with NAME@N"),
+        ("delete", _delete, "delete an adapter (all versions), or only version N with NAME@N"),
     ):
         sub = adapter_commands.add_parser(action, parents=[common], help=help_text)
-        sub.add_argument("name", metavar="NAME", help="adapter name")
+        sub.add_argument("name", metavar="NAME[@N]", help="adapter name, optionally @version")
         sub.add_argument("--tenant", default="", help="admin only: the owning tenant")
         sub.set_defaults(handler=handler)
 
@@ -182,6 +182,28 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--tenant", required=True, help="the owning tenant")
         sub.set_defaults(handler=handler)
 
+    versions = adapter_commands.add_parser(
+        "versions", parents=[common], help="list an adapter's stored versions"
+    )
+    versions.add_argument("name", metavar="NAME", help="adapter name")
+    versions.add_argument("--tenant", default="", help="admin only: the owning tenant")
+    versions.set_defaults(handler=_versions)
+
+    rollback = adapter_commands.add_parser(
+        "rollback", parents=[common], help="make a stored version the latest again"
+    )
+    rollback.add_argument("name", metavar="NAME", help="adapter name")
+    rollback.add_argument(
+        "--to",
+        dest="to_version",
+        type=_version_number,
+        required=True,
+        metavar="N",
+        help="the version",
+    )
+    rollback.add_argument("--tenant", default="", help="admin only: the owning tenant")
+    rollback.set_defaults(handler=_rollback)
+
     # Local work on an adapter directory; its flags belong to finetune.inspect (imported on use).
     adapter_commands.add_parser(
         "inspect",
@@ -191,7 +213,11 @@ def build_parser() -> argparse.ArgumentParser:
 
     generate = commands.add_parser("generate", parents=[common], help="generate text")
     generate.add_argument("prompt", metavar="PROMPT", help="the prompt; '-' reads stdin")
-    generate.add_argument("--adapter", default="", help="adapter name; omit for the base model")
+    generate.add_argument(
+        "--adapter",
+        default="",
+        help="adapter name (its latest version), NAME@N for version N; omit for the base model",
+    )
     generate.add_argument("--max-new-tokens", type=int, metavar="N")
     generate.add_argument("--temperature", type=float, metavar="T", help="0 means greedy")
     generate.add_argument("--top-p", type=float, metavar="P")
@@ -503,6 +529,44 @@ def _unpin(client: LoraServeClient, args: argparse.Namespace) -> int:
 
 def _delete(client: LoraServeClient, args: argparse.Namespace) -> int:
     _print_adapter(client.delete_adapter(args.name, tenant=args.tenant), args.json)
+    return 0
+
+
+def _versions(client: LoraServeClient, args: argparse.Namespace) -> int:
+    versions = client.list_adapter_versions(args.name, tenant=args.tenant)
+    if args.json:
+        _print_json({"versions": [adapter_info_to_dict(v) for v in versions]})
+        return 0
+    rows = [("VERSION", "LATEST", "RANK", "SIZE", "SHA256", "CREATED", "DESCRIPTION")]
+    rows += [
+        (
+            str(v.version),
+            "*" if v.latest else "",
+            str(v.rank),
+            _size(v.size_bytes),
+            v.sha256[:12],
+            _time(v.created_at),
+            v.description,
+        )
+        for v in versions
+    ]
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]) - 1)]
+    for row in rows:
+        padded = [cell.ljust(w) for cell, w in zip(row, widths, strict=False)]
+        print("  ".join([*padded, row[-1]]).rstrip())
+    return 0
+
+
+def _version_number(text: str) -> int:
+    """argparse type of --to: a version number as RollbackAdapterRequest carries it (uint32)."""
+    if not (text.isascii() and text.isdigit()) or not 1 <= int(text) < 2**32:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a version number (1 to 2^32-1)")
+    return int(text)
+
+
+def _rollback(client: LoraServeClient, args: argparse.Namespace) -> int:
+    info = client.rollback_adapter(args.name, args.to_version, tenant=args.tenant)
+    _print_adapter(info, args.json)
     return 0
 
 

@@ -1,4 +1,4 @@
-"""Adapter management as the gRPC layer sees it: upload sessions, list, get, delete.
+"""Adapter management as the gRPC layer sees it: upload sessions, list, get, delete, versions.
 
 Ties the durable store, validation against the base model and the engine's device pages
 together, so the gRPC handlers only decode, call one method and encode.
@@ -21,7 +21,7 @@ from loraserve.adapters.errors import (
     AdapterQuotaError,
     AdapterValidationError,
 )
-from loraserve.adapters.names import parse_versioned_name, validate_adapter_name
+from loraserve.adapters.names import format_ref, split_version, validate_adapter_name
 from loraserve.adapters.spec import BaseModelSpec
 from loraserve.adapters.store import AdapterRecord, AdapterStore, UploadTransaction
 from loraserve.adapters.weights import AdapterWeights, load_adapter_weights
@@ -236,7 +236,7 @@ class AdapterService:
         self.spec = spec
         self._limits = limits or TenantLimitTable(config.limit_defaults())
         self.uploads = UploadSlots(config, self._limits)
-        self._forget = lambda tenant, name, below: None
+        self._forget: Callable[..., None] = lambda tenant, name, below, *, version=None: None
         self._on_deleted: Callable[[str, str, int], None] = lambda tenant, name, version: None
         self._on_new_version: Callable[[AdapterKey], None] = lambda key: None
         self._reservations: list[_Reservation] = []
@@ -247,8 +247,9 @@ class AdapterService:
     def config(self) -> ServerConfig:
         return self._config
 
-    def attach_engine(self, forget) -> None:
-        """Lets deletes and re-uploads free the engine's device copies."""
+    def attach_engine(self, forget: Callable[..., None]) -> None:
+        """Lets deletes and pruning uploads free the engine's copies: `forget(tenant, name,
+        below_version, *, version=None)` (Engine.forget_adapter)."""
         self._forget = forget
 
     def attach_usage_and_pins(
@@ -305,7 +306,7 @@ class AdapterService:
     def _reserve(self, tenant: str, name: str, size: int) -> _Reservation:
         """Checks the quota counting the uploads already in progress, and holds this one's
         share of it until the upload ends: concurrent uploads cannot all pass one check."""
-        stored = self.store.list(tenant)
+        stored = self.store.all_versions(tenant)
         with self._lock:
             pending = [r for r in self._reservations if r.tenant == tenant]
             self.check_quota(tenant, name, size, stored, pending)
@@ -330,12 +331,17 @@ class AdapterService:
     ) -> None:
         """Refuses an upload that would exceed the tenant's adapter count or bytes.
 
-        `stored`: the tenant's committed adapters; `pending`: its other uploads in progress,
-        whose bytes (in tmp/) count. Re-uploading a name replaces it, so its current version
-        does not count. Called at the header (with pending) and again at commit under the
-        store's lock (with what is committed at that moment).
+        Counts what is on disk: `stored` holds every kept version of the tenant's adapters
+        (store.all_versions), each version's bytes count, and the adapter count is of names.
+        The versions of `name` that this upload's publish prunes (the oldest beyond
+        store.versions_kept) do not count. `pending`: the tenant's other uploads in progress,
+        whose bytes (in tmp/) count. Called at the header (with pending) and again at commit
+        under the store's lock (with what is committed at that moment).
         """
-        others = [r for r in stored if r.name != name]
+        same = sorted((r for r in stored if r.name == name), key=lambda r: r.version)
+        # After the publish, `name` keeps its newest versions_kept - 1 old versions plus this one.
+        kept_same = same[max(0, len(same) + 1 - self.store.versions_kept) :]
+        others = [r for r in stored if r.name != name] + kept_same
         names = {r.name for r in others} | {p.name for p in pending} | {name}
         limits = self._limits(tenant)
         if len(names) > limits.max_adapters.value:
@@ -356,16 +362,37 @@ class AdapterService:
         )
 
     def on_replaced(self, record: AdapterRecord) -> None:
-        self._forget(record.tenant, record.name, record.version)
+        """After a publish: frees the engine's copies of the versions it pruned.
+
+        Pruning removes the oldest versions, so everything below the oldest one still stored
+        is gone; the kept versions stay cached (still valid for `name@N`, and a rollback may
+        make one the latest again). Plain `name` never hits a stale copy: it is resolved to
+        a version number through the store on every request.
+        """
         try:
-            self._on_new_version(key_of(record))
+            oldest = self.store.list_versions(record.tenant, record.name)[0].version
+        except AdapterNotFoundError:
+            oldest = None  # deleted meanwhile; the delete forgot every version
+        except AdapterError as exc:  # a damaged version: keep the cached copies; reads re-check
+            log.error("listing %s/%s after an upload failed: %s", record.tenant, record.name, exc)
+            return
+        self._forget(record.tenant, record.name, oldest)
+        if oldest is not None:
+            self._move_name_pin(record)
+
+    def _move_name_pin(self, latest: AdapterRecord) -> None:
+        """A name has a new latest version (upload, rollback, deleted latest): a pin that
+        follows the name moves to it. The change itself stands either way; if the new version
+        does not fit beside the other pins, the operator learns from the log that the pin ended.
+        """
+        try:
+            self._on_new_version(key_of(latest))
         except EngineError as exc:
-            # The upload is committed either way; the operator learns the pin ended.
             log.error(
                 "pin of adapter %s/%s ended: version %d could not be pinned: %s",
-                record.tenant,
-                record.name,
-                record.version,
+                latest.tenant,
+                latest.name,
+                latest.version,
                 exc.message,
             )
 
@@ -373,34 +400,77 @@ class AdapterService:
         return self.store.list(tenant)
 
     def get(self, tenant: str, name: str) -> AdapterRecord:
-        validate_adapter_name(name)
-        return self.store.get(tenant, name)
+        """The latest version for `name`, version N for `name@N` (`latest` set if it is)."""
+        plain, version = split_version(name)
+        if version is None:
+            return self.store.get(tenant, plain)
+        return self.store.get_version(tenant, plain, version)
 
     def delete(self, tenant: str, name: str) -> AdapterRecord:
-        validate_adapter_name(name)
-        record = self.store.delete(tenant, name)
-        self._forget(tenant, name, None)
-        self._on_deleted(tenant, name, record.version)
+        """Deletes every version for `name`, version N only for `name@N`.
+
+        Requests running on a deleted version finish on it: the engine frees its memory when
+        the last one releases it (forget dooms, it does not evict pinned pages). Deleting the
+        name (or its only version) drops its usage totals and its pin; deleting the latest of
+        several versions moves a pin that follows the name to the new latest first.
+        """
+        plain, version = split_version(name)
+        if version is None:
+            record = self.store.delete(tenant, plain)
+            self._forget(tenant, plain, None)
+            self._on_deleted(tenant, plain, record.version)
+        else:
+            record = self.store.delete_version(tenant, plain, version)
+            try:
+                self._move_name_pin(self.store.get(tenant, plain))
+            except AdapterNotFoundError:  # it was the only version: the name is gone
+                self._forget(tenant, plain, None)
+                self._on_deleted(tenant, plain, record.version)
+            else:
+                self._forget(tenant, plain, None, version=version)
+        log.info("adapter deleted: tenant=%s name=%s", tenant, format_ref(plain, version))
+        return record
+
+    def list_versions(self, tenant: str, name: str) -> list[AdapterRecord]:
+        """Every stored version of `name`, oldest first, exactly one marked latest."""
+        _plain_name(name)
+        return self.store.list_versions(tenant, name)
+
+    def rollback(self, tenant: str, name: str, to_version: int) -> AdapterRecord:
+        """Makes stored version `to_version` the latest of `name`, durably.
+
+        Nothing is evicted: every kept version is immutable and cached under its own number,
+        and new plain-`name` requests resolve through the store to the new latest. Requests
+        already resolved keep the version they started with. A pin that follows the name
+        moves to the new latest.
+        """
+        _plain_name(name)
+        if to_version < 1:
+            raise AdapterValidationError("to_version", f"must be >= 1, got {to_version}")
+        record = self.store.rollback(tenant, name, to_version)
+        log.info("adapter rolled back: tenant=%s name=%s latest=%d", tenant, name, to_version)
+        self._move_name_pin(record)
         return record
 
     def get_for_pin(self, tenant: str, spec: str) -> tuple[AdapterRecord, bool]:
         """The version a pin of `spec` holds, and whether the pin follows the name's latest
         version (plain `name`) or stays on that version (`name@N`)."""
-        name, version = parse_versioned_name(spec)
-        record = self.store.get(tenant, name)
-        if version is not None and version != record.version:
-            # Only the latest version is stored (an upload replaces the previous one).
-            raise AdapterNotFoundError(f"{name}@{version}")
-        return record, version is None
+        _, version = split_version(spec)
+        return self.get(tenant, spec), version is None
 
     # ---- the engine's view --------------------------------------------------------------------
 
     def resolve(self, ref: AdapterRef) -> AdapterKey:
-        """The current version of a named adapter (engine resolver)."""
+        """The version a request runs on: the pinned one, else the latest now (engine resolver)."""
         try:
-            record = self.store.get(ref.tenant, ref.name)
+            if ref.version is None:
+                record = self.store.get(ref.tenant, ref.name)
+            else:
+                record = self.store.get_version(ref.tenant, ref.name, ref.version)
         except AdapterNotFoundError as exc:
-            raise EngineError(ErrorKind.NOT_FOUND, f"adapter {ref.name!r} not found") from exc
+            raise EngineError(
+                ErrorKind.NOT_FOUND, f"adapter {format_ref(ref.name, ref.version)!r} not found"
+            ) from exc
         except AdapterError as exc:
             # The details name files on the server's disk: for the operator's log only.
             log.error("adapter %s/%s is unusable: %s", ref.tenant, ref.name, exc)
@@ -412,9 +482,7 @@ class AdapterService:
     def load(self, key: AdapterKey) -> AdapterWeights:
         """Reads, checksums and validates one adapter version (engine loader)."""
         try:
-            record = self.store.get(key.tenant, key.name)
-            if record.version != key.version:
-                raise AdapterNotFoundError(key.name)
+            record = self.store.get_version(key.tenant, key.name, key.version)
             config_bytes, weights_bytes = self.store.read_files(record)
             return self.validate(config_bytes, weights_bytes)
         except AdapterNotFoundError as exc:
@@ -440,6 +508,13 @@ class AdapterService:
 def key_of(record: AdapterRecord) -> AdapterKey:
     """The engine's key of one stored adapter version."""
     return AdapterKey(record.tenant, record.name, record.version, rank=record.rank)
+
+
+def _plain_name(name: str) -> str:
+    """`name` if it is a valid adapter name without a version (`name@N` is refused)."""
+    if "@" in name:
+        raise AdapterValidationError("name", "takes an adapter name without a version (no @N)")
+    return validate_adapter_name(name)
 
 
 def _file_name(kind: FileKind) -> str:

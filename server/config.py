@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Literal
 
 from loraserve.adapters.errors import AdapterValidationError
-from loraserve.adapters.names import parse_versioned_name, validate_tenant_name
+from loraserve.adapters.names import split_version, validate_tenant_name
 from loraserve.server.engine.config import ATTENTION_BACKENDS, EngineConfig
 from loraserve.server.limits import LimitDefaults
 
@@ -87,7 +87,10 @@ class ServerConfig:
     tenant_max_adapters: int = LimitDefaults.max_adapters
     """Adapters one tenant may store."""
     tenant_max_adapter_bytes: int = LimitDefaults.max_adapter_bytes
-    """Bytes of adapter weights one tenant may store."""
+    """Bytes of adapter weights one tenant may store, counting every kept version."""
+    adapter_versions_kept: int = 5
+    """Versions of each adapter name kept on disk, the latest included (older ones can be
+    pinned with `name@N` or rolled back to); an upload prunes the oldest beyond it."""
     max_new_tokens_limit: int = 1024
     """Largest max_new_tokens a request may ask for."""
     default_max_new_tokens: int = 64
@@ -153,6 +156,7 @@ class ServerConfig:
             "tenant_max_queued_tokens",
             "tenant_max_adapters",
             "tenant_max_adapter_bytes",
+            "adapter_versions_kept",
             "max_new_tokens_limit",
             "default_max_new_tokens",
             "max_prompt_tokens",
@@ -272,7 +276,7 @@ def parse_preload(spec: str) -> tuple[str, str]:
         if not slash:
             raise AdapterValidationError("preload", "must be TENANT/NAME or TENANT/NAME@N")
         validate_tenant_name(tenant)
-        parse_versioned_name(adapter)
+        split_version(adapter)
     except AdapterValidationError as exc:
         raise ConfigError(f"preload: {spec!r}: {exc.message}") from None
     return tenant, adapter

@@ -156,8 +156,15 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--tenant-max-adapter-bytes",
         type=int,
         default=d.tenant_max_adapter_bytes,
-        help="bytes of adapter weights one tenant may store "
+        help="bytes of adapter weights one tenant may store, every kept version counted "
         "(a tenant's own max_adapter_bytes in the tenants file overrides it)",
+    )
+    parser.add_argument(
+        "--adapter-versions-kept",
+        type=int,
+        default=d.adapter_versions_kept,
+        help="versions of each adapter kept for name@N and rollback, the latest included "
+        f"(default {d.adapter_versions_kept})",
     )
     parser.add_argument(
         "--max-batch-tokens",
@@ -313,6 +320,7 @@ def config_from_args(
         tenant_max_queued_tokens=args.tenant_max_queued_tokens,
         tenant_max_adapters=args.tenant_max_adapters,
         tenant_max_adapter_bytes=args.tenant_max_adapter_bytes,
+        adapter_versions_kept=args.adapter_versions_kept,
         max_batch_tokens=args.max_batch_tokens,
         max_seq_len=args.max_seq_len,
         max_new_tokens_limit=args.max_new_tokens_limit,

@@ -57,7 +57,7 @@ def build_runtime(
     loaded = load_base_model(Path(config.model_path), device=config.device, dtype=config.dtype)
     # One store shared by several replicas (serve-ray) keeps no per-process "latest" cache.
     store_class = SharedAdapterStore if config.shared_store else AdapterStore
-    store = store_class(Path(config.data_dir) / "adapters")
+    store = store_class(Path(config.data_dir) / "adapters", config.adapter_versions_kept)
     limits = limits or TenantLimitTable(config.limit_defaults())
     adapter_service = AdapterService(config, store, loaded.spec, limits)
     engine = Engine(

@@ -133,8 +133,9 @@ class AdaptersServicer:
         are not persisted; `--preload` pins at start). Pinned bytes count against
         the device budget; a pin that would not fit beside the other pins is refused
         with RESOURCE_EXHAUSTED (the message gives the bytes needed and available).
-        A pin of plain `name` follows the name: a new upload moves it to the new
-        version. A pin of `name@N` holds version N only. Under serve-ray this answers
+        A pin of plain `name` follows the name's latest version: an upload, a rollback
+        or deleting the latest moves it. A pin of `name@N` holds version N only, until
+        that version is deleted or pruned. Under serve-ray this answers
         UNIMPLEMENTED (a pin must hold on every replica; use --preload).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

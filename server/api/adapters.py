@@ -1,4 +1,4 @@
-"""The Adapters service: upload (client-streaming), list, get, delete."""
+"""The Adapters service: upload (client-streaming), list, get, delete, versions, rollback."""
 
 from __future__ import annotations
 
@@ -226,6 +226,47 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "tenant: required (the adapter's owner)"
             )
+        tenant = await self._auth.acting_tenant(context, requested, principal)
+        if tenant not in self._auth.registry.tenants:
+            await context.abort(
+                grpc.StatusCode.INVALID_ARGUMENT,
+                f"tenant: {tenant!r} is not a tenant in the tenants file",
+            )
+        return tenant
+
+    async def ListAdapterVersions(
+        self, request: adapters_pb2.ListAdapterVersionsRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.ListAdapterVersionsResponse:
+        tenant = await self._versions_tenant(context, request.tenant)
+        try:
+
+            def described() -> list[adapters_pb2.AdapterInfo]:
+                records = self._service().list_versions(tenant, request.name)
+                return [self._described(r) for r in records]
+
+            infos = await asyncio.to_thread(described)
+        except (AdapterError, EngineError, OSError) as exc:
+            await abort_for(context, exc)
+            raise
+        return adapters_pb2.ListAdapterVersionsResponse(versions=infos)
+
+    async def RollbackAdapter(
+        self, request: adapters_pb2.RollbackAdapterRequest, context: grpc.aio.ServicerContext
+    ) -> adapters_pb2.AdapterInfo:
+        tenant = await self._versions_tenant(context, request.tenant)
+        try:
+            record = await asyncio.to_thread(
+                self._service().rollback, tenant, request.name, request.to_version
+            )
+            return await asyncio.to_thread(self._described, record)
+        except (AdapterError, EngineError, OSError) as exc:
+            await abort_for(context, exc)
+            raise
+
+    async def _versions_tenant(self, context: grpc.aio.ServicerContext, requested: str) -> str:
+        """The tenant a version RPC acts for, authorized like UploadAdapter: the caller's own,
+        or (admins only) a tenant of the tenants file."""
+        principal = await self._auth.principal(context)
         tenant = await self._auth.acting_tenant(context, requested, principal)
         if tenant not in self._auth.registry.tenants:
             await context.abort(

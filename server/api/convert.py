@@ -102,6 +102,7 @@ def adapter_info(
         sha256=record.sha256,
         created_at=record.created_at,
         description=record.description,
+        latest=record.latest,
     )
     if status is not None:
         info.usage.CopyFrom(adapter_usage_pb(status))

@@ -10,6 +10,7 @@ import grpc
 
 import loraserve
 from loraserve.adapters.errors import AdapterError
+from loraserve.adapters.names import split_version
 from loraserve.server.api.auth import Authorizer, bearer_key, unauthenticated
 from loraserve.server.api.convert import (
     FINISH_REASONS,
@@ -160,10 +161,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 engine, adapters = self._runtime.require()
                 ref = None
                 if request.adapter:
+                    # `name@N` pins version N; a malformed suffix is INVALID_ARGUMENT.
+                    name, version = split_version(request.adapter, field="adapter")
                     # Existence check up front: an unknown (or another tenant's) adapter is
                     # NOT_FOUND right away, never a silent fallback to the base model.
                     await asyncio.to_thread(adapters.get, principal.tenant, request.adapter)
-                    ref = AdapterRef(principal.tenant, request.adapter)
+                    ref = AdapterRef(principal.tenant, name, version)
                 # Never on the event loop, where it would stall every other tenant's calls:
                 # tokenizing takes time proportional to the prompt, and so does converting a
                 # request's repeated fields (up to a message's worth of chat turns or stops).

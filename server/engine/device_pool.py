@@ -375,8 +375,16 @@ class DevicePool:
                 elif not entry.held:
                     self._lru[key] = None
 
-    def forget(self, tenant: str, name: str, below_version: int | None = None) -> None:
-        """The adapter was deleted (or replaced by `below_version`): doom its loaded versions.
+    def forget(
+        self,
+        tenant: str,
+        name: str,
+        below_version: int | None = None,
+        *,
+        version: int | None = None,
+    ) -> None:
+        """The adapter was deleted (or its versions below `below_version` pruned, or only
+        `version` deleted): doom those loaded versions.
 
         The engine thread frees doomed pages in `collect()`, so a forward in progress never sees
         its layers change underneath it.
@@ -384,6 +392,8 @@ class DevicePool:
 
         def matches(key: AdapterKey) -> bool:
             same = key.tenant == tenant and key.name == name
+            if version is not None:  # one deleted version; the others stay valid
+                return same and key.version == version
             return same and (below_version is None or key.version < below_version)
 
         with self._lock:

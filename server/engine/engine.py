@@ -306,19 +306,33 @@ class Engine:
         )
         return self.scheduler.submit(request, sink)
 
-    def forget_adapter(self, tenant: str, name: str, below_version: int | None = None) -> None:
-        """Frees device memory of a deleted (or replaced) adapter once no request uses it.
+    def forget_adapter(
+        self,
+        tenant: str,
+        name: str,
+        below_version: int | None = None,
+        *,
+        version: int | None = None,
+    ) -> None:
+        """Frees device memory of deleted (or pruned) versions once no request uses them: every
+        version, those below `below_version`, or only `version`.
 
-        A deleted name's pin ends. A replaced version's pin ends too, unless it was pinned by
-        plain name: then the pin moves to the new version (`pin_new_version`).
+        A pin on a freed version ends. A pin that follows the name is on its latest version,
+        which pruning never frees; the service moves it to the new latest (`pin_new_version`)
+        before it frees a deleted latest version.
         """
-        self.device_pool.forget(tenant, name, below_version)
-        self.host_cache.forget(tenant, name, below_version)
+        self.device_pool.forget(tenant, name, below_version, version=version)
+        self.host_cache.forget(tenant, name, below_version, version=version)
         with self._pins_lock:
             pin = self._pins.get((tenant, name))
-            replaced = pin is not None and pin.key.version < (below_version or 0)
-            if pin is not None and (below_version is None or (replaced and not pin.follow_latest)):
-                del self._pins[(tenant, name)]
+            if pin is not None:
+                pinned = pin.key.version
+                if version is not None:
+                    freed = pinned == version
+                else:
+                    freed = below_version is None or pinned < below_version
+                if freed:
+                    del self._pins[(tenant, name)]
         self.scheduler.request_collect()
 
     def adapter_deleted(self, tenant: str, name: str, version: int) -> None:

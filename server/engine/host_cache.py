@@ -116,11 +116,20 @@ class HostCache:
                 self._bytes -= evicted.nbytes
                 self._observer.on_adapter_cache("host", "eviction")
 
-    def forget(self, tenant: str, name: str, below_version: int | None = None) -> None:
+    def forget(
+        self,
+        tenant: str,
+        name: str,
+        below_version: int | None = None,
+        *,
+        version: int | None = None,
+    ) -> None:
         """Drops a deleted (or replaced) adapter's versions from host memory."""
 
         def matches(key: AdapterKey) -> bool:
             same = key.tenant == tenant and key.name == name
+            if version is not None:  # one deleted version; the others stay valid
+                return same and key.version == version
             return same and (below_version is None or key.version < below_version)
 
         with self._lock:

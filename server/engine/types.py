@@ -94,6 +94,8 @@ class AdapterRef:
 
     tenant: str
     name: str
+    version: int | None = None
+    """A pinned version (`name@N`); None means the latest when the request is resolved."""
 
 
 @dataclass(frozen=True)

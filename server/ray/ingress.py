@@ -95,7 +95,13 @@ class Ingress:
                         "UploadAdapter": grpc.stream_unary_rpc_method_handler(self._forward_upload),
                         **{
                             name: unary(self._unary(f"/{ADAPTERS}/{name}"))
-                            for name in ("ListAdapters", "GetAdapter", "DeleteAdapter")
+                            for name in (
+                                "ListAdapters",
+                                "GetAdapter",
+                                "DeleteAdapter",
+                                "ListAdapterVersions",
+                                "RollbackAdapter",
+                            )
                         },
                         **{name: unary(self._per_replica_only) for name in PER_REPLICA_RPCS},
                     },

@@ -112,8 +112,8 @@ def test_bad_names_never_reach_the_filesystem(tmp_path: Path, tenant: str, name:
     assert list((tmp_path / "tmp").iterdir()) == []
 
 
-def test_versions_increase_and_old_versions_are_removed(tmp_path: Path) -> None:
-    store = AdapterStore(tmp_path)
+def test_versions_increase_and_versions_beyond_retention_are_removed(tmp_path: Path) -> None:
+    store = AdapterStore(tmp_path, versions_kept=1)
     first = upload(store, "t", "a", weights=b"one")
     second = upload(store, "t", "a", weights=b"two", rank=8)
     assert (first.version, second.version) == (1, 2)
@@ -216,12 +216,12 @@ def test_crash_leftovers_are_cleaned_at_construction(tmp_path: Path) -> None:
     broken = tmp_path / "tenants" / "t" / "broken" / "v1"
     broken.mkdir(parents=True)
     (broken / "meta.json").write_text("{not json")
-    # A commit that crashed after publishing v2 but before removing v1.
+    # A commit that crashed after publishing v2 but before pruning v1 (one version kept).
     (tmp_path / "tenants" / "t" / "good" / "v2").mkdir()
     for child in good.path.iterdir():
         (good.path.parent / "v2" / child.name).write_bytes(child.read_bytes())
 
-    reopened = AdapterStore(tmp_path)
+    reopened = AdapterStore(tmp_path, versions_kept=1)
     assert list((tmp_path / "tmp").iterdir()) == []
     assert [r.name for r in reopened.list("t")] == ["good"]
     assert reopened.get("t", "good").version == 2
@@ -295,7 +295,12 @@ def test_concurrent_commits_of_one_name_land_whole_as_distinct_versions(tmp_path
     assert weights == bytes([index]) * (1000 + index)
     assert latest.rank == index + 1
     assert latest == next(r for r in records if r.version == uploads)
-    assert [p.name for p in latest.path.parent.iterdir() if p.is_dir()] == [f"v{uploads}"]
+    # The newest versions_kept of them stay, each whole too.
+    kept = sorted(p.name for p in latest.path.parent.iterdir() if p.is_dir())
+    assert kept == sorted(f"v{v}" for v in range(uploads - store.versions_kept + 1, uploads + 1))
+    for record in store.list_versions("t", "shared"):
+        config, weights = store.read_files(record)
+        assert weights == bytes([json.loads(config)["i"]]) * len(weights)
     assert list((tmp_path / "tmp").iterdir()) == []
 
 

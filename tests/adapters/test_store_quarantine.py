@@ -130,7 +130,7 @@ def test_damaged_version_is_quarantined_at_start(
 
 
 def test_quarantine_keeps_version_counter_even_without_last_version(tmp_path: Path) -> None:
-    store = AdapterStore(tmp_path)
+    store = AdapterStore(tmp_path, versions_kept=1)
     for _ in range(3):
         record = upload(store, "acme", "bot")
     assert record.version == 3
@@ -138,7 +138,7 @@ def test_quarantine_keeps_version_counter_even_without_last_version(tmp_path: Pa
     (name_dir / LAST_VERSION_FILE).unlink()  # lost in a crash: harmless before, too
     flip_byte(record.path)
 
-    store = AdapterStore(tmp_path)
+    store = AdapterStore(tmp_path, versions_kept=1)
     with pytest.raises(AdapterNotFoundError):
         store.get("acme", "bot")
     assert (name_dir / LAST_VERSION_FILE).read_text() == "3"

@@ -438,6 +438,21 @@ def test_pinned_doomed_adapter_survives_collect_and_is_freed_on_last_release(
     assert layers["l0"].lora_a is not None, "C is still resident: stacks stay allocated"
 
 
+def test_forget_of_one_version_dooms_only_it_and_waits_for_its_pins(loader: FakeLoader) -> None:
+    pool, layers = make_pool(loader)
+    v1, v2, v3 = key("d", version=1), key("d", version=2), key("d", version=3)
+    for k in (v1, v2, v3):
+        pool.acquire(k)
+    pool.release(v1)
+    pool.release(v3)
+    pool.forget("t", "d", version=2)  # `delete b@2` while a request runs on it
+    pool.collect()
+    check_state(pool, layers, loader, {v1: 0, v2: 1, v3: 0})  # the running request keeps v2
+    pool.release(v2)
+    pool.collect()
+    check_state(pool, layers, loader, {v1: 0, v3: 0})
+
+
 def test_forget_during_a_load_dooms_the_version_being_loaded(loader: FakeLoader) -> None:
     """An adapter deleted while acquire() reads it serves its request, then must not stay warm."""
     pool, layers = make_pool(loader)

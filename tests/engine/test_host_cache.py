@@ -295,6 +295,17 @@ def test_forget_drops_versions_below_or_all(make_cache: MakeCache, loader: FakeL
     check(cache, loader, [v3])
 
 
+def test_forget_of_one_version_keeps_the_others(make_cache: MakeCache, loader: FakeLoader) -> None:
+    cache = make_cache()
+    v1, v2, v3, other_tenant = key("a", 1), key("a", 2), key("a", 3), key("a", 2, tenant="u")
+    for k in (v1, v2, v3, other_tenant):
+        cache.get(k)
+    cache.forget("t", "a", version=2)  # `delete a@2`: v1 and v3 are still stored and valid
+    check(cache, loader, [v1, v3, other_tenant])
+    cache.forget("t", "a", version=7)  # never cached: no effect
+    check(cache, loader, [v1, v3, other_tenant])
+
+
 def test_forget_during_an_inflight_prefetch_leaves_nothing_behind(
     make_cache: MakeCache, loader: FakeLoader
 ) -> None:

@@ -227,7 +227,7 @@ def test_residency_moves_off_the_device_under_pressure_and_pins_hold(
     assert gauge(pool_server, "loraserve_adapter_pinned_bytes", {"tenant": "acme"}) == 0
 
 
-def test_a_pin_by_name_follows_new_versions_and_a_delete_drops_it(
+def test_a_pin_by_name_follows_the_latest_version_and_a_version_pin_stays(
     pool_server: BackgroundServer,
     clients: dict[str, LoraServeClient],
     adapter_dirs: dict[str, Path],
@@ -245,9 +245,20 @@ def test_a_pin_by_name_follows_new_versions_and_a_delete_drops_it(
     assert acme.upload_adapter(adapter_dirs["qv"], "follow").version == 2
     info = acme.get_adapter("follow")
     assert (info.version, info.pinned, info.usage.resident) == (2, True, DEVICE)
-    # name@N: the pin was of that version only, and ends with it.
+    assert not acme.get_adapter("follow@1").pinned
+    # A rollback moves it to the version that is the latest again.
+    assert acme.rollback_adapter("follow", 1).pinned
+    assert not acme.get_adapter("follow@2").pinned
+    # name@N: the pin holds that version across uploads (it stays stored), and ends with it.
     acme.upload_adapter(adapter_dirs["qv"], "fixed")
-    assert not acme.get_adapter("fixed").pinned
+    assert acme.get_adapter("fixed@1").pinned and not acme.get_adapter("fixed").pinned
+    assert gauge(pool_server, "loraserve_adapter_pinned_bytes", {"tenant": "acme"}) == pinned
+    acme.delete_adapter("fixed@1")
+    assert gauge(pool_server, "loraserve_adapter_pinned_bytes", {"tenant": "acme"}) == page_bytes
+    # Deleting the pinned latest version moves the name's pin to the new latest.
+    acme.delete_adapter("follow@1")
+    info = acme.get_adapter("follow")
+    assert (info.version, info.pinned) == (2, True)
     assert gauge(pool_server, "loraserve_adapter_pinned_bytes", {"tenant": "acme"}) == page_bytes
 
     # A delete succeeds and drops the pin; a re-upload of the name is not pinned.

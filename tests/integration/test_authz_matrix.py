@@ -9,13 +9,15 @@ replaced it. A final test checks the whole module's leftovers against a ledger o
 Outcomes:
   * no key / wrong key: UNAUTHENTICATED, for every RPC;
   * own tenant: OK;
-  * other tenant naming the owner's adapter (Generate/GenerateStream/Get/Delete by name):
-    NOT_FOUND, with a message that neither names the owner nor differs from the message
-    for a name nobody has;
-  * other tenant setting `tenant` to the owner (Upload/List/Get/Delete): PERMISSION_DENIED;
-  * admin setting `tenant` to the owner (Upload/List/Get/Delete): OK. Generate has no
-    tenant field and runs as the caller, so an admin naming the owner's adapter gets
-    NOT_FOUND, as does an admin's Get/Delete without the tenant field.
+  * other tenant naming the owner's adapter (Generate/GenerateStream/Get/Delete/
+    ListAdapterVersions/RollbackAdapter by name, and the `name@N` forms): NOT_FOUND, with a
+    message that neither names the owner nor differs from the message for a name nobody has;
+  * other tenant setting `tenant` to the owner (Upload/List/Get/Delete/versions/rollback):
+    PERMISSION_DENIED;
+  * admin setting `tenant` to the owner (Upload/List/Get/Delete/versions/rollback): OK.
+    Generate has no tenant field and runs as the caller, so an admin naming the owner's
+    adapter gets NOT_FOUND, as does an admin's Get/Delete/versions/rollback without the
+    tenant field.
 """
 
 from __future__ import annotations
@@ -145,6 +147,34 @@ def _delete(call: Call) -> Any:
     )
 
 
+def _list_versions(call: Call) -> Any:
+    return call.stubs.adapters.ListAdapterVersions(
+        adapters_pb2.ListAdapterVersionsRequest(name=call.name, tenant=call.caller.tenant_field),
+        metadata=call.caller.metadata,
+        timeout=TIMEOUT_S,
+    )
+
+
+def _rollback(call: Call) -> Any:
+    # To version 1, the only one: allowed calls are a durable no-op, the rest must refuse.
+    return call.stubs.adapters.RollbackAdapter(
+        adapters_pb2.RollbackAdapterRequest(
+            name=call.name, to_version=1, tenant=call.caller.tenant_field
+        ),
+        metadata=call.caller.metadata,
+        timeout=TIMEOUT_S,
+    )
+
+
+def _at_version(rpc: Callable[[Call], Any]) -> Callable[[Call], Any]:
+    """The same RPC naming `name@1` (the owner's only version) instead of `name`."""
+
+    def call_at_version(call: Call) -> Any:
+        return rpc(Call(call.stubs, f"{call.name}@1", call.caller, call.adapter_dir))
+
+    return call_at_version
+
+
 RPCS: dict[str, Callable[[Call], Any]] = {
     "Generate": _generate,
     "GenerateStream": _generate_stream,
@@ -153,6 +183,12 @@ RPCS: dict[str, Callable[[Call], Any]] = {
     "ListAdapters": _list,
     "GetAdapter": _get,
     "DeleteAdapter": _delete,
+    "ListAdapterVersions": _list_versions,
+    "RollbackAdapter": _rollback,
+    "Generate@N": _at_version(_generate),
+    "GenerateStream@N": _at_version(_generate_stream),
+    "GetAdapter@N": _at_version(_get),
+    "DeleteAdapter@N": _at_version(_delete),
 }
 
 UNAUTH = {"no_key": Code.UNAUTHENTICATED, "wrong_key": Code.UNAUTHENTICATED}
@@ -209,6 +245,16 @@ MATRIX: dict[str, dict[str, Code]] = {
         "admin_without_tenant": Code.NOT_FOUND,
     },
 }
+# The new RPCs and the `name@N` forms are authorized exactly as the plain-name ones.
+for _rpc, _like in (
+    ("ListAdapterVersions", "GetAdapter"),
+    ("RollbackAdapter", "GetAdapter"),
+    ("Generate@N", "Generate"),
+    ("GenerateStream@N", "GenerateStream"),
+    ("GetAdapter@N", "GetAdapter"),
+    ("DeleteAdapter@N", "DeleteAdapter"),
+):
+    MATRIX[_rpc] = dict(MATRIX[_like])
 
 CASES = [(rpc, caller, code) for rpc, row in MATRIX.items() for caller, code in row.items()]
 
@@ -257,7 +303,7 @@ def test_authz(
     adapter_dirs: dict[str, Path],
 ) -> None:
     owner = clients[OWNER]
-    name = f"{PREFIX}{rpc}-{caller_name}".lower()
+    name = f"{PREFIX}{rpc.replace('@N', '-at-n')}-{caller_name}".lower()
     before = owner.upload_adapter(adapter_dirs["qv"], name)
     LEDGER[name] = True
     caller = CALLERS[caller_name]
@@ -286,7 +332,7 @@ def test_authz(
             clients[OTHER].delete_adapter(name)
 
     # The owner's adapter is untouched unless an allowed call deleted or replaced it.
-    deleted = rpc == "DeleteAdapter" and code == Code.OK
+    deleted = rpc in ("DeleteAdapter", "DeleteAdapter@N") and code == Code.OK
     replaced = rpc == "UploadAdapter" and code == Code.OK and caller.acts_as == OWNER
     LEDGER[name] = not deleted
     if deleted:
@@ -309,7 +355,7 @@ def _check_ok(
     rpc: str, caller: Caller, name: str, before: adapters_pb2.AdapterInfo, result: Any
 ) -> None:
     """What an allowed call must have returned."""
-    if rpc in ("Generate", "GenerateStream"):
+    if rpc in ("Generate", "GenerateStream", "Generate@N", "GenerateStream@N"):
         assert caller.key_tenant == OWNER
         assert result.adapter_version == before.version
         assert result.finish_reason == inference_pb2.FINISH_REASON_LENGTH
@@ -323,10 +369,20 @@ def _check_ok(
         names = [a.name for a in result.adapters]
         assert {a.tenant for a in result.adapters} <= {caller.acts_as}
         assert (name in names) == (caller.acts_as == OWNER)
-    elif rpc in ("GetAdapter", "DeleteAdapter"):
-        info = result if rpc == "GetAdapter" else result.deleted
+    elif rpc in (
+        "GetAdapter",
+        "DeleteAdapter",
+        "GetAdapter@N",
+        "DeleteAdapter@N",
+        "RollbackAdapter",
+    ):
+        info = result.deleted if rpc.startswith("DeleteAdapter") else result
         assert (info.name, info.tenant, info.version) == (name, OWNER, before.version)
-        assert info.sha256 == before.sha256
+        assert info.sha256 == before.sha256 and info.latest
+    elif rpc == "ListAdapterVersions":
+        assert [(v.name, v.tenant, v.version, v.latest) for v in result.versions] == [
+            (name, OWNER, before.version, True)
+        ]
     else:  # pragma: no cover - every RPC is handled above
         raise AssertionError(rpc)
 
@@ -337,6 +393,10 @@ def test_matrix_left_exactly_the_expected_adapters(clients: dict[str, LoraServeC
     assert _adapter_names(clients[OWNER]) == expected
     assert _adapter_names(clients[OTHER]) == set()
     assert _adapter_names(clients[ADMIN]) == set()
-    allowed_deletes = {f"{PREFIX}deleteadapter-own_tenant", f"{PREFIX}deleteadapter-admin"}
+    allowed_deletes = {
+        f"{PREFIX}{rpc}-{caller}"
+        for rpc in ("deleteadapter", "deleteadapter-at-n")
+        for caller in ("own_tenant", "admin")
+    }
     deleted = {name for name, exists in LEDGER.items() if not exists}
     assert deleted == allowed_deletes & LEDGER.keys()

@@ -309,6 +309,44 @@ def test_new_versions_and_deletes_are_seen_by_every_replica(
                 assert err.value.code() == grpc.StatusCode.NOT_FOUND
 
 
+def test_rollback_and_version_deletes_are_seen_by_every_replica(
+    cluster: Cluster, adapter_dirs: dict
+) -> None:
+    """name@N, ListAdapterVersions, RollbackAdapter and DeleteAdapter(name@N) via the ingress."""
+    replicas = cluster.replicas()
+    with cluster.client("acme") as ingress:
+        assert ingress.upload_adapter(adapter_dirs["acme", "qv"], "pinned").version == 1
+        assert ingress.upload_adapter(adapter_dirs["acme", "mlp"], "pinned").version == 2
+        assert ingress.rollback_adapter("pinned", 1).latest
+        versions = ingress.list_adapter_versions("pinned")
+        assert [(v.version, v.latest) for v in versions] == [(1, True), (2, False)]
+        assert ingress.get_adapter("pinned@2").version == 2
+        pinned = ingress.generate("hi", adapter="pinned@2", max_new_tokens=2)
+        assert pinned.adapter_version == 2
+        for replica in replicas:  # the rollback is on the shared disk: every replica sees it
+            with cluster.client("acme", f"127.0.0.1:{replica.grpc_port}") as direct:
+                assert (
+                    direct.generate("hi", adapter="pinned", max_new_tokens=2).adapter_version == 1
+                )
+                assert (
+                    direct.generate("hi", adapter="pinned@2", max_new_tokens=2).adapter_version == 2
+                )
+        assert ingress.delete_adapter("pinned@1").latest
+        for replica in replicas:
+            with cluster.client("acme", f"127.0.0.1:{replica.grpc_port}") as direct:
+                assert (
+                    direct.generate("hi", adapter="pinned", max_new_tokens=2).adapter_version == 2
+                )
+                with pytest.raises(grpc.RpcError) as err:
+                    direct.generate("hi", adapter="pinned@1", max_new_tokens=2)
+                assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with cluster.client("globex") as other, pytest.raises(grpc.RpcError) as err:
+        other.rollback_adapter("pinned", 2)
+    assert err.value.code() == grpc.StatusCode.NOT_FOUND
+    with cluster.client("acme") as ingress:
+        ingress.delete_adapter("pinned")
+
+
 def test_the_adapter_quota_holds_across_replicas(cluster: Cluster, adapter_dirs: dict) -> None:
     """Uploads land on either replica; each counts the tenant's adapters in the shared store."""
     directory = adapter_dirs["acme", "mlp"]

@@ -18,7 +18,8 @@ from loraserve.server.engine.model import load_base_model
 from loraserve.server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
 
 TENANT = "acme"
-ForgetCall = tuple[str, str, int | None]
+ForgetCall = tuple[str, str, int | str | None]
+"""(tenant, name, below_version), or (tenant, name, "=N") for a forget of version N only."""
 
 
 @pytest.fixture(scope="module")
@@ -47,10 +48,14 @@ class Harness:
 
     def __init__(self, root: Path, spec: BaseModelSpec, **overrides: object) -> None:
         self.config = ServerConfig(data_dir=root, max_lora_rank=16, **overrides)  # type: ignore[arg-type]
-        self.store = AdapterStore(root / "adapters")
+        self.store = AdapterStore(root / "adapters", self.config.adapter_versions_kept)
         self.service = AdapterService(self.config, self.store, spec)
         self.forgotten: list[ForgetCall] = []
-        self.service.attach_engine(lambda t, n, v: self.forgotten.append((t, n, v)))
+
+        def forget(t: str, n: str, below: int | None, *, version: int | None = None) -> None:
+            self.forgotten.append((t, n, below if version is None else f"={version}"))
+
+        self.service.attach_engine(forget)
 
     def tmp_entries(self) -> list[Path]:
         return list((self.store.root / "tmp").iterdir())
@@ -304,14 +309,89 @@ def test_good_upload_commits_and_tells_the_engine(
     assert h.tmp_entries() == []
 
 
-def test_reupload_is_a_new_version_and_forgets_the_old(
-    h: Harness, adapter_files: dict[str, bytes]
+def test_reupload_is_a_new_version_and_forgets_only_pruned_versions(
+    tmp_path: Path, spec: BaseModelSpec, adapter_files: dict[str, bytes]
 ) -> None:
+    h = Harness(tmp_path, spec, adapter_versions_kept=2)
     first = _upload(h, adapter_files)
     second = _upload(h, adapter_files)
     assert (first.version, second.version) == (1, 2)
-    assert h.forgotten == [(TENANT, "qv", 1), (TENANT, "qv", 2)]
+    # Both kept: the engine may keep both cached (forget below 1 drops nothing).
+    assert h.forgotten == [(TENANT, "qv", 1), (TENANT, "qv", 1)]
     assert h.service.list(TENANT) == [second]
+    third = _upload(h, adapter_files)
+    assert third.version == 3
+    assert h.forgotten[-1] == (TENANT, "qv", 2)  # v1 was pruned, v2 stays cached
+    assert [r.version for r in h.service.list_versions(TENANT, "qv")] == [2, 3]
+
+
+def test_get_and_delete_take_name_at_version(h: Harness, adapter_files: dict[str, bytes]) -> None:
+    for _ in range(3):
+        _upload(h, adapter_files)
+    h.forgotten.clear()
+    old = h.service.get(TENANT, "qv@1")
+    assert (old.version, old.latest) == (1, False)
+    assert h.service.get(TENANT, "qv").latest and h.service.get(TENANT, "qv@3").latest
+    deleted = h.service.delete(TENANT, "qv@2")
+    assert (deleted.version, deleted.latest) == (2, False)
+    assert h.forgotten == [(TENANT, "qv", "=2")]  # only that version leaves the engine
+    with pytest.raises(AdapterNotFoundError, match=r"'qv@2' not found"):
+        h.service.get(TENANT, "qv@2")
+    with pytest.raises(AdapterNotFoundError, match=r"'qv@2' not found"):
+        h.service.delete(TENANT, "qv@2")
+    for bad in ("qv@", "qv@0", "qv@02", "qv@x", "qv@-1", "@1"):
+        with pytest.raises(AdapterValidationError):
+            h.service.get(TENANT, bad)
+        with pytest.raises(AdapterValidationError):
+            h.service.delete(TENANT, bad)
+    assert [r.version for r in h.service.list_versions(TENANT, "qv")] == [1, 3]
+
+
+def test_rollback_changes_what_plain_names_resolve_to_and_forgets_nothing(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    _upload(h, adapter_files)
+    _upload(h, adapter_files)
+    h.forgotten.clear()
+    assert h.service.resolve(AdapterRef(TENANT, "qv")).version == 2
+    record = h.service.rollback(TENANT, "qv", 1)
+    assert (record.version, record.latest) == (1, True)
+    assert h.service.resolve(AdapterRef(TENANT, "qv")).version == 1
+    assert h.service.resolve(AdapterRef(TENANT, "qv", 2)).version == 2
+    assert h.forgotten == []  # every kept version stays valid under its own number
+    assert [(r.version, r.latest) for r in h.service.list_versions(TENANT, "qv")] == [
+        (1, True),
+        (2, False),
+    ]
+    with pytest.raises(AdapterNotFoundError, match=r"'qv@5' not found"):
+        h.service.rollback(TENANT, "qv", 5)
+    with pytest.raises(AdapterValidationError, match="to_version"):
+        h.service.rollback(TENANT, "qv", 0)
+    for call in (
+        lambda: h.service.rollback(TENANT, "qv@1", 1),
+        lambda: h.service.list_versions(TENANT, "qv@1"),
+    ):
+        with pytest.raises(AdapterValidationError, match="without a version"):
+            call()
+    with pytest.raises(AdapterNotFoundError):
+        h.service.rollback("globex", "qv", 1)  # another tenant's namespace
+
+
+def test_resolve_and_load_a_pinned_older_version(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    _upload(h, adapter_files)
+    _upload(h, adapter_files)
+    key = h.service.resolve(AdapterRef(TENANT, "qv", 1))
+    assert (key.version, key.rank) == (1, 4)
+    assert h.service.load(key).config.rank == 4  # an older version loads, not only the latest
+    with pytest.raises(EngineError) as info:
+        h.service.resolve(AdapterRef(TENANT, "qv", 9))
+    assert info.value.kind == ErrorKind.NOT_FOUND and "'qv@9' not found" in info.value.message
+    h.service.delete(TENANT, "qv@1")
+    with pytest.raises(EngineError) as info:
+        h.service.load(key)
+    assert info.value.kind == ErrorKind.NOT_FOUND
 
 
 def test_delete_forgets_every_version(h: Harness, adapter_files: dict[str, bytes]) -> None:
@@ -376,9 +456,10 @@ def test_load_returns_validated_weights(
         assert bool(torch.isfinite(a).all()) and bool(b.abs().sum() > 0)
 
 
-def test_load_of_a_replaced_version_is_not_found(
-    h: Harness, adapter_files: dict[str, bytes]
+def test_load_of_a_pruned_version_is_not_found(
+    tmp_path: Path, spec: BaseModelSpec, adapter_files: dict[str, bytes]
 ) -> None:
+    h = Harness(tmp_path, spec, adapter_versions_kept=1)
     _upload(h, adapter_files)
     old = h.service.resolve(AdapterRef(TENANT, "qv"))
     _upload(h, adapter_files)

@@ -26,6 +26,7 @@ POSITIVE_FIELDS = [
     "max_message_bytes",
     "tenant_max_uploads",
     "max_uploads",
+    "adapter_versions_kept",
 ]
 
 
