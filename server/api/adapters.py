@@ -23,6 +23,7 @@ from loraserve.server.api.errors import abort_for, status_for
 from loraserve.server.engine.types import EngineError
 from loraserve.server.metrics import Metrics
 from loraserve.server.runtime import Runtime
+from loraserve.server.tenants import Principal
 from loraserve.v1 import adapters_pb2, adapters_pb2_grpc
 
 MAX_DECLARATIONS = 16
@@ -226,13 +227,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
             await context.abort(
                 grpc.StatusCode.INVALID_ARGUMENT, "tenant: required (the adapter's owner)"
             )
-        tenant = await self._auth.acting_tenant(context, requested, principal)
-        if tenant not in self._auth.registry.tenants:
-            await context.abort(
-                grpc.StatusCode.INVALID_ARGUMENT,
-                f"tenant: {tenant!r} is not a tenant in the tenants file",
-            )
-        return tenant
+        return await self._configured_tenant(context, requested, principal)
 
     async def ListAdapterVersions(
         self, request: adapters_pb2.ListAdapterVersionsRequest, context: grpc.aio.ServicerContext
@@ -266,7 +261,15 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
     async def _versions_tenant(self, context: grpc.aio.ServicerContext, requested: str) -> str:
         """The tenant a version RPC acts for, authorized like UploadAdapter: the caller's own,
         or (admins only) a tenant of the tenants file."""
-        principal = await self._auth.principal(context)
+        return await self._configured_tenant(
+            context, requested, await self._auth.principal(context)
+        )
+
+    async def _configured_tenant(
+        self, context: grpc.aio.ServicerContext, requested: str, principal: Principal
+    ) -> str:
+        """The tenant the caller acts for (PERMISSION_DENIED for another tenant unless admin),
+        which must be in the tenants file (INVALID_ARGUMENT otherwise)."""
         tenant = await self._auth.acting_tenant(context, requested, principal)
         if tenant not in self._auth.registry.tenants:
             await context.abort(
