@@ -416,9 +416,13 @@ class AdapterService:
         """
         plain, version = split_version(name)
         if version is None:
+            try:  # after a rollback the latest is not the highest: usage must forget them all
+                highest = max(r.version for r in self.store.list_versions(tenant, plain))
+            except AdapterError:
+                highest = 0  # missing or damaged: the delete below says which
             record = self.store.delete(tenant, plain)
             self._forget(tenant, plain, None)
-            self._on_deleted(tenant, plain, record.version)
+            self._on_deleted(tenant, plain, max(record.version, highest))
         else:
             record = self.store.delete_version(tenant, plain, version)
             try:

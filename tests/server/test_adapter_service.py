@@ -510,3 +510,24 @@ def test_store_adapter_helper_agrees_with_the_service(
     record = store_adapter(h.service, TENANT, "helper", peft_dir)
     assert h.service.get(TENANT, "helper") == record
     assert h.forgotten == [(TENANT, "helper", 1)]
+
+
+def test_name_deletes_tell_usage_the_highest_version_and_pins_the_new_latest(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    """Usage forgets every version of a deleted name (after a rollback the latest is not the
+    highest); deleting the latest version moves a name's pin to the new latest instead."""
+    deleted: list[tuple[str, str, int]] = []
+    new_latest: list[int] = []
+    h.service.attach_usage_and_pins(
+        lambda t, n, v: deleted.append((t, n, v)), lambda key: new_latest.append(key.version)
+    )
+    for _ in range(3):
+        _upload(h, adapter_files)
+    assert new_latest == [1, 2, 3]
+    h.service.rollback(TENANT, "qv", 2)
+    h.service.delete(TENANT, "qv@2")  # the latest: version 3 takes over, usage stays
+    assert new_latest[-1] == 3 and deleted == []
+    h.service.rollback(TENANT, "qv", 1)
+    h.service.delete(TENANT, "qv")
+    assert deleted == [(TENANT, "qv", 3)]
