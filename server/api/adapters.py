@@ -117,7 +117,8 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                     self._validators, finishing.finish
                 )
             self._metrics.uploads.labels(principal.tenant, "ok").inc()
-            return adapter_info(record)
+            # With usage (the name's earlier versions count), residency and pin, as GetAdapter.
+            return await asyncio.to_thread(self._described, record)
         except (_IdleTimeout, TimeoutError) as exc:
             self._metrics.uploads.labels(principal.tenant, "deadline_exceeded").inc()
             what = (

@@ -158,7 +158,9 @@ def test_usage_counts_each_tenants_requests_and_equals_their_responses(
     assert root.get_adapter("u-acme", tenant="acme").usage == acme.get_adapter("u-acme").usage
 
     # A re-upload keeps the name's totals (summed over versions); a delete drops them.
-    acme.upload_adapter(adapter_dirs["qv"], "u-acme")
+    uploaded = acme.upload_adapter(adapter_dirs["qv"], "u-acme")
+    assert uploaded.usage.requests == len(acme_usages)  # the upload's answer says so too
+    assert uploaded.usage.resident != adapters_pb2.RESIDENCY_UNSPECIFIED
     assert acme.get_adapter("u-acme").usage.requests == len(acme_usages)
     generate(acme, "u-acme")
     assert acme.get_adapter("u-acme").usage.requests == len(acme_usages) + 1
