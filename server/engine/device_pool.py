@@ -39,7 +39,13 @@ from loraserve.server.engine.cold_loader import (
     stage,
 )
 from loraserve.server.engine.lora import MultiLoRALinear
-from loraserve.server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
+from loraserve.server.engine.types import (
+    AdapterKey,
+    AdapterRef,
+    EngineError,
+    ErrorKind,
+    forgotten_versions,
+)
 
 AdapterLoader = Callable[[AdapterKey], AdapterWeights]
 """Returns one adapter version's validated weights (host tier, else disk; raises EngineError)."""
@@ -389,12 +395,7 @@ class DevicePool:
         The engine thread frees doomed pages in `collect()`, so a forward in progress never sees
         its layers change underneath it.
         """
-
-        def matches(key: AdapterKey) -> bool:
-            same = key.tenant == tenant and key.name == name
-            if version is not None:  # one deleted version; the others stay valid
-                return same and key.version == version
-            return same and (below_version is None or key.version < below_version)
+        matches = forgotten_versions(tenant, name, below_version, version)
 
         with self._lock:
             for key, entry in self._entries.items():

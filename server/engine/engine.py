@@ -31,6 +31,7 @@ from loraserve.server.engine.types import (
     GenerationRequest,
     LogprobOptions,
     SamplingParams,
+    forgotten_versions,
 )
 from loraserve.server.engine.usage import AdapterUsageLedger, AdapterUsageTotals
 from loraserve.server.limits import LimitsLookup, TenantLimitTable
@@ -323,16 +324,11 @@ class Engine:
         """
         self.device_pool.forget(tenant, name, below_version, version=version)
         self.host_cache.forget(tenant, name, below_version, version=version)
+        freed = forgotten_versions(tenant, name, below_version, version)
         with self._pins_lock:
             pin = self._pins.get((tenant, name))
-            if pin is not None:
-                pinned = pin.key.version
-                if version is not None:
-                    freed = pinned == version
-                else:
-                    freed = below_version is None or pinned < below_version
-                if freed:
-                    del self._pins[(tenant, name)]
+            if pin is not None and freed(pin.key):
+                del self._pins[(tenant, name)]
         self.scheduler.request_collect()
 
     def adapter_deleted(self, tenant: str, name: str, version: int) -> None:

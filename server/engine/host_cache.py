@@ -17,7 +17,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 from loraserve.adapters.weights import AdapterWeights
 from loraserve.server.engine.accounting import EngineObserver
-from loraserve.server.engine.types import AdapterKey
+from loraserve.server.engine.types import AdapterKey, forgotten_versions
 
 log = logging.getLogger(__name__)
 
@@ -125,12 +125,7 @@ class HostCache:
         version: int | None = None,
     ) -> None:
         """Drops a deleted (or replaced) adapter's versions from host memory."""
-
-        def matches(key: AdapterKey) -> bool:
-            same = key.tenant == tenant and key.name == name
-            if version is not None:  # one deleted version; the others stay valid
-                return same and key.version == version
-            return same and (below_version is None or key.version < below_version)
+        matches = forgotten_versions(tenant, name, below_version, version)
 
         with self._lock:
             for key in list(self._entries):

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
-from loraserve.server.engine.fair_queue import FairQueue
+from loraserve.server.engine.fair_queue import FairQueue, Queued
 from loraserve.server.engine.types import AdapterKey, EngineError, ErrorKind
 from loraserve.server.limits import TenantLimits
 
@@ -107,17 +107,9 @@ MIN_PREFILL_CHUNK = 16
 """Prefill always progresses by at least this many tokens per iteration, however busy decoding."""
 
 
-class PlannedRequest(Protocol):
-    """What the planner reads of a request (the scheduler's Sequence); it never writes it."""
-
-    @property
-    def tenant(self) -> str: ...
-
-    @property
-    def arrival(self) -> float: ...
-
-    @property
-    def cost_tokens(self) -> int: ...
+class PlannedRequest(Queued, Protocol):
+    """What the planner reads of a request (the scheduler's Sequence), beyond what the fair
+    queue reads; it never writes it."""
 
     @property
     def cancelled(self) -> bool: ...
@@ -189,6 +181,11 @@ class AdapterReadiness(Protocol[R]):
         """`key` fits the device budget beside the operator-pinned adapters (pins never leave
         on their own, so a request that cannot fit would wait forever)."""
         ...
+
+
+def cancelled_error() -> EngineError:
+    """The error of a request whose caller went away (disconnect or deadline)."""
+    return EngineError(ErrorKind.CANCELLED, "the request was cancelled")
 
 
 def crowded_out(key: AdapterKey) -> EngineError:
@@ -320,9 +317,7 @@ class Planner:
             if request is None:
                 break
             if request.cancelled:
-                failed.append(
-                    (request, EngineError(ErrorKind.CANCELLED, "the request was cancelled"))
-                )
+                failed.append((request, cancelled_error()))
                 continue
             need = blocks_for(request.context_len + 1) if paged else 0
             if paged and need > free_blocks:

@@ -43,7 +43,12 @@ from loraserve.server.engine.executor import ExecutorSettings, make_executor
 from loraserve.server.engine.fair_queue import FairQueue
 from loraserve.server.engine.logprobs import PositionScoring, prompt_targets, token_logprobs
 from loraserve.server.engine.model import LoadedModel
-from loraserve.server.engine.planner import Planner, PlannerSettings, StepPlan
+from loraserve.server.engine.planner import (
+    Planner,
+    PlannerSettings,
+    StepPlan,
+    cancelled_error,
+)
 from loraserve.server.engine.sampling import SamplingFault, make_generator, select_next_tokens
 from loraserve.server.engine.types import (
     AdapterKey,
@@ -570,29 +575,30 @@ class Scheduler:
         )
         sampled: list[Sequence] = []
         tokens: list[int] = []
-        for seq, token in zip(seqs, chosen, strict=True):
+        sampled_rows: list[int] = []  # each sampled sequence's row in `picked`
+        for row, (seq, token) in enumerate(zip(seqs, chosen, strict=True)):
             if isinstance(token, SamplingFault):
                 message = f"sampling failed: {token} (request {seq.request.request_id})"
                 self._retire(seq, ErrorEvent(EngineError(ErrorKind.INTERNAL, message)))
             else:
                 sampled.append(seq)
                 tokens.append(token)
-        return sampled, tokens, self._token_logprobs(picked, seqs, sampled, tokens)
+                sampled_rows.append(row)
+        return sampled, tokens, self._token_logprobs(picked, sampled_rows, sampled, tokens)
 
     @staticmethod
     def _token_logprobs(
-        picked: torch.Tensor, seqs: list[Sequence], sampled: list[Sequence], tokens: list[int]
+        picked: torch.Tensor, sampled_rows: list[int], sampled: list[Sequence], tokens: list[int]
     ) -> list[TokenLogprob | None]:
         """Logprob entries of the sampled rows that asked, in one vectorised pass over those
-        rows only (none asked: no work). picked: (len(seqs), vocab), rows aligned with seqs."""
+        rows only (none asked: no work). picked: (rows, vocab); sampled_rows: each sampled
+        sequence's row in it."""
         asking = [i for i, s in enumerate(sampled) if s.request.logprobs.logprobs]
         entries: list[TokenLogprob | None] = [None] * len(sampled)
         if not asking:
             return entries
-        index = {id(s): row for row, s in enumerate(seqs)}
-        rows = [index[id(sampled[i])] for i in asking]
         computed = token_logprobs(
-            picked[rows],  # (asking, vocab)
+            picked[[sampled_rows[i] for i in asking]],  # (asking, vocab)
             [tokens[i] for i in asking],
             [sampled[i].request.logprobs.top_logprobs for i in asking],
             [sampled[i].request.sampling.temperature for i in asking],
@@ -604,9 +610,7 @@ class Scheduler:
     def _drop_cancelled(self) -> None:
         for seq in self.running:
             if seq.handle.cancelled:
-                self._retire(
-                    seq, ErrorEvent(EngineError(ErrorKind.CANCELLED, "the request was cancelled"))
-                )
+                self._retire(seq, ErrorEvent(cancelled_error()))
 
     def _fail_step(self, batch: list[Sequence], exc: Exception) -> None:
         """A failed step fails only the requests in it; the engine keeps serving.

@@ -109,6 +109,22 @@ class AdapterKey:
     """The version's rank, known from the store before loading (to plan device pages)."""
 
 
+def forgotten_versions(
+    tenant: str, name: str, below_version: int | None = None, version: int | None = None
+) -> Callable[[AdapterKey], bool]:
+    """Which keys a delete or prune of tenant/name frees: only `version` when given, else
+    those below `below_version`, else every version (the tiers' and pins' `forget`)."""
+
+    def matches(key: AdapterKey) -> bool:
+        if key.tenant != tenant or key.name != name:
+            return False
+        if version is not None:  # one deleted version; the others stay valid
+            return key.version == version
+        return below_version is None or key.version < below_version
+
+    return matches
+
+
 @dataclass(frozen=True)
 class Usage:
     """Token counts and timings of one request, in seconds since its arrival."""
