@@ -693,7 +693,7 @@ def test_a_tenant_flooding_every_rpc_leaves_other_tenants_served(
         )
     # Afterwards: no upload in progress, nothing in tmp/, descriptors back to the baseline.
     assert wait_until(lambda: _in_progress(server) == 0), _in_progress(server)
-    assert wait_until(lambda: tmp_entries(data_dir(server)) == [])
+    assert wait_until(lambda: tmp_entries(data_dir(server)) == []), tmp_entries(data_dir(server))
     assert wait_until(lambda: open_fds() <= baseline_fds + 4), (open_fds(), baseline_fds)
     with client_for(server, "acme") as acme:
         assert acme.list_adapters() == []  # none of the flood's uploads was stored
