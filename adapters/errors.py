@@ -32,6 +32,10 @@ class AdapterTooLargeError(AdapterValidationError):
     """A declared or received size exceeds a configured bound (INVALID_ARGUMENT)."""
 
 
+class AdapterUploadCancelledError(AdapterError):
+    """The uploader went away (cancel, disconnect, deadline) before the commit (CANCELLED)."""
+
+
 class AdapterCorruptError(AdapterError):
     """Stored adapter files no longer match the checksums recorded at upload (INTERNAL/DATA_LOSS).
 

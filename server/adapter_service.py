@@ -19,6 +19,7 @@ from loraserve.adapters.errors import (
     AdapterError,
     AdapterNotFoundError,
     AdapterQuotaError,
+    AdapterUploadCancelledError,
     AdapterValidationError,
 )
 from loraserve.adapters.names import format_ref, split_version, validate_adapter_name
@@ -137,6 +138,8 @@ class UploadSession:
     _head: bytearray = field(default_factory=bytearray)
     """The first bytes of the weights, kept only until the safetensors header is checked."""
     _head_checked: bool = field(default=False)
+    _cancelled: threading.Event = field(default_factory=threading.Event)
+    """Set when the caller went away after handing the session to finish(): it must not commit."""
 
     def add_chunk(self, kind: FileKind, data: bytes) -> None:
         """Appends bytes to one file; refuses as soon as a chunk is over MAX_CHUNK_BYTES, a
@@ -175,6 +178,8 @@ class UploadSession:
             self.abort()  # a no-op after a commit
 
     def _finish(self) -> AdapterRecord:
+        if self._cancelled.is_set():  # queued behind other validations while the caller left
+            raise AdapterUploadCancelledError(f"upload of {self.name!r} was cancelled")
         for kind, declared in self.declared.items():
             got = self.txn.bytes_written(kind)
             if got != declared.size:
@@ -201,14 +206,24 @@ class UploadSession:
                 "target_modules": sorted(weights.modules),
                 "description": self.description,
             },
-            admit=lambda stored: self.service.check_quota(
-                self.tenant, self.name, self.declared["weights"].size, stored
-            ),
+            admit=self._admit,
         )
         self._closed = True
         self.service.end_reservation(self.reservation)
         self.service.on_replaced(record)
         return record
+
+    def _admit(self, stored: list[AdapterRecord]) -> None:
+        """Under the store's lock, just before the commit's rename: a cancelled upload and one
+        over the quota go no further."""
+        if self._cancelled.is_set():
+            raise AdapterUploadCancelledError(f"upload of {self.name!r} was cancelled")
+        self.service.check_quota(self.tenant, self.name, self.declared["weights"].size, stored)
+
+    def cancel(self) -> None:
+        """The caller is gone: a finish() still queued or running aborts instead of committing
+        (unless the commit's rename already happened). Thread-safe; finish() still cleans up."""
+        self._cancelled.set()
 
     def abort(self) -> None:
         """Removes everything written and frees the quota reservation; idempotent."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import gc
 import os
 from pathlib import Path
 
@@ -14,6 +15,14 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 # engine itself never uses the kernels on CPU (lora_kernels.available() is CUDA-only).
 if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
+
+
+def pytest_sessionfinish(session: pytest.Session) -> None:
+    """Collects the tests' cyclic garbage before pytest's summary, which may import (and so
+    ast.parse) a plugin's modules: CPython 3.11.7 fails such a parse with "SystemError: AST
+    constructor recursion depth mismatch" when a collection pass finalizes garbage in the middle
+    of it (here: a finished gRPC handler's exception cycle, after a -k run of an upload test)."""
+    gc.collect()
 
 
 @pytest.fixture(scope="session")

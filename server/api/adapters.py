@@ -113,9 +113,16 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
                 # Validation holds the files in memory and takes seconds for big adapters: a
                 # pool of its own bounds that memory and never starves the request path's
                 # threads (tokenizing runs on the default pool).
-                record = await asyncio.get_running_loop().run_in_executor(
+                finished = asyncio.get_running_loop().run_in_executor(
                     self._validators, finishing.finish
                 )
+                try:
+                    # Shielded: cancelling a finish() still queued would skip it, and with it
+                    # the only cleanup of the temp directory (the session is ours no more).
+                    record = await asyncio.shield(finished)
+                except asyncio.CancelledError:
+                    finishing.cancel()  # the caller is gone: finish() aborts, never commits
+                    raise
             self._metrics.uploads.labels(principal.tenant, "ok").inc()
             # With usage (the name's earlier versions count), residency and pin, as GetAdapter.
             return await asyncio.to_thread(self._described, record)

@@ -13,6 +13,7 @@ from loraserve.adapters.errors import (
     AdapterError,
     AdapterNotFoundError,
     AdapterQuotaError,
+    AdapterUploadCancelledError,
     AdapterValidationError,
 )
 from loraserve.server.engine.types import EngineError, ErrorKind
@@ -42,6 +43,8 @@ def status_of(exc: Exception) -> tuple[grpc.StatusCode, str] | None:
         return grpc.StatusCode.RESOURCE_EXHAUSTED, str(exc)
     if isinstance(exc, AdapterNotFoundError):
         return grpc.StatusCode.NOT_FOUND, str(exc)
+    if isinstance(exc, AdapterUploadCancelledError):
+        return grpc.StatusCode.CANCELLED, str(exc)
     if isinstance(exc, AdapterCorruptError):
         # The details name files on the server's disk: for the operator's log only.
         log.error("stored adapter is corrupt: %s", exc)

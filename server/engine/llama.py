@@ -253,10 +253,10 @@ class LlamaForCausalLM(nn.Module):
         """Set by the executor for a CPU decode step: identifies the rows' adapter routing, so
         the torch path reuses its gathered factors while the batch is unchanged."""
         self.lora_kernels = False
-        self.paged_attention = False
-        """Decode steps (one token per row) attend with paged_attention.decode instead of SDPA."""
         """Run the adapter term with the Triton kernels (set by the executor once the page
         stacks are reserved and the kernels passed their self-check)."""
+        self.paged_attention = False
+        """Decode steps (one token per row) attend with paged_attention.decode instead of SDPA."""
 
     def groups(self) -> list[LoRAGroup]:
         out: list[LoRAGroup] = []

@@ -6,6 +6,7 @@ Each test here failed before its fix; SECURITY.md lists which test covers which 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import statistics
@@ -31,9 +32,10 @@ from hardening_support import (
 from safetensors.torch import load_file, save_file
 from serving_support import client_for
 
+from loraserve.server.api import adapters as adapters_api
 from loraserve.server.background import BackgroundServer
 from loraserve.server.config import ServerConfig
-from loraserve.v1 import inference_pb2
+from loraserve.v1 import adapters_pb2, inference_pb2
 
 ServerFactory = Callable[..., BackgroundServer]
 
@@ -341,6 +343,36 @@ def test_an_upload_that_trickles_past_its_deadline_is_ended(start_server: Server
     assert wait_until(lambda: tmp_entries(data_dir(server)) == [])
 
 
+def test_an_upload_whose_deadline_passes_during_validation_is_not_stored(
+    start_server: ServerFactory, adapter_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The caller is told DEADLINE_EXCEEDED, so the upload must not commit behind its back."""
+    server = start_server(upload_deadline_seconds=1.0)
+    service = server.server.runtime.adapter_service
+    validate, gate = service.validate, threading.Event()
+
+    def slow_validate(*args, **kwargs):  # type: ignore[no-untyped-def]
+        gate.wait(60)
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(service, "validate", slow_validate)
+    with RawStubs(server.target) as raw:
+        try:
+            with pytest.raises(grpc.RpcError) as err:
+                raw.adapters.UploadAdapter(
+                    iter(_whole_upload(adapter_dirs["qv"], "late")),
+                    metadata=metadata("acme"),
+                    timeout=60,
+                )
+        finally:
+            gate.set()
+    assert err.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED, err.value.details()
+    assert wait_until(lambda: tmp_entries(data_dir(server)) == []), tmp_entries(data_dir(server))
+    assert wait_until(lambda: _in_progress(server) == 0)
+    with client_for(server, "acme") as acme:
+        assert acme.list_adapters() == []
+
+
 def test_the_server_wide_upload_cap_names_its_flag(start_server: ServerFactory) -> None:
     server = start_server(tenant_max_uploads=2, max_uploads=2, upload_idle_seconds=30.0)
     release = threading.Event()
@@ -460,6 +492,72 @@ def test_cancelled_and_disconnected_uploads_leave_nothing_in_tmp(
         release.set()
     with client_for(server, "acme") as acme:
         assert acme.list_adapters() == []
+
+
+def _whole_upload(adapter_dir: Path, name: str) -> list[adapters_pb2.UploadAdapterRequest]:
+    """Every message of a valid upload of `adapter_dir` as `name` (a small adapter: one chunk)."""
+    config = (adapter_dir / "adapter_config.json").read_bytes()
+    weights = (adapter_dir / "adapter_model.safetensors").read_bytes()
+    header = upload_header(name, len(weights), config=config)
+    header.header.files[1].sha256 = hashlib.sha256(weights).hexdigest()
+    return [header, chunk(config, weights=False), chunk(weights)]
+
+
+def test_an_upload_cancelled_while_its_validation_is_queued_is_neither_stored_nor_left_in_tmp(
+    start_server: ServerFactory, adapter_dirs: dict[str, Path], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Every validation worker busy, a finished upload waits in their queue; its caller leaves.
+
+    Cancelling the queued job used to skip finish(), the only cleanup left: its temp directory
+    and two descriptors leaked until the next start. The job must still run, and abort.
+    """
+    submitted: list[int] = []
+
+    class CountingPool(ThreadPoolExecutor):
+        def submit(self, fn, /, *args, **kwargs):  # type: ignore[no-untyped-def]
+            submitted.append(1)
+            return super().submit(fn, *args, **kwargs)
+
+    monkeypatch.setattr(adapters_api, "ThreadPoolExecutor", CountingPool)
+    server = start_server(tenant_max_uploads=8)
+    service = server.server.runtime.adapter_service
+    validate, gate, entered = service.validate, threading.Event(), []
+
+    def gated_validate(*args, **kwargs):  # type: ignore[no-untyped-def]
+        entered.append(1)
+        gate.wait(60)
+        return validate(*args, **kwargs)
+
+    monkeypatch.setattr(service, "validate", gated_validate)
+    workers = adapters_api.VALIDATION_WORKERS
+    with RawStubs(server.target) as raw, ThreadPoolExecutor(workers) as pool:
+        try:
+            blockers = [
+                pool.submit(
+                    raw.adapters.UploadAdapter,
+                    iter(_whole_upload(adapter_dirs["qv"], f"busy{i}")),
+                    metadata=metadata("acme"),
+                    timeout=60,
+                )
+                for i in range(workers)
+            ]
+            assert wait_until(lambda: len(entered) == workers), entered
+            victim = raw.adapters.UploadAdapter.future(
+                iter(_whole_upload(adapter_dirs["qv"], "victim")),
+                metadata=metadata("acme"),
+                timeout=60,
+            )
+            assert wait_until(lambda: len(submitted) == workers + 1), submitted  # queued
+            victim.cancel()
+        finally:
+            gate.set()
+        assert [b.result(60).name for b in blockers] == [f"busy{i}" for i in range(workers)]
+    assert victim.cancelled()
+    assert wait_until(lambda: tmp_entries(data_dir(server)) == []), tmp_entries(data_dir(server))
+    assert wait_until(lambda: _in_progress(server) == 0), _in_progress(server)
+    with client_for(server, "acme") as acme:  # the cancelled upload was never committed
+        assert sorted(a.name for a in acme.list_adapters()) == [f"busy{i}" for i in range(workers)]
+    assert len(entered) == workers  # finish() saw the cancel before validating
 
 
 # ---- 6. memory after refused uploads ----------------------------------------------------------

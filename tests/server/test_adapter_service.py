@@ -9,7 +9,11 @@ import pytest
 import torch
 from serving_support import AdapterShape, build_test_model, make_peft_adapter, store_adapter
 
-from loraserve.adapters.errors import AdapterNotFoundError, AdapterValidationError
+from loraserve.adapters.errors import (
+    AdapterNotFoundError,
+    AdapterUploadCancelledError,
+    AdapterValidationError,
+)
 from loraserve.adapters.spec import BaseModelSpec
 from loraserve.adapters.store import AdapterStore
 from loraserve.server.adapter_service import AdapterService, FileDeclaration
@@ -280,6 +284,32 @@ def test_abort_is_idempotent_and_a_no_op_after_commit(
     record = session.finish()
     session.abort()
     assert h.service.get(TENANT, "qv") == record
+
+
+@pytest.mark.parametrize("when", ["before finish", "during validation"])
+def test_a_cancelled_session_aborts_instead_of_committing(
+    h: Harness, adapter_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch, when: str
+) -> None:
+    """cancel() (the caller went away) before finish() or while it validates: no commit."""
+    session = h.service.begin_upload(TENANT, "qv", "", _decls(adapter_files))
+    for kind, data in adapter_files.items():
+        session.add_chunk(kind, data)  # type: ignore[arg-type]
+    if when == "before finish":
+        session.cancel()
+    else:
+        validate = h.service.validate
+
+        def cancel_midway(*args, **kwargs):  # type: ignore[no-untyped-def]
+            session.cancel()
+            return validate(*args, **kwargs)
+
+        monkeypatch.setattr(h.service, "validate", cancel_midway)
+    with pytest.raises(AdapterUploadCancelledError, match="'qv' was cancelled"):
+        session.finish()
+    h.assert_nothing_stored()
+    assert h.forgotten == []
+    # The quota reservation ended with it: the same upload now commits.
+    assert _upload(h, adapter_files).version == 1
 
 
 def test_good_upload_commits_and_tells_the_engine(
