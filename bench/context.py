@@ -95,6 +95,8 @@ class BenchContext:
                         max_new_tokens=max(s.output_len, s.trace_output_len[1], 8),
                         extra=s.engine_opts,
                     ),
+                    temperature=s.temperature,
+                    top_p=s.top_p,
                 )
             config = dataclasses.asdict(self._engine.config)
             self.engine_info = {

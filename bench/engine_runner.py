@@ -151,11 +151,15 @@ class EngineBench:
         device: str = "cpu",
         dtype: str = "float32",
         limits: EngineLimits | None = None,
+        temperature: float = 0.0,
+        top_p: float = 1.0,
     ) -> None:
+        """temperature, top_p: the sampling of every request `run` submits (0: greedy)."""
         from loraserve.server.config import ServerConfig
         from loraserve.server.runtime import build_runtime
 
         limits = limits or EngineLimits()
+        self.temperature, self.top_p = temperature, top_p
         wanted: dict[str, object] = {
             "model_path": Path(model_dir),
             "data_dir": Path(data_dir),
@@ -231,7 +235,10 @@ class EngineBench:
                     time.sleep(delay)
             sampling = self.engine.sampling(
                 SamplingOverrides(
-                    max_new_tokens=request.max_new_tokens, temperature=0.0, ignore_eos=True
+                    max_new_tokens=request.max_new_tokens,
+                    temperature=self.temperature,
+                    top_p=self.top_p,
+                    ignore_eos=True,
                 )
             )
             adapter = (

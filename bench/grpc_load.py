@@ -40,9 +40,15 @@ class GrpcRun:
 
 
 async def run_load(
-    client, requests: list[GrpcRequest], concurrency: int, duration_s: float
+    client,
+    requests: list[GrpcRequest],
+    concurrency: int,
+    duration_s: float,
+    sampling: tuple[float, float] = (0.0, 1.0),
 ) -> GrpcRun:
-    """Sends `requests` with at most `concurrency` in flight; stops issuing after duration_s."""
+    """Sends `requests` with at most `concurrency` in flight; stops issuing after duration_s.
+
+    sampling: every request's (temperature, top_p); temperature 0 is greedy."""
     import grpc
 
     semaphore = asyncio.Semaphore(concurrency)
@@ -66,7 +72,8 @@ async def run_load(
                     request.prompt,
                     adapter=request.adapter,
                     max_new_tokens=request.max_new_tokens,
-                    temperature=0.0,
+                    temperature=sampling[0],
+                    top_p=sampling[1],
                     ignore_eos=True,
                 ):
                     if message.token_ids and first is None:
@@ -169,13 +176,14 @@ async def _drive(ctx: BenchContext, server, concurrency: int) -> dict:
                 for pick, p in zip(picks, prompts, strict=True)
             ],
         }
+        sampling = (s.temperature, s.top_p)
         for requests in workloads.values():  # warm-up: code paths and adapter pages
             warm = requests[: max(concurrency, len(names))]
-            await run_load(client, warm, concurrency, s.grpc_duration_s)
+            await run_load(client, warm, concurrency, s.grpc_duration_s, sampling)
         runs: dict[str, list[GrpcRun]] = {m: [] for m in workloads}
         for _ in range(s.repeats):
             for mode, requests in workloads.items():
-                result = await run_load(client, requests, concurrency, s.grpc_duration_s)
+                result = await run_load(client, requests, concurrency, s.grpc_duration_s, sampling)
                 runs[mode].append(result)
                 log.info("  grpc %-9s %8.1f tokens/s", mode, result.run.tokens_per_s)
     out = {mode: _summary(r, s.stat) for mode, r in runs.items()}

@@ -140,6 +140,14 @@ def _num(value: Any, fmt: str = "{:.1f}") -> str:
     return fmt.format(value)
 
 
+def _sampling(meta: dict) -> str:
+    """How the requests chose tokens, when not greedy (the default)."""
+    temperature = meta.get("temperature") or 0.0
+    if not temperature:
+        return ""
+    return f", sampled (temperature {temperature:g}, top-p {meta.get('top_p', 1.0):g})"
+
+
 def format_table(results: Results) -> str:
     """The whole report as aligned plain text."""
     meta = results.get("meta", {})
@@ -148,7 +156,7 @@ def format_table(results: Results) -> str:
         f"model {meta.get('size', '?')} ({meta.get('model', '')}), batch {meta.get('batch', '?')}, "
         f"rank {meta.get('rank', '?')}, prompt {meta.get('prompt_len', '?')} / output "
         f"{meta.get('output_len', '?')} tokens, {meta.get('stat', '?')} of "
-        f"{meta.get('repeats', '?')} runs",
+        f"{meta.get('repeats', '?')} runs{_sampling(meta)}",
     ]
     if meta.get("loadavg_start") is not None:
         lines.append(

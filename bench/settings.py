@@ -52,6 +52,10 @@ class BenchSettings:
     """How repeats combine into one number: best (highest tokens/s) or median."""
     skew_alpha: float = 1.5
     """Zipf exponent of Punica's skewed pattern."""
+    temperature: float = 0.0
+    """Sampling temperature of every bench request; 0 is greedy (the parity-checked default)."""
+    top_p: float = 1.0
+    """Top-p of every bench request (with a temperature above 0)."""
     distinct_sweep: tuple[int, ...] = ()
     """Distinct adapters per batch to sweep; () means powers of two up to --batch."""
     nsweep: tuple[int, ...] = (5, 100, 1000)
@@ -151,6 +155,8 @@ def build_parser() -> argparse.ArgumentParser:
     a("--naive-repeats", type=int, default=None)
     a("--stat", choices=["best", "median"], default=d.stat)
     a("--skew-alpha", type=float, default=d.skew_alpha, help="Zipf alpha of Punica's skewed")
+    a("--temperature", type=float, default=d.temperature, help="every request's; 0: greedy")
+    a("--top-p", type=float, default=d.top_p, help="every request's (with --temperature > 0)")
     a("--distinct-sweep", type=_ints, default=None, help="e.g. 1,2,4,8,16")
     a("--nsweep", type=_ints, default=None, help="registered adapter counts, e.g. 5,100,1000")
     a("--nsweep-requests", type=int, default=None)
@@ -208,4 +214,9 @@ def settings_from_args(argv: list[str]) -> BenchSettings:
     settings = BenchSettings(**values)
     if settings.batch < 1 or settings.adapters < 1 or settings.repeats < 1:
         build_parser().error("--batch, --adapters and --repeats must be at least 1")
+    if "distinct" in settings.only and settings.adapters < settings.batch:
+        build_parser().error(
+            f"--adapters {settings.adapters} is fewer than --batch {settings.batch}: the distinct "
+            "mode gives every row of the batch its own adapter from the pool"
+        )
     return settings.resolved()

@@ -46,43 +46,98 @@ def make_generator(params: SamplingParams) -> torch.Generator | None:
 
 def filter_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tensor:
     """Temperature, top-k and top-p on one row. logits: (vocab,) float32 -> (vocab,) float32."""
-    logits = logits.float() / params.temperature  # (vocab,) float32: bounded temperature
-    vocab = logits.shape[-1]
-    if 0 < params.top_k < vocab:
-        kth = torch.topk(logits, params.top_k).values[-1]  # ()
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    if params.top_p < 1.0:
-        sorted_logits, order = torch.sort(logits, descending=True)  # (vocab,), (vocab,)
-        probs_sorted = torch.softmax(sorted_logits, dim=-1)  # (vocab,)
-        cumulative = probs_sorted.cumsum(dim=-1)  # (vocab,)
-        # Drop a token when the tokens ranked above it already reach top_p; the first always stays.
-        drop_sorted = (cumulative - probs_sorted) >= params.top_p
-        drop = torch.zeros_like(drop_sorted).scatter(0, order, drop_sorted)  # (vocab,)
-        logits = logits.masked_fill(drop, float("-inf"))
-    return logits
+    return filter_rows(logits[None], [params])[0]
 
 
-def _check_finite(logits: torch.Tensor) -> None:
-    """Refuses a row that softmax would turn into NaN. logits: (vocab,) float32.
+NUCLEUS_CANDIDATES = 1024
+"""Top-p looks for its nucleus among each row's most probable tokens first (a top-k, much
+cheaper than sorting a 32k-152k vocabulary); only a row whose candidates hold less than top_p
+of the mass is sorted whole."""
 
-    -Inf is allowed (filtered tokens); NaN, +Inf or no finite entry at all is a fault.
+
+def filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Tensor:
+    """Temperature, top-k and top-p, each row with its own parameters, batched.
+
+    logits: (rows, vocab) any float dtype, on any device -> (rows, vocab) float32 with the
+    filtered-out tokens at -inf. Every row must be sampled (temperature > 0).
     """
-    if bool(torch.isnan(logits).any()) or bool(torch.isposinf(logits).any()):
-        raise SamplingFault("the request's logits are not finite (NaN or +Inf)")
-    if not bool(torch.isfinite(logits).any()):
-        raise SamplingFault("every token of the request's distribution has probability 0")
+    device = logits.device
+    vocab = logits.shape[-1]
+    temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)  # (rows,)
+    out = logits.float() / temps.to(device)[:, None]  # (rows, vocab): bounded temperature
+    ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
+    if any(ks):
+        # Each row's k-th largest logit; a tie for the k-th place keeps every tied token.
+        top = torch.topk(out, max(ks), dim=-1).values  # (rows, max k)
+        k = torch.tensor(ks, device=device)  # (rows,)
+        kth = top.gather(1, (k - 1).clamp(min=0)[:, None])  # (rows, 1)
+        kth = kth.masked_fill((k == 0)[:, None], float("-inf"))
+        out = out.masked_fill(out < kth, float("-inf"))
+    nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
+    if nucleus:
+        every = len(nucleus) == len(params)
+        rows = None if every else torch.tensor(nucleus, device=device)  # (n,)
+        sub = out if rows is None else out[rows]  # (n, vocab)
+        top_p = torch.tensor([params[i].top_p for i in nucleus], device=device)  # (n,)
+        kept = _nucleus(sub, top_p)  # (n, vocab) bool
+        if rows is None:
+            out = out.masked_fill(~kept, float("-inf"))
+        else:
+            out[rows] = sub.masked_fill(~kept, float("-inf"))
+    return out
 
 
-def sample_row(
-    logits: torch.Tensor, params: SamplingParams, generator: torch.Generator | None
-) -> int:
-    """One sampled token. logits: (vocab,) any float dtype, on any device."""
-    row = logits.float().cpu()  # (vocab,) float32
-    _check_finite(row)
-    filtered = filter_logits(row, params)  # (vocab,) float32
-    _check_finite(filtered)
-    probs = torch.softmax(filtered, dim=-1)  # (vocab,): exp(x - max) <= 1, cannot overflow
-    return int(torch.multinomial(probs, 1, generator=generator).item())
+def _nucleus(logits: torch.Tensor, top_p: torch.Tensor) -> torch.Tensor:
+    """Which tokens top-p keeps: the most probable ones until the tokens ranked above reach
+    top_p (the first always stays). logits: (n, vocab) float32; top_p: (n,) -> (n, vocab)."""
+    probs = torch.softmax(logits, dim=-1)  # (n, vocab)
+    candidates = min(NUCLEUS_CANDIDATES, logits.shape[-1])
+    cand_probs, cand_index = torch.topk(probs, candidates, dim=-1)  # (n, c) descending
+    keep_sorted = (cand_probs.cumsum(-1) - cand_probs) < top_p[:, None]  # (n, c)
+    kept = torch.zeros_like(probs, dtype=torch.bool).scatter(1, cand_index, keep_sorted)
+    # A row whose candidates hold less than top_p keeps tokens beyond them: sort it whole.
+    short = (cand_probs.sum(-1) < top_p).nonzero().flatten().tolist()
+    if short:
+        sorted_probs, order = torch.sort(probs[short], dim=-1, descending=True)  # (s, vocab)
+        keep_all = (sorted_probs.cumsum(-1) - sorted_probs) < top_p[short, None]
+        kept[short] = torch.zeros_like(keep_all).scatter(1, order, keep_all)
+    return kept
+
+
+_NOT_FINITE = -1
+_NOTHING_LEFT = -2
+"""Token codes of rows that could not be sampled (tokens are >= 0)."""
+
+
+def _draw(
+    logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator]
+) -> torch.Tensor:
+    """One token per sampled row, or a negative fault code. logits: (rows, vocab) -> (rows,).
+
+    Inverse-CDF sampling: one uniform per row from the row's own generator (on the host, so a
+    seeded request draws the same sequence whatever shares its batch), the search batched on
+    the logits' device. The target scales with the row's own CDF total, so rounding in the
+    cumulative sum moves no token's chance by more than float32 rounding.
+    """
+    device = logits.device
+    raw = logits.float()  # (rows, vocab)
+    bad = ~(raw < float("inf")).all(-1)  # (rows,): a NaN or +Inf logit (NaN < inf is False)
+    filtered = filter_rows(raw, params)  # (rows, vocab) float32
+    empty = (filtered == float("-inf")).all(-1)  # (rows,): every token filtered out
+    probs = torch.softmax(filtered, dim=-1)  # (rows, vocab): exp(x - max) <= 1, cannot overflow
+    bad |= ~(probs >= 0).all(-1) & ~empty  # NaN: a logit overflowed at this temperature
+    cdf = probs.cumsum(dim=-1)  # (rows, vocab) non-decreasing
+    total = cdf[:, -1:].contiguous()  # (rows, 1)
+    uniform = torch.cat([torch.rand(1, generator=g) for g in generators])  # (rows,) float32
+    target = uniform.to(device)[:, None] * total  # (rows, 1), below each row's total
+    # right=True: the first token whose cumulative mass exceeds the target has mass itself.
+    token = torch.searchsorted(cdf, target, right=True)  # (rows, 1)
+    # Rounding can put the target at the total: then the last token with mass, the first
+    # whose cumulative mass reaches the total.
+    last = torch.searchsorted(cdf, total, right=False)  # (rows, 1)
+    token = torch.minimum(token, last)[:, 0]  # (rows,)
+    token = token.masked_fill(empty, _NOTHING_LEFT)
+    return token.masked_fill(bad, _NOT_FINITE)
 
 
 def select_next_tokens(
@@ -92,20 +147,32 @@ def select_next_tokens(
 ) -> list[int | SamplingFault]:
     """Picks each row's next token, or the SamplingFault of a row that could not be sampled.
 
-    logits: (batch, vocab) in any float dtype.
+    logits: (batch, vocab) in any float dtype. Greedy rows take the argmax; the sampled rows
+    are filtered and drawn together, and the whole step reads back one tensor (one device
+    sync), however many rows sample.
     """
-    greedy = torch.argmax(logits, dim=-1).tolist()  # (batch,)
-    if all(p.greedy for p in params):
-        return greedy
-    chosen: list[int | SamplingFault] = list(greedy)
-    for row, (p, generator) in enumerate(zip(params, generators, strict=True)):
-        if p.greedy:
-            continue
-        try:
-            chosen[row] = sample_row(logits[row], p, generator)
-        except SamplingFault as fault:
-            chosen[row] = fault
-        except RuntimeError as exc:
-            # Whatever else torch refuses for this row's values stays this row's problem.
-            chosen[row] = SamplingFault(f"sampling failed: {str(exc)[:200]}")
-    return chosen
+    chosen = torch.argmax(logits, dim=-1)  # (batch,)
+    sampled = [i for i, p in enumerate(params) if not p.greedy]
+    if sampled:
+        rows = torch.tensor(sampled, device=logits.device)  # (sampled,)
+        drawn = _draw(
+            logits[rows],
+            [params[i] for i in sampled],
+            [_generator(generators[i]) for i in sampled],
+        )  # (sampled,)
+        chosen = chosen.index_put((rows,), drawn)
+    out: list[int | SamplingFault] = []
+    for token in chosen.tolist():
+        if token == _NOT_FINITE:
+            out.append(SamplingFault("the request's logits are not finite (NaN or +Inf)"))
+        elif token == _NOTHING_LEFT:
+            out.append(SamplingFault("every token of the request's distribution has probability 0"))
+        else:
+            out.append(token)
+    return out
+
+
+def _generator(generator: torch.Generator | None) -> torch.Generator:
+    if generator is None:
+        raise ValueError("a sampled row needs its generator (make_generator)")
+    return generator

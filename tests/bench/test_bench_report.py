@@ -132,6 +132,13 @@ def test_table_shows_every_section_and_verdict() -> None:
         assert needle in text, needle
 
 
+def test_the_header_says_when_requests_were_sampled() -> None:
+    results = _results()
+    assert "sampled" not in format_table(results).splitlines()[0]  # greedy by default
+    results["meta"] = {**results.get("meta", {}), "temperature": 0.7, "top_p": 0.9}
+    assert format_table(results).splitlines()[0].endswith(", sampled (temperature 0.7, top-p 0.9)")
+
+
 def test_json_round_trip(tmp_path: Path) -> None:
     results = with_ratios(_results())
     results["meta"]["out_dir"] = Path("bench/results")

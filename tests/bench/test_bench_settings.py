@@ -51,6 +51,21 @@ def test_unknown_part_is_a_usage_error() -> None:
         settings_from_args(["--only", "distinct,warp"])
 
 
+def test_a_pool_smaller_than_the_batch_is_a_usage_error_only_for_the_distinct_mode(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    with pytest.raises(SystemExit):
+        settings_from_args(["--batch", "32", "--adapters", "16"])
+    assert "--adapters 16 is fewer than --batch 32" in capsys.readouterr().err
+    assert settings_from_args(["--batch", "32", "--adapters", "16", "--only", "grpc"]).batch == 32
+
+
+def test_requests_are_greedy_unless_a_temperature_is_given() -> None:
+    assert (settings_from_args([]).temperature, settings_from_args([]).top_p) == (0.0, 1.0)
+    s = settings_from_args(["--temperature", "0.8", "--top-p", "0.95"])
+    assert (s.temperature, s.top_p) == (0.8, 0.95)
+
+
 def test_engine_opts_set_config_fields() -> None:
     from pathlib import Path
 

@@ -11,7 +11,13 @@ import math
 import pytest
 import torch
 
-from loraserve.server.engine.sampling import filter_logits, make_generator, select_next_tokens
+from loraserve.server.engine.sampling import (
+    SamplingFault,
+    filter_logits,
+    filter_rows,
+    make_generator,
+    select_next_tokens,
+)
 from loraserve.server.engine.types import SamplingParams
 
 GREEDY = SamplingParams()
@@ -185,3 +191,59 @@ def test_seeded_row_is_reproducible_and_independent_of_batch_composition() -> No
     # The draws really are random: another seed on the same logits gives another sequence.
     other = (SamplingParams(temperature=1.3, top_p=0.95, top_k=20, seed=43), 0)
     assert _draw_sequence([other], target=0, steps=12) != alone
+
+
+def test_batched_filtering_gives_each_row_exactly_its_own_filter() -> None:
+    """filter_rows over a batch of mixed parameters equals filtering each row alone."""
+    logits = torch.randn(5, 300, generator=torch.Generator().manual_seed(0)) * 3  # (rows, vocab)
+    params = [
+        SamplingParams(temperature=0.7),
+        SamplingParams(temperature=1.0, top_k=5),
+        SamplingParams(temperature=1.5, top_p=0.8),
+        SamplingParams(temperature=0.3, top_k=40, top_p=0.5),
+        SamplingParams(temperature=2.0, top_k=300, top_p=1.0),  # k = vocab: no top-k
+    ]
+    batched = filter_rows(logits, params)  # (rows, vocab)
+    for row, p in enumerate(params):
+        alone = filter_logits(logits[row], p)
+        assert _kept(batched[row]) == _kept(alone), row
+        torch.testing.assert_close(batched[row], alone, rtol=0, atol=0)
+    assert len(_kept(batched[1])) == 5 and len(_kept(batched[4])) == 300
+
+
+def test_a_row_that_cannot_be_sampled_fails_alone_in_a_batch() -> None:
+    vocab = 8
+    logits = torch.zeros(4, vocab)  # (batch, vocab)
+    logits[0, 3] = float("nan")
+    logits[1] = float("-inf")  # every token has probability 0
+    logits[2, 5] = 4.0
+    logits[3, 6] = 50.0
+    params = [SamplingParams(temperature=1.0, seed=i) for i in range(3)] + [GREEDY]
+    generators = [make_generator(p) for p in params]
+    out = select_next_tokens(logits, params, generators)
+    assert isinstance(out[0], SamplingFault) and "not finite" in str(out[0])
+    assert isinstance(out[1], SamplingFault) and "probability 0" in str(out[1])
+    assert isinstance(out[2], int) and 0 <= out[2] < vocab
+    assert out[3] == 6
+
+
+def test_draws_over_a_large_vocabulary_follow_the_nucleus() -> None:
+    """32k tokens, most of the mass on four: draws stay in the nucleus, in proportion."""
+    vocab = 32_000
+    logits = torch.full((1, vocab), -20.0)  # (1, vocab)
+    logits[0, [10, 20_000, 31_999, 7]] = torch.tensor([6.0, 5.0, 4.0, 3.0])
+    params = [SamplingParams(temperature=1.0, top_p=0.9, seed=5)]
+    kept = _kept(filter_logits(logits[0], params[0]))
+    assert kept == {10, 20_000, 31_999}  # 0.64 + 0.24 < 0.9; with 0.09 more the rest is cut
+    probs = torch.softmax(filter_logits(logits[0], params[0]), -1)
+    # 250 rows of the same logits, each with its own seed, drawn 8 times: 2000 draws.
+    rows = [SamplingParams(temperature=1.0, top_p=0.9, seed=seed) for seed in range(250)]
+    generators = [make_generator(p) for p in rows]
+    counts: dict[int, int] = {}
+    for _ in range(8):
+        for token in select_next_tokens(logits.expand(len(rows), vocab), rows, generators):
+            assert isinstance(token, int)
+            counts[token] = counts.get(token, 0) + 1
+    assert set(counts) <= kept
+    for token, n in counts.items():
+        assert abs(n / 2000 - float(probs[token])) < 0.04, (token, n, float(probs[token]))

@@ -38,7 +38,8 @@ from loraserve.server.engine.types import (
 
 def test_the_smallest_temperature_cannot_overflow_float32() -> None:
     # Logits far beyond any real model's, at the smallest temperature: still finite.
-    logits = torch.tensor([[1e4, -1e4, 0.0, 9999.0]], dtype=torch.bfloat16)  # (1, vocab)
+    # (9999 would round to 1e4's bfloat16, 9984: a tie, which only the old sampler's seed broke.)
+    logits = torch.tensor([[1e4, -1e4, 0.0, 9000.0]], dtype=torch.bfloat16)  # (1, vocab)
     params = [SamplingParams(temperature=MIN_TEMPERATURE, seed=1)]
     tokens = select_next_tokens(logits, params, [make_generator(params[0])])
     assert tokens == [0]
