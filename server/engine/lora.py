@@ -285,8 +285,8 @@ class LoRAGroup:
         self.a: torch.Tensor | None = None  # (pages, members, page_rank, d_in)
         self.b: torch.Tensor | None = None  # (pages, sum(outs), page_rank)
         self.reserved = False
-        self._gathered: tuple[object, torch.Tensor, torch.Tensor] | None = None
-        """(reuse key and page versions, A rows, B rows) of the last keyed gather."""
+        self._gathered: tuple[object, torch.Tensor, list[torch.Tensor]] | None = None
+        """(reuse key and page versions, A^T, each member's B^T) of the last keyed gather."""
         weight = members[0].base_layer.weight
         segment = [j for j, out in enumerate(self.outs) for _ in range(out)]
         # (sum(outs),) member index of each fused output column, for the expand's selection.
@@ -348,30 +348,44 @@ class LoRAGroup:
     ) -> torch.Tensor:
         """The fused low-rank term of every member. x: (batch, seq, d_in) -> (batch, seq, O).
 
-        page_table: (batch, n) each row's pages (0-padded). One gather and one bmm for the
-        shrink of all members, one for the expand; same semantics as lora_delta_reference per
-        member, the members' outputs concatenated. reuse_key (CPU decode): the gathered rows
-        are kept and reused while the key and the pages' contents stay the same, as on the
-        generic path; on a GPU the kernels read the pages in place and nothing is kept.
+        page_table: (batch, n) each row's pages (0-padded). One shrink bmm for all members,
+        then one expand bmm per member over its own rank columns (no wasted output columns),
+        concatenated; same semantics as lora_delta_reference per member. reuse_key (CPU
+        decode): the gathered factors are kept and reused while the key and the pages'
+        contents stay the same, as on the generic path; on a GPU the kernels read the pages in
+        place and nothing is kept.
         """
+        a_t, b_parts = self._factors(page_table, reuse_key)
+        xa = torch.bmm(x.to(a_t.dtype), a_t)  # (batch, seq, members * n * page)
+        width = xa.shape[-1] // len(b_parts)  # n * page rank columns per member
+        parts = [
+            torch.bmm(xa[..., j * width : (j + 1) * width], b)  # (batch, seq, O_j)
+            for j, b in enumerate(b_parts)
+        ]
+        return parts[0] if len(parts) == 1 else torch.cat(parts, dim=-1)
+
+    def _factors(
+        self, page_table: torch.Tensor, reuse_key: object
+    ) -> tuple[torch.Tensor, list[torch.Tensor]]:
+        """Each row's shrink factor A^T (batch, d_in, members * n * page), its columns member by
+        member, and each member's expand factor B_j^T (batch, n * page, O_j), all contiguous:
+        laid out once per batch so the decode steps' bmms read them straight."""
         assert self.a is not None and self.b is not None
-        batch, n = page_table.shape
-        members, page_rank = self.a.shape[1], self.a.shape[2]
-        seq = x.shape[1]
-        out = self.b.shape[1]
         version = (reuse_key, tuple(m.generation for m in self.members))
         if reuse_key is not None and self._gathered is not None and self._gathered[0] == version:
-            a_rows, b_rows = self._gathered[1], self._gathered[2]
-        else:
-            table = page_table.masked_fill(page_table >= self.a.shape[0], 0)  # (batch, n)
-            a_rows = self.a[table].reshape(batch, n * members * page_rank, self.d_in)
-            b_rows = self.b[table].permute(0, 1, 3, 2).reshape(batch, n * page_rank, out)
-            self._gathered = (version, a_rows, b_rows) if reuse_key is not None else None
-        xa = torch.bmm(x.to(a_rows.dtype), a_rows.transpose(1, 2))  # (batch, seq, n*m*page)
-        xa = xa.view(batch, seq, n, members, page_rank).permute(0, 1, 3, 2, 4)
-        xa = xa.reshape(batch, seq * members, n * page_rank)  # (batch, seq*m, n*page)
-        full = torch.bmm(xa, b_rows).view(batch, seq, members, out)  # (batch, seq, m, O)
-        if members == 1:
-            return full[:, :, 0]
-        index = self.segment.view(1, 1, 1, out).expand(batch, seq, 1, out)
-        return full.gather(2, index).squeeze(2)  # (batch, seq, O): member j's own columns
+            return self._gathered[1], self._gathered[2]
+        batch, n = page_table.shape
+        members, page_rank = self.a.shape[1], self.a.shape[2]
+        table = page_table.masked_fill(page_table >= self.a.shape[0], 0)  # (batch, n)
+        a = self.a[table]  # (batch, n, members, page, d_in)
+        a_t = a.permute(0, 4, 2, 1, 3).reshape(batch, self.d_in, members * n * page_rank)
+        a_t = a_t.contiguous()  # one member on one page reshapes to a transposed view
+        b = self.b[table]  # (batch, n, O, page)
+        b_parts: list[torch.Tensor] = []
+        offset = 0
+        for width in self.outs:
+            b_j = b[:, :, offset : offset + width].permute(0, 1, 3, 2)  # (batch, n, page, O_j)
+            b_parts.append(b_j.reshape(batch, n * page_rank, width))
+            offset += width
+        self._gathered = (version, a_t, b_parts) if reuse_key is not None else None
+        return a_t, b_parts
