@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import contextlib
 from collections.abc import AsyncIterator
 
 import grpc
@@ -20,6 +19,7 @@ from loraserve.server.api.convert import (
     usage_pb,
 )
 from loraserve.server.api.errors import abort_for, status_for
+from loraserve.server.api.relay import EventRelay
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.types import (
     AdapterRef,
@@ -46,11 +46,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._auth = auth
         self._log = request_log
         self._served_by = served_by
+        self._event_relay: EventRelay | None = None
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
     ) -> inference_pb2.GenerateResponse:
-        async for request_id, event in self._events(request, context, "Generate"):
+        async for request_id, event in self._events(request, context, "Generate", stream=False):
             if isinstance(event, FinishEvent):
                 return inference_pb2.GenerateResponse(
                     text=event.text,
@@ -126,13 +127,22 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             currency=config.currency,
         )
 
+    def _relay(self) -> EventRelay:
+        """The relay of the running loop (the servicer serves one loop; made on first use)."""
+        loop = asyncio.get_running_loop()
+        if self._event_relay is None or self._event_relay.loop is not loop:
+            self._event_relay = EventRelay(loop)
+        return self._event_relay
+
     async def _events(
         self,
         request: inference_pb2.GenerateRequest,
         context: grpc.aio.ServicerContext,
         rpc: str,
+        stream: bool = True,
     ) -> AsyncIterator[tuple[str, Event]]:
-        """Submits the request and yields (request_id, event) until it finishes or fails.
+        """Submits the request and yields (request_id, event) until it finishes or fails;
+        with stream=False, the token events are dropped on the engine thread.
 
         Leaving early (client gone, deadline) cancels the request inside the engine. Every
         outcome is recorded once (metrics and access log).
@@ -174,21 +184,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             except (AdapterError, EngineError) as exc:
                 await fail(exc)
                 return
-            loop = asyncio.get_running_loop()
             queue: asyncio.Queue[Event] = asyncio.Queue()
-
-            def sink(event: Event) -> None:
-                # Runs on the engine thread; the loop may be gone if the server is stopping.
-                with contextlib.suppress(RuntimeError):
-                    loop.call_soon_threadsafe(queue.put_nowait, event)
-
             try:
                 handle = engine.submit(
                     tenant=principal.tenant,
                     adapter=ref,
                     prompt_ids=prompt_ids,
                     sampling=sampling,
-                    sink=sink,
+                    # A unary call reads only the finish event: its tokens stay off the loop.
+                    sink=self._relay().sink_for(queue, None if stream else _not_a_token),
                     logprobs=logprobs,
                 )
             except EngineError as exc:
@@ -222,6 +226,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         finally:
             if handle is not None:
                 handle.cancel()
+
+
+def _not_a_token(event: Event) -> bool:
+    return not isinstance(event, TokenEvent)
 
 
 def _prepare(
