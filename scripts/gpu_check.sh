@@ -9,6 +9,7 @@
 #   skips parts; ANCHOR_TIMEOUT / PARITY_TIMEOUT / BENCH_TIMEOUT cap each part (s);
 #   LORASERVE_ENGINE_OPTS adds --engine-opt FIELD=VALUE (e.g. enforce_eager=true).
 #   GPU_CHECK_ATTENTION=1 also benches decode attention=sdpa against attention=triton.
+#   GPU_CHECK_SAMPLED=1 also runs the distinct modes sampled (temperature 0.8, top-p 0.95).
 set -uo pipefail
 out="${OUT:-/tmp/gpu_check}"
 mkdir -p "$out"
@@ -90,6 +91,16 @@ if [[ -n "${GPU_CHECK_ATTENTION:-}" ]]; then
       --engine-opt "attention=$backend" > "$out/attention-$backend.log" 2>&1
     echo "attention=$backend exit $? in $((SECONDS - start)) s: $(grep -i 'decode' "$out/attention-$backend.log" | tail -2 | tr '\n' ' ')"
   done
+fi
+
+if [[ -n "${GPU_CHECK_SAMPLED:-}" ]]; then
+  echo "== sampled requests (temperature 0.8, top-p 0.95), distinct modes, one run"
+  start=$SECONDS
+  timeout "${SAMPLED_TIMEOUT:-120}" "$py" -m loraserve.bench.run --size 1b --device cuda \
+    --dtype bfloat16 --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
+    --repeats 1 --distinct-sweep 32 --only distinct --temperature 0.8 --top-p 0.95 \
+    --out "$out/sampled" --no-plot > "$out/sampled.log" 2>&1
+  echo "sampled exit $? in $((SECONDS - start)) s: $(grep -E '^(base|loraserve-distinct) ' "$out/sampled.log" | tr -s ' ' | tr '\n' ';')"
 fi
 
 "$py" - "$out" <<'EOF'

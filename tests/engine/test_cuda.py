@@ -163,3 +163,35 @@ def test_cuda_cold_load_on_the_loader_stream(dtype: str, model_cache: Path, tmp_
             assert cold[-1].token_ids == alone[-1].token_ids
     finally:
         harness.close()
+
+
+def test_cuda_batched_sampling_is_seeded_filtered_and_faults_alone() -> None:
+    """The sampled rows run on the device: same seeds, same draws; filtered tokens never."""
+    from loraserve.server.engine.sampling import SamplingFault, make_generator, select_next_tokens
+    from loraserve.server.engine.types import SamplingParams
+
+    vocab = 32_000
+    torch.manual_seed(0)
+    logits = (torch.randn(6, vocab) * 4).cuda()  # (rows, vocab)
+    logits[4, 7] = float("nan")
+    params = [
+        SamplingParams(temperature=0.8, top_p=0.9, seed=1),
+        SamplingParams(temperature=1.0, top_k=5, seed=2),
+        SamplingParams(),  # greedy
+        SamplingParams(temperature=0.7, top_k=50, top_p=0.95, seed=3),
+        SamplingParams(temperature=1.0, seed=4),  # NaN logits: fails alone
+        SamplingParams(temperature=2.0, seed=5),
+    ]
+    top5 = set(torch.topk(logits[1], 5).indices.tolist())
+
+    def draw() -> list[list[int | SamplingFault]]:
+        generators = [make_generator(p) for p in params]
+        return [select_next_tokens(logits, params, generators) for _ in range(20)]
+
+    first, again = draw(), draw()
+    assert [[str(t) for t in step] for step in first] == [[str(t) for t in s] for s in again]
+    for step in first:
+        assert step[2] == int(torch.argmax(logits[2]))
+        assert step[1] in top5
+        assert isinstance(step[4], SamplingFault)
+        assert all(isinstance(t, int) and 0 <= t < vocab for i, t in enumerate(step) if i != 4)
