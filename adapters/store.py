@@ -54,7 +54,7 @@ from loraserve.adapters.errors import (
     AdapterNotFoundError,
     AdapterValidationError,
 )
-from loraserve.adapters.names import validate_adapter_name, validate_tenant_name
+from loraserve.adapters.names import format_ref, validate_adapter_name, validate_tenant_name
 
 log = logging.getLogger(__name__)
 
@@ -702,7 +702,7 @@ class AdapterStore:
         with self._changing(tenant, name):
             versions = self._versions(name_dir)
             if version not in versions:
-                raise AdapterNotFoundError(f"adapter {name + '@' + str(version)!r} not found")
+                raise _version_not_found(name, version)
             latest = self._latest_of(tenant, name, versions) == version
             corrupt: AdapterCorruptError | None = None
             record: AdapterRecord | None = None
@@ -736,7 +736,7 @@ class AdapterStore:
         with self._changing(tenant, name):
             versions = self._versions(name_dir)
             if version not in versions:
-                raise AdapterNotFoundError(f"adapter {name + '@' + str(version)!r} not found")
+                raise _version_not_found(name, version)
             # Refuse to point at files that no longer match their checksums.
             record = self._version_record(tenant, name, version)
             self._set_pointer(name_dir, None if version == versions[-1] else version)
@@ -770,7 +770,7 @@ class AdapterStore:
                 return cached
         path = self.version_dir(tenant, name, version)
         if not path.is_dir():
-            raise AdapterNotFoundError(f"adapter {name + '@' + str(version)!r} not found")
+            raise _version_not_found(name, version)
         record = _record_from_meta(path, tenant, name, version)
         if self._cache_records:
             self._version_records[key] = record
@@ -917,3 +917,8 @@ class AdapterStore:
                     f"match the {want_sum} ({want_size} bytes) recorded at upload"
                 )
         return config, weights
+
+
+def _version_not_found(name: str, version: int) -> AdapterNotFoundError:
+    """The one message for a missing `name@N` (the same shape as a missing adapter's)."""
+    return AdapterNotFoundError(f"adapter {format_ref(name, version)!r} not found")
