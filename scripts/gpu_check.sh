@@ -1,14 +1,20 @@
 #!/usr/bin/env bash
 # One prepared GPU run (well under 8 minutes; run in the repo root on a CUDA machine): versions,
-# the plain-PyTorch anchor (../shared/gpu/anchor.py, or ./anchor.py, or $ANCHOR), the CUDA
-# parity tests, then loraserve's bench on the ~1.2B Llama in bf16 (batch 32, 64 rank-16
-# adapters, prompt 128, output 64: base / identical / distinct / uniform / skewed, end-to-end
-# and decode-only tokens/s, cold and warm time to first token). Logs go to $OUT (default
+# the CUDA parity tests, the kernel bench (bench/kernels.py: multi-LoRA kernel variants and one
+# whole decode step, base vs distinct adapters, sdpa vs triton attention), then loraserve's bench
+# on the ~1.2B Llama in bf16 (batch 32, 64 rank-16 adapters, prompt 128, output 64: base /
+# identical / distinct / uniform / skewed, end-to-end and decode-only tokens/s, cold and warm
+# time to first token, and the same load through the real gRPC server), the plain-PyTorch anchor
+# (../shared/gpu/anchor.py, or ./anchor.py, or $ANCHOR), cold loads beside running rows, and a
+# CLI smoke of the server. Parts run in that order (most telling first) and each has its own
+# time limit, so a cut-short run still leaves what it measured. Logs go to $OUT (default
 # /tmp/gpu_check); the last thing printed is the issue's table.
-#   GPU_CHECK_REPEATS (default 2) timed runs per bench mode; GPU_CHECK_SKIP=anchor,parity,server,overlap,bench
-#   skips parts; ANCHOR_TIMEOUT / PARITY_TIMEOUT / BENCH_TIMEOUT cap each part (s);
+#   GPU_CHECK_REPEATS (default 2) timed runs per bench mode;
+#   GPU_CHECK_SKIP=parity,kernels,bench,anchor,overlap,server skips parts; GPU_CHECK_GRPC=0 drops
+#   the bench's gRPC part; PARITY_TIMEOUT / KERNELS_TIMEOUT / BENCH_TIMEOUT / ANCHOR_TIMEOUT /
+#   OVERLAP_TIMEOUT cap each part (s);
 #   LORASERVE_ENGINE_OPTS adds --engine-opt FIELD=VALUE (e.g. enforce_eager=true).
-#   GPU_CHECK_ATTENTION=1 also benches decode attention=sdpa against attention=triton.
+#   GPU_CHECK_ATTENTION=1 also benches decode attention=sdpa against attention=triton end to end.
 #   GPU_CHECK_SAMPLED=1 also runs the distinct modes sampled (temperature 0.8, top-p 0.95).
 set -uo pipefail
 out="${OUT:-/tmp/gpu_check}"
@@ -31,6 +37,37 @@ done
 nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | tee "$out/gpu.txt"
 "$py" -c "import torch, transformers; print('torch', torch.__version__, 'transformers', transformers.__version__, 'cuda', torch.cuda.is_available())" | tee -a "$out/gpu.txt"
 
+if [[ ",$skip," != *",parity,"* ]]; then
+  echo "== CUDA parity tests"
+  start=$SECONDS
+  timeout "${PARITY_TIMEOUT:-150}" "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_lora_kernels.py \
+    > "$out/parity.log" 2>&1
+  echo "parity exit $? in $((SECONDS - start)) s: $(tail -1 "$out/parity.log")"
+fi
+
+if [[ ",$skip," != *",kernels,"* ]]; then
+  echo "== kernel bench: multi-LoRA kernel variants, one decode step (base vs distinct, sdpa vs triton)"
+  start=$SECONDS
+  timeout "${KERNELS_TIMEOUT:-150}" "$py" -m loraserve.bench.kernels --size 1b --dtype bfloat16 \
+    --batch 32 --json "$out/kernels.json" > "$out/kernels.log" 2>&1
+  echo "kernels exit $? in $((SECONDS - start)) s"
+  sed -n '/^multi-LoRA kernels/,$p' "$out/kernels.log"
+fi
+
+if [[ ",$skip," != *",bench,"* ]]; then
+  echo "== bench, ~1.2B Llama, bf16"
+  start=$SECONDS
+  grpc_part=",grpc"
+  [ "${GPU_CHECK_GRPC:-1}" = 0 ] && grpc_part=""
+  opts=()
+  for o in ${LORASERVE_ENGINE_OPTS:-}; do opts+=(--engine-opt "$o"); done
+  timeout "${BENCH_TIMEOUT:-330}" "$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 \
+    --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
+    --repeats "$repeats" --distinct-sweep 32 --cold-samples 4 --only "distinct,cold${grpc_part}" --grpc-requests 96 \
+    --out "$out/bench" --no-plot "${opts[@]}" > "$out/bench.log" 2>&1
+  echo "bench exit $? in $((SECONDS - start)) s"
+fi
+
 if [[ ",$skip," != *",anchor,"* && -n "$anchor" ]]; then
   echo "== anchor ($anchor)"
   start=$SECONDS
@@ -38,12 +75,12 @@ if [[ ",$skip," != *",anchor,"* && -n "$anchor" ]]; then
   echo "anchor exit $? in $((SECONDS - start)) s"
 fi
 
-if [[ ",$skip," != *",parity,"* ]]; then
-  echo "== CUDA parity tests"
+if [[ ",$skip," != *",overlap,"* ]]; then
+  echo "== cold loads beside running rows (time per output token, cold vs warm joiners)"
   start=$SECONDS
-  timeout "${PARITY_TIMEOUT:-150}" "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_lora_kernels.py \
-    > "$out/parity.log" 2>&1
-  echo "parity exit $? in $((SECONDS - start)) s: $(tail -1 "$out/parity.log")"
+  timeout "${OVERLAP_TIMEOUT:-90}" "$py" -m loraserve.bench.cold_overlap --size 1b --device cuda \
+    --dtype bfloat16 --batch 32 --joiners 8 --json "$out/overlap.json" > "$out/overlap.log" 2>&1
+  echo "overlap exit $? in $((SECONDS - start)) s: $(tail -3 "$out/overlap.log" | tr '\n' ' ')"
 fi
 
 if [[ ",$skip," != *",server,"* ]]; then
@@ -55,30 +92,10 @@ if [[ ",$skip," != *",server,"* ]]; then
   for _ in $(seq 120); do grep -q "serving on" "$out/server.log" && break; sleep 0.5; done
   port=$(sed -n 's/.*loraserve: serving on [^ ]*:\([0-9]*\).*/\1/p' "$out/server.log" | head -1)
   "$py" scripts/make_example_adapter.py /tmp/example-adapter > /dev/null 2>&1
-  "$py" -m loraserve adapters upload /tmp/example-adapter --name ex --target "127.0.0.1:$port" --json
-  "$py" -m loraserve generate --adapter ex --max-new-tokens 8 --ignore-eos --json \
+  timeout 60 "$py" -m loraserve adapters upload /tmp/example-adapter --name ex --target "127.0.0.1:$port" --json
+  timeout 60 "$py" -m loraserve generate --adapter ex --max-new-tokens 8 --ignore-eos --json \
     --target "127.0.0.1:$port" hello
   kill -TERM $server; wait $server; echo "server exit code: $?"
-fi
-
-if [[ ",$skip," != *",overlap,"* ]]; then
-  echo "== cold loads beside running rows (time per output token, cold vs warm joiners)"
-  start=$SECONDS
-  timeout "${OVERLAP_TIMEOUT:-90}" "$py" -m loraserve.bench.cold_overlap --size 1b --device cuda \
-    --dtype bfloat16 --batch 32 --joiners 8 --json "$out/overlap.json" > "$out/overlap.log" 2>&1
-  echo "overlap exit $? in $((SECONDS - start)) s: $(tail -3 "$out/overlap.log" | tr '\n' ' ')"
-fi
-
-if [[ ",$skip," != *",bench,"* ]]; then
-  echo "== bench, ~1.2B Llama, bf16"
-  start=$SECONDS
-  opts=()
-  for o in ${LORASERVE_ENGINE_OPTS:-}; do opts+=(--engine-opt "$o"); done
-  timeout "${BENCH_TIMEOUT:-330}" "$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 \
-    --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
-    --repeats "$repeats" --distinct-sweep 32 --cold-samples 4 --only distinct,cold \
-    --out "$out/bench" --no-plot "${opts[@]}" > "$out/bench.log" 2>&1
-  echo "bench exit $? in $((SECONDS - start)) s"
 fi
 
 if [[ -n "${GPU_CHECK_ATTENTION:-}" ]]; then
@@ -148,6 +165,12 @@ if cold:
     print(f"cold / warm TTFT: {fmt(cold.get('cold_ttft_s', 0) * 1e3, '{:.1f}')} / "
           f"{fmt(cold.get('warm_ttft_s', 0) * 1e3, '{:.1f}')} ms = "
           f"{fmt(cold.get('cold_over_warm'), '{:.2f}')}x")
+grpc = bench.get("grpc", {}).get("modes", {})
+for name, inproc in (("base", "base"), ("loraserve", "loraserve-distinct")):
+    if name in grpc and inproc in modes and modes[inproc].get("tokens_per_s"):
+        g, m = grpc[name]["tokens_per_s"], modes[inproc]["tokens_per_s"]
+        print(f"gRPC streaming {name}: {fmt(g)} tokens/s vs in-process {inproc} {fmt(m)} "
+              f"(end to end) = {g / m:.2f}x")
 parity = out / "parity.log"
 if parity.exists():
     print("CUDA parity:", parity.read_text().strip().splitlines()[-1])

@@ -232,7 +232,13 @@ def _project(
         table = page_table if seq == 1 else page_table.repeat_interleave(seq, 0)  # (T, n)
         flat = y.view(batch * seq, -1)  # (T, d_out), updated in place
         lora_kernels.add_lora(
-            flat, x.reshape(batch * seq, d_in).contiguous(), group.a, group.b, group.segment, table
+            flat,
+            x.reshape(batch * seq, d_in).contiguous(),
+            group.a,
+            group.b,
+            group.segment,
+            table,
+            group.live,
         )
         return y
     return y + group.delta(x, page_table, reuse_key).to(y.dtype)

@@ -158,6 +158,8 @@ class MultiLoRALinear(nn.Module):
         self.lora_b.index_copy_(0, index, b_pages)
         self.occupied.update(pages)
         self.generation += 1
+        if self.group is not None:
+            self.group.sync_live(pages)
 
     def _ensure_capacity(self, page: int, page_rank: int, num_pages: int) -> None:
         """Grows the page stacks (doubling, up to the pool's pages) so `page` fits.
@@ -196,6 +198,8 @@ class MultiLoRALinear(nn.Module):
             self.lora_b[page].zero_()
             self.occupied.discard(page)
         self.generation += 1
+        if self.group is not None:
+            self.group.sync_live(touched)
 
     def release_memory(self) -> None:
         """Frees the page stacks when no page is occupied any more."""
@@ -284,6 +288,10 @@ class LoRAGroup:
         self.outs = [m.out_features for m in members]
         self.a: torch.Tensor | None = None  # (pages, members, page_rank, d_in)
         self.b: torch.Tensor | None = None  # (pages, sum(outs), page_rank)
+        self.live: torch.Tensor | None = None
+        """(pages,) int32 on the stacks' device: 1 where some member holds that page. The
+        kernels skip other pages: an adapter that targets q/k/v/o leaves the MLP groups' pages
+        of the same number empty, and those rows then cost the MLP nothing."""
         self.reserved = False
         self._gathered: tuple[object, torch.Tensor, list[torch.Tensor]] | None = None
         """(reuse key and page versions, A^T, each member's B^T) of the last keyed gather."""
@@ -320,11 +328,23 @@ class LoRAGroup:
         new_b = torch.zeros(
             (size, sum(self.outs), page_rank), dtype=weight.dtype, device=weight.device
         )  # (size, sum(outs), page_rank)
-        if self.a is not None and self.b is not None:
+        new_live = torch.zeros(size, dtype=torch.int32, device=weight.device)  # (size,)
+        if self.a is not None and self.b is not None and self.live is not None:
             new_a[:have].copy_(self.a)
             new_b[:have].copy_(self.b)
-        self.a, self.b = new_a, new_b
+            new_live[:have].copy_(self.live)
+        self.a, self.b, self.live = new_a, new_b, new_live
         self._point_members()
+
+    def sync_live(self, pages: list[int]) -> None:
+        """Sets `live` for `pages` from the members' occupancy (after a write or a clear), on
+        the current stream, so a step after the write sees the flag the write implies."""
+        if self.live is None or not pages:
+            return
+        flags = [int(any(p in m.occupied for m in self.members)) for p in pages]
+        index = torch.tensor(pages, dtype=torch.long).to(self.live.device)  # (n,)
+        values = torch.tensor(flags, dtype=torch.int32).to(self.live.device)  # (n,)
+        self.live.index_copy_(0, index, values)
 
     def _point_members(self) -> None:
         offset = 0
@@ -339,7 +359,7 @@ class LoRAGroup:
 
     def release_memory(self) -> None:
         if not self.reserved and not self.occupied:
-            self.a = self.b = None
+            self.a = self.b = self.live = None
             self._gathered = None
             self._point_members()
 

@@ -10,6 +10,15 @@ which is LoRAGroup.delta (the torch reference, also the CPU path) added to y. A 
 in place from the stacks through each row's page table: no per-row copies, two launches per
 fused projection, capturable in CUDA graphs. Prefill uses the same kernels with the page table
 repeated per token (a segment of tokens sharing an adapter reads the same pages: SGMV).
+
+Two things keep decode short, where a batch has few rows and each row's A is a long, thin
+(rank x d_in) read:
+- split-K: the shrink splits d_in across programs (each writes a partial sum; the expand adds
+  the partials), so a 32-row batch runs hundreds of short programs instead of a few dozen that
+  each walk the whole of d_in in series;
+- dead pages are skipped: page 0 (no adapter) always, and, given the group's `live` flags, any
+  page that holds no adapter for this group (an adapter of q/k/v/o leaves the MLP's pages of the
+  same page number empty). Such a row reads no A or B and writes nothing.
 """
 
 from __future__ import annotations
@@ -27,9 +36,28 @@ except ImportError:  # pragma: no cover - depends on the install
     triton = None
     tl = None
 
+BLOCK_K = 256
+"""d_in columns one shrink step reads (a rank-8 page: 8 x 256 values, 4 KiB in bf16)."""
+BLOCK_O = 128
+"""Output columns of one expand program."""
+TARGET_PROGRAMS = 2048
+"""Shrink programs to aim for: splitting d_in past this gains nothing (132 SMs on an H100)."""
+
 
 def available(device: torch.device) -> bool:
     return triton is not None and device.type == "cuda"
+
+
+def shrink_splits(tokens: int, slots: int, d_in: int) -> int:
+    """How many programs share one row's d_in in the shrink: a power of two, at most one
+    BLOCK_K tile each, and only as many as it takes to reach TARGET_PROGRAMS in all.
+
+    tokens * slots programs exist before splitting (slots = pages per row * members)."""
+    tiles = -(-d_in // BLOCK_K)
+    splits = 1
+    while splits * 2 <= tiles and tokens * slots * splits < TARGET_PROGRAMS:
+        splits *= 2
+    return splits
 
 
 if triton is not None:
@@ -39,68 +67,93 @@ if triton is not None:
         x_ptr,  # (T, d_in)
         a_ptr,  # (pages, M, R, d_in)
         table_ptr,  # (T, n) int64
-        out_ptr,  # (T, n, M, R) float32
+        live_ptr,  # (pages,) int32, when HAS_LIVE
+        out_ptr,  # (SPLITS, T, n, M, R) float32 partial sums
         table_stride,
+        tokens,
         d_in: tl.constexpr,
         n: tl.constexpr,
         M: tl.constexpr,
         R: tl.constexpr,
+        K_PER_PROGRAM: tl.constexpr,
         BLOCK_K: tl.constexpr,
+        HAS_LIVE: tl.constexpr,
     ):
         t = tl.program_id(0)
         slot = tl.program_id(1)  # i * M + j
+        split = tl.program_id(2)
         i = slot // M
         j = slot % M
         page = tl.load(table_ptr + t * table_stride + i)
-        rows = tl.arange(0, R)
-        acc = tl.zeros((R,), dtype=tl.float32)
-        base = a_ptr + ((page * M + j) * R) * d_in
-        for k0 in range(0, d_in, BLOCK_K):
-            ks = k0 + tl.arange(0, BLOCK_K)
-            kmask = ks < d_in
-            xv = tl.load(x_ptr + t * d_in + ks, mask=kmask, other=0.0).to(tl.float32)
-            av = tl.load(
-                base + rows[:, None] * d_in + ks[None, :], mask=kmask[None, :], other=0.0
-            ).to(tl.float32)
-            acc += tl.sum(av * xv[None, :], axis=1)
-        tl.store(out_ptr + ((t * n + i) * M + j) * R + rows, acc)
+        live = page != 0
+        if HAS_LIVE:
+            live = live & (tl.load(live_ptr + page) != 0)
+        if live:
+            rows = tl.arange(0, R)
+            acc = tl.zeros((R,), dtype=tl.float32)
+            base = a_ptr + ((page * M + j) * R) * d_in
+            k_begin = split * K_PER_PROGRAM
+            for k0 in range(0, K_PER_PROGRAM, BLOCK_K):
+                ks = k_begin + k0 + tl.arange(0, BLOCK_K)
+                kmask = ks < d_in
+                xv = tl.load(x_ptr + t * d_in + ks, mask=kmask, other=0.0).to(tl.float32)
+                av = tl.load(
+                    base + rows[:, None] * d_in + ks[None, :], mask=kmask[None, :], other=0.0
+                ).to(tl.float32)
+                acc += tl.sum(av * xv[None, :], axis=1)
+            tl.store(out_ptr + (((split * tokens + t) * n + i) * M + j) * R + rows, acc)
 
     @triton.jit
     def _expand(
         y_ptr,  # (T, O) in place
-        xa_ptr,  # (T, n, M, R) float32
+        xa_ptr,  # (SPLITS, T, n, M, R) float32 partial sums
         b_ptr,  # (pages, O, R)
         seg_ptr,  # (O,) int64 member of each output column
         table_ptr,  # (T, n) int64
+        live_ptr,  # (pages,) int32, when HAS_LIVE
         table_stride,
+        tokens,
         out_features: tl.constexpr,
         n: tl.constexpr,
         M: tl.constexpr,
         R: tl.constexpr,
+        SPLITS: tl.constexpr,
         BLOCK_O: tl.constexpr,
+        HAS_LIVE: tl.constexpr,
     ):
         t = tl.program_id(0)
         os_ = tl.program_id(1) * BLOCK_O + tl.arange(0, BLOCK_O)
         omask = os_ < out_features
-        seg = tl.load(seg_ptr + os_, mask=omask, other=0)
         rs = tl.arange(0, R)
+        ss = tl.arange(0, SPLITS)
         acc = tl.zeros((BLOCK_O,), dtype=tl.float32)
+        touched = t < 0  # a scalar False: no live page yet
         for i in range(0, n):
             page = tl.load(table_ptr + t * table_stride + i)
-            bv = tl.load(
-                b_ptr + (page * out_features + os_[:, None]) * R + rs[None, :],
-                mask=omask[:, None],
-                other=0.0,
-            ).to(tl.float32)
-            xv = tl.load(
-                xa_ptr + ((t * n + i) * M + seg[:, None]) * R + rs[None, :],
-                mask=omask[:, None],
-                other=0.0,
-            )
-            acc += tl.sum(bv * xv, axis=1)
-        yp = y_ptr + t * out_features + os_
-        yv = tl.load(yp, mask=omask, other=0.0).to(tl.float32)
-        tl.store(yp, (yv + acc).to(y_ptr.dtype.element_ty), mask=omask)
+            live = page != 0
+            if HAS_LIVE:
+                live = live & (tl.load(live_ptr + page) != 0)
+            touched = touched | live
+            if live:
+                seg = tl.load(seg_ptr + os_, mask=omask, other=0)
+                bv = tl.load(
+                    b_ptr + (page * out_features + os_[:, None]) * R + rs[None, :],
+                    mask=omask[:, None],
+                    other=0.0,
+                ).to(tl.float32)  # (BLOCK_O, R)
+                xv = tl.zeros((BLOCK_O, R), dtype=tl.float32)
+                for j in tl.static_range(M):
+                    # Member j's rank vector for this page: the shrink's partials, summed.
+                    parts = tl.load(
+                        xa_ptr + (((ss[:, None] * tokens + t) * n + i) * M + j) * R + rs[None, :]
+                    )  # (SPLITS, R)
+                    xj = tl.sum(parts, axis=0)  # (R,)
+                    xv += tl.where(seg[:, None] == j, xj[None, :], 0.0)
+                acc += tl.sum(bv * xv, axis=1)
+        if touched:
+            yp = y_ptr + t * out_features + os_
+            yv = tl.load(yp, mask=omask, other=0.0).to(tl.float32)
+            tl.store(yp, (yv + acc).to(y_ptr.dtype.element_ty), mask=omask)
 
 
 def add_lora(
@@ -110,44 +163,64 @@ def add_lora(
     b: torch.Tensor,
     segment: torch.Tensor,
     table: torch.Tensor,
+    live: torch.Tensor | None = None,
+    *,
+    splits: int | None = None,
 ) -> None:
     """y (T, O) += the fused group's low-rank term for x (T, d_in), rows routed by table (T, n).
 
     a: (pages, M, R, d_in) and b: (pages, O, R) contiguous; every page in `table` must exist;
     table's rows may be strided (a slice of a wider static buffer), its columns contiguous.
+    live: (pages,) int32, non-zero where the page holds an adapter for this group (LoRAGroup.live);
+    other pages are skipped, as page 0 always is. splits: programs per row's d_in in the shrink,
+    a power of two (default shrink_splits; 1 walks d_in in one program).
     """
     tokens, d_in = x.shape
     pages_per_row = table.shape[1]
     members, rank = a.shape[1], a.shape[2]
     out_features = b.shape[1]
+    if splits is None:
+        splits = shrink_splits(tokens, pages_per_row * members, d_in)
+    k_per_program = -(-d_in // (splits * BLOCK_K)) * BLOCK_K
+    # (splits, T, n, M, R): each split's partial sum; slots of skipped pages stay unwritten
+    # and unread (the expand checks the same flags).
     xa = torch.empty(
-        (tokens, pages_per_row, members, rank), dtype=torch.float32, device=x.device
-    )  # (T, n, M, R)
-    _shrink[(tokens, pages_per_row * members)](
+        (splits, tokens, pages_per_row, members, rank), dtype=torch.float32, device=x.device
+    )
+    has_live = live is not None
+    live_arg = live if live is not None else table  # any pointer; not read without HAS_LIVE
+    _shrink[(tokens, pages_per_row * members, splits)](
         x,
         a,
         table,
+        live_arg,
         xa,
         table.stride(0),
+        tokens,
         d_in=d_in,
         n=pages_per_row,
         M=members,
         R=rank,
-        BLOCK_K=256,
+        K_PER_PROGRAM=k_per_program,
+        BLOCK_K=BLOCK_K,
+        HAS_LIVE=has_live,
     )
-    block_o = 128
-    _expand[(tokens, triton.cdiv(out_features, block_o))](
+    _expand[(tokens, triton.cdiv(out_features, BLOCK_O))](
         y,
         xa,
         b,
         segment,
         table,
+        live_arg,
         table.stride(0),
+        tokens,
         out_features=out_features,
         n=pages_per_row,
         M=members,
         R=rank,
-        BLOCK_O=block_o,
+        SPLITS=splits,
+        BLOCK_O=BLOCK_O,
+        HAS_LIVE=has_live,
     )
 
 

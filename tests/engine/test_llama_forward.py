@@ -178,3 +178,24 @@ def test_reused_gathers_are_refreshed_after_a_page_write() -> None:
     fresh = group.delta(x, table)  # no key: always gathers
     again = group.delta(x, table, reuse_key="step")
     assert torch.equal(again, fresh) and not torch.equal(again, first)
+
+
+def test_group_live_flags_follow_the_members_pages() -> None:
+    """`live` (what the kernels skip by) is 1 exactly where some member holds the page: set by
+    a write, kept while another member still holds it, cleared with the last one, grown with
+    the stacks."""
+    members = [MultiLoRALinear(torch.nn.Linear(16, o), context=None) for o in (16, 8)]
+    group = LoRAGroup(members)
+    assert group.live is None
+    members[0].write([1, 2], 4, 20, torch.randn(8, 16), torch.randn(16, 8), scale=1.0)
+    members[1].write([2], 4, 20, torch.randn(4, 16), torch.randn(8, 4), scale=1.0)
+    assert group.live is not None and group.live.dtype == torch.int32
+    assert group.live.tolist()[:4] == [0, 1, 1, 0]
+    members[0].clear([1, 2])
+    assert group.live.tolist()[:4] == [0, 0, 1, 0]  # member 1 still holds page 2
+    members[1].write([12], 4, 20, torch.randn(4, 16), torch.randn(8, 4), scale=1.0)
+    assert group.live.shape[0] == group.a.shape[0] > 12  # grown with the stacks
+    assert group.live.nonzero().flatten().tolist() == [2, 12]
+    members[1].clear([2, 12])
+    group.release_memory()
+    assert group.live is None and group.a is None

@@ -76,3 +76,64 @@ def test_kernels_match_reference(dtype: torch.dtype, outs: list[int], d_in: int,
 def test_self_check_passes_on_this_device() -> None:
     assert DEVICE is not None
     assert lora_kernels.self_check(torch.device(DEVICE), torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("splits", [1, 2, 4])
+def test_split_shrink_matches_reference(dtype: torch.dtype, splits: int) -> None:
+    """d_in = 700 is three BLOCK_K tiles and not a multiple of one: each split of the shrink
+    sums a part of d_in (with 4 splits the last part is empty) and the expand adds them up."""
+    torch.manual_seed(1)
+    d_in = 700
+    group = _group([64, 32], d_in, dtype, pages=5)
+    table = torch.tensor([[1, 2], [3, 0], [0, 0], [4, 5]], device=DEVICE)  # (batch, n)
+    x = torch.randn(4, 1, d_in, device=DEVICE, dtype=dtype)  # (batch, 1, d_in)
+    want = group.delta(x, table).float()[:, 0]  # (batch, O)
+    y = torch.zeros(4, 96, device=DEVICE, dtype=dtype)  # (T, O)
+    assert group.a is not None and group.b is not None
+    lora_kernels.add_lora(
+        y, x[:, 0].contiguous(), group.a, group.b, group.segment, table, splits=splits
+    )
+    tol = TOLERANCE[dtype] * want.abs().max().item()
+    torch.testing.assert_close(y.float(), want, atol=tol, rtol=TOLERANCE[dtype])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_pages_not_live_in_a_group_are_skipped(dtype: torch.dtype) -> None:
+    """A page whose `live` flag is 0 contributes nothing even when its memory holds values (it
+    is never read), and a row with no live page leaves its output bitwise as it was."""
+    torch.manual_seed(2)
+    group = _group([128, 64], 256, dtype, pages=6)
+    assert group.a is not None and group.b is not None
+    # (pages + 1,): pages 1, 3, 5 live; 2, 4, 6 hold values but are dead.
+    live = torch.tensor([0, 1, 0, 1, 0, 1, 0], dtype=torch.int32, device=DEVICE)
+    table = torch.tensor([[1, 2], [2, 4], [3, 5], [0, 0]], device=DEVICE)  # (batch, n)
+    x = torch.randn(4, 1, 256, device=DEVICE, dtype=dtype)  # (batch, 1, d_in)
+    # The reference over the same stacks with the dead pages' contents zeroed.
+    alive = group.a.clone(), group.b.clone()
+    group.a[live == 0] = 0
+    group.b[live == 0] = 0
+    want = group.delta(x, table).float()[:, 0]  # (batch, O)
+    group.a.copy_(alive[0])
+    group.b.copy_(alive[1])
+    base = torch.randn(4, 192, device=DEVICE, dtype=dtype)  # (T, O)
+    y = base.clone()
+    lora_kernels.add_lora(y, x[:, 0].contiguous(), group.a, group.b, group.segment, table, live)
+    tol = TOLERANCE[dtype] * want.abs().max().item()
+    torch.testing.assert_close(y.float() - base.float(), want, atol=tol, rtol=TOLERANCE[dtype])
+    assert torch.equal(y[1], base[1])  # pages 2 and 4: both dead
+    assert torch.equal(y[3], base[3])  # no adapter
+
+
+def test_shrink_splits_are_powers_of_two_within_d_in() -> None:
+    bk = lora_kernels.BLOCK_K
+    # Decode: few rows, so d_in is split, at most one BLOCK_K tile per program.
+    assert lora_kernels.shrink_splits(tokens=32, slots=2, d_in=8 * bk) == 8
+    assert lora_kernels.shrink_splits(tokens=32, slots=2, d_in=32 * bk) == 32
+    assert lora_kernels.shrink_splits(tokens=1, slots=1, d_in=3 * bk) == 2
+    # Prefill: the rows alone fill the GPU; d_in stays in one program.
+    assert lora_kernels.shrink_splits(tokens=4096, slots=2, d_in=8 * bk) == 1
+    assert lora_kernels.shrink_splits(tokens=8, slots=1, d_in=100) == 1
+    for tokens in (1, 3, 32, 100, 2048):
+        splits = lora_kernels.shrink_splits(tokens=tokens, slots=6, d_in=2048)
+        assert splits & (splits - 1) == 0 and splits * bk <= 2048

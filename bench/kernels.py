@@ -1,0 +1,275 @@
+"""Kernel-level GPU bench: the multi-LoRA kernels and a whole decode step, variants side by side.
+
+`python -m loraserve.bench.kernels --size 1b --dtype bfloat16` (CUDA only) times, inside CUDA
+graphs on one machine in one run:
+
+- lora: each fused projection of the model (q/k/v, o, gate/up, down) at decode, batch rows
+  each with its own rank-16 adapter (two pages), for the kernel variants `single-pass` (one
+  program walks a row's whole d_in, every page read: the kernels before split-K) and `split-K`
+  (d_in split across programs, dead pages skipped), plus `split-K, dead` (the group holds no
+  adapter on those pages: an MLP group under q/k/v/o adapters) and the torch reference;
+- step: one whole decode step (forward + LM head) of the own Llama forward over paged KV, base
+  rows against rows with distinct q/k/v/o adapters, per kernel variant and decode attention
+  (sdpa, triton). The ratio adapter-step / base-step is what the engine's distinct/base
+  decode ratio can reach at most.
+
+Every time is the median over repeated graph replays (CUDA events), in microseconds; the table
+is printed last and written as JSON with --json.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import statistics
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from unittest import mock
+
+import torch
+
+from loraserve.bench.models import bench_model_path
+from loraserve.server.engine import lora_kernels
+from loraserve.server.engine.llama import LlamaForCausalLM, PagedKV, StepInputs, load_llama
+from loraserve.server.engine.lora import LoRAContext, LoRAGroup, MultiLoRALinear
+
+PAGE_RANK = 8
+BLOCK_SIZE = 16
+
+
+@dataclass(frozen=True)
+class KernelBenchSettings:
+    size: str = "1b"
+    dtype: str = "bfloat16"
+    batch: int = 32
+    rank: int = 16
+    adapters: int = 64
+    context: int = 160
+    """Tokens already in each row's KV (prompt 128 + half of 64 outputs)."""
+    replays: int = 50
+    calls_per_graph: int = 10
+
+
+def time_graph(fn: Callable[[], object], settings: KernelBenchSettings) -> float:
+    """Median microseconds of one fn() call: fn captured calls_per_graph times in one graph,
+    replayed `replays` times, each replay timed with CUDA events."""
+    stream = torch.cuda.Stream()
+    stream.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(stream):
+        for _ in range(2):
+            fn()  # compile and warm up outside the graph
+    torch.cuda.current_stream().wait_stream(stream)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        for _ in range(settings.calls_per_graph):
+            fn()
+    for _ in range(3):
+        graph.replay()
+    times = []
+    for _ in range(settings.replays):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        graph.replay()
+        end.record()
+        end.synchronize()
+        times.append(start.elapsed_time(end) * 1e3 / settings.calls_per_graph)
+    return statistics.median(times)
+
+
+@contextlib.contextmanager
+def kernel_variant(name: str, groups: list[LoRAGroup]) -> Iterator[None]:
+    """`single-pass`: no split, no live flags (every non-zero page read); else the defaults."""
+    if name != "single-pass":
+        yield
+        return
+    saved = [g.live for g in groups]
+    original = lora_kernels.add_lora
+    try:
+        for g in groups:
+            g.live = None
+        with mock.patch.object(
+            lora_kernels, "add_lora", lambda *a, **k: original(*a, **{**k, "splits": 1})
+        ):
+            yield
+    finally:
+        for g, live in zip(groups, saved, strict=True):
+            g.live = live
+
+
+def _distinct_table(batch: int, pages_per_row: int, device: torch.device) -> torch.Tensor:
+    rows = torch.arange(batch, device=device)[:, None] * pages_per_row  # (batch, 1)
+    return rows + 1 + torch.arange(pages_per_row, device=device)  # (batch, n): pages from 1
+
+
+def _bench_projection(
+    d_in: int, outs: list[int], settings: KernelBenchSettings, dtype: torch.dtype, device
+) -> dict:
+    """One fused projection (members with out widths `outs`) at decode, every variant."""
+    n = -(-settings.rank // PAGE_RANK)
+    table = _distinct_table(settings.batch, n, device)  # (batch, n)
+    members = [
+        MultiLoRALinear(torch.nn.Linear(d_in, o, device=device, dtype=dtype), context=None)
+        for o in outs
+    ]
+    group = LoRAGroup(members)
+    group.reserve(settings.adapters * n, PAGE_RANK)
+    assert group.a is not None and group.b is not None and group.live is not None
+    group.a.normal_(std=0.02)
+    group.b.normal_(std=0.02)
+    group.a[0].zero_()
+    group.b[0].zero_()
+    x = torch.randn(settings.batch, d_in, device=device, dtype=dtype)  # (batch, d_in)
+    y = torch.zeros(settings.batch, sum(outs), device=device, dtype=dtype)  # (batch, O)
+    live = torch.ones_like(group.live)  # (pages,) every page but the zero page
+    live[0] = 0
+    dead = torch.zeros_like(group.live)  # (pages,) no page holds an adapter for this group
+    a, b, seg = group.a, group.b, group.segment
+
+    def kernels(flags: torch.Tensor | None, splits: int | None) -> Callable[[], None]:
+        return lambda: lora_kernels.add_lora(y, x, a, b, seg, table, flags, splits=splits)
+
+    return {
+        "single-pass": time_graph(kernels(None, 1), settings),
+        "split-K": time_graph(kernels(live, None), settings),
+        "split-K, dead": time_graph(kernels(dead, None), settings),
+        "torch": time_graph(lambda: group.delta(x[:, None], table), settings),
+        "splits": lora_kernels.shrink_splits(settings.batch, n * len(outs), d_in),
+    }
+
+
+def bench_lora(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.device) -> dict:
+    from loraserve.bench.models import SIZES
+
+    size = SIZES[settings.size]
+    h, inter = size.hidden_size, size.intermediate_size
+    kv = h // size.num_heads * size.num_kv_heads
+    shapes = {"qkv": (h, [h, kv, kv]), "o": (h, [h]), "gate_up": (h, [inter, inter]),
+              "down": (inter, [h])}  # fmt: skip
+    return {
+        name: _bench_projection(d_in, outs, settings, dtype, device)
+        for name, (d_in, outs) in shapes.items()
+    }
+
+
+def _load_model(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.device):
+    from transformers import AutoConfig
+
+    path = bench_model_path(
+        settings.size, storage_dtype="float32" if dtype == torch.float32 else "bfloat16"
+    )
+    config = AutoConfig.from_pretrained(path)
+    return load_llama(path, config, dtype, device, LoRAContext())
+
+
+def _fill_attention_adapters(model: LlamaForCausalLM, settings: KernelBenchSettings) -> int:
+    """Writes `adapters` random rank-r adapters on q/k/v/o through the members' page writes
+    (which also set the groups' live flags); the MLP groups stay empty. Returns pages/row."""
+    n = -(-settings.rank // PAGE_RANK)
+    pages = settings.adapters * n
+    for group in model.groups():
+        group.reserve(pages, PAGE_RANK)
+    torch.manual_seed(0)
+    for layer in model.model.layers:
+        attn = layer.self_attn
+        for member in (attn.q_proj, attn.k_proj, attn.v_proj, attn.o_proj):
+            weight = member.base_layer.weight
+            like = {"device": weight.device, "dtype": weight.dtype}
+            a_pages = torch.randn(pages, PAGE_RANK, member.in_features, **like) * 0.02
+            b_pages = torch.randn(pages, member.out_features, PAGE_RANK, **like) * 0.02
+            member.write_pages(list(range(1, pages + 1)), pages, a_pages, b_pages)
+    return n
+
+
+def bench_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.device) -> dict:
+    model = _load_model(settings, dtype, device)
+    model.lora_kernels = True
+    n = _fill_attention_adapters(model, settings)
+    shape, batch = model.shape, settings.batch
+    blocks = -(-(settings.context + 1) // BLOCK_SIZE)
+    kv = PagedKV(shape, batch * blocks + 1, BLOCK_SIZE, dtype, device)
+    kv.data.normal_(std=0.5)
+    block_tables = 1 + torch.arange(batch * blocks, device=device).view(batch, blocks)
+    step = StepInputs(
+        input_ids=torch.randint(0, shape.vocab, (batch, 1), device=device),
+        positions=torch.full((batch, 1), settings.context, device=device),
+        block_tables=block_tables,  # (batch, blocks)
+        valid=torch.ones(batch, 1, dtype=torch.bool, device=device),
+        page_table=None,
+    )
+    with_adapters = StepInputs(**{**step.__dict__, "page_table": _distinct_table(batch, n, device)})
+
+    def forward(inputs: StepInputs) -> Callable[[], object]:
+        return lambda: model.logits(model.forward(inputs, kv)[:, -1])
+
+    out: dict = {}
+    with torch.inference_mode():
+        # The variants must compute the same step: their logits, relative to the reference's.
+        ref = forward(with_adapters)()
+        with kernel_variant("single-pass", model.groups()):
+            single = forward(with_adapters)()
+        out["single-pass vs split-K, max relative difference"] = (
+            (single - ref).abs().max() / ref.abs().max()
+        ).item()
+        for attention in ("sdpa", "triton"):
+            model.paged_attention = attention == "triton"
+            row = {"base": time_graph(forward(step), settings)}
+            for variant in ("single-pass", "split-K"):
+                with kernel_variant(variant, model.groups()):
+                    row[f"distinct, {variant}"] = time_graph(forward(with_adapters), settings)
+            out[attention] = row
+    return out
+
+
+def format_table(results: dict) -> str:
+    lines = ["", "multi-LoRA kernels, one fused projection at decode (µs per call):", ""]
+    lines.append("| projection | splits | single-pass | split-K | split-K, dead pages | torch |")
+    lines.append("| --- | --- | --- | --- | --- | --- |")
+    for name, row in results.get("lora", {}).items():
+        lines.append(
+            f"| {name} | {row['splits']} | {row['single-pass']:.1f} | {row['split-K']:.1f} | "
+            f"{row['split-K, dead']:.1f} | {row['torch']:.1f} |"
+        )
+    step = results.get("step", {})
+    if step:
+        lines += ["", "one decode step, forward + LM head (µs; ratio base / this):", ""]
+        lines.append("| attention | what | µs | base / this |")
+        lines.append("| --- | --- | --- | --- |")
+        for attention, row in step.items():
+            if not isinstance(row, dict):
+                lines.append(f"| {attention} | {row:.2e} | | |")
+                continue
+            for what, us in row.items():
+                lines.append(f"| {attention} | {what} | {us:.0f} | {row['base'] / us:.3f} |")
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m loraserve.bench.kernels", description=__doc__)
+    p.add_argument("--size", default="1b")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--batch", type=int, default=32)
+    p.add_argument("--only", default="lora,step", help="comma list: lora, step")
+    p.add_argument("--json", type=Path, default=None)
+    args = p.parse_args(argv)
+    if not (torch.cuda.is_available() and lora_kernels.available(torch.device("cuda"))):
+        p.error("needs a CUDA device with Triton")
+    settings = KernelBenchSettings(size=args.size, dtype=args.dtype, batch=args.batch)
+    dtype, device = getattr(torch, settings.dtype), torch.device("cuda")
+    results: dict = {"device": torch.cuda.get_device_name(), "settings": settings.__dict__}
+    only = set(args.only.split(","))
+    if "lora" in only:
+        results["lora"] = bench_lora(settings, dtype, device)
+        print(json.dumps(results["lora"]), flush=True)
+    if "step" in only:
+        results["step"] = bench_step(settings, dtype, device)
+        print(json.dumps(results["step"]), flush=True)
+    if args.json:
+        args.json.write_text(json.dumps(results, indent=1))
+    print(format_table(results))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
