@@ -78,20 +78,43 @@ def time_graph(fn: Callable[[], object], settings: KernelBenchSettings) -> float
     return statistics.median(times)
 
 
+STEP_VARIANTS: dict[str, dict] = {
+    "single-pass": {"splits": 1, "live": False},
+    "split-K": {},
+    "split<=4, expand 256": {"max_splits": 4, "block_o": 256},
+    "split<=2, expand 512": {"max_splits": 2, "block_o": 512},
+    "no split, expand 512": {"max_splits": 1, "block_o": 512},
+}
+"""Kernel settings a whole decode step is timed with: {} is the engine's defaults; `live`:
+False drops the groups' live flags (every non-zero page read); `splits` fixes the shrink's
+split, `max_splits` caps the default's; `block_o` sets the expand's block."""
+
+
 @contextlib.contextmanager
 def kernel_variant(name: str, groups: list[LoRAGroup]) -> Iterator[None]:
-    """`single-pass`: no split, no live flags (every non-zero page read); else the defaults."""
-    if name != "single-pass":
-        yield
-        return
+    """Runs the model's adapter kernels with STEP_VARIANTS[name] for the duration."""
+    spec = STEP_VARIANTS[name]
     saved = [g.live for g in groups]
-    original = lora_kernels.add_lora
+    original, original_splits = lora_kernels.add_lora, lora_kernels.shrink_splits
+    extra = {k: spec[k] for k in ("splits", "block_o") if k in spec}
+    cap = spec.get("max_splits")
+
+    def capped(tokens: int, slots: int, d_in: int) -> int:
+        return min(original_splits(tokens, slots, d_in), cap)
+
     try:
-        for g in groups:
-            g.live = None
-        with mock.patch.object(
-            lora_kernels, "add_lora", lambda *a, **k: original(*a, **{**k, "splits": 1})
-        ):
+        if spec.get("live") is False:
+            for g in groups:
+                g.live = None
+        with contextlib.ExitStack() as stack:
+            if extra:
+                stack.enter_context(
+                    mock.patch.object(
+                        lora_kernels, "add_lora", lambda *a, **k: original(*a, **{**k, **extra})
+                    )
+                )
+            if cap is not None:
+                stack.enter_context(mock.patch.object(lora_kernels, "shrink_splits", capped))
             yield
     finally:
         for g, live in zip(groups, saved, strict=True):
@@ -127,16 +150,28 @@ def _bench_projection(
     dead = torch.zeros_like(group.live)  # (pages,) no page holds an adapter for this group
     a, b, seg = group.a, group.b, group.segment
 
-    def kernels(flags: torch.Tensor | None, splits: int | None) -> Callable[[], None]:
-        return lambda: lora_kernels.add_lora(y, x, a, b, seg, table, flags, splits=splits)
+    def kernels(
+        flags: torch.Tensor | None, splits: int | None, block_o: int = lora_kernels.BLOCK_O
+    ) -> Callable[[], None]:
+        return lambda: lora_kernels.add_lora(
+            y, x, a, b, seg, table, flags, splits=splits, block_o=block_o
+        )
 
-    return {
+    auto = lora_kernels.shrink_splits(settings.batch, n * len(outs), d_in)
+    row: dict = {
         "single-pass": time_graph(kernels(None, 1), settings),
         "split-K": time_graph(kernels(live, None), settings),
         "split-K, dead": time_graph(kernels(dead, None), settings),
         "torch": time_graph(lambda: group.delta(x[:, None], table), settings),
-        "splits": lora_kernels.shrink_splits(settings.batch, n * len(outs), d_in),
+        "splits": auto,
     }
+    # The sweep behind the defaults: (splits, expand block) -> µs, pages live.
+    sweep = {}
+    for splits in sorted({1, 2, 4, auto}):
+        for block_o in (128, 256, 512):
+            sweep[f"{splits}x{block_o}"] = time_graph(kernels(live, splits, block_o), settings)
+    row["sweep"] = sweep
+    return row
 
 
 def bench_lora(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.device) -> dict:
@@ -215,7 +250,7 @@ def bench_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.
         for attention in ("sdpa", "triton"):
             model.paged_attention = attention == "triton"
             row = {"base": time_graph(forward(step), settings)}
-            for variant in ("single-pass", "split-K"):
+            for variant in STEP_VARIANTS:
                 with kernel_variant(variant, model.groups()):
                     row[f"distinct, {variant}"] = time_graph(forward(with_adapters), settings)
             out[attention] = row
@@ -231,6 +266,11 @@ def format_table(results: dict) -> str:
             f"| {name} | {row['splits']} | {row['single-pass']:.1f} | {row['split-K']:.1f} | "
             f"{row['split-K, dead']:.1f} | {row['torch']:.1f} |"
         )
+    for name, row in results.get("lora", {}).items():
+        sweep = row.get("sweep", {})
+        best = min(sweep, key=sweep.get) if sweep else "-"
+        cells = ", ".join(f"{k} {v:.1f}" for k, v in sweep.items())
+        lines.append(f"{name} sweep (splits x expand block: µs), best {best}: {cells}")
     step = results.get("step", {})
     if step:
         lines += ["", "one decode step, forward + LM head (µs; ratio base / this):", ""]

@@ -166,6 +166,7 @@ def add_lora(
     live: torch.Tensor | None = None,
     *,
     splits: int | None = None,
+    block_o: int = BLOCK_O,
 ) -> None:
     """y (T, O) += the fused group's low-rank term for x (T, d_in), rows routed by table (T, n).
 
@@ -173,7 +174,8 @@ def add_lora(
     table's rows may be strided (a slice of a wider static buffer), its columns contiguous.
     live: (pages,) int32, non-zero where the page holds an adapter for this group (LoRAGroup.live);
     other pages are skipped, as page 0 always is. splits: programs per row's d_in in the shrink,
-    a power of two (default shrink_splits; 1 walks d_in in one program).
+    a power of two (default shrink_splits; 1 walks d_in in one program); block_o: output columns
+    per expand program, a power of two.
     """
     tokens, d_in = x.shape
     pages_per_row = table.shape[1]
@@ -205,7 +207,7 @@ def add_lora(
         BLOCK_K=BLOCK_K,
         HAS_LIVE=has_live,
     )
-    _expand[(tokens, triton.cdiv(out_features, BLOCK_O))](
+    _expand[(tokens, triton.cdiv(out_features, block_o))](
         y,
         xa,
         b,
@@ -219,7 +221,7 @@ def add_lora(
         M=members,
         R=rank,
         SPLITS=splits,
-        BLOCK_O=BLOCK_O,
+        BLOCK_O=block_o,
         HAS_LIVE=has_live,
     )
 

@@ -101,7 +101,7 @@ if triton is not None:
         q = tl.load(q_ptr + q_rows[:, None] * D + ds[None, :], mask=gmask[:, None], other=0.0)
         q = q.to(tl.float32) * scale  # (GROUP_PAD, D)
         pos = tl.load(pos_ptr + row)
-        first = 0
+        first = pos * 0  # int64 like pos: both branches must give `first` one type
         if window > 0:
             first = tl.maximum(pos - window + 1, 0)
         m = tl.full((GROUP_PAD,), float("-inf"), dtype=tl.float32)
