@@ -32,7 +32,13 @@ import torch
 
 from loraserve.bench.models import bench_model_path
 from loraserve.server.engine import lora_kernels
-from loraserve.server.engine.llama import LlamaForCausalLM, PagedKV, StepInputs, load_llama
+from loraserve.server.engine.llama import (
+    ATTENTION_KINDS,
+    LlamaForCausalLM,
+    PagedKV,
+    StepInputs,
+    load_llama,
+)
 from loraserve.server.engine.lora import LoRAContext, LoRAGroup, MultiLoRALinear
 
 PAGE_RANK = 8
@@ -234,6 +240,7 @@ def bench_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.
         page_table=None,
     )
     with_adapters = StepInputs(**{**step.__dict__, "page_table": _distinct_table(batch, n, device)})
+    attention_only = StepInputs(**{**with_adapters.__dict__, "lora_kinds": ATTENTION_KINDS})
 
     def forward(inputs: StepInputs) -> Callable[[], object]:
         return lambda: model.logits(model.forward(inputs, kv)[:, -1])
@@ -253,6 +260,8 @@ def bench_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.
             for variant in STEP_VARIANTS:
                 with kernel_variant(variant, model.groups()):
                     row[f"distinct, {variant}"] = time_graph(forward(with_adapters), settings)
+            # What the engine runs for q/k/v/o adapters: the MLP kinds left out of the step.
+            row["distinct, attention kinds only"] = time_graph(forward(attention_only), settings)
             out[attention] = row
     return out
 

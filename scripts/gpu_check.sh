@@ -13,6 +13,7 @@
 #   GPU_CHECK_SKIP=parity,kernels,bench,anchor,overlap,server skips parts; GPU_CHECK_GRPC=0 drops
 #   the bench's gRPC part; PARITY_TIMEOUT / KERNELS_TIMEOUT / BENCH_TIMEOUT / ANCHOR_TIMEOUT /
 #   OVERLAP_TIMEOUT cap each part (s);
+#   KERNELS_ONLY=step times only the whole decode step in the kernel bench (no kernel sweep).
 #   LORASERVE_ENGINE_OPTS adds --engine-opt FIELD=VALUE (e.g. enforce_eager=true).
 #   GPU_CHECK_ATTENTION=1 also benches decode attention=sdpa against attention=triton end to end.
 #   GPU_CHECK_SAMPLED=1 also runs the distinct modes sampled (temperature 0.8, top-p 0.95).
@@ -49,7 +50,7 @@ if [[ ",$skip," != *",kernels,"* ]]; then
   echo "== kernel bench: multi-LoRA kernel variants, one decode step (base vs distinct, sdpa vs triton)"
   start=$SECONDS
   timeout "${KERNELS_TIMEOUT:-150}" "$py" -m loraserve.bench.kernels --size 1b --dtype bfloat16 \
-    --batch 32 --json "$out/kernels.json" > "$out/kernels.log" 2>&1
+    --batch 32 --only "${KERNELS_ONLY:-lora,step}" --json "$out/kernels.json" > "$out/kernels.log" 2>&1
   echo "kernels exit $? in $((SECONDS - start)) s"
   sed -n '/^multi-LoRA kernels/,$p' "$out/kernels.log"
 fi

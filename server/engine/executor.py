@@ -25,7 +25,7 @@ import torch
 
 from loraserve.server.engine import lora_kernels, paged_attention, runner
 from loraserve.server.engine.kv_cache import SlotKVCache
-from loraserve.server.engine.llama import LlamaForCausalLM, PagedKV, StepInputs
+from loraserve.server.engine.llama import ATTENTION_KINDS, LlamaForCausalLM, PagedKV, StepInputs
 from loraserve.server.engine.logprobs import PositionScoring, score_positions
 from loraserve.server.engine.model import LoadedModel
 from loraserve.server.engine.planner import BLOCK_SIZE, BlockAllocator, StepPlan, blocks_for
@@ -66,6 +66,10 @@ class ExecutorSettings:
     lora_kernels: bool = True
     """Triton BGMV kernels for the adapter term where they run (CUDA with Triton); the torch
     reference otherwise."""
+
+
+GraphKey = tuple[int, int, int, frozenset[str] | None]
+"""(batch bucket, KV span bucket, page-table width, adapter kinds: ATTENTION_KINDS or None)."""
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -201,7 +205,8 @@ class PagedExecutor:
         # One int64 staging buffer: tokens, positions, valid, block tables, page tables.
         self._host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
         self._dev = torch.zeros(size, dtype=torch.long, device=device)
-        self._graphs: dict[tuple[int, int, int], tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        # (batch, span, width, kinds) -> graph; kinds: ATTENTION_KINDS, or None for all.
+        self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.batch_buckets = batch_buckets(m)
         self.span_buckets = sorted({min(b, nb) for b in (16, 64, 256, 1024)} | {nb})
         self.page_buckets = sorted({w for w in (2, np_) if w <= np_}) if np_ else []
@@ -230,7 +235,9 @@ class PagedExecutor:
         pages = buf[3 * m + m * nb :].view(m, np_)
         return tokens, positions, valid, blocks, pages
 
-    def _decode_inputs(self, batch: int, span: int, width: int) -> StepInputs:
+    def _decode_inputs(
+        self, batch: int, span: int, width: int, kinds: frozenset[str] | None = None
+    ) -> StepInputs:
         tokens, positions, valid, blocks, pages = self._views(self._dev)
         return StepInputs(
             input_ids=tokens[:batch].view(batch, 1),
@@ -238,10 +245,13 @@ class PagedExecutor:
             block_tables=blocks[:batch, :span],
             valid=valid[:batch].view(batch, 1).bool(),
             page_table=pages[:batch, :width] if width else None,
+            lora_kinds=kinds,
         )
 
-    def _decode_forward(self, batch: int, span: int, width: int) -> torch.Tensor:
-        step = self._decode_inputs(batch, span, width)
+    def _decode_forward(
+        self, batch: int, span: int, width: int, kinds: frozenset[str] | None = None
+    ) -> torch.Tensor:
+        step = self._decode_inputs(batch, span, width, kinds)
         hidden = self._model(step, self.kv)  # (batch, 1, hidden)
         return self._model.logits(hidden[:, 0])  # (batch, vocab)
 
@@ -297,11 +307,13 @@ class PagedExecutor:
             for batch in reversed(self.batch_buckets):
                 for span in self.span_buckets:
                     for width in widths:
-                        self._decode_forward(batch, span, width)  # warm the kernels up
-                        graph = torch.cuda.CUDAGraph()
-                        with torch.cuda.graph(graph, pool=pool, stream=stream):
-                            out = self._decode_forward(batch, span, width)
-                        self._graphs[(batch, span, width)] = (graph, out)
+                        # Adapter graphs twice: every kind, and attention-only adapters'.
+                        for kinds in (None, ATTENTION_KINDS) if width else (None,):
+                            self._decode_forward(batch, span, width, kinds)  # warm up
+                            graph = torch.cuda.CUDAGraph()
+                            with torch.cuda.graph(graph, pool=pool, stream=stream):
+                                out = self._decode_forward(batch, span, width, kinds)
+                            self._graphs[(batch, span, width, kinds)] = (graph, out)
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
 
@@ -350,7 +362,12 @@ class PagedExecutor:
                 torch.cumsum(plens, 0) - plens, plens
             )
             pages[prow, pcol] = torch.tensor(flat_pages, dtype=torch.long)
-        graph_key = self._graph_key(batch, need_span, need_pages)
+        kinds: frozenset[str] | None = None
+        if need_pages:
+            # Kinds where a row's page holds an adapter; none at all runs the base step.
+            kinds = self._model.lora_index.kinds_for(p for r in rows for p in r.pages)
+            need_pages = need_pages if kinds else 0
+        graph_key = self._graph_key(batch, need_span, need_pages, kinds)
         if graph_key is not None:
             gbatch = graph_key[0]
             tokens[batch:gbatch] = 0
@@ -371,11 +388,13 @@ class PagedExecutor:
             # the rows' routing is unchanged: the gather costs as much as the matmuls there.
             self._model.lora_reuse_key = (batch, width, tuple(r.pages for r in rows))
         try:
-            return self._decode_forward(batch, need_span, width)
+            return self._decode_forward(batch, need_span, width, kinds)
         finally:
             self._model.lora_reuse_key = None
 
-    def _graph_key(self, batch: int, span: int, width: int) -> tuple[int, int, int] | None:
+    def _graph_key(
+        self, batch: int, span: int, width: int, kinds: frozenset[str] | None
+    ) -> GraphKey | None:
         if not self._graphs:
             return None
         gb = next((b for b in self.batch_buckets if b >= batch), None)
@@ -383,7 +402,9 @@ class PagedExecutor:
         gw = 0 if width == 0 else next((w for w in self.page_buckets if w >= width), None)
         if gb is None or gs is None or gw is None:
             return None
-        return (gb, gs, gw) if (gb, gs, gw) in self._graphs else None
+        variant = ATTENTION_KINDS if gw and kinds is not None and kinds <= ATTENTION_KINDS else None
+        key = (gb, gs, gw, variant)
+        return key if key in self._graphs else None
 
     def _prefill(
         self,
@@ -433,12 +454,14 @@ class PagedExecutor:
             blocks[b, : len(used)] = torch.tensor(used, dtype=torch.long)
             if r.pages:
                 pages[b, : len(r.pages)] = torch.tensor(r.pages, dtype=torch.long)
+        kinds = self._model.lora_index.kinds_for(p for r in rows for p in r.pages)
         step = StepInputs(
             input_ids=ids.to(device),
             positions=positions.to(device),
             block_tables=blocks.to(device),
             valid=valid.to(device),
-            page_table=pages.to(device) if width and self._has_stacks() else None,
+            page_table=pages.to(device) if width and kinds and self._has_stacks() else None,
+            lora_kinds=kinds,
         )
         hidden = self._model(step, self.kv)  # (batch, seq, hidden)
         last = torch.tensor([len(r.tokens) - 1 for r in rows], device=device)

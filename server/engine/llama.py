@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from loraserve.server.engine import lora_kernels, paged_attention
-from loraserve.server.engine.lora import LoRAContext, LoRAGroup, MultiLoRALinear
+from loraserve.server.engine.lora import LiveIndex, LoRAContext, LoRAGroup, MultiLoRALinear
 
 FAMILY = ("llama", "mistral", "qwen2")
 
@@ -145,6 +145,9 @@ class StepInputs:
     """(batch, seq) bool: False for padding, whose K/V go to the scratch block."""
     page_table: torch.Tensor | None
     """(batch, n) int64 each row's adapter pages, 0-padded; None runs no adapter term."""
+    lora_kinds: frozenset[str] | None = None
+    """Group kinds (GROUP_KINDS) whose adapter term runs; None: all. The executor leaves out
+    kinds where none of the rows' pages is live (LiveIndex), which then cost nothing."""
 
 
 class PagedKV:
@@ -165,8 +168,14 @@ class PagedKV:
         return shape.layers * 2 * block_size * shape.kv_heads * shape.head_dim * itemsize
 
 
+GROUP_KINDS = ("qkv", "o", "gate_up", "down")
+"""The fused projections of a layer, each one LoRAGroup: q/k/v, o, gate/up, down."""
+ATTENTION_KINDS = frozenset({"qkv", "o"})
+"""The kinds adapters of the attention projections alone use (PEFT's default for Llama)."""
+
+
 class Attention(nn.Module):
-    def __init__(self, shape: LlamaShape, context: LoRAContext) -> None:
+    def __init__(self, shape: LlamaShape, context: LoRAContext, index: LiveIndex) -> None:
         super().__init__()
         self.shape = shape
         q_out, kv_out = shape.heads * shape.head_dim, shape.kv_heads * shape.head_dim
@@ -174,39 +183,41 @@ class Attention(nn.Module):
         self.k_proj = MultiLoRALinear(nn.Linear(shape.hidden, kv_out), context=context)
         self.v_proj = MultiLoRALinear(nn.Linear(shape.hidden, kv_out), context=context)
         self.o_proj = MultiLoRALinear(nn.Linear(q_out, shape.hidden), context=context)
-        self.qkv = LoRAGroup([self.q_proj, self.k_proj, self.v_proj])
-        self.o = LoRAGroup([self.o_proj])
+        self.qkv = LoRAGroup([self.q_proj, self.k_proj, self.v_proj], kind="qkv", index=index)
+        self.o = LoRAGroup([self.o_proj], kind="o", index=index)
         self.qkv_weight: torch.Tensor | None = None  # (q_out + 2 kv_out, hidden)
         self.qkv_bias: torch.Tensor | None = None  # (q_out + 2 kv_out,)
 
 
 class MLP(nn.Module):
-    def __init__(self, shape: LlamaShape, context: LoRAContext) -> None:
+    def __init__(self, shape: LlamaShape, context: LoRAContext, index: LiveIndex) -> None:
         super().__init__()
         inter = shape.intermediate
         self.gate_proj = MultiLoRALinear(nn.Linear(shape.hidden, inter), context=context)
         self.up_proj = MultiLoRALinear(nn.Linear(shape.hidden, inter), context=context)
         self.down_proj = MultiLoRALinear(nn.Linear(inter, shape.hidden), context=context)
-        self.gate_up = LoRAGroup([self.gate_proj, self.up_proj])
-        self.down = LoRAGroup([self.down_proj])
+        self.gate_up = LoRAGroup([self.gate_proj, self.up_proj], kind="gate_up", index=index)
+        self.down = LoRAGroup([self.down_proj], kind="down", index=index)
         self.gate_up_weight: torch.Tensor | None = None  # (2 inter, hidden)
         self.gate_up_bias: torch.Tensor | None = None
 
 
 class DecoderLayer(nn.Module):
-    def __init__(self, shape: LlamaShape, context: LoRAContext) -> None:
+    def __init__(self, shape: LlamaShape, context: LoRAContext, index: LiveIndex) -> None:
         super().__init__()
-        self.self_attn = Attention(shape, context)
-        self.mlp = MLP(shape, context)
+        self.self_attn = Attention(shape, context, index)
+        self.mlp = MLP(shape, context, index)
         self.input_layernorm = RMSNorm(shape.hidden, shape.eps)
         self.post_attention_layernorm = RMSNorm(shape.hidden, shape.eps)
 
 
 class Backbone(nn.Module):
-    def __init__(self, shape: LlamaShape, context: LoRAContext) -> None:
+    def __init__(self, shape: LlamaShape, context: LoRAContext, index: LiveIndex) -> None:
         super().__init__()
         self.embed_tokens = nn.Embedding(shape.vocab, shape.hidden)
-        self.layers = nn.ModuleList(DecoderLayer(shape, context) for _ in range(shape.layers))
+        self.layers = nn.ModuleList(
+            DecoderLayer(shape, context, index) for _ in range(shape.layers)
+        )
         self.norm = RMSNorm(shape.hidden, shape.eps)
 
 
@@ -251,7 +262,10 @@ class LlamaForCausalLM(nn.Module):
         super().__init__()
         self.config = config
         self.shape = LlamaShape.from_config(config)
-        self.model = Backbone(self.shape, context)
+        self.lora_index = LiveIndex()
+        """Which pages are live in each group kind, over all layers (the executor's step
+        inputs name the kinds to run from it)."""
+        self.model = Backbone(self.shape, context, self.lora_index)
         self.lm_head = nn.Linear(self.shape.hidden, self.shape.vocab, bias=False)
         inv = rope_inv_freq(config, self.shape.head_dim)
         self.register_buffer("inv_freq", inv, persistent=False)  # (head_dim / 2,) float32
@@ -303,13 +317,17 @@ class LlamaForCausalLM(nn.Module):
             mask = allowed[:, None, None].expand(batch, 1, group, seq, span)
             mask = mask.reshape(batch, 1, group * seq, span)
         q_out, kv_out = s.heads * s.head_dim, s.kv_heads * s.head_dim
-        table = step.page_table
+        kinds = step.lora_kinds
+        tables = {
+            kind: step.page_table if kinds is None or kind in kinds else None
+            for kind in GROUP_KINDS
+        }
         kern = self.lora_kernels
         key = self.lora_reuse_key
         for i, layer in enumerate(self.model.layers):
             attn = layer.self_attn
             h = layer.input_layernorm(x)
-            qkv = _project(h, attn.qkv_weight, attn.qkv_bias, attn.qkv, table, kern, key)
+            qkv = _project(h, attn.qkv_weight, attn.qkv_bias, attn.qkv, tables["qkv"], kern, key)
             q, k, v = qkv.split([q_out, kv_out, kv_out], dim=-1)
             q = q.view(batch, seq, s.heads, s.head_dim)
             k = k.view(batch, seq, s.kv_heads, s.head_dim)
@@ -339,13 +357,16 @@ class LlamaForCausalLM(nn.Module):
                 o = o.view(batch, s.kv_heads, group, seq, s.head_dim).permute(0, 3, 1, 2, 4)
                 o = o.reshape(batch, seq, q_out)  # (batch, seq, heads * head_dim)
             o_proj = attn.o_proj.base_layer
-            x = x + _project(o, o_proj.weight, o_proj.bias, attn.o, table, kern, key)
+            x = x + _project(o, o_proj.weight, o_proj.bias, attn.o, tables["o"], kern, key)
             h = layer.post_attention_layernorm(x)
             mlp = layer.mlp
-            gu = _project(h, mlp.gate_up_weight, mlp.gate_up_bias, mlp.gate_up, table, kern, key)
+            gu = _project(
+                h, mlp.gate_up_weight, mlp.gate_up_bias, mlp.gate_up, tables["gate_up"], kern, key
+            )
             gate, up = gu.chunk(2, dim=-1)
             down = mlp.down_proj.base_layer
-            x = x + _project(F.silu(gate) * up, down.weight, down.bias, mlp.down, table, kern, key)
+            act = F.silu(gate) * up  # (batch, seq, intermediate)
+            x = x + _project(act, down.weight, down.bias, mlp.down, tables["down"], kern, key)
         return self.model.norm(x)
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

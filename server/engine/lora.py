@@ -18,6 +18,7 @@ adapters or rows in the hot path.
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 import torch
@@ -159,7 +160,7 @@ class MultiLoRALinear(nn.Module):
         self.occupied.update(pages)
         self.generation += 1
         if self.group is not None:
-            self.group.sync_live(pages)
+            self.group.sync_live(pages, index)
 
     def _ensure_capacity(self, page: int, page_rank: int, num_pages: int) -> None:
         """Grows the page stacks (doubling, up to the pool's pages) so `page` fits.
@@ -268,6 +269,39 @@ def is_lora_target(module: nn.Module) -> bool:
     return isinstance(module, (nn.Linear, Conv1D))
 
 
+class LiveIndex:
+    """Which pages hold an adapter in SOME group of each kind (all layers' "qkv", "o", ...).
+
+    A step whose rows' pages are live in no group of a kind can skip that kind's adapter term
+    outright, in every layer: an adapter of q/k/v/o leaves the MLP's groups empty, and their
+    kernels (or, on CPU, gathers and matmuls) would add only zeros. Kept by LoRAGroup.sync_live
+    on every page write and clear; read once per step (a few set lookups per page).
+    """
+
+    def __init__(self) -> None:
+        self._groups: dict[str, dict[int, int]] = {}
+        """kind -> page -> how many groups of that kind hold the page."""
+
+    def add_kind(self, kind: str) -> None:
+        self._groups.setdefault(kind, {})
+
+    def update(self, kind: str, page: int, was_live: bool, live: bool) -> None:
+        counts = self._groups.setdefault(kind, {})
+        if live and not was_live:
+            counts[page] = counts.get(page, 0) + 1
+        elif was_live and not live:
+            left = counts[page] - 1
+            if left:
+                counts[page] = left
+            else:
+                del counts[page]
+
+    def kinds_for(self, pages: Iterable[int]) -> frozenset[str]:
+        """The kinds where at least one of `pages` is live in at least one group."""
+        wanted = set(pages)
+        return frozenset(k for k, counts in self._groups.items() if not wanted.isdisjoint(counts))
+
+
 class LoRAGroup:
     """The page stacks of projections that share one input and run as one fused matmul.
 
@@ -282,8 +316,18 @@ class LoRAGroup:
     them); otherwise they grow on demand and are freed when empty, like an unfused layer.
     """
 
-    def __init__(self, members: list[MultiLoRALinear]) -> None:
+    def __init__(
+        self, members: list[MultiLoRALinear], *, kind: str = "", index: LiveIndex | None = None
+    ) -> None:
+        """kind / index: this group's kind ("qkv", "o", ...) in the model's LiveIndex, which
+        then learns of every page this group's live flag turns on or off."""
         self.members = members
+        self.kind = kind
+        self.index = index
+        if index is not None:
+            index.add_kind(kind)
+        self.live_pages: set[int] = set()
+        """Host copy of the pages `live` flags (the LiveIndex counts from it)."""
         self.d_in = members[0].in_features
         self.outs = [m.out_features for m in members]
         self.a: torch.Tensor | None = None  # (pages, members, page_rank, d_in)
@@ -336,15 +380,28 @@ class LoRAGroup:
         self.a, self.b, self.live = new_a, new_b, new_live
         self._point_members()
 
-    def sync_live(self, pages: list[int]) -> None:
+    def sync_live(self, pages: list[int], index: torch.Tensor | None = None) -> None:
         """Sets `live` for `pages` from the members' occupancy (after a write or a clear), on
-        the current stream, so a step after the write sees the flag the write implies."""
+        the current stream, so a step after the write sees the flag the write implies.
+        index: `pages` already on the device (a page write has it), to save a copy."""
         if self.live is None or not pages:
             return
         flags = [int(any(p in m.occupied for m in self.members)) for p in pages]
-        index = torch.tensor(pages, dtype=torch.long).to(self.live.device)  # (n,)
-        values = torch.tensor(flags, dtype=torch.int32).to(self.live.device)  # (n,)
-        self.live.index_copy_(0, index, values)
+        for page, flag in zip(pages, flags, strict=True):
+            was = page in self.live_pages
+            if self.index is not None:
+                self.index.update(self.kind, page, was, bool(flag))
+            if flag:
+                self.live_pages.add(page)
+            else:
+                self.live_pages.discard(page)
+        if index is None:
+            index = torch.tensor(pages, dtype=torch.long).to(self.live.device)  # (n,)
+        if len(set(flags)) == 1:  # the usual case: a whole adapter written or cleared
+            self.live.index_fill_(0, index, flags[0])
+        else:
+            values = torch.tensor(flags, dtype=torch.int32).to(self.live.device)  # (n,)
+            self.live.index_copy_(0, index, values)
 
     def _point_members(self) -> None:
         offset = 0

@@ -38,10 +38,14 @@ except ImportError:  # pragma: no cover - depends on the install
 
 BLOCK_K = 256
 """d_in columns one shrink step reads (a rank-8 page: 8 x 256 values, 4 KiB in bf16)."""
-BLOCK_O = 128
-"""Output columns of one expand program."""
-TARGET_PROGRAMS = 2048
-"""Shrink programs to aim for: splitting d_in past this gains nothing (132 SMs on an H100)."""
+BLOCK_O = 512
+"""Output columns of one expand program. Each program sums the shrink's partials of its rows
+again, so fewer, wider programs pay that less often: at decode on an H200 (bench/kernels.py)
+512 beat 128 by up to 2.6x for gate/up (16,384 columns) and was never slower."""
+TARGET_PROGRAMS = 512
+"""Shrink programs to aim for. More splits shorten the shrink but cost the expand (above); on
+an H200 at batch 32 the best split was 4 for q/k/v and gate/up and 8 for o (bench/kernels.py
+sweep), which this target gives; past it the expand's partial sums cost more than they save."""
 
 
 def available(device: torch.device) -> bool:

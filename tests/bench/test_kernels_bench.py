@@ -42,13 +42,13 @@ def test_every_variant_runs_and_is_reported(counted: list[int], model_cache) -> 
     }
     assert set(results["lora"]) == {"qkv", "o", "gate_up", "down"}
     variants = {f"distinct, {v}" for v in kernel_bench.STEP_VARIANTS}
-    assert set(results["step"]["triton"]) == {"base", *variants}
+    assert set(results["step"]["triton"]) == {"base", *variants, "distinct, attention kinds only"}
     assert results["step"]["single-pass vs split-K, max relative difference"] < 1e-5
     table = kernel_bench.format_table(results)
     assert "| gate_up |" in table and "| triton | distinct, split-K |" in table
     assert "gate_up sweep" in table
     sweeps = sum(len(row["sweep"]) for row in results["lora"].values())
-    assert len(counted) == 4 * 4 + sweeps + 2 * (1 + len(variants))
+    assert len(counted) == 4 * 4 + sweeps + 2 * (2 + len(variants))
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")

@@ -129,7 +129,9 @@ def test_shrink_splits_are_powers_of_two_within_d_in() -> None:
     bk = lora_kernels.BLOCK_K
     # Decode: few rows, so d_in is split, at most one BLOCK_K tile per program.
     assert lora_kernels.shrink_splits(tokens=32, slots=2, d_in=8 * bk) == 8
-    assert lora_kernels.shrink_splits(tokens=32, slots=2, d_in=32 * bk) == 32
+    assert lora_kernels.shrink_splits(tokens=32, slots=6, d_in=8 * bk) == 4
+    assert lora_kernels.shrink_splits(tokens=32, slots=2, d_in=32 * bk) == 8
+    assert lora_kernels.shrink_splits(tokens=1, slots=2, d_in=32 * bk) == 32
     assert lora_kernels.shrink_splits(tokens=1, slots=1, d_in=3 * bk) == 2
     # Prefill: the rows alone fill the GPU; d_in stays in one program.
     assert lora_kernels.shrink_splits(tokens=4096, slots=2, d_in=8 * bk) == 1
