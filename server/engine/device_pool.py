@@ -344,8 +344,12 @@ class DevicePool:
             self._evict(victim, pressure=True)
         pages = tuple(self._free.pop() for _ in range(needed))
         staged.order_after_copy()
+        # One index for every layer: built per layer it was a blocking host-to-device copy
+        # each (three per grouped layer with the live flags), hundreds per adapter on the
+        # engine thread between two forwards.
+        index = torch.tensor(pages, dtype=torch.long, device=self._layout.device)  # (n,)
         for name, (a_pages, b_pages) in staged.modules.items():
-            self._layers[name].write_pages(list(pages), self.num_pages, a_pages, b_pages)
+            self._layers[name].write_pages(list(pages), self.num_pages, a_pages, b_pages, index)
         placement = Placement(pages=pages, rank=staged.rank)
         nbytes = staged.host_nbytes * self._itemsize // 4  # host weights are float32
         self._entries[key] = _Entry(

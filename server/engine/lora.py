@@ -144,17 +144,26 @@ class MultiLoRALinear(nn.Module):
         self.write_pages(pages, num_pages, a_pages.to(weight.device), b_pages.to(weight.device))
 
     def write_pages(
-        self, pages: list[int], num_pages: int, a_pages: torch.Tensor, b_pages: torch.Tensor
+        self,
+        pages: list[int],
+        num_pages: int,
+        a_pages: torch.Tensor,
+        b_pages: torch.Tensor,
+        index: torch.Tensor | None = None,
     ) -> None:
         """Copies ready-made pages (see `adapter_pages`), already on this layer's device and in
         its dtype, into `pages`: one index_copy per factor (the cold-load commit).
 
         a_pages: (len(pages), page_rank, d_in); b_pages: (len(pages), d_out, page_rank).
+        index: `pages` as an int64 tensor on this layer's device, (len(pages),); the device pool
+        builds it once per adapter for every layer, because building it here costs a blocking
+        host-to-device copy per layer on the engine thread.
         """
         page_rank = a_pages.shape[1]
         self._ensure_capacity(max(pages), page_rank, num_pages)
         assert self.lora_a is not None and self.lora_b is not None
-        index = torch.tensor(pages, dtype=torch.long).to(self.lora_a.device)  # (n,)
+        if index is None or index.device != self.lora_a.device:
+            index = torch.tensor(pages, dtype=torch.long).to(self.lora_a.device)  # (n,)
         self.lora_a.index_copy_(0, index, a_pages)
         self.lora_b.index_copy_(0, index, b_pages)
         self.occupied.update(pages)

@@ -26,7 +26,7 @@ from loraserve.server.engine import device_pool as device_pool_module
 from loraserve.server.engine.accounting import EngineObserver
 from loraserve.server.engine.cold_loader import ColdLoadSettings
 from loraserve.server.engine.device_pool import DevicePool
-from loraserve.server.engine.lora import LoRAContext, MultiLoRALinear
+from loraserve.server.engine.lora import LoRAContext, LoRAGroup, MultiLoRALinear
 from loraserve.server.engine.types import AdapterKey, EngineError, ErrorKind
 
 LAYER_SHAPES = {"l0": (8, 6), "l1": (8, 4), "l2": (5, 8)}
@@ -816,3 +816,40 @@ def test_at_most_max_pending_loads_are_in_flight_or_staged(
     pool.acquire(D)
     check_state(pool, layers, loader, {A: 1, B: 1, D: 1})
     assert sum(loader.loads.values()) == 3
+
+
+def test_commit_builds_one_page_index_and_fills_live_flags_on_the_device(
+    loader: FakeLoader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Committing an adapter (engine thread, between two forwards) builds its page index once
+    for every layer, and sets the fused groups' live flags with a device-side fill: built per
+    layer, each index and each flag update was a blocking host-to-device copy on CUDA,
+    hundreds per adapter. Pages and flags end up as before."""
+    layers = make_layers()
+    fused = LoRAGroup([layers["l0"], layers["l1"]])  # same d_in, like q/k/v
+    alone = LoRAGroup([layers["l2"]])
+    pool = DevicePool(layers, budget_bytes=BUDGET, loader=loader, page_rank=PAGE_RANK)
+    pool.acquire(C)  # rank 3, l2 only: 2 pages
+    built: list[object] = []
+    real_tensor = torch.tensor
+
+    def counting_tensor(*args: object, **kwargs: object) -> torch.Tensor:
+        built.append(list(args[0]) if args else None)  # type: ignore[call-overload]
+        return real_tensor(*args, **kwargs)  # type: ignore[arg-type]
+
+    with monkeypatch.context() as patched:
+        patched.setattr(torch, "tensor", counting_tensor)
+        placement = pool.acquire(B)  # rank 4, l0 and l1: 2 pages
+    assert built == [list(placement.pages)]
+    check_state(pool, layers, loader, {B: 1, C: 1})
+    assert fused.live is not None and alone.live is not None
+    c_pages = pool.placement(C)
+    assert c_pages is not None
+    assert fused.live.nonzero().flatten().tolist() == sorted(placement.pages)
+    assert alone.live.nonzero().flatten().tolist() == sorted(c_pages.pages)
+    pool.release(C)
+    pool.forget("t", "c")
+    pool.collect()  # clearing syncs the flags from the members' occupancy
+    assert not alone.live.any()
+    assert fused.live.nonzero().flatten().tolist() == sorted(placement.pages)
+    pool.close()
