@@ -220,6 +220,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help=f"longest an upload may take (default {d.upload_deadline_seconds:g})",
     )
     parser.add_argument(
+        "--stream-interval-seconds",
+        type=float,
+        default=d.stream_interval_seconds,
+        help="GenerateStream: after the first tokens, at most one message per this interval, "
+        "carrying every token since the last "
+        f"(0: one per step; default {d.stream_interval_seconds:g})",
+    )
+    parser.add_argument(
         "--grace-seconds",
         type=float,
         default=d.grace_seconds,
@@ -335,6 +343,7 @@ def config_from_args(
         max_uploads=args.max_uploads,
         upload_idle_seconds=args.upload_idle_seconds,
         upload_deadline_seconds=args.upload_deadline_seconds,
+        stream_interval_seconds=args.stream_interval_seconds,
         grace_seconds=args.grace_seconds,
         price_per_device_hour=args.price_per_device_hour,
         price_per_gb_hour=args.price_per_gb_hour,

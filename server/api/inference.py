@@ -20,6 +20,7 @@ from loraserve.server.api.convert import (
 )
 from loraserve.server.api.errors import abort_for, status_for
 from loraserve.server.api.relay import EventRelay
+from loraserve.server.api.stream_pacing import TokenPacer
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.types import (
     AdapterRef,
@@ -199,8 +200,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 await fail(exc)
                 return
             record.request_id = handle.request_id
+            pacer = TokenPacer(queue, self._runtime.config.stream_interval_seconds)
             while True:
-                event = await queue.get()
+                event = await pacer.next()
                 if isinstance(event, ErrorEvent):
                     await fail(event.error, handle.request_id)
                     return

@@ -154,6 +154,17 @@ class TokenEvent:
     """With LogprobOptions.prompt_logprobs: every prompt token after the first, on the
     request's first event only."""
 
+    def then(self, later: TokenEvent) -> TokenEvent:
+        """This event and the `later` one of the same request as one (a stream message may
+        carry several steps' tokens)."""
+        return TokenEvent(
+            token_ids=self.token_ids + later.token_ids,
+            text=self.text + later.text,
+            adapter_version=self.adapter_version,
+            logprobs=self.logprobs + later.logprobs,
+            prompt_logprobs=self.prompt_logprobs,
+        )
+
 
 @dataclass(frozen=True)
 class FinishEvent:

@@ -58,7 +58,10 @@ def test_stream_matches_unary(acme: LoraServeClient, adapter_dirs: dict[str, Pat
             "Once upon a time", adapter="streamer", max_new_tokens=16, ignore_eos=True
         )
     )
-    assert len(chunks) == 16, "one message per produced token"
+    # Tokens queued together leave as one message (server.api.stream_pacing), so a stream
+    # has at most one message per token; together they are the unary answer.
+    assert 1 < len(chunks) <= 16
+    assert all(c.token_ids for c in chunks[:-1])
     assert all(c.finish_reason == 0 for c in chunks[:-1])
     assert chunks[-1].finish_reason == inference_pb2.FINISH_REASON_LENGTH
     assert chunks[-1].usage.completion_tokens == 16

@@ -106,6 +106,7 @@ def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
         "--max-prompt-tokens": "900",
         "--max-adapter-bytes": "12345",
         "--grace-seconds": "2.5",
+        "--stream-interval-seconds": "0.05",
     }
     config = config_from_args(_parse(*[part for item in argv.items() for part in item]))
     expected = dataclasses.replace(
@@ -129,6 +130,7 @@ def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
         max_prompt_tokens=900,
         max_adapter_bytes=12345,
         grace_seconds=2.5,
+        stream_interval_seconds=0.05,
     )
     assert config == expected
     assert isinstance(config.model_path, Path) and isinstance(config.data_dir, Path)
