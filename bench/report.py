@@ -121,10 +121,26 @@ def compute_ratios(results: Results) -> list[Ratio]:
             Ratio(
                 "gRPC loraserve / base",
                 _div(grpc["loraserve"]["tokens_per_s"], grpc["base"]["tokens_per_s"]),
+                0.90,
                 detail=f"p99 TTFT {_ms(grpc['loraserve']['ttft_p99_s'])} vs "
                 f"{_ms(grpc['base']['ttft_p99_s'])}",
             )
         )
+    # The same load through the real server against the in-process engine, end to end: what
+    # serialization, the servicer, the event loop and streaming cost (the GPU target).
+    for grpc_mode, mode, label in (
+        ("base", "base", "base"),
+        ("loraserve", "loraserve-distinct", "adapters"),
+    ):
+        if grpc and grpc_mode in grpc and tps(mode) is not None:
+            ratios.append(
+                Ratio(
+                    f"gRPC / in-process, {label}",
+                    _div(grpc[grpc_mode]["tokens_per_s"], tps(mode)),
+                    0.85,
+                    detail=f"{grpc[grpc_mode]['tokens_per_s']:.0f} vs {tps(mode):.0f} tokens/s",
+                )
+            )
     return ratios
 
 

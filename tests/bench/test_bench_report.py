@@ -94,6 +94,26 @@ def test_ratios_and_targets() -> None:
     assert trace.met is None  # reported, no target
 
 
+def test_grpc_is_compared_with_its_base_and_with_the_in_process_engine() -> None:
+    results = _results()
+    grpc = {"tokens_per_s": 0.0, "ttft_p99_s": 0.2}
+    results["grpc"] = {
+        "modes": {
+            "base": {**grpc, "tokens_per_s": 360.0},
+            "loraserve": {**grpc, "tokens_per_s": 304.0},
+        }
+    }
+    ratios = {r.name: r for r in compute_ratios(results)}
+    assert ratios["gRPC loraserve / base"].value == pytest.approx(304 / 360)
+    assert ratios["gRPC loraserve / base"].met is False  # the CPU target: >= 0.90
+    base = ratios["gRPC / in-process, base"]
+    assert base.value == pytest.approx(0.9) and base.met is True
+    lora = ratios["gRPC / in-process, adapters"]
+    assert lora.value == pytest.approx(0.8) and lora.met is False
+    only_grpc = {"grpc": results["grpc"]}  # nothing in process to compare it with
+    assert [r.name for r in compute_ratios(only_grpc)] == ["gRPC loraserve / base"]
+
+
 def test_missing_parts_give_no_ratios() -> None:
     assert compute_ratios({"meta": {}}) == []
     only_cold = {
