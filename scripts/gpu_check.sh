@@ -166,12 +166,9 @@ if cold:
     print(f"cold / warm TTFT: {fmt(cold.get('cold_ttft_s', 0) * 1e3, '{:.1f}')} / "
           f"{fmt(cold.get('warm_ttft_s', 0) * 1e3, '{:.1f}')} ms = "
           f"{fmt(cold.get('cold_over_warm'), '{:.2f}')}x")
-grpc = bench.get("grpc", {}).get("modes", {})
-for name, inproc in (("base", "base"), ("loraserve", "loraserve-distinct")):
-    if name in grpc and inproc in modes and modes[inproc].get("tokens_per_s"):
-        g, m = grpc[name]["tokens_per_s"], modes[inproc]["tokens_per_s"]
-        print(f"gRPC streaming {name}: {fmt(g)} tokens/s vs in-process {inproc} {fmt(m)} "
-              f"(end to end) = {g / m:.2f}x")
+for ratio in bench.get("ratios", []):  # the bench's own: gRPC vs in process, end to end
+    if ratio["name"].startswith("gRPC / in-process"):
+        print(f"{ratio['name']}: {fmt(ratio['value'], '{:.2f}')}x ({ratio['detail']})")
 parity = out / "parity.log"
 if parity.exists():
     print("CUDA parity:", parity.read_text().strip().splitlines()[-1])

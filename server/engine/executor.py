@@ -365,7 +365,7 @@ class PagedExecutor:
         kinds: frozenset[str] | None = None
         if need_pages:
             # Kinds where a row's page holds an adapter; none at all runs the base step.
-            kinds = self._model.lora_index.kinds_for(p for r in rows for p in r.pages)
+            kinds = self._model.lora_index.kinds_for(flat_pages)
             need_pages = need_pages if kinds else 0
         graph_key = self._graph_key(batch, need_span, need_pages, kinds)
         if graph_key is not None:

@@ -291,9 +291,6 @@ class LiveIndex:
         self._groups: dict[str, dict[int, int]] = {}
         """kind -> page -> how many groups of that kind hold the page."""
 
-    def add_kind(self, kind: str) -> None:
-        self._groups.setdefault(kind, {})
-
     def update(self, kind: str, page: int, was_live: bool, live: bool) -> None:
         counts = self._groups.setdefault(kind, {})
         if live and not was_live:
@@ -333,8 +330,6 @@ class LoRAGroup:
         self.members = members
         self.kind = kind
         self.index = index
-        if index is not None:
-            index.add_kind(kind)
         self.live_pages: set[int] = set()
         """Host copy of the pages `live` flags (the LiveIndex counts from it)."""
         self.d_in = members[0].in_features

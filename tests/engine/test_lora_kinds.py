@@ -28,8 +28,6 @@ from loraserve.server.engine.types import AdapterRef, FinishEvent
 
 def test_live_index_counts_groups_per_kind() -> None:
     index = LiveIndex()
-    for kind in ("qkv", "down"):
-        index.add_kind(kind)
     index.update("qkv", 3, was_live=False, live=True)  # layer 0
     index.update("qkv", 3, was_live=False, live=True)  # layer 1
     assert index.kinds_for([3, 9]) == {"qkv"}

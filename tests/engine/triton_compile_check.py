@@ -22,8 +22,8 @@ DTYPES = ["bf16", "fp16", "fp32"]
 
 
 def compile_one(kernel, signature: dict[str, str], constants: dict[str, object], target) -> None:
-    names = list({**signature, **dict.fromkeys(constants, "constexpr")})
     full = {**signature, **dict.fromkeys(constants, "constexpr")}
+    names = list(full)
     constexprs = {(names.index(k),): v for k, v in constants.items()}
     compiled = triton.compile(ASTSource(fn=kernel, signature=full, constexprs=constexprs), target)
     assert compiled.asm["cubin"]
