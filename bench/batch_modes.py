@@ -17,6 +17,7 @@ import numpy as np
 from loraserve.bench.context import BenchContext
 from loraserve.bench.stats import RunResult, median
 from loraserve.bench.workloads import PATTERNS, popularity, round_robin
+from loraserve.server.engine.compute_threads import in_passing_thread
 
 log = logging.getLogger("bench")
 POOL_TENANT = "bench"
@@ -112,7 +113,17 @@ def run_loraserve_modes(ctx: BenchContext) -> dict:
 
 
 def run_peft_baselines(ctx: BenchContext, *, mixed: bool, naive: bool) -> dict:
-    """peft-mixed and/or naive-swap on the distinct pattern's requests."""
+    """peft-mixed and/or naive-swap on the distinct pattern's requests.
+
+    On a passing thread: the baselines use every CPU thread, and the OpenMP pool that opens
+    must not outlive them beside the engine thread (server.engine.compute_threads).
+    """
+    return in_passing_thread(
+        lambda: _peft_baselines(ctx, mixed=mixed, naive=naive), name="bench-peft"
+    )
+
+
+def _peft_baselines(ctx: BenchContext, *, mixed: bool, naive: bool) -> dict:
     from loraserve.bench.baselines import PeftBaseline
 
     s = ctx.settings

@@ -26,6 +26,7 @@ from loraserve.bench.adapter_factory import AdapterFactory, LoraShape
 from loraserve.bench.engine_runner import EngineBench, EngineLimits
 from loraserve.bench.models import SIZES, bench_model_path, default_cache_dir
 from loraserve.bench.stats import median
+from loraserve.server.engine.compute_threads import torch_ops_serially
 
 log = logging.getLogger("bench")
 TENANT = "bench"
@@ -116,6 +117,12 @@ def _round(bench: EngineBench, args: argparse.Namespace, names: list[str]) -> di
 
 def main(argv: list[str] | None = None) -> None:
     args = _parse(argv)
+    # Orchestration only: no OpenMP pool of this thread's beside the engine's (compute_threads).
+    with torch_ops_serially():
+        _main(args)
+
+
+def _main(args: argparse.Namespace) -> None:
     logging.basicConfig(level=logging.INFO, format="%(message)s")
     cache = default_cache_dir()
     storage = "float32" if args.dtype == "float32" else "bfloat16"

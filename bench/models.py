@@ -113,7 +113,13 @@ def bench_model_path(
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{path.name}.tmp-", dir=path.parent))
     try:
-        _write_checkpoint(tmp, size, seed, storage_dtype)
+        from loraserve.server.engine.compute_threads import in_passing_thread
+
+        # A passing thread: building the weights is parallel, and its OpenMP pool must not
+        # outlive it beside an engine thread (server.engine.compute_threads).
+        in_passing_thread(
+            lambda: _write_checkpoint(tmp, size, seed, storage_dtype), name="bench-build-model"
+        )
         try:
             os.rename(tmp, path)
         except OSError:

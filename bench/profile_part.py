@@ -13,6 +13,7 @@ from pathlib import Path
 from loraserve.bench.batch_modes import POOL_TENANT, pool_assignments
 from loraserve.bench.context import BenchContext
 from loraserve.bench.sampler import StackSampler
+from loraserve.server.engine.compute_threads import in_passing_thread
 
 log = logging.getLogger("bench")
 
@@ -29,22 +30,26 @@ def run_profile(ctx: BenchContext, path: Path) -> Path:
             result = engine.run(requests)
         reports.append(sampler.report(f"{mode}: {result.tokens_per_s:.1f} tokens/s"))
     if "naive" in s.only or "peft" in s.only:
-        from loraserve.bench.baselines import PeftBaseline
-
-        adapters = assignments["loraserve-distinct"]
-        used = sorted({a for a in adapters if a})
-        dirs = {f"a{i:04d}": d for i, d in enumerate(ctx.adapter_dirs(s.adapters))}
-        baseline = PeftBaseline(
-            ctx.model_dir, {n: dirs[n] for n in used}, device=s.device, dtype=s.dtype
-        )
-        prompts = [r.prompt_ids for r in ctx.batch_requests(adapters)][:4]
-        baseline.naive_swap(prompts[:1], adapters[:1], s.output_len)  # warm
-        with StackSampler(ident=threading.get_ident()) as sampler:
-            result = baseline.naive_swap(prompts, adapters[:4], s.output_len)
-        reports.append(
-            sampler.report(f"naive-swap (4 requests): {result.tokens_per_s:.1f} tokens/s")
-        )
+        # On a passing thread, as the baselines run (compute_threads); sampled there.
+        reports.append(in_passing_thread(lambda: _profile_naive(ctx), name="bench-peft"))
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text("\n\n".join(reports) + "\n")
     log.info("profile written to %s", path)
     return path
+
+
+def _profile_naive(ctx: BenchContext) -> str:
+    from loraserve.bench.baselines import PeftBaseline
+
+    s = ctx.settings
+    adapters = pool_assignments(ctx)["loraserve-distinct"]
+    used = sorted({a for a in adapters if a})
+    dirs = {f"a{i:04d}": d for i, d in enumerate(ctx.adapter_dirs(s.adapters))}
+    baseline = PeftBaseline(
+        ctx.model_dir, {n: dirs[n] for n in used}, device=s.device, dtype=s.dtype
+    )
+    prompts = [r.prompt_ids for r in ctx.batch_requests(adapters)][:4]
+    baseline.naive_swap(prompts[:1], adapters[:1], s.output_len)  # warm
+    with StackSampler(ident=threading.get_ident()) as sampler:
+        result = baseline.naive_swap(prompts, adapters[:4], s.output_len)
+    return sampler.report(f"naive-swap (4 requests): {result.tokens_per_s:.1f} tokens/s")

@@ -121,6 +121,16 @@ def run_parts(ctx: BenchContext) -> dict:
 def main(argv: list[str] | None = None) -> int:
     """Entry point of `loraserve bench`; returns the exit code (1 if any part failed)."""
     settings = settings_from_args(list(sys.argv[1:] if argv is None else argv))
+    from loraserve.server.engine.compute_threads import torch_ops_serially
+
+    # This thread only orchestrates: parallel torch work here would keep an OpenMP pool beside
+    # the engine thread's and slow every decode step (server.engine.compute_threads); the
+    # baselines and the model build run on passing threads instead.
+    with torch_ops_serially():
+        return _main(settings)
+
+
+def _main(settings: BenchSettings) -> int:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", datefmt="%H:%M:%S")
     logging.getLogger("bench").setLevel(logging.INFO)
     from transformers.utils import logging as hf_logging

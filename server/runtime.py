@@ -16,6 +16,7 @@ from loraserve.adapters.store import AdapterStore
 from loraserve.server.adapter_service import AdapterService
 from loraserve.server.config import ConfigError, ServerConfig
 from loraserve.server.engine.accounting import EngineObserver
+from loraserve.server.engine.compute_threads import in_passing_thread
 from loraserve.server.engine.device_pool import AdapterLoader
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.model import LoadedModel, load_base_model
@@ -42,7 +43,9 @@ def build_runtime(
 ) -> ServingParts:
     """Loads the base model, opens the store, builds the adapter service and the engine.
 
-    Blocking (reads the checkpoint); call `parts.engine.start()` to start serving. `observer`
+    Blocking (reads the checkpoint, runs the warm-up forward), on a passing thread so the
+    OpenMP pool those open does not outlive them (server.engine.compute_threads); call
+    `parts.engine.start()` to start serving. `observer`
     receives the engine's accounting events (the server passes its Metrics). `adapter_loader`
     replaces the engine's read of a stored adapter (default: `AdapterService.load`; tests pass
     a gated or failing reader). `limits`: the per-tenant limits the scheduler and the adapter
@@ -54,6 +57,18 @@ def build_runtime(
             "model_path: no base model given (pass --model PATH, or --model embedded for the "
             "random-weight test model)"
         )
+    return in_passing_thread(
+        lambda: _build(config, observer, adapter_loader, limits), name="loraserve-load"
+    )
+
+
+def _build(
+    config: ServerConfig,
+    observer: EngineObserver | None,
+    adapter_loader: AdapterLoader | None,
+    limits: TenantLimitTable | None,
+) -> ServingParts:
+    assert config.model_path is not None
     loaded = load_base_model(Path(config.model_path), device=config.device, dtype=config.dtype)
     # One store shared by several replicas (serve-ray) keeps no per-process "latest" cache.
     store_class = SharedAdapterStore if config.shared_store else AdapterStore

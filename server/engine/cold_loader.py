@@ -32,6 +32,7 @@ from dataclasses import dataclass
 import torch
 
 from loraserve.adapters.weights import AdapterWeights
+from loraserve.server.engine.compute_threads import serial_torch_ops
 from loraserve.server.engine.lora import adapter_pages
 from loraserve.server.engine.types import AdapterKey, EngineError, ErrorKind
 
@@ -162,7 +163,9 @@ class ColdLoader:
             torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
         )
         self._pool = ThreadPoolExecutor(
-            max(1, self._settings.workers), thread_name_prefix="adapter-cold-load"
+            max(1, self._settings.workers),
+            thread_name_prefix="adapter-cold-load",
+            initializer=serial_torch_ops,
         )
 
     def start(self, key: AdapterKey) -> bool:
