@@ -292,7 +292,11 @@ def model_from_args(
                 "--model embedded: this launcher cannot build the embedded test model; "
                 "run `loraserve serve --model embedded`"
             )
-        return embedded_model()
+        # Building it runs parallel torch operators: on a passing thread, so no OpenMP pool
+        # of this (main, long-lived) thread's sits beside the engine's (compute_threads).
+        from loraserve.server.engine.compute_threads import in_passing_thread
+
+        return in_passing_thread(embedded_model, name="loraserve-embedded-model")
     return Path(choice)
 
 
