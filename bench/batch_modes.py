@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import Callable
+from typing import TYPE_CHECKING
 
 import numpy as np
 
@@ -18,6 +19,9 @@ from loraserve.bench.context import BenchContext
 from loraserve.bench.stats import RunResult, median
 from loraserve.bench.workloads import PATTERNS, popularity, round_robin
 from loraserve.server.engine.compute_threads import in_passing_thread
+
+if TYPE_CHECKING:
+    from loraserve.bench.baselines import PeftBaseline
 
 log = logging.getLogger("bench")
 POOL_TENANT = "bench"
@@ -123,18 +127,22 @@ def run_peft_baselines(ctx: BenchContext, *, mixed: bool, naive: bool) -> dict:
     )
 
 
-def _peft_baselines(ctx: BenchContext, *, mixed: bool, naive: bool) -> dict:
+def peft_baseline(ctx: BenchContext, adapters: list[str | None]) -> PeftBaseline:
+    """HF PEFT with the pool adapters that `adapters` (one per request) name loaded."""
     from loraserve.bench.baselines import PeftBaseline
 
     s = ctx.settings
+    dirs = {f"a{i:04d}": d for i, d in enumerate(ctx.adapter_dirs(s.adapters))}
+    used = sorted({a for a in adapters if a})
+    return PeftBaseline(ctx.model_dir, {n: dirs[n] for n in used}, device=s.device, dtype=s.dtype)
+
+
+def _peft_baselines(ctx: BenchContext, *, mixed: bool, naive: bool) -> dict:
+    s = ctx.settings
     adapters = pool_assignments(ctx)["loraserve-distinct"]
     used = sorted({a for a in adapters if a})
-    dirs = ctx.adapter_dirs(s.adapters)
-    by_name = {f"a{i:04d}": d for i, d in enumerate(dirs)}
     with ctx.timed("load_peft_s"):
-        baseline = PeftBaseline(
-            ctx.model_dir, {n: by_name[n] for n in used}, device=s.device, dtype=s.dtype
-        )
+        baseline = peft_baseline(ctx, adapters)
     prompts = [r.prompt_ids for r in ctx.batch_requests(adapters)]
     out: dict = {}
     if mixed:

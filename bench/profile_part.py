@@ -10,7 +10,7 @@ import logging
 import threading
 from pathlib import Path
 
-from loraserve.bench.batch_modes import POOL_TENANT, pool_assignments
+from loraserve.bench.batch_modes import POOL_TENANT, peft_baseline, pool_assignments
 from loraserve.bench.context import BenchContext
 from loraserve.bench.sampler import StackSampler
 from loraserve.server.engine.compute_threads import in_passing_thread
@@ -39,15 +39,9 @@ def run_profile(ctx: BenchContext, path: Path) -> Path:
 
 
 def _profile_naive(ctx: BenchContext) -> str:
-    from loraserve.bench.baselines import PeftBaseline
-
     s = ctx.settings
     adapters = pool_assignments(ctx)["loraserve-distinct"]
-    used = sorted({a for a in adapters if a})
-    dirs = {f"a{i:04d}": d for i, d in enumerate(ctx.adapter_dirs(s.adapters))}
-    baseline = PeftBaseline(
-        ctx.model_dir, {n: dirs[n] for n in used}, device=s.device, dtype=s.dtype
-    )
+    baseline = peft_baseline(ctx, adapters)
     prompts = [r.prompt_ids for r in ctx.batch_requests(adapters)][:4]
     baseline.naive_swap(prompts[:1], adapters[:1], s.output_len)  # warm
     with StackSampler(ident=threading.get_ident()) as sampler:

@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import logging
 import socket
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -23,7 +22,7 @@ from loraserve.server.api.auth import Authorizer
 from loraserve.server.api.inference import InferenceServicer
 from loraserve.server.api.wire import add_guarded
 from loraserve.server.config import ConfigError, ServerConfig
-from loraserve.server.engine.compute_threads import serial_torch_ops
+from loraserve.server.engine.compute_threads import helper_pool, serial_torch_ops
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.types import EngineError
 from loraserve.server.limits import TenantLimitTable
@@ -80,9 +79,7 @@ class Server:
         # The event loop's thread and its executor's threads live as long as the server and
         # must not run parallel torch operators beside the engine thread (compute_threads).
         serial_torch_ops()
-        asyncio.get_running_loop().set_default_executor(
-            ThreadPoolExecutor(thread_name_prefix="loraserve-io", initializer=serial_torch_ops)
-        )
+        asyncio.get_running_loop().set_default_executor(helper_pool("loraserve-io"))
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.grpc_server)
         await self._set_health(health_pb2.HealthCheckResponse.NOT_SERVING)
         auth = self.auth = Authorizer(self.registry)

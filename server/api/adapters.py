@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator
-from concurrent.futures import ThreadPoolExecutor
 
 import grpc
 
@@ -20,7 +19,7 @@ from loraserve.server.adapter_service import (
 from loraserve.server.api.auth import Authorizer
 from loraserve.server.api.convert import FILE_KINDS, adapter_info
 from loraserve.server.api.errors import abort_for, status_for
-from loraserve.server.engine.compute_threads import serial_torch_ops
+from loraserve.server.engine.compute_threads import helper_pool
 from loraserve.server.engine.types import EngineError
 from loraserve.server.metrics import Metrics
 from loraserve.server.runtime import Runtime
@@ -41,11 +40,7 @@ class AdaptersServicer(adapters_pb2_grpc.AdaptersServicer):
         self._runtime = runtime
         self._auth = auth
         self._metrics = metrics
-        self._validators = ThreadPoolExecutor(
-            max_workers=VALIDATION_WORKERS,
-            thread_name_prefix="loraserve-validate",
-            initializer=serial_torch_ops,
-        )
+        self._validators = helper_pool("loraserve-validate", VALIDATION_WORKERS)
 
     def _service(self) -> AdapterService:
         return self._runtime.require()[1]

@@ -26,13 +26,13 @@ import logging
 import threading
 import time
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 from dataclasses import dataclass
 
 import torch
 
 from loraserve.adapters.weights import AdapterWeights
-from loraserve.server.engine.compute_threads import serial_torch_ops
+from loraserve.server.engine.compute_threads import helper_pool
 from loraserve.server.engine.lora import adapter_pages
 from loraserve.server.engine.types import AdapterKey, EngineError, ErrorKind
 
@@ -162,11 +162,7 @@ class ColdLoader:
         self._stream: torch.cuda.Stream | None = (
             torch.cuda.Stream(layout.device) if layout.device.type == "cuda" else None
         )
-        self._pool = ThreadPoolExecutor(
-            max(1, self._settings.workers),
-            thread_name_prefix="adapter-cold-load",
-            initializer=serial_torch_ops,
-        )
+        self._pool = helper_pool("adapter-cold-load", max(1, self._settings.workers))
 
     def start(self, key: AdapterKey) -> bool:
         """Starts loading `key` unless it is loading, staged or failed; False when at capacity."""

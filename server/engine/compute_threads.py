@@ -12,8 +12,8 @@ So, in a serving process:
 - heavy one-off work off the engine thread (loading the model, the warm-up forward) runs on a
   passing thread (`in_passing_thread`): its pool goes when it ends;
 - long-lived helper threads (cold loads, prefetch, upload validation, asyncio's executor and
-  loop) run their torch operators serially (`serial_torch_ops`, as a ThreadPoolExecutor
-  initializer; `torch_ops_serially` for a block): they handle adapter-sized tensors, and a
+  loop) run their torch operators serially (`helper_pool` for a pool, `serial_torch_ops` for
+  one thread, `torch_ops_serially` for a block): they handle adapter-sized tensors, and a
   serial thread never opens a region, so never a pool.
 The engine thread keeps torch's default thread count. `serial_torch_ops` changes only the
 calling thread (OpenMP's per-thread setting); torch.set_num_threads would change every thread.
@@ -25,6 +25,7 @@ import ctypes
 import logging
 import threading
 from collections.abc import Callable, Iterator
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from functools import cache
 from pathlib import Path
@@ -47,7 +48,7 @@ def _openmp_runtime() -> ctypes.CDLL | None:
     if not maps.is_file():
         return None
     for line in maps.read_text().splitlines():
-        path = line.split()[-1] if line.split() else ""
+        path = line.rsplit(" ", 1)[-1]
         if any(Path(path).name.startswith(name + ".so") for name in _OPENMP_LIBRARIES):
             try:
                 runtime = ctypes.CDLL(path)  # the loaded library again: dlopen shares it
@@ -70,6 +71,12 @@ def serial_torch_ops() -> bool:
     torch.get_num_threads()
     runtime.omp_set_num_threads(1)
     return torch.get_num_threads() == 1
+
+
+def helper_pool(name: str, workers: int | None = None) -> ThreadPoolExecutor:
+    """A pool of long-lived helper threads that run torch operators serially (`workers`:
+    ThreadPoolExecutor's default when None)."""
+    return ThreadPoolExecutor(workers, thread_name_prefix=name, initializer=serial_torch_ops)
 
 
 @contextmanager

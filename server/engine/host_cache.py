@@ -13,11 +13,11 @@ import threading
 import time
 from collections import OrderedDict
 from collections.abc import Callable
-from concurrent.futures import Future, ThreadPoolExecutor
+from concurrent.futures import Future
 
 from loraserve.adapters.weights import AdapterWeights
 from loraserve.server.engine.accounting import EngineObserver
-from loraserve.server.engine.compute_threads import serial_torch_ops
+from loraserve.server.engine.compute_threads import helper_pool
 from loraserve.server.engine.types import AdapterKey, forgotten_versions
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,7 @@ class HostCache:
         self._dropped: set[AdapterKey] = set()
         """Forgotten while being loaded: the load must not land in memory."""
         self._lock = threading.Lock()
-        self._pool = ThreadPoolExecutor(
-            prefetch_workers, thread_name_prefix="adapter-prefetch", initializer=serial_torch_ops
-        )
+        self._pool = helper_pool("adapter-prefetch", prefetch_workers)
 
     def get(self, key: AdapterKey) -> AdapterWeights:
         """The adapter's weights: from memory, from a load in flight, or from disk now.

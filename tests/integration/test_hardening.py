@@ -518,7 +518,11 @@ def test_an_upload_cancelled_while_its_validation_is_queued_is_neither_stored_no
             submitted.append(1)
             return super().submit(fn, *args, **kwargs)
 
-    monkeypatch.setattr(adapters_api, "ThreadPoolExecutor", CountingPool)
+    monkeypatch.setattr(
+        adapters_api,
+        "helper_pool",
+        lambda name, workers=None: CountingPool(workers, thread_name_prefix=name),
+    )
     server = start_server(tenant_max_uploads=8)
     service = server.server.runtime.adapter_service
     validate, gate, entered = service.validate, threading.Event(), []
