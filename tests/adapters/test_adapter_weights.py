@@ -198,6 +198,36 @@ def test_non_finite_values_are_refused_naming_the_key(make_adapter: Callable, ba
     assert "contains NaN or Inf" in error.message
 
 
+@pytest.mark.parametrize("where", ["first", "last"])
+def test_non_finite_values_at_either_end_of_the_adapter_are_refused(
+    make_adapter: Callable, where: str
+) -> None:
+    """The finiteness check runs once over every factor: the first element of the first tensor
+    and the last of the last are in it too, and the error still names the tensor."""
+    saved = make_adapter("llama")
+    tensors = saved.tensors()
+    names = [n for module in saved.spec.modules for n in lora_keys(module) if n in tensors]
+    key = names[0] if where == "first" else names[-1]
+    tensors[key].view(-1)[0 if where == "first" else -1] = float("nan")
+    error = refused(saved, weights=saved.with_tensors(tensors))
+    assert error.field == f"adapter_model.safetensors:{key}"
+    assert "contains NaN or Inf" in error.message
+
+
+def test_mixed_dtypes_load_as_float32_each_as_stored(make_adapter: Callable) -> None:
+    """A file may hold each tensor in its own float type; each loads as its own values."""
+    saved = make_adapter("llama")
+    stored = {
+        key: t.to((torch.bfloat16, torch.float16, torch.float32)[i % 3])
+        for i, (key, t) in enumerate(sorted(saved.tensors().items()))
+    }
+    weights = load(saved, weights=saved.with_tensors(stored))
+    for name, (a, b) in weights.modules.items():
+        key_a, key_b = lora_keys(name)
+        assert a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
+        assert torch.equal(a, stored[key_a].float()) and torch.equal(b, stored[key_b].float())
+
+
 def test_half_overflow_to_inf_is_refused(make_adapter: Callable) -> None:
     saved = make_adapter("llama")
     tensors = {k: v.half() for k, v in saved.tensors().items()}
