@@ -233,10 +233,29 @@ def _verify_version(path: Path, tenant: str, name: str, version: int) -> str | N
     return None
 
 
-def _hash_file(handle: BinaryIO) -> tuple[str, int, bytes]:
-    """Read an open file whole: (sha256 hex, size, contents). One copy in memory, not two."""
-    data = handle.read()
-    return hashlib.sha256(data).hexdigest(), len(data), data
+@dataclass(frozen=True)
+class StoredFiles:
+    """One stored version's two files as read from disk, not yet checked against the
+    checksums meta.json recorded at upload (AdapterStore.read_unverified)."""
+
+    path: Path
+    config: bytes
+    weights: bytes
+    expected: tuple[tuple[object, object], tuple[object, object]]
+    """(sha256, size) recorded for adapter_config.json, then adapter_model.safetensors."""
+
+    def verify(self) -> None:
+        """AdapterCorruptError unless both files hash to what was recorded at upload."""
+        names = (FILE_NAMES["config"], FILE_NAMES["weights"])
+        for name, data, (want_sum, want_size) in zip(
+            names, (self.config, self.weights), self.expected, strict=True
+        ):
+            got_sum = hashlib.sha256(data).hexdigest()  # releases the GIL while hashing
+            if (got_sum, len(data)) != (want_sum, want_size):
+                raise AdapterCorruptError(
+                    f"{self.path / name}: sha256 {got_sum} ({len(data)} bytes) does not "
+                    f"match the {want_sum} ({want_size} bytes) recorded at upload"
+                )
 
 
 class UploadTransaction:
@@ -882,6 +901,18 @@ class AdapterStore:
         AdapterNotFoundError if the version was replaced or deleted meanwhile (get() again);
         AdapterCorruptError if the bytes on disk no longer match meta.json.
         """
+        files = self.read_unverified(record)
+        files.verify()
+        return files.config, files.weights
+
+    def read_unverified(self, record: AdapterRecord) -> StoredFiles:
+        """The files of `record` as read, with what meta.json recorded; nothing is usable
+        until StoredFiles.verify() has returned. Lets a reader hash on one thread while it
+        checks the same bytes on another (hashing a 1B model's adapter takes milliseconds).
+
+        AdapterNotFoundError if the version was replaced or deleted meanwhile; the bytes of
+        meta.json are checked here (AdapterCorruptError), the checksums by verify().
+        """
         try:
             # Open all three first: once open, a concurrent replace or delete (rename, then
             # unlink) cannot change what we read, so the three always belong together.
@@ -891,32 +922,21 @@ class AdapterStore:
                 open(record.path / FILE_NAMES["weights"], "rb") as weights_handle,
             ):
                 meta_bytes = meta_handle.read()
-                config_sum, config_size, config = _hash_file(config_handle)
-                weights_sum, weights_size, weights = _hash_file(weights_handle)
+                config = config_handle.read()
+                weights = weights_handle.read()
         except FileNotFoundError:
             raise AdapterNotFoundError(
                 f"adapter {record.name!r} version {record.version} was replaced or deleted"
             ) from None
         try:
             meta = json.loads(meta_bytes)
-            expected = {
-                "adapter_config.json": (meta["config_sha256"], meta["config_size"]),
-                "adapter_model.safetensors": (meta["weights_sha256"], meta["weights_size"]),
-            }
+            expected = (
+                (meta["config_sha256"], meta["config_size"]),
+                (meta["weights_sha256"], meta["weights_size"]),
+            )
         except (ValueError, KeyError, TypeError) as exc:
             raise AdapterCorruptError(f"{record.path / META_FILE} is unreadable: {exc}") from None
-        actual = {
-            "adapter_config.json": (config_sum, config_size),
-            "adapter_model.safetensors": (weights_sum, weights_size),
-        }
-        for filename, (want_sum, want_size) in expected.items():
-            got_sum, got_size = actual[filename]
-            if (got_sum, got_size) != (want_sum, want_size):
-                raise AdapterCorruptError(
-                    f"{record.path / filename}: sha256 {got_sum} ({got_size} bytes) does not "
-                    f"match the {want_sum} ({want_size} bytes) recorded at upload"
-                )
-        return config, weights
+        return StoredFiles(record.path, config, weights, expected)
 
 
 def _version_not_found(name: str, version: int) -> AdapterNotFoundError:

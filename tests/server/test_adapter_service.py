@@ -529,6 +529,48 @@ def test_load_of_corrupted_files_is_internal(h: Harness, adapter_files: dict[str
     assert err.value.kind == ErrorKind.INTERNAL and "'qv'" in err.value.message
 
 
+def test_load_reports_corruption_over_the_validation_error_it_causes(
+    h: Harness, adapter_files: dict[str, bytes], caplog: pytest.LogCaptureFixture
+) -> None:
+    """Validation and the checksum run side by side; when the stored bytes are damaged so
+    that validation fails too, the log names the checksum mismatch, the cause."""
+    record = _upload(h, adapter_files)
+    weights_path = record.path / "adapter_model.safetensors"
+    weights_path.write_bytes(weights_path.read_bytes()[:-7])  # truncated: invalid safetensors
+    with caplog.at_level("ERROR"), pytest.raises(EngineError) as err:
+        h.service.load(AdapterKey(TENANT, "qv", record.version))
+    assert err.value.kind == ErrorKind.INTERNAL and "'qv'" in err.value.message
+    assert "does not match" in caplog.text and "recorded at upload" in caplog.text
+
+
+def test_load_hashes_on_a_helper_thread_while_the_caller_validates(
+    h: Harness, adapter_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    import threading
+
+    from loraserve.adapters.store import StoredFiles
+
+    record = _upload(h, adapter_files)
+    verified_on: list[str] = []
+    validated_on: list[str] = []
+    verify, validate = StoredFiles.verify, h.service.validate
+
+    def recording_verify(files: StoredFiles) -> None:
+        verified_on.append(threading.current_thread().name)
+        verify(files)
+
+    def recording_validate(config: bytes, weights: bytes):  # type: ignore[no-untyped-def]
+        validated_on.append(threading.current_thread().name)
+        return validate(config, weights)
+
+    monkeypatch.setattr(StoredFiles, "verify", recording_verify)
+    monkeypatch.setattr(h.service, "validate", recording_validate)
+    weights = h.service.load(AdapterKey(TENANT, "qv", record.version))
+    assert weights.config.rank == 4
+    assert validated_on == [threading.current_thread().name]
+    assert len(verified_on) == 1 and verified_on[0].startswith("adapter-checksum")
+
+
 def test_store_adapter_helper_agrees_with_the_service(
     h: Harness, adapter_files: dict[str, bytes], tmp_path: Path
 ) -> None:

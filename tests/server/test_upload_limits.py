@@ -206,10 +206,10 @@ def test_reading_an_adapter_out_of_descriptors_is_retryable_and_names_no_path(
         session.add_chunk(kind, data)  # type: ignore[arg-type]
     record = session.finish()
 
-    def out_of_descriptors(rec: object) -> tuple[bytes, bytes]:
+    def out_of_descriptors(rec: object) -> object:
         raise OSError(errno.EMFILE, "Too many open files", str(record.path))
 
-    service.store.read_files = out_of_descriptors  # type: ignore[method-assign]
+    service.store.read_unverified = out_of_descriptors  # type: ignore[method-assign]
     with pytest.raises(EngineError) as err:
         service.load(AdapterKey(TENANT, "qv", record.version))
     assert err.value.kind == ErrorKind.RESOURCE_EXHAUSTED
