@@ -6,9 +6,9 @@ adapter and the batch keeps decoding while a loader thread
 
 1. reads it through the host tier (disk read, checksum and validation on a miss),
 2. lays it out as the layers' pages (padding to whole pages, scale folded into B, the model's
-   dtype), and
-3. copies the pages to the device: on CUDA from pinned memory on the loader's own stream, with
-   an event recorded after the copy, so the copy overlaps the engine's forwards.
+   dtype) in ONE host buffer, pinned on CUDA, and
+3. copies that buffer to the device in one copy: on CUDA on the loader's own stream, with an
+   event recorded after the copy, so the copy overlaps the engine's forwards.
 
 The result waits here, "staged", until the engine thread commits it into the adapter pages
 between two forwards (`DevicePool`): a device-local copy, ordered after the event on the GPU, so
@@ -33,7 +33,6 @@ import torch
 
 from loraserve.adapters.weights import AdapterWeights
 from loraserve.server.engine.compute_threads import helper_pool
-from loraserve.server.engine.lora import adapter_pages
 from loraserve.server.engine.types import AdapterKey, EngineError, ErrorKind
 
 log = logging.getLogger(__name__)
@@ -74,26 +73,76 @@ class StagedAdapter:
     """Bytes of its float32 factors on the host (AdapterWeights.nbytes)."""
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """Module name -> A pages (n, page_rank, d_in), B pages (n, d_out, page_rank), on the
-    device, in the layers' dtype."""
+    device, in the layers' dtype: views of `arena`."""
     seconds: float
     """How long reading and staging took."""
+    arena: torch.Tensor | None = None
+    """The one device buffer every page above is a view of, (total,)."""
     copied: torch.cuda.Event | None = None
-    """Recorded on the loader's stream after the host-to-device copies (CUDA only)."""
+    """Recorded on the loader's stream after the host-to-device copy (CUDA only)."""
 
     def copy_done(self) -> bool:
-        """Whether the copies to the device have finished (never blocks)."""
+        """Whether the copy to the device has finished (never blocks)."""
         return self.copied is None or self.copied.query()
 
     def order_after_copy(self) -> None:
-        """Makes the engine's current stream wait (on the GPU) for the copies, and tells the
+        """Makes the engine's current stream wait (on the GPU) for the copy, and tells the
         allocator the staging memory is used there, so it is not reused too early."""
         if self.copied is None:
             return
         stream = torch.cuda.current_stream(self.copied.device)
         stream.wait_event(self.copied)
-        for a_pages, b_pages in self.modules.values():
-            a_pages.record_stream(stream)
-            b_pages.record_stream(stream)
+        if self.arena is not None:
+            self.arena.record_stream(stream)
+
+
+PageShapes = list[tuple[str, int, int]]
+"""(module name, d_in, d_out) of every module of an adapter, in its order."""
+
+
+def page_views(
+    arena: torch.Tensor, shapes: PageShapes, n: int, page_rank: int
+) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+    """Module name -> (A pages (n, page_rank, d_in), B pages (n, d_out, page_rank)): views of
+    `arena` (total,), module after module, A before B."""
+    views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    offset = 0
+    for name, d_in, d_out in shapes:
+        a_size, b_size = n * page_rank * d_in, n * d_out * page_rank
+        a_pages = arena[offset : offset + a_size].view(n, page_rank, d_in)
+        b_pages = arena[offset + a_size : offset + a_size + b_size].view(n, d_out, page_rank)
+        views[name] = (a_pages, b_pages)
+        offset += a_size + b_size
+    return views
+
+
+def lay_out(
+    weights: AdapterWeights, page_rank: int, n: int, dtype: torch.dtype, *, pin: bool
+) -> tuple[torch.Tensor, PageShapes]:
+    """All of an adapter's pages in one host buffer, (total,) in `dtype`: exactly what
+    `adapter_pages` makes per module (scale folded into B in float32, rank rows past r
+    zero), written in place, so the copy to the device is one copy of one buffer (pinned
+    when `pin`) instead of two per module."""
+    rank = weights.config.rank
+    width = n * page_rank
+    shapes: PageShapes = [
+        (name, lora_a.shape[1], lora_b.shape[0])
+        for name, (lora_a, lora_b) in weights.modules.items()
+    ]
+    total = sum(width * (d_in + d_out) for _, d_in, d_out in shapes)
+    arena = torch.empty(total, dtype=dtype, pin_memory=pin)  # (total,)
+    views = page_views(arena, shapes, n, page_rank)
+    for name, (lora_a, lora_b) in weights.modules.items():
+        a_pages, b_pages = views[name]
+        a_block = a_pages.view(width, lora_a.shape[1])  # (n * page, d_in)
+        a_block[:rank].copy_(lora_a)
+        a_block[rank:].zero_()
+        scaled = lora_b.float() * weights.config.scale  # (d_out, r) float32
+        if rank < width:
+            scaled = torch.nn.functional.pad(scaled, (0, width - rank))  # (d_out, n * page)
+        # b_pages[p, :, j] holds column p * page_rank + j of B.
+        b_pages.permute(1, 0, 2).copy_(scaled.view(-1, n, page_rank))
+    return arena, shapes
 
 
 def stage(
@@ -106,35 +155,27 @@ def stage(
     """Lays `weights` out as pages and copies them to the layout's device (on `stream`)."""
     rank = weights.config.rank
     n = max(1, -(-rank // layout.page_rank))
-    host: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for name, (lora_a, lora_b) in weights.modules.items():
-        host[name] = adapter_pages(
-            lora_a, lora_b, weights.config.scale, layout.page_rank, n, layout.dtype
-        )
+    pin = layout.device.type == "cuda"
+    host, shapes = lay_out(weights, layout.page_rank, n, layout.dtype, pin=pin)
     copied: torch.cuda.Event | None = None
     if stream is None:
-        modules = {
-            name: (a.to(layout.device), b.to(layout.device)) for name, (a, b) in host.items()
-        }
+        # On the caller's stream, so ordered before what it does next with the pages (the
+        # commit's copies); pinned, the copy does not block the caller.
+        arena = host.to(layout.device, non_blocking=pin)
     else:
         with torch.cuda.stream(stream):
-            # Pinned sources make the copies asynchronous; the caching host allocator keeps
-            # each pinned block alive until its copy has run.
-            modules = {
-                name: (
-                    a.pin_memory().to(layout.device, non_blocking=True),
-                    b.pin_memory().to(layout.device, non_blocking=True),
-                )
-                for name, (a, b) in host.items()
-            }
+            # A pinned source makes the copy asynchronous; the caching host allocator keeps
+            # the pinned block alive until the copy has run.
+            arena = host.to(layout.device, non_blocking=True)
             copied = torch.cuda.Event(blocking=True)  # a waiting loader thread sleeps
             copied.record(stream)
     return StagedAdapter(
         key=key,
         rank=rank,
         host_nbytes=weights.nbytes,
-        modules=modules,
+        modules=page_views(arena, shapes, n, layout.page_rank),
         seconds=time.monotonic() - started,
+        arena=arena,
         copied=copied,
     )
 

@@ -1,0 +1,77 @@
+"""Cold-load staging (server.engine.cold_loader.stage): one buffer per adapter holds exactly the
+pages the per-module reference (lora.adapter_pages) makes, whatever the rank's fit to a page."""
+
+from __future__ import annotations
+
+import time
+
+import pytest
+import torch
+
+from loraserve.adapters.config import LoraAdapterConfig
+from loraserve.adapters.weights import AdapterWeights
+from loraserve.server.engine.cold_loader import PageLayout, stage
+from loraserve.server.engine.lora import adapter_pages
+from loraserve.server.engine.types import AdapterKey
+
+SHAPES = {"q": (24, 24), "k": (24, 8), "down": (40, 24)}
+"""Module -> (d_in, d_out): square, narrow and wide layers in one adapter."""
+
+
+def _weights(rank: int, alpha: float, use_rslora: bool = False) -> AdapterWeights:
+    gen = torch.Generator().manual_seed(rank)
+    modules = {
+        name: (
+            torch.randn(rank, d_in, generator=gen),  # A (r, d_in)
+            torch.randn(d_out, rank, generator=gen),  # B (d_out, r)
+        )
+        for name, (d_in, d_out) in SHAPES.items()
+    }
+    config = LoraAdapterConfig(
+        rank=rank, alpha=alpha, use_rslora=use_rslora, target_modules="all-linear", raw={}
+    )
+    return AdapterWeights(config=config, modules=modules)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize(("rank", "page_rank"), [(8, 8), (16, 8), (12, 8), (3, 4), (5, 16)])
+def test_staged_pages_are_the_reference_pages(
+    dtype: torch.dtype, rank: int, page_rank: int
+) -> None:
+    weights = _weights(rank, alpha=2.5 * rank, use_rslora=rank == 12)
+    layout = PageLayout(page_rank, dtype, torch.device("cpu"))
+    staged = stage(AdapterKey("t", "a", 1, rank=rank), weights, layout, None, time.monotonic())
+    n = -(-rank // page_rank)
+    assert staged.rank == rank and list(staged.modules) == list(SHAPES)
+    assert staged.host_nbytes == weights.nbytes
+    for name, (lora_a, lora_b) in weights.modules.items():
+        want_a, want_b = adapter_pages(lora_a, lora_b, weights.config.scale, page_rank, n, dtype)
+        a_pages, b_pages = staged.modules[name]
+        assert a_pages.dtype == b_pages.dtype == dtype
+        assert a_pages.is_contiguous() and b_pages.is_contiguous()
+        assert torch.equal(a_pages, want_a), name
+        assert torch.equal(b_pages, want_b), name
+
+
+def test_every_page_is_a_view_of_one_buffer_and_nothing_else_is_in_it() -> None:
+    """One host-to-device copy per adapter: the pages tile the staged buffer exactly."""
+    weights = _weights(12, alpha=16)
+    staged = stage(
+        AdapterKey("t", "a", 1, rank=12),
+        weights,
+        PageLayout(8, torch.float32, torch.device("cpu")),
+        None,
+        time.monotonic(),
+    )
+    assert staged.arena is not None
+    base = staged.arena.data_ptr()
+    spans = sorted(
+        (t.data_ptr() - base, t.numel() * t.element_size())
+        for pair in staged.modules.values()
+        for t in pair
+    )
+    position = 0
+    for start, size in spans:
+        assert start == position, "a gap or an overlap between pages"
+        position += size
+    assert position == staged.arena.numel() * staged.arena.element_size()
