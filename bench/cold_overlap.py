@@ -8,6 +8,11 @@ rows' time per output token (TPOT, whole run) and in their longest gap between t
 on the engine thread shows up as one long stall) is what the loads cost everyone else. The
 issue's target is a TPOT ratio within 1.10. Rounds alternate warm, cold, warm, cold...
 
+Each round also says where the engine thread's time went (decode steps, how many ran eagerly
+and their mean time; prefill steps; adapter commits; the rest), so a cold round that is slower
+shows whether the steps themselves slowed (contention for the GIL, the driver, the cores),
+more prefills ran (joiners arriving one by one) or the commits cost the time.
+
     python -m loraserve.bench.cold_overlap --size tiny --device cpu --batch 8 --joiners 8
 """
 
@@ -47,6 +52,40 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def _engine_counters(bench: EngineBench) -> dict[str, float]:
+    """The engine thread's running totals; a round reports their growth."""
+    scheduler = bench.engine.scheduler
+    pool = bench.engine.device_pool
+    return {
+        "decode_steps": scheduler.decode_steps,
+        "decode_s": scheduler.decode_seconds,
+        "graph_steps": getattr(scheduler.executor, "graph_steps", 0),
+        "prefill_steps": scheduler.prefill_steps,
+        "prefill_s": scheduler.prefill_seconds,
+        "commits": pool.commits,
+        "commit_s": pool.commit_seconds,
+    }
+
+
+def _where_time_went(before: dict[str, float], after: dict[str, float], wall: float) -> dict:
+    """What the engine thread did in one round: decode steps (how many replayed a graph) and
+    their mean time, prefill steps and their total, adapter commits and their host time, and
+    the rest of the round's wall time (scheduling, idle, waiting for the GIL)."""
+    grown = {k: after[k] - before[k] for k in after}
+    steps = grown["decode_steps"]
+    return {
+        "wall_s": wall,
+        "decode_steps": int(steps),
+        "eager_decode_steps": int(steps - grown["graph_steps"]),
+        "decode_step_mean_s": grown["decode_s"] / steps if steps else float("nan"),
+        "prefill_steps": int(grown["prefill_steps"]),
+        "prefill_s": grown["prefill_s"],
+        "commits": int(grown["commits"]),
+        "commit_s": grown["commit_s"],
+        "other_s": wall - grown["decode_s"] - grown["prefill_s"] - grown["commit_s"],
+    }
+
+
 def _round(bench: EngineBench, args: argparse.Namespace, names: list[str]) -> dict:
     """One round: base rows decode; `names` join once the rows are decoding."""
     from loraserve.server.engine.engine import SamplingOverrides
@@ -84,6 +123,7 @@ def _round(bench: EngineBench, args: argparse.Namespace, names: list[str]) -> di
             SamplingOverrides(max_new_tokens=tokens, temperature=0.0, ignore_eos=True)
         )
 
+    before, started = _engine_counters(bench), time.perf_counter()
     for index in range(args.batch):
         engine.submit(
             tenant=TENANT,
@@ -106,12 +146,14 @@ def _round(bench: EngineBench, args: argparse.Namespace, names: list[str]) -> di
     for _ in range(args.batch + len(names)):
         if not done.acquire(timeout=600):
             raise TimeoutError("a request did not finish")
+    breakdown = _where_time_went(before, _engine_counters(bench), time.perf_counter() - started)
     tpot = [(row[-1] - row[1]) / (len(row) - 2) for row in times if len(row) > 2]
     gaps = [b - a for row in times for a, b in itertools.pairwise(row[1:]) if b > arrived]
     return {
         "base_tpot_s": median(tpot),
         "max_gap_after_arrival_s": max(gaps) if gaps else float("nan"),
         "first_join_after_s": (first_join[0] - arrived) if first_join else float("nan"),
+        "engine": breakdown,
     }
 
 
@@ -167,6 +209,22 @@ def _main(args: argparse.Namespace) -> None:
                     warm["first_join_after_s"] * 1e3,
                     cold["first_join_after_s"] * 1e3,
                 )
+                for mode, measured in (("warm", warm), ("cold", cold)):
+                    e = measured["engine"]
+                    log.info(
+                        "  %s: %d decode steps (%d eager), %.2f ms each; %d prefills, %.1f ms; "
+                        "%d commits, %.1f ms; other %.1f ms of %.1f ms",
+                        mode,
+                        e["decode_steps"],
+                        e["eager_decode_steps"],
+                        e["decode_step_mean_s"] * 1e3,
+                        e["prefill_steps"],
+                        e["prefill_s"] * 1e3,
+                        e["commits"],
+                        e["commit_s"] * 1e3,
+                        e["other_s"] * 1e3,
+                        e["wall_s"] * 1e3,
+                    )
         finally:
             bench.close()
 
@@ -183,6 +241,8 @@ def _main(args: argparse.Namespace) -> None:
         "max_gap_cold_s": med("cold", "max_gap_after_arrival_s"),
         "first_join_warm_s": med("warm", "first_join_after_s"),
         "first_join_cold_s": med("cold", "first_join_after_s"),
+        "decode_step_warm_s": median([r["warm"]["engine"]["decode_step_mean_s"] for r in rounds]),
+        "decode_step_cold_s": median([r["cold"]["engine"]["decode_step_mean_s"] for r in rounds]),
         "rounds": rounds,
     }
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))

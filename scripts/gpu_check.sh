@@ -81,7 +81,10 @@ if [[ ",$skip," != *",overlap,"* ]]; then
   start=$SECONDS
   timeout "${OVERLAP_TIMEOUT:-90}" "$py" -m loraserve.bench.cold_overlap --size 1b --device cuda \
     --dtype bfloat16 --batch 32 --joiners 8 --json "$out/overlap.json" > "$out/overlap.log" 2>&1
-  echo "overlap exit $? in $((SECONDS - start)) s: $(tail -3 "$out/overlap.log" | tr '\n' ' ')"
+  echo "overlap exit $? in $((SECONDS - start)) s"
+  # Each round's TPOT line and where the engine thread's time went, warm and cold.
+  grep -E '^round|^  (warm|cold):' "$out/overlap.log" | tail -9
+  grep -E '"(tpot_cold_over_warm|decode_step_warm_s|decode_step_cold_s)"' "$out/overlap.log"
 fi
 
 if [[ ",$skip," != *",server,"* ]]; then

@@ -127,6 +127,11 @@ class DevicePool:
         time), so a concurrent `forget` can doom it before it lands."""
         self._loading_doomed = False
         self._cold = ColdLoader(loader, self._layout, cold)
+        self.commits = 0
+        """Adapters written into pages so far (engine thread)."""
+        self.commit_seconds = 0.0
+        """Host seconds the engine thread spent writing them (the device copies are queued,
+        not waited for): what loads cost the running rows directly."""
 
     def pages_for(self, rank: int) -> int:
         return max(1, math.ceil(rank / self.page_rank))
@@ -343,6 +348,7 @@ class DevicePool:
             victim, _ = self._lru.popitem(last=False)
             self._evict(victim, pressure=True)
         pages = tuple(self._free.pop() for _ in range(needed))
+        started = time.perf_counter()
         staged.order_after_copy()
         # One index for every layer: built per layer it was a blocking host-to-device copy
         # each (three per grouped layer with the live flags), hundreds per adapter on the
@@ -350,6 +356,8 @@ class DevicePool:
         index = torch.tensor(pages, dtype=torch.long, device=self._layout.device)  # (n,)
         for name, (a_pages, b_pages) in staged.modules.items():
             self._layers[name].write_pages(list(pages), self.num_pages, a_pages, b_pages, index)
+        self.commits += 1
+        self.commit_seconds += time.perf_counter() - started
         placement = Placement(pages=pages, rank=staged.rank)
         nbytes = staged.host_nbytes * self._itemsize // 4  # host weights are float32
         self._entries[key] = _Entry(

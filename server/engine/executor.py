@@ -207,6 +207,8 @@ class PagedExecutor:
         self._dev = torch.zeros(size, dtype=torch.long, device=device)
         # (batch, span, width, kinds) -> graph; kinds: ATTENTION_KINDS, or None for all.
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
+        self.graph_steps = 0
+        """Decode steps replayed from a captured graph (the others ran eagerly)."""
         self.batch_buckets = batch_buckets(m)
         self.span_buckets = sorted({min(b, nb) for b in (16, 64, 256, 1024)} | {nb})
         self.page_buckets = sorted({w for w in (2, np_) if w <= np_}) if np_ else []
@@ -378,6 +380,7 @@ class PagedExecutor:
         self._dev.copy_(self._host, non_blocking=True)  # the step's one host-to-device copy
         if graph_key is not None:
             graph, out = self._graphs[graph_key]
+            self.graph_steps += 1
             graph.replay()
             return out[:batch]
         width = need_pages if need_pages and self._has_stacks() else 0

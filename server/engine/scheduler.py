@@ -264,6 +264,10 @@ class Scheduler:
         """Wall seconds spent in decode steps (forward and sampling), for throughput figures."""
         self.decode_tokens = 0
         """Tokens those decode steps generated."""
+        self.decode_steps = 0
+        self.prefill_seconds = 0.0
+        """Wall seconds spent in prefill steps (forward and sampling)."""
+        self.prefill_steps = 0
         self.preemptions = 0
         """Requests preempted so far (their KV could not grow)."""
         self._rows: list[Sequence | None] = [None] * settings.max_batch_size
@@ -481,7 +485,10 @@ class Scheduler:
         except Exception as exc:
             self._fail_step(batch, exc)
             return
-        self._account("prefill", time.monotonic() - started, batch, [len(r.tokens) for r in inputs])
+        elapsed = time.monotonic() - started
+        self.prefill_seconds += elapsed
+        self.prefill_steps += 1
+        self._account("prefill", elapsed, batch, [len(r.tokens) for r in inputs])
         self._advance(sampled, tokens, entries)
 
     def _decode_step(self) -> None:
@@ -505,6 +512,7 @@ class Scheduler:
         elapsed = time.monotonic() - started
         self.decode_seconds += elapsed
         self.decode_tokens += len(decoding)
+        self.decode_steps += 1
         self._account("decode", elapsed, decoding, [1] * len(decoding))
         self._advance(sampled, tokens, entries)
 

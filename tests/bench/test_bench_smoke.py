@@ -51,3 +51,31 @@ def test_every_part_runs_on_a_tiny_model(tmp_path: Path, capsys) -> None:
     assert "cold / warm TTFT" in names
     printed = capsys.readouterr().out
     assert "loraserve-distinct / naive-swap" in printed
+
+
+def test_cold_overlap_says_where_the_engine_thread_spent_each_round(
+    tmp_path: Path, model_cache: Path
+) -> None:
+    """The cold-load overlap bench on the tiny model: cold rounds commit every joiner's adapter
+    on the engine thread, warm rounds commit none, and the breakdown adds up to the round.
+    (`model_cache` points LORASERVE_CACHE, where the bench builds its model, at the session's
+    cache.)"""
+    from loraserve.bench.cold_overlap import main as cold_overlap
+
+    out = tmp_path / "overlap.json"
+    argv = [
+        "--size", "tiny", "--batch", "2", "--joiners", "3", "--rank", "4",
+        "--prompt-len", "6", "--output-len", "8", "--rounds", "1", "--json", str(out),
+    ]  # fmt: skip
+    cold_overlap(argv)
+    result = json.loads(out.read_text())
+    assert result["tpot_cold_over_warm"] > 0
+    (measured,) = result["rounds"]
+    for mode, commits in (("warm", 0), ("cold", 3)):
+        engine = measured[mode]["engine"]
+        assert engine["commits"] == commits, mode
+        assert engine["decode_steps"] >= 8 - 1 and engine["prefill_steps"] >= 2
+        assert engine["eager_decode_steps"] == engine["decode_steps"]  # CPU: no graphs
+        spent = engine["prefill_s"] + engine["commit_s"] + engine["other_s"]
+        spent += engine["decode_step_mean_s"] * engine["decode_steps"]
+        assert abs(spent - engine["wall_s"]) <= 1e-6 * max(1.0, engine["wall_s"])
