@@ -348,7 +348,7 @@ class DevicePool:
             victim, _ = self._lru.popitem(last=False)
             self._evict(victim, pressure=True)
         pages = tuple(self._free.pop() for _ in range(needed))
-        started = time.perf_counter()
+        started = time.monotonic()
         staged.order_after_copy()
         # One index for every layer: built per layer it was a blocking host-to-device copy
         # each (three per grouped layer with the live flags), hundreds per adapter on the
@@ -357,7 +357,7 @@ class DevicePool:
         for name, (a_pages, b_pages) in staged.modules.items():
             self._layers[name].write_pages(list(pages), self.num_pages, a_pages, b_pages, index)
         self.commits += 1
-        self.commit_seconds += time.perf_counter() - started
+        self.commit_seconds += time.monotonic() - started
         placement = Placement(pages=pages, rank=staged.rank)
         nbytes = staged.host_nbytes * self._itemsize // 4  # host weights are float32
         self._entries[key] = _Entry(
