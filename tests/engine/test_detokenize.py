@@ -159,3 +159,114 @@ def test_stop_sequence_spanning_many_tokens(tokenizer: PreTrainedTokenizerBase) 
     streamed = "".join(deltas)
     assert streamed + state.flush() == state.text
     assert "over" not in streamed
+
+
+# ---- the decode window against decoding the whole completion ---------------------------------
+
+
+def _sentencepiece_style_tokenizer() -> PreTrainedTokenizerBase:
+    """A Llama-2-style tokenizer built offline: SentencePiece BPE (Metaspace), byte-fallback
+    tokens and the decoder chain Replace, ByteFallback, Fuse, Strip (the first token's space)."""
+    from tokenizers import SentencePieceBPETokenizer, decoders
+    from transformers import PreTrainedTokenizerFast
+
+    from loraserve.testing.tiny_model import CORPUS
+
+    trained = SentencePieceBPETokenizer()
+    corpus = [CORPUS] if isinstance(CORPUS, str) else list(CORPUS)
+    trained.train_from_iterator(
+        corpus, vocab_size=300, min_frequency=1, special_tokens=["</s>", "<unk>"]
+    )
+    backend = trained._tokenizer
+    backend.add_tokens([f"<0x{b:02X}>" for b in range(256)])
+    backend.decoder = decoders.Sequence(
+        [
+            decoders.Replace("▁", " "),
+            decoders.ByteFallback(),
+            decoders.Fuse(),
+            decoders.Strip(" ", 1, 0),
+        ]
+    )
+    return PreTrainedTokenizerFast(
+        tokenizer_object=backend, eos_token="</s>", clean_up_tokenization_spaces=False
+    )
+
+
+def _random_completion(tokenizer: PreTrainedTokenizerBase, seed: int, length: int) -> list[int]:
+    """Ordinary tokens, single bytes of multi-byte characters (often left incomplete) and the
+    end-of-sequence token, mixed at random."""
+    import random
+
+    rng = random.Random(seed)
+    pieces = ["é", "😀", "日本", " ok", "\n", "world", "."]
+    ids: list[int] = []
+    while len(ids) < length:
+        roll = rng.random()
+        if roll < 0.1:
+            ids.append(tokenizer.eos_token_id)
+        elif roll < 0.4:
+            ids.extend(tokenizer(rng.choice(pieces), add_special_tokens=False)["input_ids"])
+        elif roll < 0.5:
+            ids.append(rng.randrange(len(tokenizer)))  # anything, bytes of broken UTF-8 too
+        else:
+            ids.append(rng.randrange(3, 300))
+    return ids[:length]
+
+
+@pytest.fixture(scope="module", params=["byte-level", "sentencepiece"])
+def any_tokenizer(request: pytest.FixtureRequest) -> PreTrainedTokenizerBase:
+    if request.param == "byte-level":
+        return build_tokenizer()
+    return _sentencepiece_style_tokenizer()
+
+
+@pytest.mark.parametrize("seed", range(12))
+@pytest.mark.parametrize("same_list", [True, False])
+def test_the_window_gives_the_whole_decode_at_every_step(
+    any_tokenizer: PreTrainedTokenizerBase, seed: int, same_list: bool
+) -> None:
+    """After every token the text is exactly the whole completion decoded, and what is
+    streamed is exactly what the whole-decode algorithm streams, stop sequences included."""
+    ids = _random_completion(any_tokenizer, seed, 120)
+    stop = ("world.", "\n\n", "日本ok") if seed % 2 else ()
+    windowed = TextState(any_tokenizer, stop=stop)
+    whole = TextState(any_tokenizer, stop=stop)
+    whole._windowed = None  # the reference: decode everything every step
+    assert windowed._windowed is not None, "a fast tokenizer without clean-up is windowed"
+    growing: list[int] = []
+    for n in range(1, len(ids) + 1):
+        growing.append(ids[n - 1])
+        given = growing if same_list else ids[:n]
+        assert windowed.update(given) == whole.update(ids[:n]), n
+        assert windowed.text == whole.text, n
+        if not stop:
+            decoded = any_tokenizer.decode(ids[:n], skip_special_tokens=True)
+            assert windowed.text == decoded, n
+        assert windowed.stopped == whole.stopped
+        if whole.stopped:
+            break
+    assert windowed.flush() == whole.flush()
+
+
+def test_a_list_that_does_not_extend_the_previous_is_decoded_afresh(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    state = TextState(tokenizer, stop=())
+    assert state.update(_ids(tokenizer, "Hello there")) == "Hello there"
+    assert state.update(_ids(tokenizer, "Help")) == ""  # nothing new past what was sent
+    assert state.text == "Help"
+
+
+def test_a_tokenizer_that_cleans_up_spaces_is_decoded_whole(
+    tokenizer: PreTrainedTokenizerBase,
+) -> None:
+    import copy
+
+    cleaning = copy.deepcopy(tokenizer)
+    cleaning.clean_up_tokenization_spaces = True
+    state = TextState(cleaning, stop=())
+    assert state._windowed is None
+    ids = _ids(tokenizer, "Hello world.")
+    assert "".join(_stream(state, ids)) + state.flush() == cleaning.decode(
+        ids, skip_special_tokens=True
+    )
