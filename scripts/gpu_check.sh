@@ -1,18 +1,20 @@
 #!/usr/bin/env bash
 # One prepared GPU run (well under 8 minutes; run in the repo root on a CUDA machine): versions,
-# the CUDA parity tests, the kernel bench (bench/kernels.py: multi-LoRA kernel variants and one
+# the CUDA parity tests (again with async_decode), the kernel bench (bench/kernels.py: multi-LoRA kernel variants and one
 # whole decode step, base vs distinct adapters, sdpa vs triton attention), then loraserve's bench
 # on the ~1.2B Llama in bf16 (batch 32, 64 rank-16 adapters, prompt 128, output 64: base /
 # identical / distinct / uniform / skewed, end-to-end and decode-only tokens/s, cold and warm
-# time to first token, and the same load through the real gRPC server), the plain-PyTorch anchor
+# time to first token, and the same load through the real gRPC server; base and distinct again
+# with async_decode), the plain-PyTorch anchor
 # (../shared/gpu/anchor.py, or ./anchor.py, or $ANCHOR), cold loads beside running rows, and a
 # CLI smoke of the server. Parts run in that order (most telling first) and each has its own
 # time limit, so a cut-short run still leaves what it measured. Logs go to $OUT (default
 # /tmp/gpu_check); the last thing printed is the issue's table.
 #   GPU_CHECK_REPEATS (default 2) timed runs per bench mode;
-#   GPU_CHECK_SKIP=parity,kernels,bench,anchor,overlap,server skips parts; GPU_CHECK_GRPC=0 drops
-#   the bench's gRPC part; PARITY_TIMEOUT / KERNELS_TIMEOUT / BENCH_TIMEOUT / ANCHOR_TIMEOUT /
-#   OVERLAP_TIMEOUT cap each part (s);
+#   GPU_CHECK_SKIP=parity,parity-async,kernels,bench,async,anchor,overlap,server skips parts;
+#   GPU_CHECK_GRPC=0 drops the bench's gRPC part; PARITY_TIMEOUT / PARITY_ASYNC_TIMEOUT /
+#   KERNELS_TIMEOUT / BENCH_TIMEOUT / ASYNC_TIMEOUT / ANCHOR_TIMEOUT / OVERLAP_TIMEOUT cap each
+#   part (s);
 #   KERNELS_ONLY=step times only the whole decode step in the kernel bench (no kernel sweep).
 #   LORASERVE_ENGINE_OPTS adds --engine-opt FIELD=VALUE (e.g. enforce_eager=true).
 #   GPU_CHECK_ATTENTION=1 also benches decode attention=sdpa against attention=triton end to end.
@@ -46,6 +48,14 @@ if [[ ",$skip," != *",parity,"* ]]; then
   echo "parity exit $? in $((SECONDS - start)) s: $(tail -1 "$out/parity.log")"
 fi
 
+if [[ ",$skip," != *",parity-async,"* ]]; then
+  echo "== CUDA engine tests with async_decode (step N+1 launched before step N's tokens are read)"
+  start=$SECONDS
+  timeout "${PARITY_ASYNC_TIMEOUT:-120}" "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py \
+    tests/engine/test_async_decode.py --async-decode > "$out/parity-async.log" 2>&1
+  echo "parity-async exit $? in $((SECONDS - start)) s: $(tail -1 "$out/parity-async.log")"
+fi
+
 if [[ ",$skip," != *",kernels,"* ]]; then
   echo "== kernel bench: multi-LoRA kernel variants, one decode step (base vs distinct, sdpa vs triton)"
   start=$SECONDS
@@ -67,6 +77,16 @@ if [[ ",$skip," != *",bench,"* ]]; then
     --repeats "$repeats" --distinct-sweep 32 --cold-samples 4 --only "distinct,cold${grpc_part}" --grpc-requests 96 \
     --out "$out/bench" --no-plot "${opts[@]}" > "$out/bench.log" 2>&1
   echo "bench exit $? in $((SECONDS - start)) s"
+fi
+
+if [[ ",$skip," != *",async,"* ]]; then
+  echo "== bench with async_decode, base and distinct rows"
+  start=$SECONDS
+  timeout "${ASYNC_TIMEOUT:-150}" "$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 \
+    --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
+    --repeats "$repeats" --distinct-sweep 32 --only distinct --out "$out/bench-async" --no-plot \
+    --engine-opt async_decode=true "${opts[@]}" > "$out/bench-async.log" 2>&1
+  echo "async bench exit $? in $((SECONDS - start)) s"
 fi
 
 if [[ ",$skip," != *",anchor,"* && -n "$anchor" ]]; then
@@ -140,7 +160,11 @@ for line in (out / "anchor.jsonl").read_text().splitlines() if (out / "anchor.js
 bench = {}
 if (out / "bench" / "bench.json").exists():
     bench = json.loads((out / "bench" / "bench.json").read_text())
-modes = bench.get("batch", {}).get("modes", {})
+modes = dict(bench.get("batch", {}).get("modes", {}))
+if (out / "bench-async" / "bench.json").exists():
+    ahead = json.loads((out / "bench-async" / "bench.json").read_text())
+    for name, entry in ahead.get("batch", {}).get("modes", {}).items():
+        modes[f"{name} (async_decode)"] = entry
 cold = bench.get("cold_start", {})
 
 
@@ -172,9 +196,10 @@ if cold:
 for ratio in bench.get("ratios", []):  # the bench's own: gRPC vs in process, end to end
     if ratio["name"].startswith("gRPC / in-process"):
         print(f"{ratio['name']}: {fmt(ratio['value'], '{:.2f}')}x ({ratio['detail']})")
-parity = out / "parity.log"
-if parity.exists():
-    print("CUDA parity:", parity.read_text().strip().splitlines()[-1])
+for name in ("parity", "parity-async"):
+    log = out / f"{name}.log"
+    if log.exists() and log.read_text().strip():
+        print(f"CUDA {name}:", log.read_text().strip().splitlines()[-1])
 for name in ("errors",):
     if bench.get(name):
         print("bench errors:", bench[name])

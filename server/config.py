@@ -73,6 +73,11 @@ class ServerConfig:
     """Share of free device memory the paged KV pool takes when kv_cache_bytes is 0."""
     enforce_eager: bool = False
     """Run decode without CUDA graphs (debugging)."""
+    async_decode: bool = False
+    """Launch each decode step before reading the previous one's tokens (own forward only): the
+    host's work on step N (text, stops, events) overlaps the device computing step N+1, whose
+    input tokens come from step N's output on the device. Off by default until measured on a
+    GPU; a step with a row that asks for logprobs runs synchronously."""
     attention: str = "sdpa"
     """Decode attention of the own Llama-family forward: "sdpa" (gather the row's KV blocks, then
     PyTorch SDPA) or "triton" (a Triton kernel reading the blocks in place; CUDA with Triton)."""
@@ -251,6 +256,7 @@ class ServerConfig:
             kv_cache_fraction=self.kv_cache_fraction,
             enforce_eager=self.enforce_eager,
             attention=self.attention,
+            async_decode=self.async_decode,
         )
 
     def limit_defaults(self) -> LimitDefaults:

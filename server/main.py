@@ -124,6 +124,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "--enforce-eager", action="store_true", help="decode without CUDA graphs (debugging)"
     )
     parser.add_argument(
+        "--async-decode",
+        action="store_true",
+        help="launch each decode step before reading the previous one's tokens, so the host's "
+        "work overlaps the device's (Llama-family forward; off by default until measured on a "
+        "GPU)",
+    )
+    parser.add_argument(
         "--attention",
         choices=ATTENTION_BACKENDS,
         default=d.attention,
@@ -327,6 +334,7 @@ def config_from_args(
         kv_cache_fraction=args.kv_cache_fraction,
         enforce_eager=args.enforce_eager,
         attention=args.attention,
+        async_decode=args.async_decode,
         max_waiting_requests=args.max_waiting_requests,
         tenant_max_requests=args.tenant_max_requests,
         tenant_max_queued_tokens=args.tenant_max_queued_tokens,

@@ -17,6 +17,37 @@ if not torch.cuda.is_available():
     os.environ.setdefault("TRITON_INTERPRET", "1")
 
 
+def pytest_addoption(parser: pytest.Parser) -> None:
+    parser.addoption(
+        "--async-decode",
+        action="store_true",
+        help="run every engine built from a ServerConfig with async_decode on (CI runs the "
+        "engine suite this way too)",
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _async_decode_everywhere(request: pytest.FixtureRequest):
+    """With --async-decode, ServerConfig's async_decode defaults to True (a test that passes
+    async_decode=False explicitly keeps it)."""
+    if not request.config.getoption("--async-decode"):
+        yield
+        return
+    import inspect
+
+    from loraserve.server.config import ServerConfig
+
+    init = ServerConfig.__init__
+    parameters = list(inspect.signature(init).parameters.values())[1:]  # without self
+    defaults = list(init.__defaults__ or ())
+    index = [p.name for p in parameters[len(parameters) - len(defaults) :]].index("async_decode")
+    original = tuple(defaults)
+    defaults[index] = True
+    init.__defaults__ = tuple(defaults)
+    yield
+    init.__defaults__ = original
+
+
 def pytest_sessionfinish(session: pytest.Session) -> None:
     """Collects the tests' cyclic garbage before pytest's summary, which may import (and so
     ast.parse) a plugin's modules: CPython 3.11.7 fails such a parse with "SystemError: AST

@@ -49,3 +49,8 @@ class EngineConfig:
     """Run decode without CUDA graphs (debugging)."""
     attention: str = "sdpa"
     """Decode attention of the own forward: "sdpa" or "triton" (ATTENTION_BACKENDS)."""
+    async_decode: bool = False
+    """Launch each decode step before reading the previous one's tokens (own forward only): the
+    host's work on step N (text, stops, events) overlaps the device computing step N+1, whose
+    input tokens come from step N's output on the device. Off by default until measured on a
+    GPU; a step with a row that asks for logprobs runs synchronously."""

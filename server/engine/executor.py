@@ -6,6 +6,7 @@ and only those, so a step where nobody asked runs exactly as `execute`):
 
 * PagedExecutor, for the Llama family on loraserve's own forward (server.engine.llama): KV in
   blocks of 16 tokens from a pool sized at start; decode reads token ids, positions, validity,
+  feeds (rows whose token is the previous step's output, still on the device: async_decode),
   block tables and adapter page tables from ONE static int64 device buffer filled by ONE
   host-to-device copy per step, and on CUDA replays a graph captured at start for the step's
   (batch bucket, KV-span bucket, adapter-table width). Prefill runs eagerly, rows of similar
@@ -16,6 +17,7 @@ and only those, so a step where nobody asked runs exactly as `execute`):
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -85,6 +87,8 @@ class GenericExecutor:
     """The transformers path: one preallocated KV row per batch slot."""
 
     paged = False
+    feeds_tokens = False
+    """Takes no RowPlan.feed: decode steps here are never launched ahead (async_decode)."""
 
     def __init__(self, loaded: LoadedModel, settings: ExecutorSettings) -> None:
         self._loaded = loaded
@@ -145,6 +149,8 @@ class PagedExecutor:
     """The own Llama-family forward over paged KV, decode in CUDA graphs."""
 
     paged = True
+    feeds_tokens = True
+    """Decode rows may take their token from the previous step's output on the device."""
 
     def __init__(self, loaded: LoadedModel, settings: ExecutorSettings) -> None:
         assert isinstance(loaded.model, LlamaForCausalLM)
@@ -201,10 +207,16 @@ class PagedExecutor:
         self.allocator = BlockAllocator(num_blocks)
         m, nb, np_ = settings.max_batch_size, self.max_blocks, settings.max_pages_per_row
         self._layout = (m, nb, np_)
-        size = 3 * m + m * nb + m * np_
-        # One int64 staging buffer: tokens, positions, valid, block tables, page tables.
-        self._host = torch.zeros(size, dtype=torch.long, pin_memory=device.type == "cuda")
+        size = 4 * m + m * nb + m * np_
+        # One int64 staging buffer: tokens, positions, valid, feeds, block tables, page tables.
+        # Two on the host, used in turn: with async_decode a step's copy may still be queued
+        # behind the step before it when the host already fills the next one.
+        pinned = device.type == "cuda"
+        self._hosts = [torch.zeros(size, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
+        self._host = self._hosts[0]
         self._dev = torch.zeros(size, dtype=torch.long, device=device)
+        self._prev = torch.zeros(m, dtype=torch.long, device=device)
+        """The last decode step's sampled tokens (remember_tokens), which feeds read."""
         # (batch, span, width, kinds) -> graph; kinds: ATTENTION_KINDS, or None for all.
         self._graphs: dict[GraphKey, tuple[torch.cuda.CUDAGraph, torch.Tensor]] = {}
         self.graph_steps = 0
@@ -228,21 +240,30 @@ class PagedExecutor:
     def kv_bytes(self) -> int:
         return self.kv.data.nbytes
 
+    def remember_tokens(self, tokens: torch.Tensor) -> None:
+        """Keeps a decode step's sampled tokens (batch,) on the device for the next step's
+        feeds (RowPlan.feed); queued after the step, so it never waits for the device."""
+        self._prev[: tokens.shape[0]].copy_(tokens)
+
     # ---- static buffer views -----------------------------------------------------------------
 
     def _views(self, buf: torch.Tensor):
         m, nb, np_ = self._layout
-        tokens, positions, valid = buf[:m], buf[m : 2 * m], buf[2 * m : 3 * m]
-        blocks = buf[3 * m : 3 * m + m * nb].view(m, nb)
-        pages = buf[3 * m + m * nb :].view(m, np_)
-        return tokens, positions, valid, blocks, pages
+        tokens, positions, valid, feeds = (buf[i * m : (i + 1) * m] for i in range(4))
+        blocks = buf[4 * m : 4 * m + m * nb].view(m, nb)
+        pages = buf[4 * m + m * nb :].view(m, np_)
+        return tokens, positions, valid, feeds, blocks, pages
 
     def _decode_inputs(
         self, batch: int, span: int, width: int, kinds: frozenset[str] | None = None
     ) -> StepInputs:
-        tokens, positions, valid, blocks, pages = self._views(self._dev)
+        tokens, positions, valid, feeds, blocks, pages = self._views(self._dev)
+        fed = feeds[:batch]  # (batch,): -1, or the row of the previous step's output
+        # A fault code of the previous step (< 0) is clamped: that row's output is discarded.
+        previous = self._prev[fed.clamp(min=0)].clamp(min=0)  # (batch,)
+        input_ids = torch.where(fed >= 0, previous, tokens[:batch])  # (batch,)
         return StepInputs(
-            input_ids=tokens[:batch].view(batch, 1),
+            input_ids=input_ids.view(batch, 1),
             positions=positions[:batch].view(batch, 1),
             block_tables=blocks[:batch, :span],
             valid=valid[:batch].view(batch, 1).bool(),
@@ -342,10 +363,12 @@ class PagedExecutor:
         batch = len(rows)
         need_span = max(blocks_for(r.start + 1) for r in rows)
         need_pages = max(len(r.pages) for r in rows)
-        tokens, positions, valid, blocks, pages = self._views(self._host)
+        self._host = self._hosts[1] if self._host is self._hosts[0] else self._hosts[0]
+        tokens, positions, valid, feeds, blocks, pages = self._views(self._host)
         tokens[:batch] = torch.tensor([r.tokens[0] for r in rows])
         positions[:batch] = torch.tensor([r.start for r in rows])
         valid[:batch] = 1
+        feeds[:batch] = torch.tensor([r.feed for r in rows])
         # Block and page tables: rows are padded with block / page 0 (scratch / zero page).
         blocks[:batch] = 0
         pages[:batch] = 0
@@ -375,6 +398,7 @@ class PagedExecutor:
             tokens[batch:gbatch] = 0
             positions[batch:gbatch] = 0
             valid[batch:gbatch] = 0
+            feeds[batch:gbatch] = -1
             blocks[batch:gbatch] = 0
             pages[batch:gbatch] = 0
         self._dev.copy_(self._host, non_blocking=True)  # the step's one host-to-device copy
@@ -385,7 +409,8 @@ class PagedExecutor:
             return out[:batch]
         width = need_pages if need_pages and self._has_stacks() else 0
         if width > np_:
-            return self._prefill(plan)  # a wider page table than the buffers hold: eager
+            # A wider page table than the buffers hold: eager, with the fed tokens read back.
+            return self._prefill(self._with_tokens_read(plan))
         if self._loaded.device.type == "cpu" and width:
             # The CPU (torch reference) path reuses each layer's gathered adapter rows while
             # the rows' routing is unchanged: the gather costs as much as the matmuls there.
@@ -394,6 +419,18 @@ class PagedExecutor:
             return self._decode_forward(batch, need_span, width, kinds)
         finally:
             self._model.lora_reuse_key = None
+
+    def _with_tokens_read(self, plan: StepPlan) -> StepPlan:
+        """`plan` with every fed row's token read back from the device (waits for it)."""
+        fed = [r.feed for r in plan.rows if r.feed >= 0]
+        if not fed:
+            return plan
+        read = iter(self._prev[fed].tolist())
+        rows = tuple(
+            dataclasses.replace(r, tokens=(max(next(read), 0),), feed=-1) if r.feed >= 0 else r
+            for r in plan.rows
+        )
+        return StepPlan(plan.kind, rows)
 
     def _graph_key(
         self, batch: int, span: int, width: int, kinds: frozenset[str] | None

@@ -46,6 +46,9 @@ class RowPlan:
     """Its KV blocks in order (paged executor; empty for the generic path)."""
     pages: tuple[int, ...]
     """Its adapter's device pages (empty for the base model)."""
+    feed: int = -1
+    """Decode with async_decode: its input token is row `feed` of the previous decode step's
+    output, still on the device (tokens holds a placeholder); -1: tokens holds it."""
 
 
 @dataclass(frozen=True)

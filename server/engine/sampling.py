@@ -151,6 +151,17 @@ def select_next_tokens(
     are filtered and drawn together, and the whole step reads back one tensor (one device
     sync), however many rows sample.
     """
+    return read_tokens(sample_tokens(logits, params, generators).tolist())
+
+
+def sample_tokens(
+    logits: torch.Tensor,
+    params: list[SamplingParams],
+    generators: list[torch.Generator | None],
+) -> torch.Tensor:
+    """select_next_tokens without reading the result back: (batch,) int64 on the logits'
+    device, a token per row or a negative fault code (see read_tokens). Greedy rows queue
+    device work only, so an all-greedy step never waits for the device here."""
     chosen = torch.argmax(logits, dim=-1)  # (batch,)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
@@ -161,8 +172,13 @@ def select_next_tokens(
             [_generator(generators[i]) for i in sampled],
         )  # (sampled,)
         chosen = chosen.index_put((rows,), drawn)
+    return chosen
+
+
+def read_tokens(codes: list[int]) -> list[int | SamplingFault]:
+    """sample_tokens' result read back (a list of ints): each row's token or SamplingFault."""
     out: list[int | SamplingFault] = []
-    for token in chosen.tolist():
+    for token in codes:
         if token == _NOT_FINITE:
             out.append(SamplingFault("the request's logits are not finite (NaN or +Inf)"))
         elif token == _NOTHING_LEFT:

@@ -27,6 +27,7 @@ readmitted (its caller sees nothing but a pause).
 from __future__ import annotations
 
 import collections
+import dataclasses
 import logging
 import threading
 import time
@@ -49,7 +50,13 @@ from loraserve.server.engine.planner import (
     StepPlan,
     cancelled_error,
 )
-from loraserve.server.engine.sampling import SamplingFault, make_generator, select_next_tokens
+from loraserve.server.engine.sampling import (
+    SamplingFault,
+    make_generator,
+    read_tokens,
+    sample_tokens,
+    select_next_tokens,
+)
 from loraserve.server.engine.types import (
     AdapterKey,
     EngineError,
@@ -183,6 +190,21 @@ class Sequence:
         return PositionScoring(tuple(targets), options.top_logprobs) if targets else None
 
 
+@dataclass
+class LaunchedDecode:
+    """A decode step queued on the device whose tokens the host has not read yet (async_decode):
+    the next step is launched first, its rows fed from `codes` on the device."""
+
+    batch: list[Sequence]
+    """The step's requests, in its row order."""
+    codes: torch.Tensor
+    """(batch,) int64: each row's token or a negative fault code (sampling.read_tokens); on the
+    host, copied there asynchronously when the step ran on a GPU."""
+    copied: torch.cuda.Event | None
+    """Recorded after that copy (CUDA); None when `codes` is readable now."""
+    started: float
+
+
 @dataclass(frozen=True)
 class SchedulerSettings:
     """The scheduler's bounds and pricing (taken from EngineConfig)."""
@@ -204,6 +226,8 @@ class SchedulerSettings:
     attention: str = "sdpa"
     """Decode attention of the own forward (EngineConfig.attention)."""
     max_lora_rank: int = 64
+    async_decode: bool = False
+    """EngineConfig.async_decode: launch step N+1 before reading step N's tokens."""
 
 
 PREFETCH_AHEAD = 8
@@ -265,6 +289,14 @@ class Scheduler:
         self.decode_tokens = 0
         """Tokens those decode steps generated."""
         self.decode_steps = 0
+        self._ahead = settings.async_decode and self.executor.feeds_tokens
+        """Launch each decode step before reading the previous one's tokens."""
+        self._launched: LaunchedDecode | None = None
+        """The decode step launched and not read yet (with _ahead)."""
+        self._last_read = 0.0
+        """When the last launched step was read: the next one's time starts no earlier."""
+        self.launched_ahead = 0
+        """Decode steps launched before the previous step's tokens were read."""
         self.prefill_seconds = 0.0
         """Wall seconds spent in prefill steps (forward and sampling)."""
         self.prefill_steps = 0
@@ -380,6 +412,7 @@ class Scheduler:
                 while (
                     not self._waiting
                     and not self.running
+                    and self._launched is None
                     and not self._stopping
                     and not self._collect_requested
                     and not self._tasks
@@ -492,29 +525,128 @@ class Scheduler:
         self._advance(sampled, tokens, entries)
 
     def _decode_step(self) -> None:
-        """One token for every decoding request, in one forward over rows 0..highest."""
+        """One token for every decoding request, in one forward over rows 0..highest.
+
+        With async_decode the step is launched before the previous step's tokens are read:
+        rows continuing from that step take their token from its output on the device, and
+        the host reads and emits the previous step's tokens while the device computes this
+        one. A row that finished at the previous step (end of sequence, a stop sequence) was
+        computed once more in vain; its result is dropped.
+        """
         self._drop_cancelled()
+        if self._launched is not None and not self._may_launch_ahead():
+            self._read_launched()
         self._grow_blocks()
-        plan = self.planner.plan_decode(self.running)
+        plan = self.planner.plan_decode(self._continuing())
         if plan is None:
+            self._read_launched()
             return
         decoding = self._batch_of(plan)
+        if self._launched is not None:
+            plan = self._fed_from_launched(plan, decoding, self._launched)
         self.decode_sizes = [*self.decode_sizes[-99:], len(decoding)]
         started = time.monotonic()
+        ahead = self._launched is not None or self._may_launch_ahead()
         try:
             logits = self.executor.execute(plan)  # (batch, vocab)
             for seq in decoding:
                 seq.prefilled += 1
-            sampled, tokens, entries = self._sample(logits, decoding, list(range(len(decoding))))
+            if ahead:
+                launched = self._launch_sampling(logits, decoding, started)
+                self.launched_ahead += 1
+            else:
+                sampled, tokens, entries = self._sample(
+                    logits, decoding, list(range(len(decoding)))
+                )
         except Exception as exc:
-            self._fail_step(decoding, exc)
+            self._read_launched()
+            self._fail_step([s for s in decoding if not s.done], exc)
+            return
+        if ahead:
+            # The device computes this step while the host reads and emits the previous one.
+            self._read_launched()
+            self._launched = launched
             return
         elapsed = time.monotonic() - started
-        self.decode_seconds += elapsed
-        self.decode_tokens += len(decoding)
-        self.decode_steps += 1
-        self._account("decode", elapsed, decoding, [1] * len(decoding))
+        self._count_decode(elapsed, decoding)
         self._advance(sampled, tokens, entries)
+
+    def _may_launch_ahead(self) -> bool:
+        """Whether the next decode step may run before the previous one's tokens are read: the
+        executor takes fed tokens, and no decoding row asks for logprobs (read from the
+        step's logits, which the next step's graph overwrites)."""
+        return self._ahead and not any(
+            s.decoding and s.request.logprobs.logprobs for s in self.running
+        )
+
+    def _continuing(self) -> list[Sequence]:
+        """Running requests, less those whose launched token will be their last (length)."""
+        if self._launched is None:
+            return self.running
+        ending = {id(s) for s in self._launched.batch if len(s.generated) + 1 >= s.max_new_tokens}
+        return [s for s in self.running if id(s) not in ending]
+
+    @staticmethod
+    def _fed_from_launched(
+        plan: StepPlan, decoding: list[Sequence], launched: LaunchedDecode
+    ) -> StepPlan:
+        """`plan` with each row that was in the launched step fed from that step's output."""
+        index = {id(seq): i for i, seq in enumerate(launched.batch)}
+        rows = tuple(
+            dataclasses.replace(row, feed=index[id(seq)]) if id(seq) in index else row
+            for row, seq in zip(plan.rows, decoding, strict=True)
+        )
+        return StepPlan(plan.kind, rows)
+
+    def _launch_sampling(
+        self, logits: torch.Tensor, decoding: list[Sequence], started: float
+    ) -> LaunchedDecode:
+        """Queues the step's sampling and the copy of its tokens to the host; reads nothing."""
+        codes = sample_tokens(
+            logits, [s.request.sampling for s in decoding], [s.generator for s in decoding]
+        )  # (batch,) on the logits' device
+        self.executor.remember_tokens(codes)
+        copied: torch.cuda.Event | None = None
+        if codes.is_cuda:
+            codes = codes.to("cpu", non_blocking=True)  # into pinned memory, queued
+            copied = torch.cuda.Event()
+            copied.record()
+        return LaunchedDecode(batch=decoding, codes=codes, copied=copied, started=started)
+
+    def _read_launched(self) -> None:
+        """Reads the launched step's tokens (waiting for the device if it is not done) and
+        advances its requests that are still running."""
+        launched, self._launched = self._launched, None
+        if launched is None:
+            return
+        try:
+            if launched.copied is not None:
+                launched.copied.synchronize()
+            chosen = read_tokens(launched.codes.tolist())
+        except Exception as exc:
+            self._fail_step([s for s in launched.batch if not s.done], exc)
+            return
+        now = time.monotonic()
+        live = [(s, t) for s, t in zip(launched.batch, chosen, strict=True) if not s.done]
+        if live:  # else every row had finished at the step before: nothing to account
+            self._count_decode(now - max(launched.started, self._last_read), [s for s, _ in live])
+        self._last_read = now
+        sampled: list[Sequence] = []
+        tokens: list[int] = []
+        for seq, token in live:
+            if isinstance(token, SamplingFault):
+                message = f"sampling failed: {token} (request {seq.request.request_id})"
+                self._retire(seq, ErrorEvent(EngineError(ErrorKind.INTERNAL, message)))
+            else:
+                sampled.append(seq)
+                tokens.append(token)
+        self._advance(sampled, tokens)
+
+    def _count_decode(self, elapsed: float, batch: list[Sequence]) -> None:
+        self.decode_seconds += elapsed
+        self.decode_tokens += len(batch)
+        self.decode_steps += 1
+        self._account("decode", elapsed, batch, [1] * len(batch))
 
     def _batch_of(self, plan: StepPlan) -> list[Sequence]:
         """The requests of a plan's rows, in its order."""
@@ -530,7 +662,11 @@ class Scheduler:
         planner decides when the pool runs out (paged KV only)."""
         if self._blocks is None:
             return
-        growth = self.planner.plan_growth(self.running, self._blocks.free_count)
+        growth = self.planner.plan_growth(self._continuing(), self._blocks.free_count)
+        if growth.preempt and self._launched is not None:
+            # A preempted request recomputes its tokens so far: read the launched ones first.
+            self._read_launched()
+            growth = self.planner.plan_growth(self.running, self._blocks.free_count)
         for seq in growth.preempt:
             self._preempt(seq)
         for seq, more in growth.grow:

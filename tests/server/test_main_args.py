@@ -137,6 +137,14 @@ def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
     assert not config.dev_mode
 
 
+def test_switches_turn_their_field_on() -> None:
+    config = config_from_args(_parse("--async-decode", "--enforce-eager"), _embedded)
+    assert config.async_decode and config.enforce_eager
+    config = config_from_args(_parse(), _embedded)
+    assert not config.async_decode and not config.enforce_eager
+    assert config.engine_config().async_decode is False
+
+
 def test_every_flag_reaches_a_config_field() -> None:
     fields = {f.name for f in dataclasses.fields(ServerConfig)}
     renamed = {"model": "model_path", "tenants": "tenants_file", "no_metrics": "metrics_port"}
