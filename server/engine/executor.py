@@ -260,7 +260,7 @@ class PagedExecutor:
         tokens, positions, valid, feeds, blocks, pages = self._views(self._dev)
         fed = feeds[:batch]  # (batch,): -1, or the row of the previous step's output
         # A fault code of the previous step (< 0) is clamped: that row's output is discarded.
-        previous = self._prev[fed.clamp(min=0)].clamp(min=0)  # (batch,)
+        previous = self._prev.index_select(0, fed.clamp(min=0)).clamp(min=0)  # (batch,)
         input_ids = torch.where(fed >= 0, previous, tokens[:batch])  # (batch,)
         return StepInputs(
             input_ids=input_ids.view(batch, 1),
@@ -425,7 +425,7 @@ class PagedExecutor:
         fed = [r.feed for r in plan.rows if r.feed >= 0]
         if not fed:
             return plan
-        read = iter(self._prev[fed].tolist())
+        read = iter(self._prev[fed].tolist())  # fed: a list of ints (host indexing)
         rows = tuple(
             dataclasses.replace(r, tokens=(max(next(read), 0),), feed=-1) if r.feed >= 0 else r
             for r in plan.rows

@@ -79,3 +79,15 @@ def test_cold_overlap_says_where_the_engine_thread_spent_each_round(
         spent = engine["prefill_s"] + engine["commit_s"] + engine["other_s"]
         spent += engine["decode_step_mean_s"] * engine["decode_steps"]
         assert abs(spent - engine["wall_s"]) <= 1e-6 * max(1.0, engine["wall_s"])
+
+
+def test_cold_load_times_the_whole_load_and_its_parts(tmp_path: Path) -> None:
+    from loraserve.bench.cold_load import main as cold_load
+
+    out = tmp_path / "cold_load.json"
+    result = cold_load(["--size", "tiny", "--adapters", "2", "--rounds", "1", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert set(result["parts"]) == {"read", "sha256", "validate", "stage"}
+    for timing in (result["load_in_line"], result["load_beside"], *result["parts"].values()):
+        assert 0 < timing["best_ms"] <= timing["median_ms"]
+    assert result["beside_over_in_line"] > 0 and result["adapter_file_bytes"] > 0

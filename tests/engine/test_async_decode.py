@@ -148,3 +148,25 @@ def test_the_generic_path_reads_every_step(model_cache: Path, tmp_path: Path) ->
         assert harness.engine.scheduler.launched_ahead == 0
     finally:
         harness.close()
+
+
+def test_fed_tokens_read_back_for_the_eager_fallback(model_and_adapters, tmp_path: Path) -> None:
+    """A decode step the graphs' page tables cannot hold runs through prefill, which needs
+    the fed tokens on the host: they are read from the remembered step, a fault code as 0."""
+    import torch
+
+    from loraserve.server.engine.planner import RowPlan, StepPlan
+
+    harness = _harness(model_and_adapters, tmp_path / "data")
+    try:
+        executor = harness.engine.scheduler.executor
+        executor.remember_tokens(torch.tensor([5, -1, 7]))
+        rows = tuple(
+            RowPlan(slot=i, tokens=(100 + i,), start=3, blocks=(1,), pages=(), feed=feed)
+            for i, feed in enumerate((0, -1, 2, 1))
+        )
+        read = executor._with_tokens_read(StepPlan("decode", rows))
+        assert [r.tokens for r in read.rows] == [(5,), (101,), (7,), (0,)]
+        assert all(r.feed == -1 for r in read.rows)
+    finally:
+        harness.close()
