@@ -631,15 +631,7 @@ class Scheduler:
         if live:  # else every row had finished at the step before: nothing to account
             self._count_decode(now - max(launched.started, self._last_read), [s for s, _ in live])
         self._last_read = now
-        sampled: list[Sequence] = []
-        tokens: list[int] = []
-        for seq, token in live:
-            if isinstance(token, SamplingFault):
-                message = f"sampling failed: {token} (request {seq.request.request_id})"
-                self._retire(seq, ErrorEvent(EngineError(ErrorKind.INTERNAL, message)))
-            else:
-                sampled.append(seq)
-                tokens.append(token)
+        sampled, tokens, _ = self._without_faults([s for s, _ in live], [t for _, t in live])
         self._advance(sampled, tokens)
 
     def _count_decode(self, elapsed: float, batch: list[Sequence]) -> None:
@@ -717,9 +709,17 @@ class Scheduler:
         chosen = select_next_tokens(
             picked, [s.request.sampling for s in seqs], [s.generator for s in seqs]
         )
+        sampled, tokens, sampled_rows = self._without_faults(seqs, chosen)
+        return sampled, tokens, self._token_logprobs(picked, sampled_rows, sampled, tokens)
+
+    def _without_faults(
+        self, seqs: list[Sequence], chosen: list[int | SamplingFault]
+    ) -> tuple[list[Sequence], list[int], list[int]]:
+        """The sequences that got a token, their tokens and their indexes in `seqs`; a row
+        whose sampling failed retires its request alone."""
         sampled: list[Sequence] = []
         tokens: list[int] = []
-        sampled_rows: list[int] = []  # each sampled sequence's row in `picked`
+        rows: list[int] = []
         for row, (seq, token) in enumerate(zip(seqs, chosen, strict=True)):
             if isinstance(token, SamplingFault):
                 message = f"sampling failed: {token} (request {seq.request.request_id})"
@@ -727,8 +727,8 @@ class Scheduler:
             else:
                 sampled.append(seq)
                 tokens.append(token)
-                sampled_rows.append(row)
-        return sampled, tokens, self._token_logprobs(picked, sampled_rows, sampled, tokens)
+                rows.append(row)
+        return sampled, tokens, rows
 
     @staticmethod
     def _token_logprobs(

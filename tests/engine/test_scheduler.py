@@ -431,8 +431,10 @@ def test_failed_forward_fails_only_its_batch(
         other = (ids - {job.handle.request_id}).pop()
         assert other not in job.error.message, "each error names its own request"
     _assert_unpinned(harness)
-    # Later requests succeed.
-    later = [_submit(harness, "a", 0, setup), _submit(harness, "b", 2, setup)]
+    # Later requests succeed. Both are queued before the engine thread looks (it waits for
+    # the scheduler's lock), so they share one prefill whatever the thread timing.
+    with harness.engine.scheduler._cond:
+        later = [_submit(harness, "a", 0, setup), _submit(harness, "b", 2, setup)]
     _run(harness, later)
     _check_reference(setup, later)
     assert failures == [1]
