@@ -64,21 +64,21 @@ def filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Ten
     device = logits.device
     vocab = logits.shape[-1]
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)  # (rows,)
-    out = logits.float() / temps.to(device)[:, None]  # (rows, vocab): bounded temperature
+    out = logits.float() / _queued(temps, device)[:, None]  # (rows, vocab): bounded temperature
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(ks):
         # Each row's k-th largest logit; a tie for the k-th place keeps every tied token.
         top = torch.topk(out, max(ks), dim=-1).values  # (rows, max k)
-        k = torch.tensor(ks, device=device)  # (rows,)
+        k = _queued(torch.tensor(ks), device)  # (rows,)
         kth = top.gather(1, (k - 1).clamp(min=0)[:, None])  # (rows, 1)
         kth = kth.masked_fill((k == 0)[:, None], float("-inf"))
         out = out.masked_fill(out < kth, float("-inf"))
     nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
     if nucleus:
         every = len(nucleus) == len(params)
-        rows = None if every else torch.tensor(nucleus, device=device)  # (n,)
+        rows = None if every else _queued(torch.tensor(nucleus), device)  # (n,)
         sub = out if rows is None else out[rows]  # (n, vocab)
-        top_p = torch.tensor([params[i].top_p for i in nucleus], device=device)  # (n,)
+        top_p = _queued(torch.tensor([params[i].top_p for i in nucleus]), device)  # (n,)
         kept = _nucleus(sub, top_p)  # (n, vocab) bool
         if rows is None:
             out = out.masked_fill(~kept, float("-inf"))
@@ -129,7 +129,7 @@ def _draw(
     cdf = probs.cumsum(dim=-1)  # (rows, vocab) non-decreasing
     total = cdf[:, -1:].contiguous()  # (rows, 1)
     uniform = torch.cat([torch.rand(1, generator=g) for g in generators])  # (rows,) float32
-    target = uniform.to(device)[:, None] * total  # (rows, 1), below each row's total
+    target = _queued(uniform, device)[:, None] * total  # (rows, 1), below each row's total
     # right=True: the first token whose cumulative mass exceeds the target has mass itself.
     token = torch.searchsorted(cdf, target, right=True)  # (rows, 1)
     # Rounding can put the target at the total: then the last token with mass, the first
@@ -160,12 +160,14 @@ def sample_tokens(
     generators: list[torch.Generator | None],
 ) -> torch.Tensor:
     """select_next_tokens without reading the result back: (batch,) int64 on the logits'
-    device, a token per row or a negative fault code (see read_tokens). Greedy rows queue
-    device work only, so an all-greedy step never waits for the device here."""
+    device, a token per row or a negative fault code (see read_tokens). It only queues device
+    work (its small inputs go through pinned memory), so a step never waits for the device
+    here, except with top-p rows: whether a row's nucleus reaches past its candidates is read
+    back."""
     chosen = torch.argmax(logits, dim=-1)  # (batch,)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
-        rows = torch.tensor(sampled, device=logits.device)  # (sampled,)
+        rows = _queued(torch.tensor(sampled), logits.device)  # (sampled,)
         drawn = _draw(
             logits[rows],
             [params[i] for i in sampled],
@@ -186,6 +188,15 @@ def read_tokens(codes: list[int]) -> list[int | SamplingFault]:
         else:
             out.append(token)
     return out
+
+
+def _queued(values: torch.Tensor, device: torch.device) -> torch.Tensor:
+    """A small host tensor on `device`; on CUDA through pinned memory and queued on the
+    current stream, so sampling a step never waits for the device (a pageable copy would wait
+    for the step in flight). Only top-p's check of rows beyond its candidates reads back."""
+    if device.type != "cuda":
+        return values.to(device)
+    return values.pin_memory().to(device, non_blocking=True)
 
 
 def _generator(generator: torch.Generator | None) -> torch.Generator:

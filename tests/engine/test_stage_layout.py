@@ -75,3 +75,12 @@ def test_every_page_is_a_view_of_one_buffer_and_nothing_else_is_in_it() -> None:
         assert start == position, "a gap or an overlap between pages"
         position += size
     assert position == staged.arena.numel() * staged.arena.element_size()
+
+
+def test_to_device_keeps_values_and_dtype() -> None:
+    from loraserve.server.engine.lora import to_device
+
+    index = to_device([3, 1, 2], torch.long, torch.device("cpu"))
+    assert index.dtype == torch.long and index.tolist() == [3, 1, 2]
+    flags = to_device([1, 0], torch.int32, torch.device("cpu"))
+    assert flags.dtype == torch.int32 and flags.tolist() == [1, 0]
