@@ -170,3 +170,40 @@ def test_fed_tokens_read_back_for_the_eager_fallback(model_and_adapters, tmp_pat
         assert all(r.feed == -1 for r in read.rows)
     finally:
         harness.close()
+
+
+def test_a_launched_token_is_read_before_its_request_is_preempted(
+    model_and_adapters, tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A preempted request recomputes its context from its tokens so far: when the KV pool
+    runs out while a step is launched and unread, that step is read first, then the growth
+    is planned again and the preemption applied."""
+    import torch
+
+    from loraserve.server.engine.planner import GrowthPlan
+    from loraserve.server.engine.scheduler import LaunchedDecode
+
+    harness = _harness(model_and_adapters, tmp_path / "data", async_decode=True)
+    try:
+        scheduler = harness.engine.scheduler
+        victim = object()
+        order: list[str] = []
+        plans = iter([GrowthPlan((victim,), ()), GrowthPlan((victim,), ())])
+
+        def read() -> None:
+            order.append("read")
+            scheduler._launched = None
+
+        monkeypatch.setattr(scheduler.planner, "plan_growth", lambda *args: next(plans))
+        monkeypatch.setattr(scheduler, "_read_launched", read)
+        monkeypatch.setattr(
+            scheduler, "_preempt", lambda seq: order.append(f"preempt {seq is victim}")
+        )
+        scheduler._launched = LaunchedDecode(
+            batch=[], codes=torch.zeros(0, dtype=torch.long), copied=None, started=0.0
+        )
+        scheduler._grow_blocks()
+        assert order == ["read", "preempt True"]
+    finally:
+        scheduler._launched = None
+        harness.close()
