@@ -19,6 +19,7 @@ import numpy as np
 
 from loraserve.bench.context import BenchContext
 from loraserve.bench.grpc_server import settings_serve_flags, start_server
+from loraserve.bench.server_steps import read_step_totals
 from loraserve.bench.stats import RequestResult, RunResult, median, percentile
 from loraserve.bench.workloads import popularity
 
@@ -37,6 +38,8 @@ class GrpcRequest:
 class GrpcRun:
     run: RunResult
     server_ttfts: list[float]
+    server_steps: dict[str, float] | None = None
+    """What the server's engine did during the run (bench.server_steps), when it has metrics."""
 
 
 async def run_load(
@@ -123,6 +126,16 @@ async def _wait_serving(client, server, timeout_s: float) -> None:
                 raise
 
 
+def _describe_steps(steps: dict[str, float] | None) -> str:
+    if steps is None:
+        return ""
+    return (
+        f"; server: {steps['prefill_steps']:.0f} prefills ({steps['prefill_s'] * 1e3:.0f} ms), "
+        f"{steps['decode_steps']:.0f} decode steps ({steps['decode_s'] * 1e3:.0f} ms), "
+        f"{steps['mean_rows_per_step']:.1f} rows per step"
+    )
+
+
 def _summary(runs: list[GrpcRun], stat: str) -> dict:
     """Throughput by `stat` over the runs; TTFT percentiles of the run that statistic picks."""
     rates = [r.run.tokens_per_s for r in runs]
@@ -137,6 +150,7 @@ def _summary(runs: list[GrpcRun], stat: str) -> dict:
         "errors": sum(r.run.errors for r in runs),
         "ttft_p50_s": percentile(ttfts, 50),
         "ttft_p99_s": percentile(ttfts, 99),
+        "server_steps": chosen.server_steps,
         "server_ttft_p50_s": percentile(server, 50),
         "server_ttft_p99_s": percentile(server, 99),
     }
@@ -181,11 +195,21 @@ async def _drive(ctx: BenchContext, server, concurrency: int) -> dict:
             warm = requests[: max(concurrency, len(names))]
             await run_load(client, warm, concurrency, s.grpc_duration_s, sampling)
         runs: dict[str, list[GrpcRun]] = {m: [] for m in workloads}
+        metrics_port = getattr(server, "metrics_port", 0)
         for _ in range(s.repeats):
             for mode, requests in workloads.items():
+                before = read_step_totals(metrics_port)
                 result = await run_load(client, requests, concurrency, s.grpc_duration_s, sampling)
+                after = read_step_totals(metrics_port)
+                if before is not None and after is not None:
+                    result.server_steps = after.since(before)
                 runs[mode].append(result)
-                log.info("  grpc %-9s %8.1f tokens/s", mode, result.run.tokens_per_s)
+                log.info(
+                    "  grpc %-9s %8.1f tokens/s%s",
+                    mode,
+                    result.run.tokens_per_s,
+                    _describe_steps(result.server_steps),
+                )
     out = {mode: _summary(r, s.stat) for mode, r in runs.items()}
     return {
         "server": s.grpc_target or s.grpc_server,

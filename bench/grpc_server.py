@@ -46,7 +46,8 @@ def serve_flags(
         "--max-new-tokens": str(max_new_tokens),
         "--max-waiting-requests": "100000",
         "--log-level": "WARNING",
-        "--no-metrics": None,
+        # On a free loopback port: the gRPC part reads the engine's step counters from it.
+        "--metrics-port": "0",
     }
     for key, value in extra:
         flags["--" + key.replace("_", "-")] = value

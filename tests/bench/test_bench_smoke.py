@@ -46,6 +46,10 @@ def test_every_part_runs_on_a_tiny_model(tmp_path: Path, capsys) -> None:
     assert trace["replay"]["loraserve"]["errors"] == 0
     grpc = results["grpc"]["modes"]
     assert grpc["base"]["errors"] == 0 and grpc["loraserve"]["errors"] == 0
+    for mode in ("base", "loraserve"):  # what the server's engine did, from its /metrics
+        steps = grpc[mode]["server_steps"]
+        assert steps["prefill_steps"] >= 1 and steps["decode_steps"] >= 3 - 1, steps
+        assert steps["mean_rows_per_step"] >= 1
     names = {r["name"] for r in results["ratios"]}
     assert "loraserve-distinct / base" in names
     assert "cold / warm TTFT" in names
