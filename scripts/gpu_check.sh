@@ -196,6 +196,13 @@ if cold:
 for ratio in bench.get("ratios", []):  # the bench's own: gRPC vs in process, end to end
     if ratio["name"].startswith("gRPC / in-process"):
         print(f"{ratio['name']}: {fmt(ratio['value'], '{:.2f}')}x ({ratio['detail']})")
+for mode, entry in bench.get("grpc", {}).get("modes", {}).items():
+    steps = entry.get("server_steps") or {}
+    if steps.get("decode_steps"):
+        print(f"gRPC {mode}, the server's engine: {fmt(steps['prefill_steps'])} prefills "
+              f"({fmt(steps['prefill_s'] * 1e3)} ms), {fmt(steps['decode_steps'])} decode steps "
+              f"({fmt(steps['decode_s'] * 1e3 / steps['decode_steps'], '{:.2f}')} ms each), "
+              f"{fmt(steps['mean_rows_per_step'], '{:.1f}')} rows per step")
 for name in ("parity", "parity-async"):
     log = out / f"{name}.log"
     if log.exists() and log.read_text().strip():
