@@ -95,3 +95,12 @@ def test_cold_load_times_the_whole_load_and_its_parts(tmp_path: Path) -> None:
     for timing in (result["load_in_line"], result["load_beside"], *result["parts"].values()):
         assert 0 < timing["best_ms"] <= timing["median_ms"]
     assert result["beside_over_in_line"] > 0 and result["adapter_file_bytes"] > 0
+
+
+def test_detok_cost_times_both_algorithms_per_length() -> None:
+    from loraserve.bench.detok_cost import main as detok_cost
+
+    result = detok_cost(["--batch", "2", "--lengths", "3,5", "--repeats", "1"])
+    assert set(result["lengths"]) == {"3", "5"}
+    for entry in result["lengths"].values():
+        assert entry["whole_ms_per_step"] > 0 and entry["window_ms_per_step"] > 0
