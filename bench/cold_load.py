@@ -13,7 +13,6 @@ the size's shapes alone, so `--size 1b` needs no 1b checkpoint.
 from __future__ import annotations
 
 import argparse
-import hashlib
 import json
 import logging
 import statistics
@@ -30,8 +29,9 @@ from loraserve.adapters.store import AdapterStore
 from loraserve.adapters.weights import load_adapter_weights
 from loraserve.bench.adapter_factory import DEFAULT_TARGETS, AdapterFactory, LoraShape
 from loraserve.bench.adapter_factory import target_shapes as adapter_target_shapes
+from loraserve.bench.engine_runner import upload_adapter_dir
 from loraserve.bench.models import SIZES
-from loraserve.server.adapter_service import MAX_CHUNK_BYTES, AdapterService, FileDeclaration
+from loraserve.server.adapter_service import AdapterService, key_of
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine.cold_loader import PageLayout, stage
 from loraserve.server.engine.compute_threads import torch_ops_serially
@@ -81,27 +81,6 @@ def _model_dir(root: Path, size_name: str) -> Path:
     return root
 
 
-def _upload(service: AdapterService, name: str, directory: Path) -> AdapterKey:
-    files = {
-        "config": (directory / "adapter_config.json").read_bytes(),
-        "weights": (directory / "adapter_model.safetensors").read_bytes(),
-    }
-    session = service.begin_upload(
-        TENANT,
-        name,
-        "",
-        [
-            FileDeclaration(kind, len(data), hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
-            for kind, data in files.items()
-        ],
-    )
-    for kind, data in files.items():
-        for at in range(0, len(data), MAX_CHUNK_BYTES):
-            session.add_chunk(kind, data[at : at + MAX_CHUNK_BYTES])  # type: ignore[arg-type]
-    record = session.finish()
-    return AdapterKey(TENANT, name, record.version, rank=record.rank)
-
-
 def _best_and_median(seconds: list[float]) -> dict[str, float]:
     return {"best_ms": min(seconds) * 1e3, "median_ms": statistics.median(seconds) * 1e3}
 
@@ -124,10 +103,13 @@ def _main(args: argparse.Namespace, scratch: Path) -> dict:
     factory = AdapterFactory(model_dir, LoraShape(rank=args.rank, targets=targets), dtype=storage)
     config = ServerConfig(data_dir=scratch / "data", max_lora_rank=max(64, args.rank))
     service = AdapterService(config, AdapterStore(scratch / "data" / "adapters"), spec)
-    keys = [
-        _upload(service, f"a{i:03d}", factory.write(scratch / "peft" / f"a{i:03d}", i))
+    records = [
+        upload_adapter_dir(
+            service, TENANT, f"a{i:03d}", factory.write(scratch / "peft" / f"a{i:03d}", i)
+        )
         for i in range(args.adapters)
     ]
+    keys = [key_of(record) for record in records]
     page_dtype = torch.float32 if args.page_dtype == "float32" else torch.bfloat16
     layout = PageLayout(8, page_dtype, torch.device("cpu"))
 

@@ -140,6 +140,30 @@ class _Collector:
                 self.done.set()
 
 
+def upload_adapter_dir(service, tenant: str, name: str, adapter_dir: Path):
+    """Uploads a PEFT directory through `service` (an AdapterService: checksums, validation,
+    commit) as an upload session does; returns the stored AdapterRecord."""
+    from loraserve.server.adapter_service import MAX_CHUNK_BYTES, FileDeclaration
+
+    files = {
+        "config": (Path(adapter_dir) / "adapter_config.json").read_bytes(),
+        "weights": (Path(adapter_dir) / "adapter_model.safetensors").read_bytes(),
+    }
+    declarations = [
+        FileDeclaration(kind, len(data), hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
+        for kind, data in files.items()
+    ]
+    session = service.begin_upload(tenant, name, "", declarations)
+    try:
+        for kind, data in files.items():
+            for offset in range(0, len(data), MAX_CHUNK_BYTES):  # the upload's chunk bound
+                session.add_chunk(kind, data[offset : offset + MAX_CHUNK_BYTES])  # type: ignore[arg-type]
+        return session.finish()
+    except BaseException:
+        session.abort()
+        raise
+
+
 class EngineBench:
     """One loraserve Engine over `model_dir`, with its adapter store under `data_dir`."""
 
@@ -188,25 +212,7 @@ class EngineBench:
 
     def register(self, tenant: str, name: str, adapter_dir: Path) -> None:
         """Uploads a PEFT directory through AdapterService (checksums, validation, commit)."""
-        from loraserve.server.adapter_service import MAX_CHUNK_BYTES, FileDeclaration
-
-        files = {
-            "config": (Path(adapter_dir) / "adapter_config.json").read_bytes(),
-            "weights": (Path(adapter_dir) / "adapter_model.safetensors").read_bytes(),
-        }
-        declarations = [
-            FileDeclaration(kind, len(data), hashlib.sha256(data).hexdigest())  # type: ignore[arg-type]
-            for kind, data in files.items()
-        ]
-        session = self.service.begin_upload(tenant, name, "", declarations)
-        try:
-            for kind, data in files.items():
-                for offset in range(0, len(data), MAX_CHUNK_BYTES):  # the upload's chunk bound
-                    session.add_chunk(kind, data[offset : offset + MAX_CHUNK_BYTES])  # type: ignore[arg-type]
-            session.finish()
-        except BaseException:
-            session.abort()
-            raise
+        upload_adapter_dir(self.service, tenant, name, adapter_dir)
 
     def registered(self, tenant: str) -> set[str]:
         return {record.name for record in self.service.list(tenant)}

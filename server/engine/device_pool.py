@@ -38,7 +38,8 @@ from loraserve.server.engine.cold_loader import (
     StagedAdapter,
     stage,
 )
-from loraserve.server.engine.lora import MultiLoRALinear, to_device
+from loraserve.server.engine.device_copy import to_device
+from loraserve.server.engine.lora import MultiLoRALinear
 from loraserve.server.engine.types import (
     AdapterKey,
     AdapterRef,
@@ -353,7 +354,7 @@ class DevicePool:
         # One index for every layer: built per layer it was a blocking host-to-device copy
         # each (three per grouped layer with the live flags), hundreds per adapter on the
         # engine thread between two forwards.
-        index = to_device(list(pages), torch.long, self._layout.device)  # (n,)
+        index = to_device(torch.tensor(pages, dtype=torch.long), self._layout.device)  # (n,)
         for name, (a_pages, b_pages) in staged.modules.items():
             self._layers[name].write_pages(list(pages), self.num_pages, a_pages, b_pages, index)
         self.commits += 1

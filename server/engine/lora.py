@@ -25,6 +25,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
+from loraserve.server.engine.device_copy import to_device
+
 
 @dataclass(frozen=True)
 class BatchLoRAState:
@@ -163,7 +165,7 @@ class MultiLoRALinear(nn.Module):
         self._ensure_capacity(max(pages), page_rank, num_pages)
         assert self.lora_a is not None and self.lora_b is not None
         if index is None or index.device != self.lora_a.device:
-            index = to_device(pages, torch.long, self.lora_a.device)  # (n,)
+            index = to_device(torch.tensor(pages, dtype=torch.long), self.lora_a.device)  # (n,)
         self.lora_a.index_copy_(0, index, a_pages)
         self.lora_b.index_copy_(0, index, b_pages)
         self.occupied.update(pages)
@@ -247,16 +249,6 @@ class MultiLoRALinear(nn.Module):
             # y += xa @ B^T in one kernel.
             return torch.baddbmm(y, xa, b_rows.transpose(1, 2))  # (batch, seq, d_out)
         return y + torch.bmm(xa, b_rows.transpose(1, 2)).to(y.dtype)
-
-
-def to_device(values: list[int], dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """A small host list as a tensor on `device`, (len(values),). On CUDA through pinned
-    memory and queued on the current stream: a pageable copy would wait for the forward in
-    flight (with async_decode, the step launched ahead)."""
-    host = torch.tensor(values, dtype=dtype)
-    if device.type != "cuda":
-        return host.to(device)
-    return host.pin_memory().to(device, non_blocking=True)
 
 
 def adapter_pages(
@@ -410,11 +402,11 @@ class LoRAGroup:
             else:
                 self.live_pages.discard(page)
         if index is None:
-            index = to_device(pages, torch.long, self.live.device)  # (n,)
+            index = to_device(torch.tensor(pages, dtype=torch.long), self.live.device)  # (n,)
         if len(set(flags)) == 1:  # the usual case: a whole adapter written or cleared
             self.live.index_fill_(0, index, flags[0])
         else:
-            values = to_device(flags, torch.int32, self.live.device)  # (n,)
+            values = to_device(torch.tensor(flags, dtype=torch.int32), self.live.device)  # (n,)
             self.live.index_copy_(0, index, values)
 
     def _point_members(self) -> None:

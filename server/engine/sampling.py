@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import torch
 
+from loraserve.server.engine.device_copy import to_device
 from loraserve.server.engine.types import SamplingParams
 
 MIN_TEMPERATURE = float(torch.tensor(1e-2, dtype=torch.float32))
@@ -64,21 +65,21 @@ def filter_rows(logits: torch.Tensor, params: list[SamplingParams]) -> torch.Ten
     device = logits.device
     vocab = logits.shape[-1]
     temps = torch.tensor([p.temperature for p in params], dtype=torch.float32)  # (rows,)
-    out = logits.float() / _queued(temps, device)[:, None]  # (rows, vocab): bounded temperature
+    out = logits.float() / to_device(temps, device)[:, None]  # (rows, vocab): bounded temperature
     ks = [p.top_k if 0 < p.top_k < vocab else 0 for p in params]
     if any(ks):
         # Each row's k-th largest logit; a tie for the k-th place keeps every tied token.
         top = torch.topk(out, max(ks), dim=-1).values  # (rows, max k)
-        k = _queued(torch.tensor(ks), device)  # (rows,)
+        k = to_device(torch.tensor(ks), device)  # (rows,)
         kth = top.gather(1, (k - 1).clamp(min=0)[:, None])  # (rows, 1)
         kth = kth.masked_fill((k == 0)[:, None], float("-inf"))
         out = out.masked_fill(out < kth, float("-inf"))
     nucleus = [i for i, p in enumerate(params) if p.top_p < 1.0]
     if nucleus:
         every = len(nucleus) == len(params)
-        rows = None if every else _queued(torch.tensor(nucleus), device)  # (n,)
+        rows = None if every else to_device(torch.tensor(nucleus), device)  # (n,)
         sub = out if rows is None else out[rows]  # (n, vocab)
-        top_p = _queued(torch.tensor([params[i].top_p for i in nucleus]), device)  # (n,)
+        top_p = to_device(torch.tensor([params[i].top_p for i in nucleus]), device)  # (n,)
         kept = _nucleus(sub, top_p)  # (n, vocab) bool
         if rows is None:
             out = out.masked_fill(~kept, float("-inf"))
@@ -129,7 +130,7 @@ def _draw(
     cdf = probs.cumsum(dim=-1)  # (rows, vocab) non-decreasing
     total = cdf[:, -1:].contiguous()  # (rows, 1)
     uniform = torch.cat([torch.rand(1, generator=g) for g in generators])  # (rows,) float32
-    target = _queued(uniform, device)[:, None] * total  # (rows, 1), below each row's total
+    target = to_device(uniform, device)[:, None] * total  # (rows, 1), below each row's total
     # right=True: the first token whose cumulative mass exceeds the target has mass itself.
     token = torch.searchsorted(cdf, target, right=True)  # (rows, 1)
     # Rounding can put the target at the total: then the last token with mass, the first
@@ -167,7 +168,7 @@ def sample_tokens(
     chosen = torch.argmax(logits, dim=-1)  # (batch,)
     sampled = [i for i, p in enumerate(params) if not p.greedy]
     if sampled:
-        rows = _queued(torch.tensor(sampled), logits.device)  # (sampled,)
+        rows = to_device(torch.tensor(sampled), logits.device)  # (sampled,)
         drawn = _draw(
             logits[rows],
             [params[i] for i in sampled],
@@ -188,15 +189,6 @@ def read_tokens(codes: list[int]) -> list[int | SamplingFault]:
         else:
             out.append(token)
     return out
-
-
-def _queued(values: torch.Tensor, device: torch.device) -> torch.Tensor:
-    """A small host tensor on `device`; on CUDA through pinned memory and queued on the
-    current stream, so sampling a step never waits for the device (a pageable copy would wait
-    for the step in flight). Only top-p's check of rows beyond its candidates reads back."""
-    if device.type != "cuda":
-        return values.to(device)
-    return values.pin_memory().to(device, non_blocking=True)
 
 
 def _generator(generator: torch.Generator | None) -> torch.Generator:

@@ -78,9 +78,9 @@ def test_every_page_is_a_view_of_one_buffer_and_nothing_else_is_in_it() -> None:
 
 
 def test_to_device_keeps_values_and_dtype() -> None:
-    from loraserve.server.engine.lora import to_device
+    from loraserve.server.engine.device_copy import to_device
 
-    index = to_device([3, 1, 2], torch.long, torch.device("cpu"))
+    index = to_device(torch.tensor([3, 1, 2], dtype=torch.long), torch.device("cpu"))
     assert index.dtype == torch.long and index.tolist() == [3, 1, 2]
-    flags = to_device([1, 0], torch.int32, torch.device("cpu"))
+    flags = to_device(torch.tensor([1, 0], dtype=torch.int32), torch.device("cpu"))
     assert flags.dtype == torch.int32 and flags.tolist() == [1, 0]
