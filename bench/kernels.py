@@ -223,7 +223,23 @@ def _fill_attention_adapters(model: LlamaForCausalLM, settings: KernelBenchSetti
     return n
 
 
-def bench_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.device) -> dict:
+@dataclass
+class StepSetup:
+    """One decode step of the bench model over paged KV, as the step part times it."""
+
+    model: LlamaForCausalLM
+    kv: PagedKV
+    base: StepInputs
+    distinct: StepInputs
+    attention_only: StepInputs
+
+    def forward(self, inputs: StepInputs) -> Callable[[], object]:
+        return lambda: self.model.logits(self.model.forward(inputs, self.kv)[:, -1])
+
+
+def _step_setup(
+    settings: KernelBenchSettings, dtype: torch.dtype, device: torch.device
+) -> StepSetup:
     model = _load_model(settings, dtype, device)
     model.lora_kernels = True
     n = _fill_attention_adapters(model, settings)
@@ -241,9 +257,13 @@ def bench_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.
     )
     with_adapters = StepInputs(**{**step.__dict__, "page_table": _distinct_table(batch, n, device)})
     attention_only = StepInputs(**{**with_adapters.__dict__, "lora_kinds": ATTENTION_KINDS})
+    return StepSetup(model, kv, step, with_adapters, attention_only)
 
-    def forward(inputs: StepInputs) -> Callable[[], object]:
-        return lambda: model.logits(model.forward(inputs, kv)[:, -1])
+
+def bench_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.device) -> dict:
+    setup = _step_setup(settings, dtype, device)
+    model, forward = setup.model, setup.forward
+    step, with_adapters, attention_only = setup.base, setup.distinct, setup.attention_only
 
     out: dict = {}
     with torch.inference_mode():
@@ -263,6 +283,40 @@ def bench_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.
             # What the engine runs for q/k/v/o adapters: the MLP kinds left out of the step.
             row["distinct, attention kinds only"] = time_graph(forward(attention_only), settings)
             out[attention] = row
+    return out
+
+
+def profile_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.device) -> dict:
+    """Where one eager decode step's GPU time goes: kernels per step, their summed time, and the
+    costliest kernels by name, for base rows and distinct-adapter rows, beside the step's time
+    in a CUDA graph (so the gap between kernel time and graph time shows launch overhead)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    setup = _step_setup(settings, dtype, device)
+    steps = 5
+    out: dict = {}
+    with torch.inference_mode():
+        for what, inputs in (("base", setup.base), ("distinct", setup.attention_only)):
+            fn = setup.forward(inputs)
+            graph_us = time_graph(fn, settings)
+            with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                for _ in range(steps):
+                    fn()
+                torch.cuda.synchronize()
+            kernels: dict[str, list[float]] = {}
+            for event in prof.events():
+                if event.device_type != torch.autograd.DeviceType.CUDA:
+                    continue
+                us = event.time_range.elapsed_us()
+                kernels.setdefault(event.name[:90], []).append(us)
+            total = sum(sum(v) for v in kernels.values()) / steps
+            top = sorted(kernels.items(), key=lambda kv: -sum(kv[1]))[:25]
+            out[what] = {
+                "graph_us": graph_us,
+                "kernels_per_step": sum(len(v) for v in kernels.values()) / steps,
+                "kernel_us_per_step": total,
+                "top": [[name, len(v) / steps, sum(v) / steps] for name, v in top],
+            }
     return out
 
 
@@ -291,6 +345,17 @@ def format_table(results: dict) -> str:
                 continue
             for what, us in row.items():
                 lines.append(f"| {attention} | {what} | {us:.0f} | {row['base'] / us:.3f} |")
+    for what, row in results.get("profile", {}).items():
+        lines += [
+            "",
+            f"eager decode step profile, {what}: {row['kernels_per_step']:.0f} kernels, "
+            f"{row['kernel_us_per_step']:.0f} µs of kernel time per step; in a graph "
+            f"{row['graph_us']:.0f} µs",
+            "",
+            "| kernel | per step | µs per step |",
+            "| --- | --- | --- |",
+        ]
+        lines += [f"| {name} | {n:.1f} | {us:.1f} |" for name, n, us in row["top"]]
     return "\n".join(lines)
 
 
@@ -299,7 +364,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="1b")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--only", default="lora,step", help="comma list: lora, step")
+    p.add_argument("--only", default="lora,step", help="comma list: lora, step, profile")
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if not (torch.cuda.is_available() and lora_kernels.available(torch.device("cuda"))):
@@ -314,6 +379,9 @@ def main(argv: list[str] | None = None) -> int:
     if "step" in only:
         results["step"] = bench_step(settings, dtype, device)
         print(json.dumps(results["step"]), flush=True)
+    if "profile" in only:
+        results["profile"] = profile_step(settings, dtype, device)
+        print(json.dumps(results["profile"]), flush=True)
     if args.json:
         args.json.write_text(json.dumps(results, indent=1))
     print(format_table(results))
