@@ -185,9 +185,16 @@ class EngineHarness:
 
 
 def prefill_then_decode(
-    loaded, prompts: list[list[int]], pages: list[tuple[int, ...]], attention: str = "sdpa"
+    loaded,
+    prompts: list[list[int]],
+    pages: list[tuple[int, ...]],
+    attention: str = "sdpa",
+    fused_ops: bool = False,
 ):
     """Logits after each prompt (batch, vocab), then after one greedy decode step (batch, vocab).
+
+    fused_ops: the own forward runs fused_ops' Triton kernels (on CPU under the interpreter,
+    which the executor itself never turns on).
 
     Runs the engine's own executor for `loaded` (paged KV for the Llama family, KV rows for
     the generic path). Rows sit in slots in reverse order and the decode step lists them by
@@ -207,6 +214,8 @@ def prefill_then_decode(
             attention=attention,
         ),
     )
+    if fused_ops:
+        loaded.model.fused_ops = True
     slots = list(range(batch))[::-1]
     blocks: list[tuple[int, ...]] = []
     for p in prompts:

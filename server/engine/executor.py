@@ -25,7 +25,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.server.engine import lora_kernels, paged_attention, runner
+from loraserve.server.engine import fused_ops, lora_kernels, paged_attention, runner
 from loraserve.server.engine.kv_cache import SlotKVCache
 from loraserve.server.engine.llama import ATTENTION_KINDS, LlamaForCausalLM, PagedKV, StepInputs
 from loraserve.server.engine.logprobs import PositionScoring, score_positions
@@ -68,6 +68,9 @@ class ExecutorSettings:
     lora_kernels: bool = True
     """Triton BGMV kernels for the adapter term where they run (CUDA with Triton); the torch
     reference otherwise."""
+    fused_ops: bool = True
+    """The fused_ops Triton kernels (add + RMSNorm, RoPE + KV writes, silu * mul) where they run
+    (CUDA with Triton); the torch references otherwise."""
 
 
 GraphKey = tuple[int, int, int, frozenset[str] | None]
@@ -171,6 +174,13 @@ class PagedExecutor:
                 and lora_kernels.self_check(device, loaded.dtype)
             )
             log.info("multi-LoRA: %s", "Triton kernels" if self._model.lora_kernels else "torch")
+        self._model.fused_ops = (
+            settings.fused_ops
+            and device.type == "cuda"
+            and fused_ops.available(device)
+            and fused_ops.self_check(device, loaded.dtype)
+        )
+        log.info("norms, RoPE, SwiGLU: %s", "fused kernels" if self._model.fused_ops else "torch")
         if settings.attention == "triton":
             if not paged_attention.available(device):
                 raise StartupError(

@@ -24,7 +24,7 @@ import torch.nn.functional as F
 from safetensors.torch import load_file
 from torch import nn
 
-from loraserve.server.engine import lora_kernels, paged_attention
+from loraserve.server.engine import fused_ops, lora_kernels, paged_attention
 from loraserve.server.engine.lora import LiveIndex, LoRAContext, LoRAGroup, MultiLoRALinear
 
 FAMILY = ("llama", "mistral", "qwen2")
@@ -114,21 +114,15 @@ def rope_inv_freq(config, head_dim: int) -> torch.Tensor:
 
 
 class RMSNorm(nn.Module):
+    """Holds a norm's weight; the forward applies it through fused_ops.add_rms_norm."""
+
     def __init__(self, dim: int, eps: float) -> None:
         super().__init__()
         self.weight = nn.Parameter(torch.ones(dim), requires_grad=False)
         self.eps = eps
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        # In float32 and cast back before the weight, exactly as the HF Llama norm does.
-        h = x.float()
-        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * h.to(x.dtype)
-
-
-def _rotate_half(x: torch.Tensor) -> torch.Tensor:
-    half = x.shape[-1] // 2
-    return torch.cat((-x[..., half:], x[..., :half]), dim=-1)
+        return fused_ops.add_rms_norm_reference(x, None, self.weight, self.eps)[0]
 
 
 @dataclass
@@ -277,6 +271,10 @@ class LlamaForCausalLM(nn.Module):
         stacks are reserved and the kernels passed their self-check)."""
         self.paged_attention = False
         """Decode steps (one token per row) attend with paged_attention.decode instead of SDPA."""
+        self.fused_ops = False
+        """Norms, RoPE with the KV writes, and silu * mul as the Triton kernels of fused_ops (set
+        by the executor where they run and passed their self-check); else their torch
+        references."""
 
     def groups(self) -> list[LoRAGroup]:
         out: list[LoRAGroup] = []
@@ -288,16 +286,17 @@ class LlamaForCausalLM(nn.Module):
         return self.lm_head
 
     def _rope(self, positions: torch.Tensor, dtype: torch.dtype):
-        freqs = positions[..., None].float() * self.inv_freq  # (batch, seq, head_dim / 2)
-        emb = torch.cat((freqs, freqs), dim=-1)  # (batch, seq, head_dim)
-        return emb.cos().to(dtype)[:, :, None], emb.sin().to(dtype)[:, :, None]
+        """cos and sin per token, each (batch * seq, head_dim) in dtype."""
+        freqs = positions.reshape(-1, 1).float() * self.inv_freq  # (batch * seq, head_dim / 2)
+        emb = torch.cat((freqs, freqs), dim=-1)  # (batch * seq, head_dim)
+        return emb.cos().to(dtype), emb.sin().to(dtype)
 
     def forward(self, step: StepInputs, kv: PagedKV) -> torch.Tensor:
         """Returns hidden states (batch, seq, hidden) after the final norm."""
         s = self.shape
         batch, seq = step.input_ids.shape
         x = self.model.embed_tokens(step.input_ids)  # (batch, seq, hidden)
-        cos, sin = self._rope(step.positions, x.dtype)  # (batch, seq, 1, head_dim)
+        cos, sin = self._rope(step.positions, x.dtype)  # (batch * seq, head_dim) each
         bs = kv.block_size
         block = step.positions // bs
         slot = step.block_tables.gather(1, block.clamp(max=step.block_tables.shape[1] - 1))
@@ -320,9 +319,8 @@ class LlamaForCausalLM(nn.Module):
             # Queries of one KV head side by side along the query axis: GQA without repeating K/V.
             mask = bias[:, None, None].expand(batch, 1, group, seq, span)
             mask = mask.reshape(batch, 1, group * seq, span)
-            # Each row's blocks, row after row: one index_select per layer gathers K and V.
-            flat_blocks = step.block_tables.reshape(-1)  # (batch * blocks,)
-        q_out, kv_out = s.heads * s.head_dim, s.kv_heads * s.head_dim
+            flat_blocks = step.block_tables.reshape(-1)  # (batch * blocks,): rows' blocks in order
+        q_out = s.heads * s.head_dim
         kinds = step.lora_kinds
         tables = {
             kind: step.page_table if kinds is None or kind in kinds else None
@@ -330,51 +328,65 @@ class LlamaForCausalLM(nn.Module):
         }
         kern = self.lora_kernels
         key = self.lora_reuse_key
-        for i, layer in enumerate(self.model.layers):
+        fused = self.fused_ops
+        layers = self.model.layers
+        norms = [layer.input_layernorm for layer in layers[1:]] + [self.model.norm]
+        # The residual stream x is added to and normed in one step (add_rms_norm): h is the
+        # normed input of the next projection.
+        first = layers[0].input_layernorm
+        h, x = fused_ops.add_rms_norm(x, None, first.weight, first.eps, kernel=fused)
+        for i, layer in enumerate(layers):
             attn = layer.self_attn
-            h = layer.input_layernorm(x)
             qkv = _project(h, attn.qkv_weight, attn.qkv_bias, attn.qkv, tables["qkv"], kern, key)
-            q, k, v = qkv.split([q_out, kv_out, kv_out], dim=-1)
-            q = q.view(batch, seq, s.heads, s.head_dim)
-            k = k.view(batch, seq, s.kv_heads, s.head_dim)
-            q = q * cos + _rotate_half(q) * sin
-            k = k * cos + _rotate_half(k) * sin
-            cache_k, cache_v = kv.data[i, 0], kv.data[i, 1]  # (slots, kv_heads, head_dim)
-            cache_k.index_copy_(0, slots, k.reshape(-1, s.kv_heads, s.head_dim))
-            cache_v.index_copy_(0, slots, v.reshape(-1, s.kv_heads, s.head_dim))
+            q = fused_ops.rope_write_kv(
+                qkv.view(batch * seq, -1),
+                cos,
+                sin,
+                kv.data[i, 0],  # (slots, kv_heads, head_dim)
+                kv.data[i, 1],
+                slots,
+                s.heads,
+                kernel=fused,
+            ).view(batch, seq, s.heads, s.head_dim)
             if kernel_decode:
                 o = paged_attention.decode(
-                    q.reshape(batch, s.heads, s.head_dim),
-                    cache_k,
-                    cache_v,
+                    q.view(batch, s.heads, s.head_dim),
+                    kv.data[i, 0],
+                    kv.data[i, 1],
                     step.block_tables,
                     decode_positions,
                     s.window,
                     bs,
                 ).view(batch, seq, q_out)  # (batch, 1, heads * head_dim)
             else:
-                # index_select copies whole blocks (memcpy); advanced indexing, 3x slower on CPU.
-                paged = kv.data[i].view(2, -1, bs, s.kv_heads, s.head_dim)  # (2, blocks, bs, ..)
-                gathered = paged.index_select(1, flat_blocks)  # (2, batch * blocks, bs, kvh, d)
-                gathered = gathered.view(2, batch, span, s.kv_heads, s.head_dim).transpose(2, 3)
-                keys, values = gathered[0], gathered[1]  # (batch, kv_heads, span, head_dim)
+                # Each row's blocks, K and V each in one index_select along dim 0 (whole blocks,
+                # contiguous rows: a vectorized copy on CUDA, memcpy on CPU).
+                paged = kv.data[i].view(2, -1, bs * s.kv_heads * s.head_dim)  # (2, blocks, ..)
+                keys, values = (
+                    paged[j]
+                    .index_select(0, flat_blocks)
+                    .view(batch, span, s.kv_heads, s.head_dim)
+                    .transpose(1, 2)  # (batch, kv_heads, span, head_dim)
+                    for j in (0, 1)
+                )
                 qg = q.view(batch, seq, s.kv_heads, group, s.head_dim).permute(0, 2, 3, 1, 4)
                 qg = qg.reshape(batch, s.kv_heads, group * seq, s.head_dim)
                 o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
                 o = o.view(batch, s.kv_heads, group, seq, s.head_dim).permute(0, 3, 1, 2, 4)
                 o = o.reshape(batch, seq, q_out)  # (batch, seq, heads * head_dim)
             o_proj = attn.o_proj.base_layer
-            x = x + _project(o, o_proj.weight, o_proj.bias, attn.o, tables["o"], kern, key)
-            h = layer.post_attention_layernorm(x)
+            attn_out = _project(o, o_proj.weight, o_proj.bias, attn.o, tables["o"], kern, key)
+            post = layer.post_attention_layernorm
+            h, x = fused_ops.add_rms_norm(x, attn_out, post.weight, post.eps, kernel=fused)
             mlp = layer.mlp
             gu = _project(
                 h, mlp.gate_up_weight, mlp.gate_up_bias, mlp.gate_up, tables["gate_up"], kern, key
             )
-            gate, up = gu.chunk(2, dim=-1)
+            act = fused_ops.silu_mul(gu, kernel=fused)  # (batch, seq, intermediate)
             down = mlp.down_proj.base_layer
-            act = F.silu(gate) * up  # (batch, seq, intermediate)
-            x = x + _project(act, down.weight, down.bias, mlp.down, tables["down"], kern, key)
-        return self.model.norm(x)
+            mlp_out = _project(act, down.weight, down.bias, mlp.down, tables["down"], kern, key)
+            h, x = fused_ops.add_rms_norm(x, mlp_out, norms[i].weight, norms[i].eps, kernel=fused)
+        return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:
         """hidden: (batch, hidden) -> (batch, vocab) float32."""

@@ -3,7 +3,8 @@
 Configs the PEFT parity suite does not cover: llama3 rope scaling, a Mistral sliding window
 shorter than the prompt, Qwen2's q/k/v bias with untied embeddings. Logits must match
 transformers' within float32 tolerance, through the paged KV executor, with decode attention
-through SDPA and through the paged Triton kernel (under Triton's interpreter on CPU).
+through SDPA and through the paged Triton kernel, and with the fused_ops kernels (both under
+Triton's interpreter on CPU).
 """
 
 from __future__ import annotations
@@ -75,18 +76,28 @@ TRITON_ATTENTION = pytest.mark.skipif(
 )
 
 
-@pytest.mark.parametrize("attention", ["sdpa", pytest.param("triton", marks=TRITON_ATTENTION)])
+@pytest.mark.parametrize(
+    ("attention", "fused"),
+    [
+        ("sdpa", False),
+        pytest.param("triton", False, marks=TRITON_ATTENTION),
+        pytest.param("sdpa", True, marks=TRITON_ATTENTION, id="sdpa-fused_ops"),
+    ],
+)
 @pytest.mark.parametrize("name", sorted(CONFIGS))
 def test_own_forward_matches_transformers(
-    name: str, attention: str, tmp_path: Path, model_cache: Path
+    name: str, attention: str, fused: bool, tmp_path: Path, model_cache: Path
 ) -> None:
-    """Decode attends through SDPA or the paged Triton kernel (interpreted here); same logits."""
+    """Decode attends through SDPA or the paged Triton kernel (interpreted here), and the norms,
+    RoPE with the KV writes and SwiGLU run as torch or as the fused_ops kernels; same logits."""
     path = _checkpoint(name, tmp_path, model_cache)
     loaded = load_base_model(path, device="cpu", dtype="float32")
     assert loaded.own_forward
     hf = AutoModelForCausalLM.from_pretrained(path, local_files_only=True).eval()
     prompts = [[(7 * i + 3 * j) % 1000 + 4 for i in range(20 + 3 * j)] for j in range(3)]
-    logits, next_tokens, step2 = prefill_then_decode(loaded, prompts, [(), (), ()], attention)
+    logits, next_tokens, step2 = prefill_then_decode(
+        loaded, prompts, [(), (), ()], attention, fused_ops=fused
+    )
     for row, ids in enumerate(prompts):
         with torch.no_grad():
             expected = hf(input_ids=torch.tensor([[*ids, next_tokens[row]]])).logits[0]

@@ -29,4 +29,4 @@ def test_every_kernel_compiles_for_hopper_and_ampere() -> None:
         [sys.executable, str(script)], env=env, capture_output=True, text=True, timeout=600
     )
     assert done.returncode == 0, done.stdout[-4000:] + done.stderr[-4000:]
-    assert "compiled 90 of 90" in done.stdout
+    assert "compiled 138 of 138" in done.stdout

@@ -15,7 +15,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from loraserve.server.engine import lora_kernels, paged_attention
+from loraserve.server.engine import fused_ops, lora_kernels, paged_attention
 
 TARGETS = [GPUTarget("cuda", 90, 32), GPUTarget("cuda", 80, 32)]
 DTYPES = ["bf16", "fp16", "fp32"]
@@ -80,6 +80,52 @@ def cases():
         yield (
             f"decode attention {dtype} {constants} sm_{target.arch}",
             paged_attention._decode,
+            signature,
+            constants,
+            target,
+        )
+    yield from fused_cases()
+
+
+def fused_cases():
+    """fused_ops: the norm with and without the residual add (hidden 2048 and 8192), RoPE + KV
+    writes (GQA, head_dim 64 and 128, and 80, whose half is no power of two), silu * mul."""
+    for target, dtype in itertools.product(TARGETS, DTYPES):
+        for has_delta, block in itertools.product([True, False], [2048, 8192]):
+            constants = {"HAS_DELTA": has_delta, "BLOCK": block}
+            signature = {
+                "x_ptr": f"*{dtype}", "delta_ptr": f"*{dtype}", "w_ptr": f"*{dtype}",
+                "out_ptr": f"*{dtype}", "sum_ptr": f"*{dtype}", "n_cols": "i32", "eps": "fp32",
+            }  # fmt: skip
+            yield (
+                f"add_rms_norm {dtype} {constants} sm_{target.arch}",
+                fused_ops._add_rms_norm,
+                signature,
+                constants,
+                target,
+            )
+        for heads, kv_heads, head_dim in [(32, 8, 64), (28, 4, 128), (8, 8, 80)]:
+            constants = {
+                "HEADS": heads, "KV_HEADS": kv_heads, "D": head_dim,
+                "HALF_PAD": triton.next_power_of_2(head_dim // 2),
+            }  # fmt: skip
+            signature = {
+                "qkv_ptr": f"*{dtype}", "cos_ptr": f"*{dtype}", "sin_ptr": f"*{dtype}",
+                "q_ptr": f"*{dtype}", "k_cache_ptr": f"*{dtype}", "v_cache_ptr": f"*{dtype}",
+                "slots_ptr": "*i64",
+            }  # fmt: skip
+            yield (
+                f"rope_write_kv {dtype} {constants} sm_{target.arch}",
+                fused_ops._rope_write_kv,
+                signature,
+                constants,
+                target,
+            )
+        constants = {"BLOCK": fused_ops.SILU_BLOCK}
+        signature = {"gu_ptr": f"*{dtype}", "out_ptr": f"*{dtype}", "inner": "i32"}
+        yield (
+            f"silu_mul {dtype} sm_{target.arch}",
+            fused_ops._silu_mul,
             signature,
             constants,
             target,
