@@ -125,10 +125,11 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument(
         "--async-decode",
-        action="store_true",
+        action=argparse.BooleanOptionalAction,
+        default=d.async_decode,
         help="launch each decode step before reading the previous one's tokens, so the host's "
-        "work overlaps the device's (Llama-family forward; off by default until measured on a "
-        "GPU)",
+        "work overlaps the device's (Llama-family forward; on by default; --no-async-decode "
+        "reads every step's tokens first)",
     )
     parser.add_argument(
         "--attention",

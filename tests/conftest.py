@@ -19,33 +19,37 @@ if not torch.cuda.is_available():
 
 def pytest_addoption(parser: pytest.Parser) -> None:
     parser.addoption(
-        "--async-decode",
+        "--sync-decode",
         action="store_true",
-        help="run every engine built from a ServerConfig with async_decode on (CI runs the "
-        "engine suite this way too)",
+        help="run every engine built from a ServerConfig or an EngineConfig with async_decode "
+        "off (CI runs the engine suite this way too)",
     )
 
 
 @pytest.fixture(scope="session", autouse=True)
-def _async_decode_everywhere(request: pytest.FixtureRequest):
-    """With --async-decode, ServerConfig's async_decode defaults to True (a test that passes
-    async_decode=False explicitly keeps it)."""
-    if not request.config.getoption("--async-decode"):
+def _sync_decode_everywhere(request: pytest.FixtureRequest):
+    """With --sync-decode, ServerConfig's and EngineConfig's async_decode default to False (a
+    test that passes async_decode=True explicitly keeps it)."""
+    if not request.config.getoption("--sync-decode"):
         yield
         return
     import inspect
 
     from loraserve.server.config import ServerConfig
+    from loraserve.server.engine.config import EngineConfig
 
-    init = ServerConfig.__init__
-    parameters = list(inspect.signature(init).parameters.values())[1:]  # without self
-    defaults = list(init.__defaults__ or ())
-    index = [p.name for p in parameters[len(parameters) - len(defaults) :]].index("async_decode")
-    original = tuple(defaults)
-    defaults[index] = True
-    init.__defaults__ = tuple(defaults)
+    originals = []
+    for cls in (ServerConfig, EngineConfig):
+        init = cls.__init__
+        parameters = list(inspect.signature(init).parameters.values())[1:]  # without self
+        defaults = list(init.__defaults__ or ())
+        names = [p.name for p in parameters[len(parameters) - len(defaults) :]]
+        originals.append((init, tuple(defaults)))
+        defaults[names.index("async_decode")] = False
+        init.__defaults__ = tuple(defaults)
     yield
-    init.__defaults__ = original
+    for init, original in originals:
+        init.__defaults__ = original
 
 
 def pytest_sessionfinish(session: pytest.Session) -> None:

@@ -49,8 +49,9 @@ class EngineConfig:
     """Run decode without CUDA graphs (debugging)."""
     attention: str = "sdpa"
     """Decode attention of the own forward: "sdpa" or "triton" (ATTENTION_BACKENDS)."""
-    async_decode: bool = False
+    async_decode: bool = True
     """Launch each decode step before reading the previous one's tokens (own forward only): the
     host's work on step N (text, stops, events) overlaps the device computing step N+1, whose
-    input tokens come from step N's output on the device. Off by default until measured on a
-    GPU; a step with a row that asks for logprobs runs synchronously."""
+    input tokens come from step N's output on the device (on an H200, 1b model, batch 32:
+    base rows 6,850 -> 8,833 tokens/s end to end). A step with a row that asks for logprobs
+    runs synchronously. False (--no-async-decode) reads every step's tokens before the next."""

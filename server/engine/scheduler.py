@@ -226,7 +226,7 @@ class SchedulerSettings:
     attention: str = "sdpa"
     """Decode attention of the own forward (EngineConfig.attention)."""
     max_lora_rank: int = 64
-    async_decode: bool = False
+    async_decode: bool = True
     """EngineConfig.async_decode: launch step N+1 before reading step N's tokens."""
 
 

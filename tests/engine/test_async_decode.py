@@ -1,8 +1,8 @@
 """async_decode: each decode step is launched before the previous step's tokens are read, rows
 fed from that step's output on the device. Whatever the mix (adapters, seeded sampling, stop
 sequences, end of sequence, lengths, logprobs, cancellation, preemption, joins), every request
-gets exactly what it gets with steps read one at a time. (CI also runs the whole engine suite
-with async_decode on: `pytest tests/engine --async-decode`.)"""
+gets exactly what it gets with steps read one at a time. (async_decode is the default; CI also
+runs the whole engine suite with it off: `pytest tests/engine --sync-decode`.)"""
 
 from __future__ import annotations
 

@@ -138,11 +138,15 @@ def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
 
 
 def test_switches_turn_their_field_on() -> None:
-    config = config_from_args(_parse("--async-decode", "--enforce-eager"), _embedded)
-    assert config.async_decode and config.enforce_eager
+    config = config_from_args(_parse("--enforce-eager"), _embedded)
+    assert config.enforce_eager
     config = config_from_args(_parse(), _embedded)
-    assert not config.async_decode and not config.enforce_eager
-    assert config.engine_config().async_decode is False
+    assert not config.enforce_eager
+    # async_decode is on by default; --no-async-decode turns it off, --async-decode keeps it.
+    assert config.async_decode and config.engine_config().async_decode is True
+    config = config_from_args(_parse("--no-async-decode"), _embedded)
+    assert not config.async_decode and config.engine_config().async_decode is False
+    assert config_from_args(_parse("--async-decode"), _embedded).async_decode
 
 
 def test_every_flag_reaches_a_config_field() -> None:
