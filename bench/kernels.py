@@ -10,8 +10,13 @@ graphs on one machine in one run:
   adapter on those pages: an MLP group under q/k/v/o adapters) and the torch reference;
 - step: one whole decode step (forward + LM head) of the own Llama forward over paged KV, base
   rows against rows with distinct q/k/v/o adapters, per kernel variant and decode attention
-  (sdpa, triton). The ratio adapter-step / base-step is what the engine's distinct/base
-  decode ratio can reach at most.
+  (sdpa, triton), and base rows with the torch norms, RoPE and SwiGLU (fused_ops off). The
+  ratio adapter-step / base-step is what the engine's distinct/base decode ratio can reach at
+  most;
+- first_calls: the first and second eager prefill at shapes not seen before, per SDPA backend
+  choice (a per-shape plan or compile stalls every running row);
+- profile: one eager decode step under the profiler: kernels per step, their summed GPU time,
+  and the costliest kernels by name, beside the step's time in a graph.
 
 Every time is the median over repeated graph replays (CUDA events), in microseconds; the table
 is printed last and written as JSON with --json.
@@ -23,6 +28,7 @@ import argparse
 import contextlib
 import json
 import statistics
+import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -232,6 +238,7 @@ class StepSetup:
     base: StepInputs
     distinct: StepInputs
     attention_only: StepInputs
+    pages_per_row: int
 
     def forward(self, inputs: StepInputs) -> Callable[[], object]:
         return lambda: self.model.logits(self.model.forward(inputs, self.kv)[:, -1])
@@ -242,6 +249,7 @@ def _step_setup(
 ) -> StepSetup:
     model = _load_model(settings, dtype, device)
     model.lora_kernels = True
+    model.fused_ops = True
     n = _fill_attention_adapters(model, settings)
     shape, batch = model.shape, settings.batch
     blocks = -(-(settings.context + 1) // BLOCK_SIZE)
@@ -257,7 +265,7 @@ def _step_setup(
     )
     with_adapters = StepInputs(**{**step.__dict__, "page_table": _distinct_table(batch, n, device)})
     attention_only = StepInputs(**{**with_adapters.__dict__, "lora_kinds": ATTENTION_KINDS})
-    return StepSetup(model, kv, step, with_adapters, attention_only)
+    return StepSetup(model, kv, step, with_adapters, attention_only, n)
 
 
 def bench_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.device) -> dict:
@@ -277,6 +285,9 @@ def bench_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.
         for attention in ("sdpa", "triton"):
             model.paged_attention = attention == "triton"
             row = {"base": time_graph(forward(step), settings)}
+            model.fused_ops = False  # the torch norms, RoPE and SwiGLU, as before fused_ops
+            row["base, unfused"] = time_graph(forward(step), settings)
+            model.fused_ops = True
             for variant in STEP_VARIANTS:
                 with kernel_variant(variant, model.groups()):
                     row[f"distinct, {variant}"] = time_graph(forward(with_adapters), settings)
@@ -320,6 +331,56 @@ def profile_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torc
     return out
 
 
+FIRST_CALL_BACKENDS = {
+    "default": None,
+    "no cuDNN": ["EFFICIENT_ATTENTION", "FLASH_ATTENTION", "MATH"],
+}
+"""SDPA backends the first-call part compares (None: torch's own choice)."""
+
+
+def first_calls(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.device) -> dict:
+    """Milliseconds of the first and the second eager prefill at prefill shapes not seen before
+    (rows x prompt length; q/k/v/o adapters on every row), per SDPA backend choice: a library
+    that builds a plan or compiles a kernel per new shape stalls every running row that long,
+    which decode graphs captured at start never do. Each backend choice gets shapes of its own;
+    one prefill first compiles what every shape shares."""
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+
+    setup = _step_setup(settings, dtype, device)
+    model, shape = setup.model, setup.model.shape
+
+    def prefill(rows: int, length: int) -> float:
+        blocks = -(-(length + 1) // BLOCK_SIZE)
+        step = StepInputs(
+            input_ids=torch.randint(0, shape.vocab, (rows, length), device=device),
+            positions=torch.arange(length, device=device).expand(rows, length).contiguous(),
+            block_tables=1 + torch.arange(rows * blocks, device=device).view(rows, blocks),
+            valid=torch.ones(rows, length, dtype=torch.bool, device=device),
+            page_table=_distinct_table(rows, setup.pages_per_row, device),
+        )
+        torch.cuda.synchronize()
+        start = time.perf_counter()
+        model.logits(model.forward(step, setup.kv)[:, -1])
+        torch.cuda.synchronize()
+        return (time.perf_counter() - start) * 1e3
+
+    out: dict = {}
+    with torch.inference_mode():
+        prefill(3, 45)
+        for offset, (name, backends) in enumerate(FIRST_CALL_BACKENDS.items()):
+            chosen = [getattr(SDPBackend, b) for b in backends] if backends else None
+            rows = {}
+            with sdpa_kernel(chosen) if chosen else contextlib.nullcontext():
+                for rows_n, length in ((1, 61), (2, 77), (3, 93), (5, 109), (8, 125)):
+                    length += 2 * offset
+                    rows[f"{rows_n} x {length}"] = [
+                        prefill(rows_n, length),
+                        prefill(rows_n, length),
+                    ]
+            out[name] = rows
+    return out
+
+
 def format_table(results: dict) -> str:
     lines = ["", "multi-LoRA kernels, one fused projection at decode (µs per call):", ""]
     lines.append("| projection | splits | single-pass | split-K | split-K, dead pages | torch |")
@@ -345,6 +406,9 @@ def format_table(results: dict) -> str:
                 continue
             for what, us in row.items():
                 lines.append(f"| {attention} | {what} | {us:.0f} | {row['base'] / us:.3f} |")
+    for backend, rows in results.get("first_calls", {}).items():
+        cells = ", ".join(f"{k}: {a:.1f} then {b:.1f}" for k, (a, b) in rows.items())
+        lines += ["", f"new prefill shapes, SDPA {backend} (ms, first then second call): {cells}"]
     for what, row in results.get("profile", {}).items():
         lines += [
             "",
@@ -364,7 +428,9 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--size", default="1b")
     p.add_argument("--dtype", default="bfloat16")
     p.add_argument("--batch", type=int, default=32)
-    p.add_argument("--only", default="lora,step", help="comma list: lora, step, profile")
+    p.add_argument(
+        "--only", default="lora,step", help="comma list: lora, step, profile, first_calls"
+    )
     p.add_argument("--json", type=Path, default=None)
     args = p.parse_args(argv)
     if not (torch.cuda.is_available() and lora_kernels.available(torch.device("cuda"))):
@@ -379,6 +445,9 @@ def main(argv: list[str] | None = None) -> int:
     if "step" in only:
         results["step"] = bench_step(settings, dtype, device)
         print(json.dumps(results["step"]), flush=True)
+    if "first_calls" in only:
+        results["first_calls"] = first_calls(settings, dtype, device)
+        print(json.dumps(results["first_calls"]), flush=True)
     if "profile" in only:
         results["profile"] = profile_step(settings, dtype, device)
         print(json.dumps(results["profile"]), flush=True)

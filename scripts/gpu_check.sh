@@ -1,21 +1,24 @@
 #!/usr/bin/env bash
 # One prepared GPU run (well under 8 minutes; run in the repo root on a CUDA machine): versions,
-# the CUDA parity tests (again with async_decode), the kernel bench (bench/kernels.py: multi-LoRA kernel variants and one
-# whole decode step, base vs distinct adapters, sdpa vs triton attention), then loraserve's bench
+# the CUDA parity tests (again with async_decode off), the kernel bench (bench/kernels.py:
+# multi-LoRA kernel variants and one whole decode step, base vs distinct adapters, sdpa vs triton
+# attention, fused_ops on and off; KERNELS_ONLY adds profile / first_calls), then loraserve's bench
 # on the ~1.2B Llama in bf16 (batch 32, 64 rank-16 adapters, prompt 128, output 64: base /
 # identical / distinct / uniform / skewed, end-to-end and decode-only tokens/s, cold and warm
 # time to first token, and the same load through the real gRPC server; base and distinct again
-# with async_decode), the plain-PyTorch anchor
+# with async_decode off), the plain-PyTorch anchor
 # (../shared/gpu/anchor.py, or ./anchor.py, or $ANCHOR), cold loads beside running rows, and a
 # CLI smoke of the server. Parts run in that order (most telling first) and each has its own
 # time limit, so a cut-short run still leaves what it measured. Logs go to $OUT (default
 # /tmp/gpu_check); the last thing printed is the issue's table.
 #   GPU_CHECK_REPEATS (default 2) timed runs per bench mode;
-#   GPU_CHECK_SKIP=parity,parity-async,kernels,bench,async,anchor,overlap,server skips parts;
-#   GPU_CHECK_GRPC=0 drops the bench's gRPC part; PARITY_TIMEOUT / PARITY_ASYNC_TIMEOUT /
-#   KERNELS_TIMEOUT / BENCH_TIMEOUT / ASYNC_TIMEOUT / ANCHOR_TIMEOUT / OVERLAP_TIMEOUT cap each
+#   GPU_CHECK_SKIP=parity,parity-sync,kernels,bench,sync,anchor,overlap,coldload,server skips
+#   parts;
+#   GPU_CHECK_GRPC=0 drops the bench's gRPC part; PARITY_TIMEOUT / PARITY_SYNC_TIMEOUT /
+#   KERNELS_TIMEOUT / BENCH_TIMEOUT / SYNC_TIMEOUT / ANCHOR_TIMEOUT / OVERLAP_TIMEOUT cap each
 #   part (s);
-#   KERNELS_ONLY=step times only the whole decode step in the kernel bench (no kernel sweep).
+#   KERNELS_ONLY (default lora,step) picks the kernel bench's parts: lora, step, profile,
+#   first_calls (python -m loraserve.bench.kernels --help).
 #   LORASERVE_ENGINE_OPTS adds --engine-opt FIELD=VALUE (e.g. enforce_eager=true).
 #   GPU_CHECK_ATTENTION=1 also benches decode attention=sdpa against attention=triton end to end.
 #   GPU_CHECK_SAMPLED=1 also runs the distinct modes sampled (temperature 0.8, top-p 0.95).
@@ -31,6 +34,8 @@ if [ -n "${GPU_WHEELS:-}" ]; then
     && export PYTHONPATH="/tmp/gpu_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
 skip="${GPU_CHECK_SKIP:-}"
+opts=()
+for o in ${LORASERVE_ENGINE_OPTS:-}; do opts+=(--engine-opt "$o"); done
 repeats="${GPU_CHECK_REPEATS:-2}"
 anchor="${ANCHOR:-}"
 for candidate in ../shared/gpu/anchor.py anchor.py; do
@@ -43,17 +48,17 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 if [[ ",$skip," != *",parity,"* ]]; then
   echo "== CUDA parity tests"
   start=$SECONDS
-  timeout "${PARITY_TIMEOUT:-150}" "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py tests/engine/test_lora_kernels.py \
-    > "$out/parity.log" 2>&1
+  timeout "${PARITY_TIMEOUT:-150}" "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py \
+    tests/engine/test_lora_kernels.py tests/engine/test_fused_ops.py > "$out/parity.log" 2>&1
   echo "parity exit $? in $((SECONDS - start)) s: $(tail -1 "$out/parity.log")"
 fi
 
-if [[ ",$skip," != *",parity-async,"* ]]; then
-  echo "== CUDA engine tests with async_decode (step N+1 launched before step N's tokens are read)"
+if [[ ",$skip," != *",parity-sync,"* ]]; then
+  echo "== CUDA engine tests with async_decode off (each step's tokens read before the next)"
   start=$SECONDS
-  timeout "${PARITY_ASYNC_TIMEOUT:-120}" "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py \
-    tests/engine/test_async_decode.py --async-decode > "$out/parity-async.log" 2>&1
-  echo "parity-async exit $? in $((SECONDS - start)) s: $(tail -1 "$out/parity-async.log")"
+  timeout "${PARITY_SYNC_TIMEOUT:-120}" "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py \
+    --sync-decode > "$out/parity-sync.log" 2>&1
+  echo "parity-sync exit $? in $((SECONDS - start)) s: $(tail -1 "$out/parity-sync.log")"
 fi
 
 if [[ ",$skip," != *",kernels,"* ]]; then
@@ -70,8 +75,6 @@ if [[ ",$skip," != *",bench,"* ]]; then
   start=$SECONDS
   grpc_part=",grpc"
   [ "${GPU_CHECK_GRPC:-1}" = 0 ] && grpc_part=""
-  opts=()
-  for o in ${LORASERVE_ENGINE_OPTS:-}; do opts+=(--engine-opt "$o"); done
   timeout "${BENCH_TIMEOUT:-330}" "$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 \
     --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
     --repeats "$repeats" --distinct-sweep 32 --cold-samples 4 --only "distinct,cold${grpc_part}" --grpc-requests 96 \
@@ -79,14 +82,14 @@ if [[ ",$skip," != *",bench,"* ]]; then
   echo "bench exit $? in $((SECONDS - start)) s"
 fi
 
-if [[ ",$skip," != *",async,"* ]]; then
-  echo "== bench with async_decode, base and distinct rows"
+if [[ ",$skip," != *",sync,"* ]]; then
+  echo "== bench with async_decode off, base and distinct rows"
   start=$SECONDS
-  timeout "${ASYNC_TIMEOUT:-150}" "$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 \
+  timeout "${SYNC_TIMEOUT:-150}" "$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 \
     --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
-    --repeats "$repeats" --distinct-sweep 32 --only distinct --out "$out/bench-async" --no-plot \
-    --engine-opt async_decode=true "${opts[@]}" > "$out/bench-async.log" 2>&1
-  echo "async bench exit $? in $((SECONDS - start)) s"
+    --repeats "$repeats" --distinct-sweep 32 --only distinct --out "$out/bench-sync" --no-plot \
+    --engine-opt async_decode=false "${opts[@]}" > "$out/bench-sync.log" 2>&1
+  echo "sync bench exit $? in $((SECONDS - start)) s"
 fi
 
 if [[ ",$skip," != *",anchor,"* && -n "$anchor" ]]; then
@@ -105,6 +108,15 @@ if [[ ",$skip," != *",overlap,"* ]]; then
   # Each round's TPOT line and where the engine thread's time went, warm and cold.
   grep -E '^round|^  (warm|cold):' "$out/overlap.log" | tail -9
   grep -E '"(tpot_cold_over_warm|decode_step_warm_s|decode_step_cold_s)"' "$out/overlap.log"
+fi
+
+if [[ ",$skip," != *",coldload,"* ]]; then
+  echo "== one cold adapter's host work: read, checksum, validate, stage (1b rank-16 q/k/v/o, bf16)"
+  start=$SECONDS
+  timeout "${COLDLOAD_TIMEOUT:-60}" "$py" -m loraserve.bench.cold_load --size 1b --storage bfloat16 \
+    --page-dtype bfloat16 > "$out/coldload.log" 2>&1
+  echo "coldload exit $? in $((SECONDS - start)) s"
+  grep -v "^ \\|^{\\|^}" "$out/coldload.log"; grep -A2 -E "\"(read|sha256|validate|stage)\"" "$out/coldload.log" | grep -v best | tr -s " \\n" " "; echo
 fi
 
 if [[ ",$skip," != *",server,"* ]]; then
@@ -161,10 +173,10 @@ bench = {}
 if (out / "bench" / "bench.json").exists():
     bench = json.loads((out / "bench" / "bench.json").read_text())
 modes = dict(bench.get("batch", {}).get("modes", {}))
-if (out / "bench-async" / "bench.json").exists():
-    ahead = json.loads((out / "bench-async" / "bench.json").read_text())
-    for name, entry in ahead.get("batch", {}).get("modes", {}).items():
-        modes[f"{name} (async_decode)"] = entry
+if (out / "bench-sync" / "bench.json").exists():
+    synchronous = json.loads((out / "bench-sync" / "bench.json").read_text())
+    for name, entry in synchronous.get("batch", {}).get("modes", {}).items():
+        modes[f"{name} (async_decode off)"] = entry
 cold = bench.get("cold_start", {})
 
 
@@ -203,7 +215,7 @@ for mode, entry in bench.get("grpc", {}).get("modes", {}).items():
               f"({fmt(steps['prefill_s'] * 1e3)} ms), {fmt(steps['decode_steps'])} decode steps "
               f"({fmt(steps['decode_s'] * 1e3 / steps['decode_steps'], '{:.2f}')} ms each), "
               f"{fmt(steps['mean_rows_per_step'], '{:.1f}')} rows per step")
-for name in ("parity", "parity-async"):
+for name in ("parity", "parity-sync"):
     log = out / f"{name}.log"
     if log.exists() and log.read_text().strip():
         print(f"CUDA {name}:", log.read_text().strip().splitlines()[-1])
