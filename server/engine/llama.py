@@ -25,6 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from loraserve.server.engine import fused_ops, lora_kernels, paged_attention
+from loraserve.server.engine.attention_backends import eager_attention
 from loraserve.server.engine.lora import LiveIndex, LoRAContext, LoRAGroup, MultiLoRALinear
 
 FAMILY = ("llama", "mistral", "qwen2")
@@ -335,57 +336,68 @@ class LlamaForCausalLM(nn.Module):
         # normed input of the next projection.
         first = layers[0].input_layernorm
         h, x = fused_ops.add_rms_norm(x, None, first.weight, first.eps, kernel=fused)
-        for i, layer in enumerate(layers):
-            attn = layer.self_attn
-            qkv = _project(h, attn.qkv_weight, attn.qkv_bias, attn.qkv, tables["qkv"], kern, key)
-            q = fused_ops.rope_write_kv(
-                qkv.view(batch * seq, -1),
-                cos,
-                sin,
-                kv.data[i, 0],  # (slots, kv_heads, head_dim)
-                kv.data[i, 1],
-                slots,
-                s.heads,
-                kernel=fused,
-            ).view(batch, seq, s.heads, s.head_dim)
-            if kernel_decode:
-                o = paged_attention.decode(
-                    q.view(batch, s.heads, s.head_dim),
-                    kv.data[i, 0],
-                    kv.data[i, 1],
-                    step.block_tables,
-                    decode_positions,
-                    s.window,
-                    bs,
-                ).view(batch, seq, q_out)  # (batch, 1, heads * head_dim)
-            else:
-                # Each row's blocks, K and V each in one index_select along dim 0 (whole blocks,
-                # contiguous rows: a vectorized copy on CUDA, memcpy on CPU).
-                paged = kv.data[i].view(2, -1, bs * s.kv_heads * s.head_dim)  # (2, blocks, ..)
-                keys, values = (
-                    paged[j]
-                    .index_select(0, flat_blocks)
-                    .view(batch, span, s.kv_heads, s.head_dim)
-                    .transpose(1, 2)  # (batch, kv_heads, span, head_dim)
-                    for j in (0, 1)
+        with eager_attention(x.device):  # no cuDNN plan builds at new shapes
+            for i, layer in enumerate(layers):
+                attn = layer.self_attn
+                qkv = _project(
+                    h, attn.qkv_weight, attn.qkv_bias, attn.qkv, tables["qkv"], kern, key
                 )
-                qg = q.view(batch, seq, s.kv_heads, group, s.head_dim).permute(0, 2, 3, 1, 4)
-                qg = qg.reshape(batch, s.kv_heads, group * seq, s.head_dim)
-                o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
-                o = o.view(batch, s.kv_heads, group, seq, s.head_dim).permute(0, 3, 1, 2, 4)
-                o = o.reshape(batch, seq, q_out)  # (batch, seq, heads * head_dim)
-            o_proj = attn.o_proj.base_layer
-            attn_out = _project(o, o_proj.weight, o_proj.bias, attn.o, tables["o"], kern, key)
-            post = layer.post_attention_layernorm
-            h, x = fused_ops.add_rms_norm(x, attn_out, post.weight, post.eps, kernel=fused)
-            mlp = layer.mlp
-            gu = _project(
-                h, mlp.gate_up_weight, mlp.gate_up_bias, mlp.gate_up, tables["gate_up"], kern, key
-            )
-            act = fused_ops.silu_mul(gu, kernel=fused)  # (batch, seq, intermediate)
-            down = mlp.down_proj.base_layer
-            mlp_out = _project(act, down.weight, down.bias, mlp.down, tables["down"], kern, key)
-            h, x = fused_ops.add_rms_norm(x, mlp_out, norms[i].weight, norms[i].eps, kernel=fused)
+                q = fused_ops.rope_write_kv(
+                    qkv.view(batch * seq, -1),
+                    cos,
+                    sin,
+                    kv.data[i, 0],  # (slots, kv_heads, head_dim)
+                    kv.data[i, 1],
+                    slots,
+                    s.heads,
+                    kernel=fused,
+                ).view(batch, seq, s.heads, s.head_dim)
+                if kernel_decode:
+                    o = paged_attention.decode(
+                        q.view(batch, s.heads, s.head_dim),
+                        kv.data[i, 0],
+                        kv.data[i, 1],
+                        step.block_tables,
+                        decode_positions,
+                        s.window,
+                        bs,
+                    ).view(batch, seq, q_out)  # (batch, 1, heads * head_dim)
+                else:
+                    # Each row's blocks, K and V each in one index_select along dim 0 (whole blocks,
+                    # contiguous rows: a vectorized copy on CUDA, memcpy on CPU).
+                    paged = kv.data[i].view(2, -1, bs * s.kv_heads * s.head_dim)  # (2, blocks, ..)
+                    keys, values = (
+                        paged[j]
+                        .index_select(0, flat_blocks)
+                        .view(batch, span, s.kv_heads, s.head_dim)
+                        .transpose(1, 2)  # (batch, kv_heads, span, head_dim)
+                        for j in (0, 1)
+                    )
+                    qg = q.view(batch, seq, s.kv_heads, group, s.head_dim).permute(0, 2, 3, 1, 4)
+                    qg = qg.reshape(batch, s.kv_heads, group * seq, s.head_dim)
+                    o = F.scaled_dot_product_attention(qg, keys, values, attn_mask=mask)
+                    o = o.view(batch, s.kv_heads, group, seq, s.head_dim).permute(0, 3, 1, 2, 4)
+                    o = o.reshape(batch, seq, q_out)  # (batch, seq, heads * head_dim)
+                o_proj = attn.o_proj.base_layer
+                attn_out = _project(o, o_proj.weight, o_proj.bias, attn.o, tables["o"], kern, key)
+                post = layer.post_attention_layernorm
+                h, x = fused_ops.add_rms_norm(x, attn_out, post.weight, post.eps, kernel=fused)
+                mlp = layer.mlp
+                gu = _project(
+                    h,
+                    mlp.gate_up_weight,
+                    mlp.gate_up_bias,
+                    mlp.gate_up,
+                    tables["gate_up"],
+                    kern,
+                    key,
+                )
+                act = fused_ops.silu_mul(gu, kernel=fused)  # (batch, seq, intermediate)
+                down = mlp.down_proj.base_layer
+                mlp_out = _project(act, down.weight, down.bias, mlp.down, tables["down"], kern, key)
+                h, x = fused_ops.add_rms_norm(
+                    x, mlp_out, norms[i].weight, norms[i].eps, kernel=fused
+                )
         return h
 
     def logits(self, hidden: torch.Tensor) -> torch.Tensor:

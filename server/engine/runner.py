@@ -12,6 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
+from loraserve.server.engine.attention_backends import eager_attention
 from loraserve.server.engine.kv_cache import ForwardPlan, SlotKVCache
 from loraserve.server.engine.lora import BatchLoRAState
 from loraserve.server.engine.model import LoadedModel
@@ -95,14 +96,15 @@ def forward_rows_last(
     masks = cache.attention_masks(positions, valid, loaded.dtype)
     loaded.context.current = lora
     try:
-        out = loaded.model(
-            input_ids=input_ids,  # (batch, width)
-            attention_mask=masks,  # (batch, 1, width, kv_len), or one per layer type
-            position_ids=positions,  # (batch, width)
-            use_cache=True,
-            logits_to_keep=keep,
-            **{loaded.cache_kwarg: cache},
-        )
+        with eager_attention(input_ids.device):  # no cuDNN plan builds at new shapes
+            out = loaded.model(
+                input_ids=input_ids,  # (batch, width)
+                attention_mask=masks,  # (batch, 1, width, kv_len), or one per layer type
+                position_ids=positions,  # (batch, width)
+                use_cache=True,
+                logits_to_keep=keep,
+                **{loaded.cache_kwarg: cache},
+            )
     finally:
         loaded.context.current = None
         cache.plan = None
