@@ -49,11 +49,6 @@ class EngineConfig:
     """Run decode without CUDA graphs (debugging)."""
     attention: str = "sdpa"
     """Decode attention of the own forward: "sdpa" or "triton" (ATTENTION_BACKENDS)."""
-    gil_switch_interval_s: float = 0.0005
-    """sys.setswitchinterval the engine sets when it starts (process-wide; 0 keeps Python's 5 ms):
-    how long the engine thread may wait for the GIL while another thread (an adapter loader, the
-    gRPC server's) runs Python. With 5 ms an H200 decode step of about 2 ms waited several of
-    those per step."""
     async_decode: bool = True
     """Launch each decode step before reading the previous one's tokens (own forward only): the
     host's work on step N (text, stops, events) overlaps the device computing step N+1, whose

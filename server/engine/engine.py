@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import enum
 import functools
-import sys
 import threading
 import uuid
 from collections.abc import Sequence as Seq
@@ -152,8 +151,6 @@ class Engine:
         return bool(getattr(self.loaded.tokenizer, "chat_template", None))
 
     def start(self) -> None:
-        if self.config.gil_switch_interval_s > 0:
-            sys.setswitchinterval(self.config.gil_switch_interval_s)
         self._thread = threading.Thread(
             target=self.scheduler.run_forever, name="loraserve-engine", daemon=True
         )

@@ -25,7 +25,7 @@ from safetensors.torch import load_file
 from torch import nn
 
 from loraserve.server.engine import fused_ops, lora_kernels, paged_attention
-from loraserve.server.engine.attention_backends import eager_attention
+from loraserve.server.engine.attention_backends import prefill_attention
 from loraserve.server.engine.lora import LiveIndex, LoRAContext, LoRAGroup, MultiLoRALinear
 
 FAMILY = ("llama", "mistral", "qwen2")
@@ -336,7 +336,7 @@ class LlamaForCausalLM(nn.Module):
         # normed input of the next projection.
         first = layers[0].input_layernorm
         h, x = fused_ops.add_rms_norm(x, None, first.weight, first.eps, kernel=fused)
-        with eager_attention(x.device):  # no cuDNN plan builds at new shapes
+        with prefill_attention(x.device, seq):  # no cuDNN plan builds at new prefill shapes
             for i, layer in enumerate(layers):
                 attn = layer.self_attn
                 qkv = _project(

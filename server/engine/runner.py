@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import torch
 
-from loraserve.server.engine.attention_backends import eager_attention
+from loraserve.server.engine.attention_backends import prefill_attention
 from loraserve.server.engine.kv_cache import ForwardPlan, SlotKVCache
 from loraserve.server.engine.lora import BatchLoRAState
 from loraserve.server.engine.model import LoadedModel
@@ -96,7 +96,7 @@ def forward_rows_last(
     masks = cache.attention_masks(positions, valid, loaded.dtype)
     loaded.context.current = lora
     try:
-        with eager_attention(input_ids.device):  # no cuDNN plan builds at new shapes
+        with prefill_attention(input_ids.device, width):  # no cuDNN plan builds at new shapes
             out = loaded.model(
                 input_ids=input_ids,  # (batch, width)
                 attention_mask=masks,  # (batch, 1, width, kv_len), or one per layer type
