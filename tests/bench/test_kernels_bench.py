@@ -42,13 +42,41 @@ def test_every_variant_runs_and_is_reported(counted: list[int], model_cache) -> 
     }
     assert set(results["lora"]) == {"qkv", "o", "gate_up", "down"}
     variants = {f"distinct, {v}" for v in kernel_bench.STEP_VARIANTS}
-    assert set(results["step"]["triton"]) == {"base", *variants, "distinct, attention kinds only"}
+    assert set(results["step"]["triton"]) == {
+        "base",
+        "base, unfused",
+        *variants,
+        "distinct, attention kinds only",
+    }
     assert results["step"]["single-pass vs split-K, max relative difference"] < 1e-5
     table = kernel_bench.format_table(results)
     assert "| gate_up |" in table and "| triton | distinct, split-K |" in table
     assert "gate_up sweep" in table
     sweeps = sum(len(row["sweep"]) for row in results["lora"].values())
-    assert len(counted) == 4 * 4 + sweeps + 2 * (2 + len(variants))
+    assert len(counted) == 4 * 4 + sweeps + 2 * (3 + len(variants))
+
+
+def test_profile_and_first_calls_are_reported() -> None:
+    """The GPU-only parts' rows (measured by scripts/gpu_check.sh) reach the printed table."""
+    results = {
+        "first_calls": {
+            "default": {"1 x 61": [1495.0, 16.2]},
+            "no cuDNN": {"1 x 63": [21.2, 12.6]},
+        },
+        "profile": {
+            "base": {
+                "graph_us": 1429.0,
+                "kernels_per_step": 232.0,
+                "kernel_us_per_step": 1316.0,
+                "top": [["_add_rms_norm", 33.0, 58.4]],
+            }
+        },
+    }
+    table = kernel_bench.format_table(results)
+    assert "SDPA default (ms, first then second call): 1 x 61: 1495.0 then 16.2" in table
+    assert "SDPA no cuDNN (ms, first then second call): 1 x 63: 21.2 then 12.6" in table
+    assert "base: 232 kernels, 1316 µs of kernel time per step; in a graph 1429 µs" in table
+    assert "| _add_rms_norm | 33.0 | 58.4 |" in table
 
 
 @pytest.mark.skipif(torch.cuda.is_available(), reason="checks the refusal without CUDA")
