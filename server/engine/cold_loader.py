@@ -100,20 +100,30 @@ PageShapes = list[tuple[str, int, int]]
 """(module name, d_in, d_out) of every module of an adapter, in its order."""
 
 
+def _by_shape(shapes: PageShapes) -> dict[tuple[int, int], list[str]]:
+    """(d_in, d_out) -> the names of the modules of that shape, both in first-seen order."""
+    groups: dict[tuple[int, int], list[str]] = {}
+    for name, d_in, d_out in shapes:
+        groups.setdefault((d_in, d_out), []).append(name)
+    return groups
+
+
 def page_views(
     arena: torch.Tensor, shapes: PageShapes, n: int, page_rank: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module name -> (A pages (n, page_rank, d_in), B pages (n, d_out, page_rank)): views of
-    `arena` (total,), module after module, A before B."""
+    `arena` (total,), in module order. The arena holds modules of one shape together (all
+    their A pages, then all their B pages), so staging writes each shape in a few copies."""
     views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     offset = 0
-    for name, d_in, d_out in shapes:
-        a_size, b_size = n * page_rank * d_in, n * d_out * page_rank
-        a_pages = arena[offset : offset + a_size].view(n, page_rank, d_in)
-        b_pages = arena[offset + a_size : offset + a_size + b_size].view(n, d_out, page_rank)
-        views[name] = (a_pages, b_pages)
+    for (d_in, d_out), names in _by_shape(shapes).items():
+        m = len(names)
+        a_size, b_size = m * n * page_rank * d_in, m * n * d_out * page_rank
+        a_all = arena[offset : offset + a_size].view(m, n, page_rank, d_in)
+        b_all = arena[offset + a_size : offset + a_size + b_size].view(m, n, d_out, page_rank)
+        views.update(zip(names, zip(a_all.unbind(0), b_all.unbind(0), strict=True), strict=True))
         offset += a_size + b_size
-    return views
+    return {name: views[name] for name, _, _ in shapes}
 
 
 def lay_out(
@@ -122,7 +132,7 @@ def lay_out(
     """All of an adapter's pages in one host buffer, (total,) in `dtype`: exactly what
     `adapter_pages` makes per module (scale folded into B in float32, rank rows past r
     zero), written in place, so the copy to the device is one copy of one buffer (pinned
-    when `pin`) instead of two per module."""
+    when `pin`) instead of two per module. Modules of one shape are written together."""
     rank = weights.config.rank
     width = n * page_rank
     shapes: PageShapes = [
@@ -131,17 +141,22 @@ def lay_out(
     ]
     total = sum(width * (d_in + d_out) for _, d_in, d_out in shapes)
     arena = torch.empty(total, dtype=dtype, pin_memory=pin)  # (total,)
-    views = page_views(arena, shapes, n, page_rank)
-    for name, (lora_a, lora_b) in weights.modules.items():
-        a_pages, b_pages = views[name]
-        a_block = a_pages.view(width, lora_a.shape[1])  # (n * page, d_in)
-        a_block[:rank].copy_(lora_a)
-        a_block[rank:].zero_()
-        scaled = lora_b.float() * weights.config.scale  # (d_out, r) float32
+    offset = 0
+    for (d_in, d_out), names in _by_shape(shapes).items():
+        m = len(names)
+        a_size, b_size = m * width * d_in, m * d_out * width
+        a_rows = arena[offset : offset + a_size].view(m, width, d_in)
+        a_rows[:, :rank].copy_(torch.stack([weights.modules[name][0] for name in names]))
+        a_rows[:, rank:].zero_()
+        # (m, d_out, r) float32, the scale folded in, zero columns up to whole pages.
+        scaled = torch.stack([weights.modules[name][1] for name in names]).float()
+        scaled = scaled * weights.config.scale
         if rank < width:
-            scaled = torch.nn.functional.pad(scaled, (0, width - rank))  # (d_out, n * page)
-        # b_pages[p, :, j] holds column p * page_rank + j of B.
-        b_pages.permute(1, 0, 2).copy_(scaled.view(-1, n, page_rank))
+            scaled = torch.nn.functional.pad(scaled, (0, width - rank))  # (m, d_out, width)
+        b_all = arena[offset + a_size : offset + a_size + b_size].view(m, n, d_out, page_rank)
+        # b_all[k, p, :, j] holds column p * page_rank + j of module k's B.
+        b_all.permute(0, 2, 1, 3).copy_(scaled.view(m, d_out, n, page_rank))
+        offset += a_size + b_size
     return arena, shapes
 
 

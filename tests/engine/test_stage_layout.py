@@ -1,5 +1,6 @@
 """Cold-load staging (server.engine.cold_loader.stage): one buffer per adapter holds exactly the
-pages the per-module reference (lora.adapter_pages) makes, whatever the rank's fit to a page."""
+pages the per-module reference (lora.adapter_pages) makes, whatever the rank's fit to a page
+and however the modules' shapes repeat."""
 
 from __future__ import annotations
 
@@ -14,8 +15,9 @@ from loraserve.server.engine.cold_loader import PageLayout, stage
 from loraserve.server.engine.lora import adapter_pages
 from loraserve.server.engine.types import AdapterKey
 
-SHAPES = {"q": (24, 24), "k": (24, 8), "down": (40, 24)}
-"""Module -> (d_in, d_out): square, narrow and wide layers in one adapter."""
+SHAPES = {"q": (24, 24), "k": (24, 8), "v": (24, 8), "o": (24, 24), "down": (40, 24)}
+"""Module -> (d_in, d_out): square, narrow and wide layers in one adapter, and modules sharing a
+shape (staged together) between modules of other shapes."""
 
 
 def _weights(rank: int, alpha: float, use_rslora: bool = False) -> AdapterWeights:
