@@ -100,20 +100,20 @@ if [[ ",$skip," != *",anchor,"* && -n "$anchor" ]]; then
 fi
 
 if [[ ",$skip," != *",overlap,"* ]]; then
-  echo "== cold loads beside running rows (time per output token, cold vs warm joiners)"
-  start=$SECONDS
-  timeout "${OVERLAP_TIMEOUT:-90}" "$py" -m loraserve.bench.cold_overlap --size 1b --device cuda \
-    --dtype bfloat16 --batch 32 --joiners 8 --json "$out/overlap.json" > "$out/overlap.log" 2>&1
-  echo "overlap exit $? in $((SECONDS - start)) s"
-  # Each round's TPOT line and where the engine thread's time went, warm and cold.
-  grep -E '^round|^  (warm|cold):' "$out/overlap.log" | tail -9
-  grep -E '"(tpot_cold_over_warm|decode_step_warm_s|decode_step_cold_s)"' "$out/overlap.log"
-  # The same with a 0.5 ms thread switch interval (Python's is 5 ms): is it the GIL?
-  timeout "${OVERLAP_TIMEOUT:-90}" "$py" -m loraserve.bench.cold_overlap --size 1b --device cuda \
-    --dtype bfloat16 --batch 32 --joiners 8 --gil-switch-interval 0.0005 \
-    --json "$out/overlap-switch.json" > "$out/overlap-switch.log" 2>&1
-  echo "overlap, switch interval 0.5 ms: exit $?"
-  grep -E '"(tpot_cold_over_warm|decode_step_warm_s|decode_step_cold_s)"' "$out/overlap-switch.log"
+  # Python's thread switch interval (5 ms), then 0.5 ms: is it the GIL that slows cold rounds?
+  for run in "overlap:" "overlap-switch:--gil-switch-interval 0.0005"; do
+    name="${run%%:*}"
+    echo "== cold loads beside running rows (time per output token, cold vs warm joiners) ${run#*:}"
+    start=$SECONDS
+    # shellcheck disable=SC2086  # the flag and its value are two words
+    timeout "${OVERLAP_TIMEOUT:-90}" "$py" -m loraserve.bench.cold_overlap --size 1b --device cuda \
+      --dtype bfloat16 --batch 32 --joiners 8 ${run#*:} --json "$out/$name.json" \
+      > "$out/$name.log" 2>&1
+    echo "$name exit $? in $((SECONDS - start)) s"
+    # Each round's TPOT line and where the engine thread's time went, warm and cold.
+    grep -E '^round|^  (warm|cold):' "$out/$name.log" | tail -9
+    grep -E '"(tpot_cold_over_warm|decode_step_warm_s|decode_step_cold_s)"' "$out/$name.log"
+  done
 fi
 
 if [[ ",$skip," != *",coldload,"* ]]; then

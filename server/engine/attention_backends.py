@@ -32,7 +32,8 @@ def prefill_attention(
     device: torch.device, tokens_per_row: int
 ) -> contextlib.AbstractContextManager:
     """Context for one forward: no cuDNN attention on CUDA when rows carry more than one token."""
-    capturing = torch.cuda.is_available() and torch.cuda.is_current_stream_capturing()
-    if device.type != "cuda" or tokens_per_row <= 1 or capturing:
+    if device.type != "cuda" or tokens_per_row <= 1:
+        return contextlib.nullcontext()
+    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
         return contextlib.nullcontext()
     return sdpa_kernel(PREFILL_BACKENDS)

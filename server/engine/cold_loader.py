@@ -25,7 +25,7 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from concurrent.futures import Future
 from dataclasses import dataclass
 
@@ -100,29 +100,33 @@ PageShapes = list[tuple[str, int, int]]
 """(module name, d_in, d_out) of every module of an adapter, in its order."""
 
 
-def _by_shape(shapes: PageShapes) -> dict[tuple[int, int], list[str]]:
-    """(d_in, d_out) -> the names of the modules of that shape, both in first-seen order."""
+def _shape_blocks(
+    arena: torch.Tensor, shapes: PageShapes, n: int, page_rank: int
+) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
+    """The arena's layout: modules of one shape together, all their A pages then all their B
+    pages. Yields per shape (first-seen order) the module names, their A pages
+    (m, n, page_rank, d_in) and their B pages (m, n, d_out, page_rank), views of `arena`."""
     groups: dict[tuple[int, int], list[str]] = {}
     for name, d_in, d_out in shapes:
         groups.setdefault((d_in, d_out), []).append(name)
-    return groups
+    offset = 0
+    for (d_in, d_out), names in groups.items():
+        m = len(names)
+        a_size, b_size = m * n * page_rank * d_in, m * n * d_out * page_rank
+        a_all = arena[offset : offset + a_size].view(m, n, page_rank, d_in)
+        b_all = arena[offset + a_size : offset + a_size + b_size].view(m, n, d_out, page_rank)
+        yield names, a_all, b_all
+        offset += a_size + b_size
 
 
 def page_views(
     arena: torch.Tensor, shapes: PageShapes, n: int, page_rank: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module name -> (A pages (n, page_rank, d_in), B pages (n, d_out, page_rank)): views of
-    `arena` (total,), in module order. The arena holds modules of one shape together (all
-    their A pages, then all their B pages), so staging writes each shape in a few copies."""
+    `arena` (total,), in module order (laid out by shape: _shape_blocks)."""
     views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    offset = 0
-    for (d_in, d_out), names in _by_shape(shapes).items():
-        m = len(names)
-        a_size, b_size = m * n * page_rank * d_in, m * n * d_out * page_rank
-        a_all = arena[offset : offset + a_size].view(m, n, page_rank, d_in)
-        b_all = arena[offset + a_size : offset + a_size + b_size].view(m, n, d_out, page_rank)
+    for names, a_all, b_all in _shape_blocks(arena, shapes, n, page_rank):
         views.update(zip(names, zip(a_all.unbind(0), b_all.unbind(0), strict=True), strict=True))
-        offset += a_size + b_size
     return {name: views[name] for name, _, _ in shapes}
 
 
@@ -141,11 +145,9 @@ def lay_out(
     ]
     total = sum(width * (d_in + d_out) for _, d_in, d_out in shapes)
     arena = torch.empty(total, dtype=dtype, pin_memory=pin)  # (total,)
-    offset = 0
-    for (d_in, d_out), names in _by_shape(shapes).items():
-        m = len(names)
-        a_size, b_size = m * width * d_in, m * d_out * width
-        a_rows = arena[offset : offset + a_size].view(m, width, d_in)
+    for names, a_all, b_all in _shape_blocks(arena, shapes, n, page_rank):
+        m, d_out = len(names), b_all.shape[2]
+        a_rows = a_all.view(m, width, -1)  # (m, n * page_rank, d_in)
         a_rows[:, :rank].copy_(torch.stack([weights.modules[name][0] for name in names]))
         a_rows[:, rank:].zero_()
         # (m, d_out, r) float32, the scale folded in, zero columns up to whole pages.
@@ -153,10 +155,8 @@ def lay_out(
         scaled = scaled * weights.config.scale
         if rank < width:
             scaled = torch.nn.functional.pad(scaled, (0, width - rank))  # (m, d_out, width)
-        b_all = arena[offset + a_size : offset + a_size + b_size].view(m, n, d_out, page_rank)
         # b_all[k, p, :, j] holds column p * page_rank + j of module k's B.
         b_all.permute(0, 2, 1, 3).copy_(scaled.view(m, d_out, n, page_rank))
-        offset += a_size + b_size
     return arena, shapes
 
 

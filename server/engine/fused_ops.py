@@ -22,26 +22,16 @@ compare both per dtype (on CPU under Triton's interpreter).
 from __future__ import annotations
 
 import logging
-import os
 
 import torch
 import torch.nn.functional as F
 
+from loraserve.server.engine.triton_support import runs_here, tl, triton
+
 log = logging.getLogger(__name__)
 
-try:  # Triton is optional: CPU installs and machines without it use the torch references.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
-
-
-def available(device: torch.device) -> bool:
-    """True where the kernels can run: CUDA with Triton, or CPU tensors under the interpreter."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+available = runs_here
+"""Where the kernels can run (elsewhere the forward uses the torch references)."""
 
 
 # ---- torch references (the CPU path) ----

@@ -18,24 +18,14 @@ compare the two per dtype (on CPU under Triton's interpreter).
 from __future__ import annotations
 
 import math
-import os
 
 import torch
 import torch.nn.functional as F
 
-try:  # Triton is optional: CPU installs and machines without it use SDPA.
-    import triton
-    import triton.language as tl
-except ImportError:  # pragma: no cover - depends on the install
-    triton = None
-    tl = None
+from loraserve.server.engine.triton_support import runs_here, tl, triton
 
-
-def available(device: torch.device) -> bool:
-    """True where the kernel can run: CUDA with Triton, or CPU tensors under the interpreter."""
-    if triton is None:
-        return False
-    return device.type == "cuda" or os.environ.get("TRITON_INTERPRET") == "1"
+available = runs_here
+"""Where the kernel can run (without Triton, decode attention is SDPA)."""
 
 
 def reference(
