@@ -122,9 +122,10 @@ class ServerConfig:
     """Largest single gRPC message (prompts, upload chunks)."""
     stream_interval_seconds: float = 0.02
     """GenerateStream sends a request's first tokens at once, then at most one message per
-    this interval, each with every token produced since the last (0: one per step). Per-token
-    messages cost the event loop, which shares the GIL with the engine thread, as much as a
-    GPU decode step for a whole batch; 20 ms is ~5 tokens per message on a GPU."""
+    this interval, each with every token produced since the last (0: one per step); the finish
+    leaves at once. Per-token messages cost the event loop, which shares the GIL with the
+    engine thread, as much as a GPU decode step for a whole batch; 20 ms is ~10 tokens per
+    message on a GPU (server.api.stream_pacing)."""
     grace_seconds: float = 10.0
     """On SIGTERM, time in-flight requests get to finish before the server exits."""
     price_per_device_hour: float = 0.0

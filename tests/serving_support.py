@@ -11,6 +11,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import torch
 from peft import LoraConfig, get_peft_model
@@ -323,3 +324,20 @@ def make_pki(directory: Path) -> Path:
     issue("client", "ca", None)
     issue("stranger", "other-ca", None)
     return directory
+
+
+def integration_config(
+    default_model: Path, tenants_file: Path, data_dir: Path, **overrides: Any
+) -> ServerConfig:
+    """The integration server's config; `overrides` set further ServerConfig fields."""
+    return ServerConfig(
+        model_path=default_model,
+        port=0,
+        metrics_port=None,
+        data_dir=data_dir,
+        tenants_file=tenants_file,
+        max_lora_rank=32,
+        max_adapter_bytes=4 * 1024 * 1024,
+        max_new_tokens_limit=256,
+        **overrides,
+    )

@@ -10,6 +10,7 @@ import grpc
 import loraserve
 from loraserve.adapters.errors import AdapterError
 from loraserve.adapters.names import split_version
+from loraserve.server.adapter_service import AdapterService
 from loraserve.server.api.auth import Authorizer, bearer_key, unauthenticated
 from loraserve.server.api.convert import (
     FINISH_REASONS,
@@ -19,8 +20,7 @@ from loraserve.server.api.convert import (
     usage_pb,
 )
 from loraserve.server.api.errors import abort_for, status_for
-from loraserve.server.api.relay import EventRelay
-from loraserve.server.api.stream_pacing import TokenPacer
+from loraserve.server.api.stream_pacing import LoopWaker, PacedEvents
 from loraserve.server.engine.engine import Engine
 from loraserve.server.engine.types import (
     AdapterRef,
@@ -47,7 +47,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self._auth = auth
         self._log = request_log
         self._served_by = served_by
-        self._event_relay: EventRelay | None = None
+        self._loop_waker: LoopWaker | None = None
 
     async def Generate(
         self, request: inference_pb2.GenerateRequest, context: grpc.aio.ServicerContext
@@ -128,12 +128,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             currency=config.currency,
         )
 
-    def _relay(self) -> EventRelay:
-        """The relay of the running loop (the servicer serves one loop; made on first use)."""
+    def _waker(self) -> LoopWaker:
+        """The waker of the running loop (the servicer serves one loop; made on first use)."""
         loop = asyncio.get_running_loop()
-        if self._event_relay is None or self._event_relay.loop is not loop:
-            self._event_relay = EventRelay(loop)
-        return self._event_relay
+        if self._loop_waker is None or self._loop_waker.loop is not loop:
+            self._loop_waker = LoopWaker(loop)
+        return self._loop_waker
 
     async def _events(
         self,
@@ -170,39 +170,36 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             record.adapter = request.adapter
             try:
                 engine, adapters = self._runtime.require()
-                ref = None
-                if request.adapter:
-                    # `name@N` pins version N; a malformed suffix is INVALID_ARGUMENT.
-                    name, version = split_version(request.adapter, field="adapter")
-                    # Existence check up front: an unknown (or another tenant's) adapter is
-                    # NOT_FOUND right away, never a silent fallback to the base model.
-                    await asyncio.to_thread(adapters.get, principal.tenant, request.adapter)
-                    ref = AdapterRef(principal.tenant, name, version)
-                # Never on the event loop, where it would stall every other tenant's calls:
-                # tokenizing takes time proportional to the prompt, and so does converting a
-                # request's repeated fields (up to a message's worth of chat turns or stops).
-                sampling, prompt_ids, logprobs = await asyncio.to_thread(_prepare, engine, request)
+                # One hop to a worker thread, never the event loop, where it would stall every
+                # other tenant's calls: the adapter lookup reads the store, tokenizing takes
+                # time proportional to the prompt, and so does converting a request's repeated
+                # fields (up to a message's worth of chat turns or stops). One hop, not one per
+                # step: each costs the loop a future, a thread wake-up and a callback.
+                ref, sampling, prompt_ids, logprobs = await asyncio.to_thread(
+                    _prepare, engine, adapters, principal.tenant, request
+                )
             except (AdapterError, EngineError) as exc:
                 await fail(exc)
                 return
-            queue: asyncio.Queue[Event] = asyncio.Queue()
+            # A unary call reads only the finish event: its tokens never reach the loop.
+            events = PacedEvents(
+                self._waker(), self._runtime.config.stream_interval_seconds, keep_tokens=stream
+            )
             try:
                 handle = engine.submit(
                     tenant=principal.tenant,
                     adapter=ref,
                     prompt_ids=prompt_ids,
                     sampling=sampling,
-                    # A unary call reads only the finish event: its tokens stay off the loop.
-                    sink=self._relay().sink_for(queue, None if stream else _not_a_token),
+                    sink=events.sink,
                     logprobs=logprobs,
                 )
             except EngineError as exc:
                 await fail(exc)
                 return
             record.request_id = handle.request_id
-            pacer = TokenPacer(queue, self._runtime.config.stream_interval_seconds)
             while True:
-                event = await pacer.next()
+                event = await events.next()
                 if isinstance(event, ErrorEvent):
                     await fail(event.error, handle.request_id)
                     return
@@ -230,19 +227,23 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 handle.cancel()
 
 
-def _not_a_token(event: Event) -> bool:
-    return not isinstance(event, TokenEvent)
-
-
 def _prepare(
-    engine: Engine, request: inference_pb2.GenerateRequest
-) -> tuple[SamplingParams, list[int], LogprobOptions]:
-    """Checked sampling parameters, prompt token ids and logprob options of a request (on a
-    worker thread)."""
+    engine: Engine, adapters: AdapterService, tenant: str, request: inference_pb2.GenerateRequest
+) -> tuple[AdapterRef | None, SamplingParams, list[int], LogprobOptions]:
+    """The adapter, checked sampling parameters, prompt token ids and logprob options of a
+    request (on a worker thread)."""
+    ref = None
+    if request.adapter:
+        # `name@N` pins version N; a malformed suffix is INVALID_ARGUMENT.
+        name, version = split_version(request.adapter, field="adapter")
+        # Existence check up front: an unknown (or another tenant's) adapter is NOT_FOUND right
+        # away, never a silent fallback to the base model.
+        adapters.get(tenant, request.adapter)
+        ref = AdapterRef(tenant, name, version)
     sampling = engine.sampling(sampling_overrides(request.sampling))
     logprobs = engine.logprob_options(
         request.logprobs, request.top_logprobs, request.prompt_logprobs
     )
     messages = [(m.role, m.content) for m in request.messages]
     prompt_ids = engine.encode(request.prompt, messages, scoring=request.prompt_logprobs)
-    return sampling, prompt_ids, logprobs
+    return ref, sampling, prompt_ids, logprobs

@@ -6,11 +6,16 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-from serving_support import KEYS, AdapterShape, client_for, make_peft_adapter
+from serving_support import (
+    KEYS,
+    AdapterShape,
+    client_for,
+    integration_config,
+    make_peft_adapter,
+)
 
 from loraserve.client.sync import LoraServeClient
 from loraserve.server.background import BackgroundServer
-from loraserve.server.config import ServerConfig
 from loraserve.server.tenants import hash_key
 from loraserve.testing.tiny_model import default_model_path
 
@@ -49,16 +54,7 @@ def adapter_dirs(default_model: Path, tmp_path_factory: pytest.TempPathFactory) 
 def server(
     default_model: Path, tenants_file: Path, tmp_path_factory: pytest.TempPathFactory
 ) -> Iterator[BackgroundServer]:
-    config = ServerConfig(
-        model_path=default_model,
-        port=0,
-        metrics_port=None,
-        data_dir=tmp_path_factory.mktemp("data"),
-        tenants_file=tenants_file,
-        max_lora_rank=32,
-        max_adapter_bytes=4 * 1024 * 1024,
-        max_new_tokens_limit=256,
-    )
+    config = integration_config(default_model, tenants_file, tmp_path_factory.mktemp("data"))
     thread = BackgroundServer(config).start()
     yield thread
     thread.stop()

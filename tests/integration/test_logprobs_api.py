@@ -9,13 +9,14 @@ keeps serving; `loraserve generate --logprobs N` prints them in text, JSON and s
 from __future__ import annotations
 
 import json
+from collections.abc import Iterator
 from pathlib import Path
 
 import grpc
 import pytest
 import torch
 from peft import PeftModel
-from serving_support import KEYS, client_for
+from serving_support import KEYS, client_for, integration_config
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraserve.cli import main
@@ -25,6 +26,24 @@ from loraserve.server.background import BackgroundServer
 from loraserve.v1 import inference_pb2
 
 PROMPT = "The quick brown fox"
+
+
+@pytest.fixture(scope="module")
+def server(
+    default_model: Path, tenants_file: Path, tmp_path_factory: pytest.TempPathFactory
+) -> Iterator[BackgroundServer]:
+    """The integration server, but streaming one message per engine step (no pacing
+    interval): a step whose text a stop sequence holds back is then a message of its own,
+    never merged into the next one, so the held-back path is always exercised."""
+    config = integration_config(
+        default_model,
+        tenants_file,
+        tmp_path_factory.mktemp("data"),
+        stream_interval_seconds=0.0,
+    )
+    thread = BackgroundServer(config).start()
+    yield thread
+    thread.stop()
 
 
 @pytest.fixture(scope="module")
