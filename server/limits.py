@@ -103,10 +103,16 @@ LimitsLookup = Callable[[str], TenantLimits]
 """Tenant name -> its limits now (what the scheduler and the adapter service are given)."""
 
 
+_MAX_CACHED_TENANTS = 4096
+
+
 class TenantLimitTable:
     """The one lookup of per-tenant limits: defaults plus the tenants file's overrides.
 
-    Thread-safe without a lock: `update` replaces the overrides mapping in one assignment.
+    Thread-safe without a lock: `update` replaces the overrides mapping and the cache of
+    resolved limits in one assignment each (a lookup racing an update may resolve from the old
+    table once, as it could before the update). Lookups run on every request: a tenant's
+    resolved limits are built once per table.
     """
 
     def __init__(
@@ -116,10 +122,18 @@ class TenantLimitTable:
     ) -> None:
         self.defaults = defaults or LimitDefaults()
         self._overrides: Mapping[str, Mapping[str, int]] = dict(overrides or {})
+        self._resolved: dict[str, TenantLimits] = {}
 
     def update(self, overrides: Mapping[str, Mapping[str, int]]) -> None:
         """New overrides (a reloaded tenants file) for every lookup from now on."""
         self._overrides = dict(overrides)
+        self._resolved = {}
 
     def __call__(self, tenant: str) -> TenantLimits:
-        return TenantLimits.resolve(self.defaults, self._overrides.get(tenant, {}))
+        resolved = self._resolved
+        limits = resolved.get(tenant)
+        if limits is None:
+            limits = TenantLimits.resolve(self.defaults, self._overrides.get(tenant, {}))
+            if len(resolved) < _MAX_CACHED_TENANTS:  # an admin may name any tenant: bounded
+                resolved[tenant] = limits
+        return limits

@@ -81,14 +81,16 @@ class RequestHandle:
 
     def __init__(self, request_id: str) -> None:
         self.request_id = request_id
-        self._cancelled = threading.Event()
+        # A plain flag: nobody waits on it, the engine reads it once a step, and one attribute
+        # store is atomic; a threading.Event would build a Condition and a Lock per request.
+        self._cancelled = False
 
     def cancel(self) -> None:
-        self._cancelled.set()
+        self._cancelled = True
 
     @property
     def cancelled(self) -> bool:
-        return self._cancelled.is_set()
+        return self._cancelled
 
 
 @dataclass

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import loraserve.server.limits as limits_module
 from loraserve.server.config import ServerConfig
 from loraserve.server.limits import (
     LIMIT_MAXIMA,
@@ -68,3 +69,13 @@ def test_the_table_looks_up_per_tenant_and_update_swaps_the_overrides() -> None:
     assert table("globex").max_requests == Limit("max_requests", 3, own=True)
     assert held.max_requests.value == 1  # a resolved value never changes under its holder
     assert TenantLimitTable()("anyone") == TenantLimits.resolve(LimitDefaults(), {})
+
+
+def test_the_table_resolves_a_tenant_once_and_caches_a_bounded_number() -> None:
+    table = TenantLimitTable(LimitDefaults(), {"acme": {"max_requests": 1}})
+    assert table("acme") is table("acme")  # resolved once per table, not per request
+    names = [f"t{i}" for i in range(limits_module._MAX_CACHED_TENANTS + 10)]
+    for name in names:
+        table(name)
+    assert len(table._resolved) == limits_module._MAX_CACHED_TENANTS
+    assert table(names[-1]) == TenantLimits.resolve(LimitDefaults(), {})  # still answered
