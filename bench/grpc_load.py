@@ -126,14 +126,21 @@ async def _wait_serving(client, server, timeout_s: float) -> None:
                 raise
 
 
-def _describe_steps(steps: dict[str, float] | None) -> str:
+def _describe_steps(steps: dict[str, float] | None, requests: int) -> str:
     if steps is None:
         return ""
-    return (
+    text = (
         f"; server: {steps['prefill_steps']:.0f} prefills ({steps['prefill_s'] * 1e3:.0f} ms), "
         f"{steps['decode_steps']:.0f} decode steps ({steps['decode_s'] * 1e3:.0f} ms), "
         f"{steps['mean_rows_per_step']:.1f} rows per step"
     )
+    loop_s, engine_s = steps.get("cpu_s:MainThread"), steps.get("cpu_s:loraserve-engine")
+    if loop_s is not None and engine_s is not None and requests:
+        text += (
+            f"; CPU per request: event loop {loop_s / requests * 1e3:.2f} ms, "
+            f"engine thread {engine_s / requests * 1e3:.2f} ms"
+        )
+    return text
 
 
 def _summary(runs: list[GrpcRun], stat: str) -> dict:
@@ -208,7 +215,7 @@ async def _drive(ctx: BenchContext, server, concurrency: int) -> dict:
                     "  grpc %-9s %8.1f tokens/s%s",
                     mode,
                     result.run.tokens_per_s,
-                    _describe_steps(result.server_steps),
+                    _describe_steps(result.server_steps, len(result.run.requests)),
                 )
     out = {mode: _summary(r, s.stat) for mode, r in runs.items()}
     return {

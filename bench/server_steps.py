@@ -4,13 +4,14 @@ A run through gRPC is slower than the same requests in process for two different
 cost of the RPC layer, and a different shape of work (calls arriving over time are admitted in
 groups, each group a prefill step of its own, and fewer rows decode per step). The server's
 step counters tell the two apart: prefill steps and their seconds, decode steps, their seconds
-and their mean batch, before and after a run.
+and their mean batch, before and after a run. Its per-thread CPU seconds say what the RPC layer
+costs: the event loop (MainThread) shares the GIL with the engine thread.
 """
 
 from __future__ import annotations
 
 import urllib.request
-from dataclasses import dataclass
+from dataclasses import dataclass, field, fields
 
 from prometheus_client.parser import text_string_to_metric_families
 
@@ -27,22 +28,34 @@ class StepTotals:
     """Rows summed over every step (prefill and decode): loraserve_batch_size's sum."""
     steps: float = 0.0
     """Every step: loraserve_batch_size's count."""
+    thread_cpu_s: dict[str, float] = field(default_factory=dict)
+    """CPU seconds by thread (loraserve_thread_cpu_seconds_total; empty off Linux)."""
 
     def since(self, before: StepTotals) -> dict[str, float]:
-        """What happened between `before` and these totals, with the mean rows per step."""
-        grown = {k: getattr(self, k) - getattr(before, k) for k in self.__dataclass_fields__}
+        """What happened between `before` and these totals, with the mean rows per step and
+        each thread's CPU seconds as `cpu_s:<thread>`."""
+        grown = {
+            f.name: getattr(self, f.name) - getattr(before, f.name)
+            for f in fields(self)
+            if f.name != "thread_cpu_s"
+        }
         steps = grown.pop("steps")
         rows = grown.pop("step_rows")
         grown["mean_rows_per_step"] = rows / steps if steps else float("nan")
+        for thread, seconds in self.thread_cpu_s.items():
+            grown[f"cpu_s:{thread}"] = seconds - before.thread_cpu_s.get(thread, 0.0)
         return grown
 
 
 def parse_step_totals(text: str) -> StepTotals:
     """StepTotals from a Prometheus text exposition of loraserve's metrics."""
     values: dict[str, float] = {}
+    thread_cpu: dict[str, float] = {}
     for family in text_string_to_metric_families(text):
         for sample in family.samples:
-            if sample.name == "loraserve_step_duration_seconds_count":
+            if sample.name == "loraserve_thread_cpu_seconds_total":
+                thread_cpu[sample.labels.get("thread", "")] = sample.value
+            elif sample.name == "loraserve_step_duration_seconds_count":
                 values[f"{sample.labels.get('kind')}_steps"] = sample.value
             elif sample.name == "loraserve_step_duration_seconds_sum":
                 values[f"{sample.labels.get('kind')}_s"] = sample.value
@@ -50,8 +63,8 @@ def parse_step_totals(text: str) -> StepTotals:
                 values["step_rows"] = sample.value
             elif sample.name == "loraserve_batch_size_count":
                 values["steps"] = sample.value
-    fields = StepTotals.__dataclass_fields__
-    return StepTotals(**{k: v for k, v in values.items() if k in fields})
+    known = {f.name for f in fields(StepTotals)}
+    return StepTotals(**{k: v for k, v in values.items() if k in known}, thread_cpu_s=thread_cpu)
 
 
 def read_step_totals(metrics_port: int, timeout_s: float = 5.0) -> StepTotals | None:

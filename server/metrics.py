@@ -21,6 +21,7 @@ from prometheus_client import (
 )
 
 from loraserve.server.engine.accounting import EngineObserver, StepStats
+from loraserve.server.thread_cpu import ThreadCpuCollector
 
 if TYPE_CHECKING:
     from loraserve.adapters.store import AdapterStore
@@ -52,6 +53,7 @@ class Metrics(EngineObserver):
         r = self.registry
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+        ThreadCpuCollector(r)
 
         self.build_info = Gauge(
             "loraserve_build_info",

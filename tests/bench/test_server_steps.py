@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import math
+import sys
+from dataclasses import replace
 
 from prometheus_client import generate_latest
 
@@ -25,14 +27,15 @@ def _step(kind: str, seconds: float, rows: int) -> StepStats:
 def test_step_totals_come_back_from_the_exposition_and_subtract() -> None:
     metrics = Metrics()
     before = parse_step_totals(generate_latest(metrics.registry).decode())
-    assert before == StepTotals()
+    assert replace(before, thread_cpu_s={}) == StepTotals()
     for step in (_step("prefill", 0.5, 4), _step("decode", 0.25, 4), _step("decode", 0.25, 2)):
         metrics.on_step(step)
     after = parse_step_totals(generate_latest(metrics.registry).decode())
-    assert after == StepTotals(
+    assert replace(after, thread_cpu_s={}) == StepTotals(
         prefill_steps=1, prefill_s=0.5, decode_steps=2, decode_s=0.5, step_rows=10, steps=3
     )
     grown = after.since(before)
+    cpu = {k: grown.pop(k) for k in list(grown) if k.startswith("cpu_s:")}
     assert grown == {
         "prefill_steps": 1,
         "prefill_s": 0.5,
@@ -41,6 +44,18 @@ def test_step_totals_come_back_from_the_exposition_and_subtract() -> None:
         "mean_rows_per_step": 10 / 3,
     }
     assert math.isnan(after.since(after)["mean_rows_per_step"])
+    if sys.platform == "linux":  # this thread's CPU time, read back from the exposition
+        assert "MainThread" in after.thread_cpu_s
+        assert cpu["cpu_s:MainThread"] >= 0
+
+
+def test_thread_cpu_totals_subtract_per_thread() -> None:
+    before = StepTotals(thread_cpu_s={"MainThread": 1.0, "loraserve-engine": 2.0})
+    after = StepTotals(thread_cpu_s={"MainThread": 1.5, "loraserve-engine": 4.0, "native": 1.0})
+    grown = after.since(before)
+    assert grown["cpu_s:MainThread"] == 0.5
+    assert grown["cpu_s:loraserve-engine"] == 2.0
+    assert grown["cpu_s:native"] == 1.0  # a thread started during the run counts from zero
 
 
 def test_a_server_without_metrics_has_no_totals() -> None:
