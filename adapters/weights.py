@@ -2,12 +2,14 @@
 
 Order of trust: the config is parsed and checked, the safetensors structure is checked by our own
 code, tensor names and shapes are checked against the base model from the header alone, and only
-then does the safetensors library materialize tensors (from bytes, never via pickle). Values are
-checked last (finite), so a bad upload costs little and always gets a message naming the tensor.
+then are tensors materialized: straight from the verified byte ranges (or, for a file mixing
+dtypes, by the safetensors library; from bytes, never via pickle). Values are checked last
+(finite), so a bad upload costs little and always gets a message naming the tensor.
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -19,7 +21,12 @@ from loraserve.adapters.config import (
     resolve_target_modules,
 )
 from loraserve.adapters.errors import AdapterValidationError, clip, echo
-from loraserve.adapters.safetensors_check import WEIGHTS_FILE, TensorHeader, check_safetensors
+from loraserve.adapters.safetensors_check import (
+    ITEMSIZE,
+    WEIGHTS_FILE,
+    TensorHeader,
+    check_safetensors,
+)
 from loraserve.adapters.spec import BaseModelSpec, TargetModule
 
 PEFT_KEY_PREFIX = "base_model.model."
@@ -109,25 +116,66 @@ def load_adapter_weights(
     headers = check_safetensors(weights_bytes)
     _check_names_and_shapes(headers, targets, config.rank)
 
-    # The structure is verified; the library now only decodes tensors we already agreed to.
-    tensors = load_safetensors_bytes(bytes(weights_bytes))
     keys = [key for module in targets for key in lora_keys(module.name)]
     # Every factor in one float32 buffer: one conversion and one finiteness pass for the whole
     # adapter, where a pass per tensor cost ten times as much (a 1B model's rank-16 q/k/v/o
     # adapter has 128 tensors); the factors are views of it.
-    flat = torch.cat([tensors[key].reshape(-1) for key in keys]).to(torch.float32)  # (sum numel,)
+    views = _tensors_in_place(weights_bytes, headers)
+    if views is not None:
+        flat, factors = views
+    else:  # mixed dtypes or unaligned offsets: let the library copy each tensor out
+        tensors = load_safetensors_bytes(bytes(weights_bytes))
+        flat = torch.cat([tensors[key].reshape(-1) for key in keys]).to(torch.float32)
+        parts = flat.split([tensors[key].numel() for key in keys])
+        factors = {
+            key: part.view(tensors[key].shape) for key, part in zip(keys, parts, strict=True)
+        }
     if not _all_finite(flat):
         for key in keys:  # only to name the first bad tensor
-            if not _all_finite(tensors[key]):
+            if not _all_finite(factors[key]):
                 raise _error(key, "contains NaN or Inf")
-    parts = flat.split([tensors[key].numel() for key in keys])
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for i, module in enumerate(targets):
-        key_a, key_b = keys[2 * i], keys[2 * i + 1]
-        lora_a = parts[2 * i].view(tensors[key_a].shape)  # (r, d_in)
-        lora_b = parts[2 * i + 1].view(tensors[key_b].shape)  # (d_out, r)
-        modules[module.name] = (lora_a, lora_b)
+    for module in targets:
+        key_a, key_b = lora_keys(module.name)
+        modules[module.name] = (factors[key_a], factors[key_b])  # (r, d_in), (d_out, r)
     return AdapterWeights(config=config, modules=modules)
+
+
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def _tensors_in_place(
+    data: bytes | memoryview, headers: dict[str, TensorHeader]
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    """(The whole data buffer as float32 (elements,), each tensor as a view of it), read
+    straight from the file's bytes in one conversion; None unless every tensor has one dtype
+    and element-aligned offsets.
+
+    check_safetensors verified that the entries tile the data buffer exactly and the names and
+    shapes were checked against the base model, so the buffer holds our factors and nothing
+    else: one pass converts it all, where the library's load plus a concatenation copied every
+    byte twice more (on a cold load, while other requests wait).
+    """
+    dtypes = {h.dtype for h in headers.values()}
+    if len(dtypes) != 1:
+        return None
+    dtype = _TORCH_DTYPES[dtypes.pop()]
+    itemsize = ITEMSIZE[next(iter(headers.values())).dtype]
+    view = memoryview(data).cast("B")
+    data_start = 8 + int.from_bytes(view[:8], "little")
+    if data_start % itemsize or any(h.start % itemsize for h in headers.values()):
+        return None
+    with warnings.catch_warnings():
+        # The bytes are read-only; the conversion below copies, so nothing ever writes them.
+        warnings.simplefilter("ignore", UserWarning)
+        raw = torch.frombuffer(view, dtype=dtype, offset=data_start)  # (elements,)
+    # A float32 file converts to itself: clone, so the factors own their memory.
+    flat = raw.clone() if dtype == torch.float32 else raw.to(torch.float32)  # (elements,)
+    factors = {
+        key: flat[h.start // itemsize : h.end // itemsize].view(h.shape)
+        for key, h in headers.items()
+    }
+    return flat, factors
 
 
 def _all_finite(values: torch.Tensor) -> bool:

@@ -257,3 +257,55 @@ def test_regex_and_all_linear_adapters_load(tmp_path: Path, model_kit: ModelKit)
     weights = load(linear)
     assert set(weights.modules) == set(linear.spec.modules)
     assert resolve_target_modules(weights.config, linear.spec) == list(linear.spec.modules)
+
+
+def _pad_header(weights: bytes, pad: int) -> bytes:
+    """The same file with `pad` more spaces in its header (the format allows them): the data
+    buffer starts `pad` bytes later, so its tensors' addresses shift by `pad`."""
+    length = int.from_bytes(weights[:8], "little")
+    header = weights[8 : 8 + length] + b" " * pad
+    return len(header).to_bytes(8, "little") + header + weights[8 + length :]
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("pad", [0, 1, 2])
+def test_factors_are_the_stored_values_read_in_place_or_copied_out(
+    make_adapter: Callable, monkeypatch: pytest.MonkeyPatch, dtype: torch.dtype, pad: int
+) -> None:
+    """One dtype at element-aligned offsets converts the data buffer in one pass; an offset
+    that is not a multiple of the element size goes through the safetensors library. Either
+    way the factors are the stored values."""
+    import loraserve.adapters.weights as weights_module
+
+    saved = make_adapter("llama")
+    stored = {k: v.to(dtype) for k, v in saved.tensors().items()}
+    data = _pad_header(saved.with_tensors(stored), pad)
+    library_loads = []
+    library = weights_module.load_safetensors_bytes
+    monkeypatch.setattr(
+        weights_module,
+        "load_safetensors_bytes",
+        lambda raw: library_loads.append(1) or library(raw),
+    )
+    weights = load(saved, weights=data)
+    aligned = (8 + int.from_bytes(data[:8], "little")) % dtype.itemsize == 0
+    assert library_loads == ([] if aligned else [1])
+    for name, (a, b) in weights.modules.items():
+        key_a, key_b = lora_keys(name)
+        assert a.dtype == b.dtype == torch.float32 and a.is_contiguous() and b.is_contiguous()
+        assert torch.equal(a, stored[key_a].float()) and torch.equal(b, stored[key_b].float())
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_factors_do_not_share_memory_with_the_file_bytes(
+    make_adapter: Callable, dtype: torch.dtype
+) -> None:
+    saved = make_adapter("llama")
+    stored = {k: v.to(dtype) for k, v in saved.tensors().items()}
+    buffer = bytearray(saved.with_tensors(stored))
+    weights = load(saved, weights=buffer)  # type: ignore[arg-type]
+    before = {name: (a.clone(), b.clone()) for name, (a, b) in weights.modules.items()}
+    length = int.from_bytes(buffer[:8], "little")
+    buffer[8 + length :] = bytes(len(buffer) - 8 - length)  # zero the whole data buffer
+    for name, (a, b) in weights.modules.items():
+        assert torch.equal(a, before[name][0]) and torch.equal(b, before[name][1])
