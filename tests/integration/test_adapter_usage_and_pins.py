@@ -19,7 +19,7 @@ from pathlib import Path
 import grpc
 import pytest
 from grpc_health.v1 import health_pb2, health_pb2_grpc
-from serving_support import KEYS, client_for
+from serving_support import KEYS, client_for, integration_config
 
 from loraserve.cli import main as cli_main
 from loraserve.client.results import adapter_info_to_dict
@@ -51,14 +51,10 @@ def page_bytes(default_model: Path) -> int:
 def config_for(
     default_model: Path, tenants_file: Path, data_dir: Path, page_bytes: int, **changes: object
 ) -> ServerConfig:
-    config = ServerConfig(
-        model_path=default_model,
-        port=0,
-        metrics_port=None,
-        data_dir=data_dir,
-        tenants_file=tenants_file,
-        max_lora_rank=32,
-        max_adapter_bytes=4 * 1024 * 1024,
+    config = integration_config(
+        default_model,
+        tenants_file,
+        data_dir,
         adapter_device_bytes=PAGES * page_bytes + page_bytes - 1,
         adapter_host_bytes=1,
         price_per_device_hour=3600.0,
