@@ -11,7 +11,10 @@ issue's target is a TPOT ratio within 1.10. Rounds alternate warm, cold, warm, c
 Each round also says where the engine thread's time went (decode steps, how many ran eagerly
 and their mean time; prefill steps; adapter commits; the rest), so a cold round that is slower
 shows whether the steps themselves slowed (contention for the GIL, the driver, the cores),
-more prefills ran (joiners arriving one by one) or the commits cost the time.
+more prefills ran (joiners arriving one by one) or the commits cost the time. Each thread's
+CPU time in the round (Linux) goes beside it: the engine thread's CPU per decode step against
+the step's wall time tells a thread that waited (same CPU, longer step: the GIL or the device)
+from one that did more work (more CPU).
 `--gil-switch-interval` sets Python's thread switch interval for the run: on an H200 the cold
 rounds' decode steps took 6.7-8.2 ms against 2.1-2.7 ms warm, and the GIL shared with the loader
 thread is the suspect; running both values in one session measures it.
@@ -36,6 +39,7 @@ from loraserve.bench.engine_runner import EngineBench, EngineLimits
 from loraserve.bench.models import SIZES, bench_model_path, default_cache_dir
 from loraserve.bench.stats import median
 from loraserve.server.engine.compute_threads import torch_ops_serially
+from loraserve.server.thread_cpu import thread_cpu_seconds
 
 log = logging.getLogger("bench")
 TENANT = "bench"
@@ -64,10 +68,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
 
 
 def _engine_counters(bench: EngineBench) -> dict[str, float]:
-    """The engine thread's running totals; a round reports their growth."""
+    """The engine thread's running totals and every thread's CPU seconds (`cpu_s:<thread>`,
+    Linux); a round reports their growth."""
     scheduler = bench.engine.scheduler
     pool = bench.engine.device_pool
     return {
+        **{f"cpu_s:{thread}": s for thread, s in thread_cpu_seconds().items()},
         "decode_steps": scheduler.decode_steps,
         "decode_s": scheduler.decode_seconds,
         "graph_steps": getattr(scheduler.executor, "graph_steps", 0),
@@ -82,9 +88,16 @@ def _where_time_went(before: dict[str, float], after: dict[str, float], wall: fl
     """What the engine thread did in one round: decode steps (how many replayed a graph) and
     their mean time, prefill steps and their total, adapter commits and their host time, and
     the rest of the round's wall time (scheduling, idle, waiting for the GIL)."""
-    grown = {k: after[k] - before[k] for k in after}
+    grown = {k: after[k] - before.get(k, 0.0) for k in after}
     steps = grown["decode_steps"]
     return {
+        # Engine-thread CPU per decode step beside the step's wall time: the same CPU in a
+        # slower step means the thread waited (for the GIL or the device), more CPU means it
+        # did more work.
+        "engine_cpu_per_decode_step_s": (
+            grown.get("cpu_s:loraserve-engine", float("nan")) / steps if steps else float("nan")
+        ),
+        "thread_cpu_s": {k.removeprefix("cpu_s:"): v for k, v in grown.items() if "cpu_s:" in k},
         "wall_s": wall,
         "decode_steps": int(steps),
         "eager_decode_steps": int(steps - grown["graph_steps"]),
@@ -225,18 +238,25 @@ def _main(args: argparse.Namespace) -> None:
                 for mode, measured in (("warm", warm), ("cold", cold)):
                     e = measured["engine"]
                     log.info(
-                        "  %s: %d decode steps (%d eager), %.2f ms each; %d prefills, %.1f ms; "
-                        "%d commits, %.1f ms; other %.1f ms of %.1f ms",
+                        "  %s: %d decode steps (%d eager), %.2f ms each (engine-thread CPU "
+                        "%.2f ms per step); %d prefills, %.1f ms; %d commits, %.1f ms; other "
+                        "%.1f ms of %.1f ms; thread CPU ms: %s",
                         mode,
                         e["decode_steps"],
                         e["eager_decode_steps"],
                         e["decode_step_mean_s"] * 1e3,
+                        e["engine_cpu_per_decode_step_s"] * 1e3,
                         e["prefill_steps"],
                         e["prefill_s"] * 1e3,
                         e["commits"],
                         e["commit_s"] * 1e3,
                         e["other_s"] * 1e3,
                         e["wall_s"] * 1e3,
+                        ", ".join(
+                            f"{thread} {cpu * 1e3:.0f}"
+                            for thread, cpu in sorted(e["thread_cpu_s"].items())
+                            if cpu > 0
+                        ),
                     )
         finally:
             bench.close()

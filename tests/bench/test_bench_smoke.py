@@ -6,6 +6,7 @@ Checks structure only (every part ran, tokens were counted, ratios computed), ne
 from __future__ import annotations
 
 import json
+import sys
 from pathlib import Path
 
 from loraserve.bench.run import main
@@ -83,6 +84,9 @@ def test_cold_overlap_says_where_the_engine_thread_spent_each_round(
         spent = engine["prefill_s"] + engine["commit_s"] + engine["other_s"]
         spent += engine["decode_step_mean_s"] * engine["decode_steps"]
         assert abs(spent - engine["wall_s"]) <= 1e-6 * max(1.0, engine["wall_s"])
+        if sys.platform == "linux":  # per-thread CPU comes from /proc
+            assert engine["thread_cpu_s"]["loraserve-engine"] >= 0
+            assert engine["engine_cpu_per_decode_step_s"] >= 0
 
 
 def test_cold_load_times_the_whole_load_and_its_parts(tmp_path: Path) -> None:
