@@ -163,7 +163,11 @@ def _tensors_in_place(
     itemsize = ITEMSIZE[next(iter(headers.values())).dtype]
     view = memoryview(data).cast("B")
     data_start = 8 + int.from_bytes(view[:8], "little")
-    if data_start % itemsize or any(h.start % itemsize for h in headers.values()):
+    if (
+        data_start % itemsize
+        or len(view) == data_start  # frombuffer refuses an empty buffer
+        or any(h.start % itemsize for h in headers.values())
+    ):
         return None
     with warnings.catch_warnings():
         # The bytes are read-only; the conversion below copies, so nothing ever writes them.
