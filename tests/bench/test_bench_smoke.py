@@ -108,3 +108,17 @@ def test_detok_cost_times_both_algorithms_per_length() -> None:
     assert set(result["lengths"]) == {"3", "5"}
     for entry in result["lengths"].values():
         assert entry["whole_ms_per_step"] > 0 and entry["window_ms_per_step"] > 0
+
+
+def test_stream_cost_paces_every_stream_and_prices_its_messages(tmp_path: Path) -> None:
+    """The pacing cost bench: with a 20 ms interval and a token every 1 ms, each stream sends
+    far fewer messages than tokens (the first at once, then one per interval, the finish with
+    the rest), and the loop's CPU is reported per message and per token."""
+    from loraserve.bench.stream_cost import main as stream_cost
+
+    out = tmp_path / "stream_cost.json"
+    argv = ["--streams", "3", "--tokens", "40", "--step-ms", "1", "--interval-ms", "20"]
+    result = stream_cost([*argv, "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert 2 <= result["messages_per_stream"] < 40
+    assert result["loop_cpu_per_message_us"] >= 0 and result["loop_cpu_per_token_us"] >= 0
