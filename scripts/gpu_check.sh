@@ -12,10 +12,11 @@
 # time limit, so a cut-short run still leaves what it measured. Logs go to $OUT (default
 # /tmp/gpu_check); the last thing printed is the table.
 #   GPU_CHECK_REPEATS (default 2) timed runs per bench mode;
-#   GPU_CHECK_SKIP=parity,parity-sync,kernels,bench,sync,anchor,overlap,coldload,server skips
-#   parts;
+#   GPU_CHECK_SKIP=parity,parity-sync,kernels,bench,sync,grpc-switch,anchor,overlap,coldload,server
+#   skips parts (grpc-switch: the gRPC part again with a 0.5 ms thread switch interval);
 #   GPU_CHECK_GRPC=0 drops the bench's gRPC part; PARITY_TIMEOUT / PARITY_SYNC_TIMEOUT /
-#   KERNELS_TIMEOUT / BENCH_TIMEOUT / SYNC_TIMEOUT / ANCHOR_TIMEOUT / OVERLAP_TIMEOUT cap each
+#   KERNELS_TIMEOUT / BENCH_TIMEOUT / SYNC_TIMEOUT / SWITCH_TIMEOUT / ANCHOR_TIMEOUT /
+#   OVERLAP_TIMEOUT cap each
 #   part (s);
 #   KERNELS_ONLY (default lora,step) picks the kernel bench's parts: lora, step, profile,
 #   first_calls (python -m loraserve.bench.kernels --help).
@@ -90,6 +91,16 @@ if [[ ",$skip," != *",sync,"* ]]; then
     --repeats "$repeats" --distinct-sweep 32 --only distinct --out "$out/bench-sync" --no-plot \
     --engine-opt async_decode=false "${opts[@]}" > "$out/bench-sync.log" 2>&1
   echo "sync bench exit $? in $((SECONDS - start)) s"
+fi
+
+if [[ ",$skip," != *",grpc-switch,"* && "${GPU_CHECK_GRPC:-1}" != 0 ]]; then
+  echo "== gRPC part again, the server's thread switch interval at 0.5 ms (Python's is 5 ms)"
+  start=$SECONDS
+  timeout "${SWITCH_TIMEOUT:-120}" "$py" -m loraserve.bench.run --size 1b --device cuda \
+    --dtype bfloat16 --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
+    --repeats "$repeats" --only grpc --grpc-requests 96 --out "$out/grpc-switch" --no-plot \
+    --engine-opt gil_switch_interval_seconds=0.0005 "${opts[@]}" > "$out/grpc-switch.log" 2>&1
+  echo "grpc-switch exit $? in $((SECONDS - start)) s"
 fi
 
 if [[ ",$skip," != *",anchor,"* && -n "$anchor" ]]; then
@@ -214,13 +225,23 @@ if cold:
 for ratio in bench.get("ratios", []):  # the bench's own: gRPC vs in process, end to end
     if ratio["name"].startswith("gRPC / in-process"):
         print(f"{ratio['name']}: {fmt(ratio['value'], '{:.2f}')}x ({ratio['detail']})")
-for mode, entry in bench.get("grpc", {}).get("modes", {}).items():
-    steps = entry.get("server_steps") or {}
-    if steps.get("decode_steps"):
-        print(f"gRPC {mode}, the server's engine: {fmt(steps['prefill_steps'])} prefills "
+grpc_runs = {"": bench.get("grpc", {})}
+if (out / "grpc-switch" / "bench.json").exists():
+    switched = json.loads((out / "grpc-switch" / "bench.json").read_text())
+    grpc_runs[", switch interval 0.5 ms"] = switched.get("grpc", {})
+for label, grpc in grpc_runs.items():
+    for mode, entry in grpc.get("modes", {}).items():
+        steps = entry.get("server_steps") or {}
+        if not steps.get("decode_steps"):
+            continue
+        requests = entry.get("requests") or 0
+        loop_ms = steps.get("cpu_s:MainThread", float("nan")) * 1e3 / max(requests, 1)
+        print(f"gRPC {mode}{label}: {fmt(entry.get('tokens_per_s'))} tokens/s; the server's "
+              f"engine: {fmt(steps['prefill_steps'])} prefills "
               f"({fmt(steps['prefill_s'] * 1e3)} ms), {fmt(steps['decode_steps'])} decode steps "
               f"({fmt(steps['decode_s'] * 1e3 / steps['decode_steps'], '{:.2f}')} ms each), "
-              f"{fmt(steps['mean_rows_per_step'], '{:.1f}')} rows per step")
+              f"{fmt(steps['mean_rows_per_step'], '{:.1f}')} rows per step; event loop CPU "
+              f"{fmt(loop_ms, '{:.2f}')} ms per request")
 for name in ("parity", "parity-sync"):
     log = out / f"{name}.log"
     if log.exists() and log.read_text().strip():

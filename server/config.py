@@ -126,6 +126,13 @@ class ServerConfig:
     leaves at once. Per-token messages cost the event loop, which shares the GIL with the
     engine thread, as much as a GPU decode step for a whole batch; 20 ms is ~10 tokens per
     message on a GPU (server.api.stream_pacing)."""
+    gil_switch_interval_seconds: float | None = None
+    """`loraserve serve` only: Python's thread switch interval for the whole process (None keeps
+    Python's 5 ms). The engine thread and the gRPC event loop share one GIL; when the engine
+    thread wants it back, the loop keeps it until it blocks or this interval passes, so a
+    shorter one bounds how long a burst of stream messages can hold up a decode step (not yet
+    measured on a GPU: scripts/gpu_check.sh runs the gRPC bench with 0.5 ms beside the
+    default)."""
     grace_seconds: float = 10.0
     """On SIGTERM, time in-flight requests get to finish before the server exits."""
     price_per_device_hour: float = 0.0
@@ -204,6 +211,11 @@ class ServerConfig:
             raise ConfigError(
                 "stream_interval_seconds: must be a number from 0 to 10, got "
                 f"{self.stream_interval_seconds}"
+            )
+        interval = self.gil_switch_interval_seconds
+        if interval is not None and not 1e-6 <= interval <= 1:  # also refuses NaN
+            raise ConfigError(
+                f"gil_switch_interval_seconds: must be a number from 1e-06 to 1, got {interval}"
             )
         if not self.grace_seconds >= 0:  # also refuses NaN
             raise ConfigError(f"grace_seconds: must be a number >= 0, got {self.grace_seconds}")

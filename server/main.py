@@ -236,6 +236,13 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         f"(0: one per step; default {d.stream_interval_seconds:g})",
     )
     parser.add_argument(
+        "--gil-switch-interval-seconds",
+        type=float,
+        default=d.gil_switch_interval_seconds,
+        help="Python's thread switch interval for this process (default: Python's, 0.005): "
+        "how long the gRPC event loop may keep the GIL the engine thread is waiting for",
+    )
+    parser.add_argument(
         "--grace-seconds",
         type=float,
         default=d.grace_seconds,
@@ -357,6 +364,7 @@ def config_from_args(
         upload_idle_seconds=args.upload_idle_seconds,
         upload_deadline_seconds=args.upload_deadline_seconds,
         stream_interval_seconds=args.stream_interval_seconds,
+        gil_switch_interval_seconds=args.gil_switch_interval_seconds,
         grace_seconds=args.grace_seconds,
         price_per_device_hour=args.price_per_device_hour,
         price_per_gb_hour=args.price_per_gb_hour,
@@ -401,6 +409,14 @@ def _reload_tenants(server: Server) -> None:
         log.error("tenants reload failed, keeping the previous tenants: %s", exc)
 
 
+def apply_process_settings(config: ServerConfig) -> None:
+    """Settings that belong to the whole process, applied by `loraserve serve` only (a server
+    started on a thread of another program leaves that program's settings alone)."""
+    if config.gil_switch_interval_seconds is not None:
+        sys.setswitchinterval(config.gil_switch_interval_seconds)
+        log.info("thread switch interval %g s", config.gil_switch_interval_seconds)
+
+
 def run_serve(args: argparse.Namespace, embedded_model: EmbeddedModel | None = None) -> int:
     """Serves until SIGTERM/SIGINT; the exit code (2: bad flags, 1: failed start)."""
     logging.basicConfig(
@@ -416,6 +432,7 @@ def run_serve(args: argparse.Namespace, embedded_model: EmbeddedModel | None = N
             "development mode: no --tenants file, so every call is tenant 'dev' with no API key; "
             "binding loopback only"
         )
+    apply_process_settings(config)
     try:
         asyncio.run(serve(config))
     except ConfigError as exc:  # found only at start, e.g. a --preload adapter that is missing

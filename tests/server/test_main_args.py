@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+import sys
 import typing
 from pathlib import Path
 
@@ -11,7 +12,12 @@ import pytest
 
 import loraserve.server.main
 from loraserve.server.config import ConfigError, DeviceChoice, DtypeChoice, ServerConfig
-from loraserve.server.main import add_serve_arguments, config_from_args, run_serve
+from loraserve.server.main import (
+    add_serve_arguments,
+    apply_process_settings,
+    config_from_args,
+    run_serve,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -107,6 +113,7 @@ def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
         "--max-adapter-bytes": "12345",
         "--grace-seconds": "2.5",
         "--stream-interval-seconds": "0.05",
+        "--gil-switch-interval-seconds": "0.0005",
     }
     config = config_from_args(_parse(*[part for item in argv.items() for part in item]))
     expected = dataclasses.replace(
@@ -131,10 +138,22 @@ def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
         max_adapter_bytes=12345,
         grace_seconds=2.5,
         stream_interval_seconds=0.05,
+        gil_switch_interval_seconds=0.0005,
     )
     assert config == expected
     assert isinstance(config.model_path, Path) and isinstance(config.data_dir, Path)
     assert not config.dev_mode
+
+
+def test_the_switch_interval_is_applied_to_the_process_only_when_set() -> None:
+    before = sys.getswitchinterval()
+    try:
+        apply_process_settings(ServerConfig())
+        assert sys.getswitchinterval() == before  # unset: Python's own stays
+        apply_process_settings(ServerConfig(gil_switch_interval_seconds=0.0005))
+        assert sys.getswitchinterval() == pytest.approx(0.0005)
+    finally:
+        sys.setswitchinterval(before)
 
 
 def test_switches_turn_their_field_on() -> None:
