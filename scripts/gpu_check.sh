@@ -1,5 +1,6 @@
 #!/usr/bin/env bash
-# One prepared GPU run (well under 8 minutes; run in the repo root on a CUDA machine): versions,
+# One prepared GPU run (about 8 minutes on an H200, estimated; GPU_CHECK_SKIP=grpc-switch saves
+# about one; run in the repo root on a CUDA machine): versions,
 # the CUDA parity tests (again with async_decode off), the kernel bench (bench/kernels.py:
 # multi-LoRA kernel variants and one whole decode step, base vs distinct adapters, sdpa vs triton
 # attention, fused_ops on and off; KERNELS_ONLY adds profile / first_calls), then loraserve's bench
