@@ -21,12 +21,7 @@ from loraserve.adapters.config import (
     resolve_target_modules,
 )
 from loraserve.adapters.errors import AdapterValidationError, clip, echo
-from loraserve.adapters.safetensors_check import (
-    ITEMSIZE,
-    WEIGHTS_FILE,
-    TensorHeader,
-    check_safetensors,
-)
+from loraserve.adapters.safetensors_check import WEIGHTS_FILE, TensorHeader, check_safetensors
 from loraserve.adapters.spec import BaseModelSpec, TargetModule
 
 PEFT_KEY_PREFIX = "base_model.model."
@@ -160,7 +155,7 @@ def _tensors_in_place(
     if len(dtypes) != 1:
         return None
     dtype = _TORCH_DTYPES[dtypes.pop()]
-    itemsize = ITEMSIZE[next(iter(headers.values())).dtype]
+    itemsize = dtype.itemsize
     view = memoryview(data).cast("B")
     data_start = 8 + int.from_bytes(view[:8], "little")
     if (
