@@ -1,7 +1,8 @@
 #!/usr/bin/env bash
 # Creates ./.venv-lowest: loraserve with the LOWEST versions pyproject.toml admits of the libraries
-# whose internals the engine touches (transformers, peft, tokenizers, safetensors), so CI can prove
-# that the lower bounds still work, not only the newest releases that `scripts/setup.sh` installs.
+# whose internals the engine touches (transformers, peft, tokenizers, safetensors, numpy), so CI
+# can prove that the lower bounds still work, not only the newest releases that
+# `scripts/setup.sh` installs.
 #
 #   bash scripts/setup_lowest.sh
 #   .venv-lowest/bin/python -m pytest -q tests/engine/test_peft_parity.py
@@ -25,7 +26,7 @@ import re
 import sys
 import tomllib
 
-LOWEST = ("transformers", "peft", "tokenizers", "safetensors")
+LOWEST = ("transformers", "peft", "tokenizers", "safetensors", "numpy")
 with open("pyproject.toml", "rb") as f:
     deps = tomllib.load(f)["project"]["dependencies"]
 pins = []
@@ -43,4 +44,4 @@ PY
 # The pins are constraints, so the project's own requirements still have to accept them: a pin
 # that pyproject does not admit fails the install instead of being silently replaced.
 "$venv/bin/python" -m pip install -q -c "$pins" -e ".[dev]"
-"$venv/bin/python" -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|tokenizers|safetensors) '
+"$venv/bin/python" -m pip list 2>/dev/null | grep -iE '^(torch|transformers|peft|tokenizers|safetensors|numpy) '

@@ -23,6 +23,7 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from loraserve.server.engine import fused_ops, lora_kernels, paged_attention, runner
@@ -30,7 +31,13 @@ from loraserve.server.engine.kv_cache import SlotKVCache
 from loraserve.server.engine.llama import ATTENTION_KINDS, LlamaForCausalLM, PagedKV, StepInputs
 from loraserve.server.engine.logprobs import PositionScoring, score_positions
 from loraserve.server.engine.model import LoadedModel
-from loraserve.server.engine.planner import BLOCK_SIZE, BlockAllocator, StepPlan, blocks_for
+from loraserve.server.engine.planner import (
+    BLOCK_SIZE,
+    BlockAllocator,
+    RowPlan,
+    StepPlan,
+    blocks_for,
+)
 from loraserve.server.engine.types import TokenLogprob
 
 Scored = dict[int, list[TokenLogprob]]
@@ -75,6 +82,56 @@ class ExecutorSettings:
 
 GraphKey = tuple[int, int, int, frozenset[str] | None]
 """(batch bucket, KV span bucket, page-table width, adapter kinds: ATTENTION_KINDS or None)."""
+
+
+def staging_arrays(buf: torch.Tensor, layout: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
+    """NumPy views of a host staging buffer's sections, sharing its memory: tokens, positions,
+    valid, feeds (m,) each, block tables (m, nb), page tables (m, np_), for layout (m, nb, np_).
+    The host fills a step's inputs with a few array writes where torch would dispatch a dozen
+    small ops."""
+    m, nb, np_ = layout
+    flat = buf.numpy()  # (size,) int64
+    sections = tuple(flat[i * m : (i + 1) * m] for i in range(4))  # 4 x (m,)
+    blocks = flat[4 * m : 4 * m + m * nb].reshape(m, nb)  # (m, nb)
+    pages = flat[4 * m + m * nb :].reshape(m, np_)  # (m, np_)
+    return (*sections, blocks, pages)
+
+
+def stage_decode(
+    arrays: tuple[np.ndarray, ...],
+    rows: tuple[RowPlan, ...],
+    padded: int,
+    span: int,
+    width: int,
+) -> None:
+    """Writes a decode step's rows into staging `arrays` (staging_arrays): block tables `span`
+    wide, page tables `width` wide, rows len(rows)..padded as padding (no token, feed -1, block
+    and page 0: the scratch block, the zero page)."""
+    tokens, positions, valid, feeds, blocks, pages = arrays
+    batch = len(rows)
+    tokens[:batch] = [r.tokens[0] for r in rows]
+    positions[:batch] = [r.start for r in rows]
+    valid[:batch] = 1
+    feeds[:batch] = [r.feed for r in rows]
+    tokens[batch:padded] = 0
+    positions[batch:padded] = 0
+    valid[batch:padded] = 0
+    feeds[batch:padded] = -1
+    blocks[:padded] = 0
+    blocks[:batch, :span] = _padded_table([r.blocks for r in rows], span)
+    pages[:padded] = 0
+    if 0 < width <= pages.shape[1]:  # a wider table runs eagerly from the plan instead
+        pages[:batch, :width] = _padded_table([r.pages for r in rows], width)
+
+
+def _padded_table(entries: list[tuple[int, ...]], width: int) -> np.ndarray:
+    """(len(entries), width) int64: each row's entries, cut or padded with 0 to `width`."""
+    pad = (0,) * width
+    flat: list[int] = []
+    for row in entries:
+        flat.extend(row[:width])
+        flat.extend(pad[len(row) :])
+    return np.asarray(flat, dtype=np.int64).reshape(len(entries), width)
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -224,6 +281,7 @@ class PagedExecutor:
         pinned = device.type == "cuda"
         self._hosts = [torch.zeros(size, dtype=torch.long, pin_memory=pinned) for _ in range(2)]
         self._host = self._hosts[0]
+        self._host_arrays = {id(h): staging_arrays(h, self._layout) for h in self._hosts}
         self._dev = torch.zeros(size, dtype=torch.long, device=device)
         self._prev = torch.zeros(m, dtype=torch.long, device=device)
         """The last decode step's sampled tokens (remember_tokens), which feeds read."""
@@ -373,44 +431,16 @@ class PagedExecutor:
         batch = len(rows)
         need_span = max(blocks_for(r.start + 1) for r in rows)
         need_pages = max(len(r.pages) for r in rows)
-        self._host = self._hosts[1] if self._host is self._hosts[0] else self._hosts[0]
-        tokens, positions, valid, feeds, blocks, pages = self._views(self._host)
-        tokens[:batch] = torch.tensor([r.tokens[0] for r in rows])
-        positions[:batch] = torch.tensor([r.start for r in rows])
-        valid[:batch] = 1
-        feeds[:batch] = torch.tensor([r.feed for r in rows])
-        # Block and page tables: rows are padded with block / page 0 (scratch / zero page).
-        blocks[:batch] = 0
-        pages[:batch] = 0
-        flat_blocks = [b for r in rows for b in r.blocks[:need_span]]
-        lengths = torch.tensor([min(len(r.blocks), need_span) for r in rows])
-        row_idx = torch.repeat_interleave(torch.arange(batch), lengths)
-        col_idx = torch.arange(len(flat_blocks)) - torch.repeat_interleave(
-            torch.cumsum(lengths, 0) - lengths, lengths
-        )
-        blocks[row_idx, col_idx] = torch.tensor(flat_blocks, dtype=torch.long)
-        if need_pages:
-            flat_pages = [p for r in rows for p in r.pages]
-            plens = torch.tensor([len(r.pages) for r in rows])
-            prow = torch.repeat_interleave(torch.arange(batch), plens)
-            pcol = torch.arange(len(flat_pages)) - torch.repeat_interleave(
-                torch.cumsum(plens, 0) - plens, plens
-            )
-            pages[prow, pcol] = torch.tensor(flat_pages, dtype=torch.long)
         kinds: frozenset[str] | None = None
         if need_pages:
             # Kinds where a row's page holds an adapter; none at all runs the base step.
-            kinds = self._model.lora_index.kinds_for(flat_pages)
+            kinds = self._model.lora_index.kinds_for(p for r in rows for p in r.pages)
             need_pages = need_pages if kinds else 0
         graph_key = self._graph_key(batch, need_span, need_pages, kinds)
-        if graph_key is not None:
-            gbatch = graph_key[0]
-            tokens[batch:gbatch] = 0
-            positions[batch:gbatch] = 0
-            valid[batch:gbatch] = 0
-            feeds[batch:gbatch] = -1
-            blocks[batch:gbatch] = 0
-            pages[batch:gbatch] = 0
+        # Rows past `batch` up to the graph's bucket are padding: no token, block / page 0.
+        padded = graph_key[0] if graph_key is not None else batch
+        self._host = self._hosts[1] if self._host is self._hosts[0] else self._hosts[0]
+        stage_decode(self._host_arrays[id(self._host)], rows, padded, need_span, need_pages)
         self._dev.copy_(self._host, non_blocking=True)  # the step's one host-to-device copy
         if graph_key is not None:
             graph, out = self._graphs[graph_key]
