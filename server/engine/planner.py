@@ -16,7 +16,7 @@ only the blocks its tokens fill. Block 0 is never handed out: padding writes go 
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
 from typing import Generic, Literal, Protocol, TypeVar
 
@@ -398,19 +398,29 @@ class Planner:
             budget -= take
         return StepPlan("prefill", tuple(rows))
 
-    def plan_decode(self, running: Iterable[R]) -> StepPlan | None:
-        """One token for every decoding request, in row order; None when nobody decodes."""
+    def plan_decode(self, running: Iterable[R], fed_from: Sequence[R] = ()) -> StepPlan | None:
+        """One token for every decoding request, in row order; None when nobody decodes.
+
+        `fed_from`: the rows of a decode step launched but not read yet (async_decode); a
+        request among them takes its token from that step's output (RowPlan.feed), since
+        `last_token` does not hold it yet.
+        """
         decoding = sorted((r for r in running if r.decoding), key=lambda r: r.row)
         if not decoding:
             return None
-        return StepPlan("decode", tuple(row_plan(r, [r.last_token], r.prefilled) for r in decoding))
+        feeds = {id(r): i for i, r in enumerate(fed_from)}
+        rows = tuple(
+            row_plan(r, (r.last_token,), r.prefilled, feeds.get(id(r), -1)) for r in decoding
+        )
+        return StepPlan("decode", rows)
 
 
-def row_plan(request: PlannedRequest, tokens: list[int], start: int) -> RowPlan:
+def row_plan(request: PlannedRequest, tokens: Sequence[int], start: int, feed: int = -1) -> RowPlan:
     return RowPlan(
         slot=request.row,
         tokens=tuple(tokens),
         start=start,
         blocks=tuple(request.blocks),
         pages=request.pages,
+        feed=feed,
     )

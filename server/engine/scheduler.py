@@ -27,7 +27,6 @@ readmitted (its caller sees nothing but a pause).
 from __future__ import annotations
 
 import collections
-import dataclasses
 import logging
 import threading
 import time
@@ -539,13 +538,12 @@ class Scheduler:
         if self._launched is not None and not self._may_launch_ahead():
             self._read_launched()
         self._grow_blocks()
-        plan = self.planner.plan_decode(self._continuing())
+        fed_from = self._launched.batch if self._launched is not None else ()
+        plan = self.planner.plan_decode(self._continuing(), fed_from)
         if plan is None:
             self._read_launched()
             return
         decoding = self._batch_of(plan)
-        if self._launched is not None:
-            plan = self._fed_from_launched(plan, decoding, self._launched)
         self.decode_sizes = [*self.decode_sizes[-99:], len(decoding)]
         started = time.monotonic()
         ahead = self._launched is not None or self._may_launch_ahead()
@@ -587,18 +585,6 @@ class Scheduler:
             return self.running
         ending = {id(s) for s in self._launched.batch if len(s.generated) + 1 >= s.max_new_tokens}
         return [s for s in self.running if id(s) not in ending]
-
-    @staticmethod
-    def _fed_from_launched(
-        plan: StepPlan, decoding: list[Sequence], launched: LaunchedDecode
-    ) -> StepPlan:
-        """`plan` with each row that was in the launched step fed from that step's output."""
-        index = {id(seq): i for i, seq in enumerate(launched.batch)}
-        rows = tuple(
-            dataclasses.replace(row, feed=index[id(seq)]) if id(seq) in index else row
-            for row, seq in zip(plan.rows, decoding, strict=True)
-        )
-        return StepPlan(plan.kind, rows)
 
     def _launch_sampling(
         self, logits: torch.Tensor, decoding: list[Sequence], started: float

@@ -353,6 +353,20 @@ def test_decode_plans_every_decoding_row_in_slot_order_with_its_blocks_and_pages
     assert _planner().plan_decode([Req("c", 0, prompt=9, row=2)]) is None
 
 
+def test_decode_feeds_the_rows_of_the_launched_step_from_its_output() -> None:
+    # async_decode: `launched` is the step on the device; its rows' tokens are not read yet.
+    kept = _decoding("a", 1, 17, 2, row=4)
+    joined = _decoding("b", 2, 5, 1, row=1)  # prefilled since the launch: its token is known
+    launched = [Req("c", 0, row=0), kept]  # index 1 of that step's output is `kept`'s token
+    plan = _planner().plan_decode([kept, joined], fed_from=launched)
+    assert plan is not None
+    assert [(r.slot, r.feed) for r in plan.rows] == [(1, -1), (4, 1)]
+    # A request equal in every field to a launched one is still a different request.
+    twin = _decoding("a", 1, 17, 2, row=4)
+    plan = _planner().plan_decode([twin], fed_from=launched)
+    assert plan is not None and plan.rows[0].feed == -1
+
+
 def test_prefetch_candidates_are_the_next_heads_that_need_an_adapter() -> None:
     a1, a2 = Req("a", 1, adapter="x"), Req("a", 2, adapter="y")
     b1, c1 = Req("b", 3), Req("c", 4, adapter="z")
