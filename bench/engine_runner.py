@@ -177,8 +177,10 @@ class EngineBench:
         limits: EngineLimits | None = None,
         temperature: float = 0.0,
         top_p: float = 1.0,
+        observer=None,
     ) -> None:
-        """temperature, top_p: the sampling of every request `run` submits (0: greedy)."""
+        """temperature, top_p: the sampling of every request `run` submits (0: greedy);
+        observer: the engine's EngineObserver (the server passes its Metrics; default none)."""
         from loraserve.server.config import ServerConfig
         from loraserve.server.runtime import build_runtime
 
@@ -202,7 +204,7 @@ class EngineBench:
         config = ServerConfig(**wanted)  # type: ignore[arg-type]
         self.config = apply_config_overrides(config, limits.extra).validate()
         # The server's own wiring (server/runtime.py), without the gRPC layer.
-        parts = build_runtime(self.config)
+        parts = build_runtime(self.config, observer=observer)
         self.loaded, self.service, self.engine = parts.loaded, parts.adapter_service, parts.engine
         self.engine.start()
 

@@ -24,6 +24,7 @@ import torch
 from loraserve.bench.adapter_factory import AdapterFactory, LoraShape
 from loraserve.bench.engine_runner import BenchRequest, EngineBench, EngineLimits
 from loraserve.bench.models import bench_model_path
+from loraserve.server.metrics import Metrics
 from loraserve.server.thread_cpu import thread_cpu_seconds
 
 MODES = ("base", "distinct")
@@ -43,6 +44,12 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         default=1024,
         help="the stub logits' width: sampling runs on the device on a GPU, so a narrow "
         "width keeps its CPU cost here from swamping the host work being measured",
+    )
+    parser.add_argument(
+        "--no-metrics",
+        dest="metrics",
+        action="store_false",
+        help="no observer (default: the server's Metrics, which observes every row's token)",
     )
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode")
     parser.add_argument("--json", type=Path, default=None)
@@ -104,7 +111,8 @@ def main(argv: list[str] | None = None) -> int:
         device_adapters=args.adapters,
         max_new_tokens=max(args.tokens, 1),
     )
-    bench = EngineBench(model_dir, scratch / "data", limits=limits)
+    observer = Metrics() if args.metrics else None
+    bench = EngineBench(model_dir, scratch / "data", limits=limits, observer=observer)
     try:
         if "distinct" in modes:
             dirs = AdapterFactory(model_dir, LoraShape(rank=16)).ensure(
@@ -116,8 +124,10 @@ def main(argv: list[str] | None = None) -> int:
         results = [measure(bench, args, mode) for mode in modes]
     finally:
         bench.close()
+    observed = "the server's metrics" if args.metrics else "no observer"
     print(
-        f"host work per decode step, forwards stubbed (batch {args.batch}, best of {args.repeats})"
+        f"host work per decode step, forwards stubbed (batch {args.batch}, {observed}, "
+        f"best of {args.repeats})"
     )
     for r in results:
         print(
