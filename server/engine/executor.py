@@ -447,7 +447,8 @@ class PagedExecutor:
             self.graph_steps += 1
             graph.replay()
             return out[:batch]
-        width = need_pages if need_pages and self._has_stacks() else 0
+        # Live pages (kinds) imply their groups' stacks exist: no _has_stacks() scan needed.
+        width = need_pages
         if width > np_:
             # A wider page table than the buffers hold: eager, with the fed tokens read back.
             return self._prefill(self._with_tokens_read(plan))

@@ -127,10 +127,11 @@ class Sequence:
     """With LogprobOptions.prompt_logprobs: prompt tokens 1.. scored so far (chunk by chunk)."""
     events_sent: int = 0
     """Events emitted so far (prompt_logprobs ride on the first)."""
+    prompt_len: int = field(init=False)
+    """len(request.prompt_ids), kept: the step's planning reads it several times per row."""
 
-    @property
-    def prompt_len(self) -> int:
-        return len(self.request.prompt_ids)
+    def __post_init__(self) -> None:
+        self.prompt_len = len(self.request.prompt_ids)
 
     @property
     def tenant(self) -> str:
@@ -576,7 +577,7 @@ class Scheduler:
         executor takes fed tokens, and no decoding row asks for logprobs (read from the
         step's logits, which the next step's graph overwrites)."""
         return self._ahead and not any(
-            s.decoding and s.request.logprobs.logprobs for s in self.running
+            s.request.logprobs.logprobs and s.decoding for s in self.running
         )
 
     def _continuing(self) -> list[Sequence]:
