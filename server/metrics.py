@@ -8,7 +8,7 @@ Naming follows Prometheus conventions: one `loraserve_` prefix, base units (`_se
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from prometheus_client import (
     CollectorRegistry,
@@ -48,6 +48,7 @@ class Metrics(EngineObserver):
         registry: CollectorRegistry | None = None,
     ) -> None:
         self.registry = registry or CollectorRegistry()
+        self._children: dict[tuple[int, str], Any] = {}
         self._price_per_device_second = price_per_device_hour / 3600.0
         self._price_per_byte_second = price_per_gb_hour / 3600.0 / GIGABYTE
         r = self.registry
@@ -233,24 +234,35 @@ class Metrics(EngineObserver):
 
     # ---- EngineObserver (engine thread) -------------------------------------------------------
 
+    def _child(self, family: Counter | Histogram, label: str) -> Any:
+        """`family.labels(label)`, kept: labels() takes a lock and builds its key on every call,
+        and the engine thread asks per row per step. Bounded by the label values the family
+        itself already holds."""
+        key = (id(family), label)
+        child = self._children.get(key)
+        if child is None:
+            child = self._children[key] = family.labels(label)
+        return child
+
     def on_step(self, stats: StepStats) -> None:
-        self.step_duration.labels(stats.kind).observe(stats.seconds)
+        child = self._child
+        child(self.step_duration, stats.kind).observe(stats.seconds)
         self.batch_size.observe(stats.batch_size)
         self.batch_adapters.observe(stats.distinct_adapters)
         self.busy_seconds.inc(stats.seconds)
         for tenant, seconds in stats.tenant_seconds.items():
-            self.compute_seconds.labels(tenant).inc(seconds)
-            self.cost.labels(tenant).inc(seconds * self._price_per_device_second)
+            child(self.compute_seconds, tenant).inc(seconds)
+            child(self.cost, tenant).inc(seconds * self._price_per_device_second)
         if stats.kind == "prefill":
             for tenant, tokens in stats.tenant_tokens.items():
-                self.prompt_tokens.labels(tenant).inc(tokens)
+                child(self.prompt_tokens, tenant).inc(tokens)
 
     def on_generated(self, tenant_tokens: dict[str, int]) -> None:
         for tenant, tokens in tenant_tokens.items():
-            self.generated_tokens.labels(tenant).inc(tokens)
+            self._child(self.generated_tokens, tenant).inc(tokens)
 
     def on_token_gap(self, tenant: str, seconds: float) -> None:
-        self.time_per_output_token.labels(tenant).observe(seconds)
+        self._child(self.time_per_output_token, tenant).observe(seconds)
 
     def on_residency(self, tenant_byte_seconds: dict[str, float]) -> None:
         for tenant, byte_seconds in tenant_byte_seconds.items():
