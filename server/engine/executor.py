@@ -17,7 +17,6 @@ and only those, so a step where nobody asked runs exactly as `execute`):
 
 from __future__ import annotations
 
-import dataclasses
 import logging
 import time
 from collections.abc import Mapping
@@ -468,7 +467,7 @@ class PagedExecutor:
             return plan
         read = iter(self._prev[fed].tolist())  # fed: a list of ints (host indexing)
         rows = tuple(
-            dataclasses.replace(r, tokens=(max(next(read), 0),), feed=-1) if r.feed >= 0 else r
+            r._replace(tokens=(max(next(read), 0),), feed=-1) if r.feed >= 0 else r
             for r in plan.rows
         )
         return StepPlan(plan.kind, rows)

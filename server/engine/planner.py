@@ -18,7 +18,7 @@ from __future__ import annotations
 import collections
 from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
-from typing import Generic, Literal, Protocol, TypeVar
+from typing import Generic, Literal, NamedTuple, Protocol, TypeVar
 
 from loraserve.server.engine.fair_queue import FairQueue, Queued
 from loraserve.server.engine.types import AdapterKey, EngineError, ErrorKind
@@ -32,9 +32,12 @@ def blocks_for(tokens: int, block_size: int = BLOCK_SIZE) -> int:
     return -(-tokens // block_size)
 
 
-@dataclass(frozen=True)
-class RowPlan:
-    """One request's part of a forward."""
+class RowPlan(NamedTuple):
+    """One request's part of a forward.
+
+    A NamedTuple, not a frozen dataclass: the planner builds one per running row per step, and
+    a frozen dataclass's __init__ costs twice as much.
+    """
 
     slot: int
     """Its batch slot (0..max_batch_size-1): where its routing lives in the static buffers."""
