@@ -56,21 +56,25 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
-def stub_forwards(bench: EngineBench, vocab: int) -> None:
-    """Replaces the executor's decode and prefill forwards with fixed logits (batch, vocab):
-    every other part of a step (plans, input buffers, sampling, events) runs as it does."""
-    executor = bench.engine.scheduler.executor
-    logits = torch.randn(bench.config.max_batch_size, vocab)  # (max_batch, vocab)
+class StubbedForwards:
+    """Replaces an EngineBench executor's decode and prefill forwards with fixed logits
+    (rows, vocab); every other part of a step (plans, input buffers, sampling, events) runs as
+    it does. Counts the decode forwards, so a run can prove every step went through the stub."""
 
-    def decode_forward(batch: int, span: int, width: int, kinds=None) -> torch.Tensor:
-        return logits[:batch]  # (batch, vocab)
+    def __init__(self, bench: EngineBench, vocab: int) -> None:
+        executor = bench.engine.scheduler.executor
+        self.decodes = 0
+        self._logits = torch.randn(bench.config.max_batch_size, vocab)  # (max_batch, vocab)
+        executor._decode_forward = self._decode_forward  # type: ignore[method-assign]
+        executor._prefill = self._prefill  # type: ignore[method-assign]
+        executor._graphs.clear()  # a captured graph would bypass the stub
 
-    def prefill(plan, scoring=None, scored=None) -> torch.Tensor:
-        return logits[: len(plan.rows)]  # (rows, vocab)
+    def _decode_forward(self, batch: int, span: int, width: int, kinds=None) -> torch.Tensor:
+        self.decodes += 1
+        return self._logits[:batch]  # (batch, vocab)
 
-    executor._decode_forward = decode_forward  # type: ignore[method-assign]
-    executor._graphs.clear()  # a captured graph would bypass the stub
-    executor._prefill = prefill  # type: ignore[method-assign]
+    def _prefill(self, plan, scoring=None, scored=None) -> torch.Tensor:
+        return self._logits[: len(plan.rows)]  # (rows, vocab)
 
 
 def _requests(args: argparse.Namespace, mode: str) -> list[BenchRequest]:
@@ -81,30 +85,29 @@ def _requests(args: argparse.Namespace, mode: str) -> list[BenchRequest]:
     ]
 
 
-def measure(bench: EngineBench, args: argparse.Namespace, mode: str) -> dict:
+def measure(bench: EngineBench, stub: StubbedForwards, args: argparse.Namespace, mode: str) -> dict:
     """Best-of-`repeats` wall and engine-thread CPU microseconds per decode step."""
     scheduler = bench.engine.scheduler
     bench.run(_requests(args, mode))  # warm: adapters resident, caches filled
     walls, cpus = [], []
     for _ in range(args.repeats):
-        steps0 = scheduler.decode_steps
+        steps0, stubbed0 = scheduler.decode_steps, stub.decodes
         cpu0 = thread_cpu_seconds().get(ENGINE_THREAD, 0.0)
         started = time.perf_counter()
         bench.run(_requests(args, mode))
         wall = time.perf_counter() - started
         steps = scheduler.decode_steps - steps0
+        if steps <= 0 or stub.decodes - stubbed0 != steps:
+            raise RuntimeError(
+                f"{mode}: {steps} decode steps, {stub.decodes - stubbed0} through the stub; "
+                "the executor's forwards were not all replaced"
+            )
         walls.append(wall / steps * 1e6)
         cpus.append((thread_cpu_seconds().get(ENGINE_THREAD, 0.0) - cpu0) / steps * 1e6)
     return {"mode": mode, "wall_us_per_step": min(walls), "cpu_us_per_step": min(cpus)}
 
 
-def main(argv: list[str] | None = None) -> int:
-    args = _parse(argv)
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - set(MODES)
-    if unknown:
-        raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from {list(MODES)}")
-    scratch = Path(tempfile.mkdtemp(prefix="loraserve-host-step-"))
+def _run(args: argparse.Namespace, modes: list[str], scratch: Path) -> list[dict]:
     model_dir = bench_model_path("tiny", seed=0, storage_dtype="float32", cache_dir=scratch)
     limits = EngineLimits(
         max_batch_size=args.batch,
@@ -115,15 +118,23 @@ def main(argv: list[str] | None = None) -> int:
     bench = EngineBench(model_dir, scratch / "data", limits=limits, observer=observer)
     try:
         if "distinct" in modes:
-            dirs = AdapterFactory(model_dir, LoraShape(rank=16)).ensure(
-                scratch / "ad", args.adapters
-            )
-            for i, adapter_dir in enumerate(dirs):
+            factory = AdapterFactory(model_dir, LoraShape(rank=16))
+            for i, adapter_dir in enumerate(factory.ensure(scratch / "ad", args.adapters)):
                 bench.register("bench", f"a{i}", adapter_dir)
-        stub_forwards(bench, min(args.vocab, bench.loaded.model.config.vocab_size))
-        results = [measure(bench, args, mode) for mode in modes]
+        stub = StubbedForwards(bench, min(args.vocab, bench.loaded.model.config.vocab_size))
+        return [measure(bench, stub, args, mode) for mode in modes]
     finally:
         bench.close()
+
+
+def main(argv: list[str] | None = None) -> dict:
+    args = _parse(argv)
+    modes = [m for m in args.modes.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown or not modes:
+        raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from {list(MODES)}")
+    with tempfile.TemporaryDirectory(prefix="loraserve-host-step-") as scratch:
+        results = _run(args, modes, Path(scratch))
     observed = "the server's metrics" if args.metrics else "no observer"
     print(
         f"host work per decode step, forwards stubbed (batch {args.batch}, {observed}, "
@@ -134,10 +145,11 @@ def main(argv: list[str] | None = None) -> int:
             f"  {r['mode']:<9} wall {r['wall_us_per_step']:7.1f} us   "
             f"engine thread CPU {r['cpu_us_per_step']:7.1f} us"
         )
-    if args.json:
-        args.json.write_text(json.dumps({"args": vars(args) | {"json": None}, "results": results}))
-    return 0
+    result = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
+    if args.json is not None:
+        args.json.write_text(json.dumps(result, indent=2))
+    return result
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    main()

@@ -13,8 +13,9 @@
 # time limit, so a cut-short run still leaves what it measured. Logs go to $OUT (default
 # /tmp/gpu_check); the last thing printed is the table.
 #   GPU_CHECK_REPEATS (default 2) timed runs per bench mode;
-#   GPU_CHECK_SKIP=parity,parity-sync,kernels,bench,sync,grpc-switch,anchor,overlap,coldload,server
-#   skips parts (grpc-switch: the gRPC part again with a 0.5 ms thread switch interval);
+#   GPU_CHECK_SKIP=parity,parity-sync,kernels,bench,sync,grpc-switch,anchor,overlap,coldload,
+#   hoststep,server skips parts (grpc-switch: the gRPC part again with a 0.5 ms thread switch
+#   interval; hoststep: bench.host_step, the engine thread's host work per decode step);
 #   GPU_CHECK_GRPC=0 drops the bench's gRPC part; PARITY_TIMEOUT / PARITY_SYNC_TIMEOUT /
 #   KERNELS_TIMEOUT / BENCH_TIMEOUT / SYNC_TIMEOUT / SWITCH_TIMEOUT / ANCHOR_TIMEOUT /
 #   OVERLAP_TIMEOUT cap each
@@ -135,6 +136,14 @@ if [[ ",$skip," != *",coldload,"* ]]; then
     --page-dtype bfloat16 > "$out/coldload.log" 2>&1
   echo "coldload exit $? in $((SECONDS - start)) s"
   grep -v "^ \\|^{\\|^}" "$out/coldload.log"; grep -A2 -E "\"(read|sha256|validate|stage)\"" "$out/coldload.log" | grep -v best | tr -s " \\n" " "; echo
+fi
+
+if [[ ",$skip," != *",hoststep,"* ]]; then
+  echo "== the engine thread's host work per decode step on this machine's CPU (forwards stubbed)"
+  start=$SECONDS
+  timeout "${HOSTSTEP_TIMEOUT:-60}" "$py" -m loraserve.bench.host_step > "$out/hoststep.log" 2>&1
+  echo "hoststep exit $? in $((SECONDS - start)) s"
+  tail -3 "$out/hoststep.log"
 fi
 
 if [[ ",$skip," != *",server,"* ]]; then

@@ -122,3 +122,17 @@ def test_stream_cost_paces_every_stream_and_prices_its_messages(tmp_path: Path) 
     assert json.loads(out.read_text()) == result
     assert 2 <= result["messages_per_stream"] < 40
     assert result["loop_cpu_per_message_us"] >= 0 and result["loop_cpu_per_token_us"] >= 0
+
+
+def test_host_step_times_every_decode_step_through_the_stub(tmp_path: Path) -> None:
+    """The host-work bench: both modes run, every decode step went through the stubbed forward
+    (the bench raises otherwise), and the per-step figures are reported."""
+    from loraserve.bench.host_step import main as host_step
+
+    out = tmp_path / "host_step.json"
+    argv = ["--batch", "4", "--tokens", "6", "--adapters", "2", "--repeats", "1"]
+    result = host_step([*argv, "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert [r["mode"] for r in result["results"]] == ["base", "distinct"]
+    for r in result["results"]:
+        assert r["wall_us_per_step"] > 0 and r["cpu_us_per_step"] >= 0
