@@ -19,6 +19,7 @@ incomplete multi-byte character) and any tail that could still become a stop seq
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
@@ -40,7 +41,7 @@ def windowed_decoder(tokenizer: PreTrainedTokenizerBase) -> Decode | None:
         return None
     if getattr(tokenizer, "clean_up_tokenization_spaces", False):
         return None
-    return lambda ids: backend.decode(ids, skip_special_tokens=True)
+    return functools.partial(backend.decode, skip_special_tokens=True)
 
 
 @dataclass
@@ -78,17 +79,18 @@ class TextState:
             text, unchanged = self.tokenizer.decode(token_ids, skip_special_tokens=True), 0
         else:
             text, unchanged = self._decode_window(token_ids, self._windowed)
-        # A stop sequence not found before must end in the text that may have changed.
-        cut = self._first_stop(text, max(0, unchanged - self._longest_stop + 1))
-        if cut is not None:
-            self.text = text[:cut]
-            self.stopped = True
-            return self.flush()
-        self.text = text
         safe = len(text)
+        if self.stop:
+            # A stop sequence not found before must end in the text that may have changed.
+            cut = self._first_stop(text, max(0, unchanged - self._longest_stop + 1))
+            if cut is not None:
+                self.text = text[:cut]
+                self.stopped = True
+                return self.flush()
+            safe -= self._stop_prefix_len(text)
+        self.text = text
         if text.endswith("\ufffd"):
-            safe = len(text.rstrip("\ufffd"))
-        safe = min(safe, len(text) - self._stop_prefix_len(text))
+            safe = min(safe, len(text.rstrip("\ufffd")))
         if safe <= self.sent:
             return ""
         delta = text[self.sent : safe]
@@ -128,9 +130,8 @@ class TextState:
         seen = self._seen_len
         if len(token_ids) < seen:
             return False
-        if token_ids is self._seen:
-            return True  # the same list, appended to
-        return token_ids[:seen] == self._seen[:seen]
+        # The same list, appended to (the engine's case: nothing to compare), or an equal start.
+        return token_ids is self._seen or token_ids[:seen] == self._seen[:seen]
 
     def _first_stop(self, text: str, start: int) -> int | None:
         positions = [i for i in (text.find(s, start) for s in self.stop if s) if i >= 0]
