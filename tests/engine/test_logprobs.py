@@ -164,6 +164,9 @@ def test_logprobs_match_peft_in_a_mixed_batch(case: Case, tmp_path: Path) -> Non
 
 def test_request_joining_mid_generation_gets_matching_logprobs(case: Case, tmp_path: Path) -> None:
     harness = _harness(case, tmp_path)
+    # The joiner's adapter is loaded first: a cold load beside the running request could take
+    # longer than that request's remaining tokens on a busy machine, and then nothing joins.
+    harness.run([harness.submit(PROMPTS[1], "b", tenant="t2", max_new_tokens=1)])
     options = LogprobOptions(logprobs=True, top_logprobs=4)
     joined: list = []
     first: list = []
