@@ -369,7 +369,10 @@ class Planner:
         recently admitted when the pool runs out (paged KV; nothing otherwise)."""
         if not self.settings.paged:
             return GrowthPlan((), ())
-        decoding = sorted((r for r in running if r.decoding), key=lambda r: r.admitted)
+        decoding = [r for r in running if r.decoding]
+        if all(blocks_for(r.prefilled + 1) <= len(r.blocks) for r in decoding):
+            return GrowthPlan((), ())  # most steps: a block holds BLOCK_SIZE tokens
+        decoding.sort(key=lambda r: r.admitted)
         needed = [blocks_for(r.prefilled + 1) for r in decoding]
         held = [len(r.blocks) for r in decoding]
         preempted = plan_growth(held, needed, free_blocks)
