@@ -19,11 +19,10 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
-
 from loraserve.bench.adapter_factory import AdapterFactory, LoraShape
 from loraserve.bench.engine_runner import BenchRequest, EngineBench, EngineLimits
 from loraserve.bench.models import bench_model_path
+from loraserve.bench.stub_device import StubbedForwards
 from loraserve.server.metrics import Metrics
 from loraserve.server.thread_cpu import thread_cpu_seconds
 
@@ -54,27 +53,6 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--repeats", type=int, default=3, help="timed runs per mode")
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
-
-
-class StubbedForwards:
-    """Replaces an EngineBench executor's decode and prefill forwards with fixed logits
-    (rows, vocab); every other part of a step (plans, input buffers, sampling, events) runs as
-    it does. Counts the decode forwards, so a run can prove every step went through the stub."""
-
-    def __init__(self, bench: EngineBench, vocab: int) -> None:
-        executor = bench.engine.scheduler.executor
-        self.decodes = 0
-        self._logits = torch.randn(bench.config.max_batch_size, vocab)  # (max_batch, vocab)
-        executor._decode_forward = self._decode_forward  # type: ignore[method-assign]
-        executor._prefill = self._prefill  # type: ignore[method-assign]
-        executor._graphs.clear()  # a captured graph would bypass the stub
-
-    def _decode_forward(self, batch: int, span: int, width: int, kinds=None) -> torch.Tensor:
-        self.decodes += 1
-        return self._logits[:batch]  # (batch, vocab)
-
-    def _prefill(self, plan, scoring=None, scored=None) -> torch.Tensor:
-        return self._logits[: len(plan.rows)]  # (rows, vocab)
 
 
 def _requests(args: argparse.Namespace, mode: str) -> list[BenchRequest]:
@@ -121,7 +99,8 @@ def _run(args: argparse.Namespace, modes: list[str], scratch: Path) -> list[dict
             factory = AdapterFactory(model_dir, LoraShape(rank=16))
             for i, adapter_dir in enumerate(factory.ensure(scratch / "ad", args.adapters)):
                 bench.register("bench", f"a{i}", adapter_dir)
-        stub = StubbedForwards(bench, min(args.vocab, bench.loaded.model.config.vocab_size))
+        vocab = min(args.vocab, bench.loaded.model.config.vocab_size)
+        stub = StubbedForwards(bench.engine, vocab, args.batch)
         return [measure(bench, stub, args, mode) for mode in modes]
     finally:
         bench.close()

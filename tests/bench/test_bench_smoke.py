@@ -136,3 +136,19 @@ def test_host_step_times_every_decode_step_through_the_stub(tmp_path: Path) -> N
     assert [r["mode"] for r in result["results"]] == ["base", "distinct"]
     for r in result["results"]:
         assert r["wall_us_per_step"] > 0 and r["cpu_us_per_step"] >= 0
+
+
+def test_grpc_overhead_compares_both_paths_on_the_stubbed_device(tmp_path: Path) -> None:
+    """The gRPC-overhead bench: both paths serve every request of both modes (it raises on a
+    failed request or a step that bypassed the stub) and report a ratio per mode."""
+    from loraserve.bench.grpc_overhead import main as grpc_overhead
+
+    out = tmp_path / "grpc_overhead.json"
+    argv = ["--requests", "8", "--concurrency", "4", "--tokens", "4", "--adapters", "2"]
+    result = grpc_overhead([*argv, "--repeats", "1", "--device-ms", "0.5", "--json", str(out)])
+    assert json.loads(out.read_text()) == result
+    assert [r["mode"] for r in result["results"]] == ["base", "distinct"]
+    for row in result["results"]:
+        assert row["grpc_over_in_process"] > 0
+        for path in ("in_process", "grpc"):
+            assert len(row[path]) == 1 and row[path][0]["tokens_per_s"] > 0
