@@ -31,7 +31,7 @@ class StubbedForwards:
             raise ValueError("the stub replaces the paged executor's forwards (a Llama model)")
         self.decodes = 0
         self._device_s = device_s
-        self._logits = torch.randn(max_rows, vocab)  # (max_rows, vocab)
+        self._logits = _text_logits(engine, vocab, max_rows)  # (max_rows, vocab)
         executor._decode_forward = self._decode_forward  # type: ignore[method-assign]
         executor._prefill = self._prefill  # type: ignore[method-assign]
         executor._graphs.clear()  # a captured graph would bypass the stub
@@ -47,3 +47,26 @@ class StubbedForwards:
             fed = sum(len(row.tokens) for row in plan.rows)
             time.sleep(self._device_s * max(1, -(-fed // PREFILL_TOKENS_PER_STEP)))
         return self._logits[: len(plan.rows)]  # (rows, vocab)
+
+
+def _text_logits(engine: Engine, vocab: int, rows: int) -> torch.Tensor:
+    """(rows, vocab) logits whose argmax in row r is a token that decodes to whole characters
+    on its own, a different one per row (in turn): the rows stream ordinary text. A token that
+    is one byte of a multi-byte character (a byte-level vocabulary has 128 of them) would keep
+    its row's text incomplete for good, and the detokenizer's window open, which real text
+    never does."""
+    tokenizer = engine.loaded.tokenizer
+    special = set(tokenizer.all_special_ids)
+    whole = [
+        token
+        for token in range(vocab)
+        if token not in special
+        and (text := tokenizer.decode([token])) != ""
+        and not text.endswith("\ufffd")
+    ]
+    if not whole:
+        raise ValueError("no token of the vocabulary decodes to whole characters")
+    logits = torch.zeros(rows, vocab)  # (rows, vocab)
+    for row in range(rows):
+        logits[row, whole[(row * 7919) % len(whole)]] = 1.0
+    return logits
