@@ -1,5 +1,5 @@
 #!/usr/bin/env bash
-# One prepared GPU run (about 8 minutes on an H200, estimated; GPU_CHECK_SKIP=grpc-switch saves
+# One prepared GPU run (about 8.5 minutes on an H200, estimated; GPU_CHECK_SKIP=grpc-switch saves
 # about one; run in the repo root on a CUDA machine): versions,
 # the CUDA parity tests (again with async_decode off), the kernel bench (bench/kernels.py:
 # multi-LoRA kernel variants and one whole decode step, base vs distinct adapters, sdpa vs triton
@@ -14,8 +14,9 @@
 # /tmp/gpu_check); the last thing printed is the table.
 #   GPU_CHECK_REPEATS (default 2) timed runs per bench mode;
 #   GPU_CHECK_SKIP=parity,parity-sync,kernels,bench,sync,grpc-switch,anchor,overlap,coldload,
-#   hoststep,server skips parts (grpc-switch: the gRPC part again with a 0.5 ms thread switch
-#   interval; hoststep: bench.host_step, the engine thread's host work per decode step);
+#   hoststep,grpcproxy,server skips parts (grpc-switch: the gRPC part again with a 0.5 ms thread
+#   switch interval; hoststep: bench.host_step, the engine thread's host work per decode step;
+#   grpcproxy: bench.grpc_overhead, gRPC against in process on a stubbed device, CPU only);
 #   GPU_CHECK_GRPC=0 drops the bench's gRPC part; PARITY_TIMEOUT / PARITY_SYNC_TIMEOUT /
 #   KERNELS_TIMEOUT / BENCH_TIMEOUT / SYNC_TIMEOUT / SWITCH_TIMEOUT / ANCHOR_TIMEOUT /
 #   OVERLAP_TIMEOUT cap each
@@ -144,6 +145,15 @@ if [[ ",$skip," != *",hoststep,"* ]]; then
   timeout "${HOSTSTEP_TIMEOUT:-60}" "$py" -m loraserve.bench.host_step > "$out/hoststep.log" 2>&1
   echo "hoststep exit $? in $((SECONDS - start)) s"
   tail -3 "$out/hoststep.log"
+fi
+
+if [[ ",$skip," != *",grpcproxy,"* ]]; then
+  echo "== gRPC / in-process on a stubbed 1.5 ms device (bench.grpc_overhead; CPU only, compare with the bench's gRPC part)"
+  start=$SECONDS
+  timeout "${GRPCPROXY_TIMEOUT:-120}" "$py" -m loraserve.bench.grpc_overhead --repeats 1 \
+    > "$out/grpcproxy.log" 2>&1
+  echo "grpcproxy exit $? in $((SECONDS - start)) s"
+  tail -3 "$out/grpcproxy.log"
 fi
 
 if [[ ",$skip," != *",server,"* ]]; then
