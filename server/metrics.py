@@ -22,6 +22,7 @@ from prometheus_client import (
 
 from loraserve.server.engine.accounting import EngineObserver, StepStats
 from loraserve.server.thread_cpu import ThreadCpuCollector
+from loraserve.server.token_gaps import TokenGapHistogram
 
 if TYPE_CHECKING:
     from loraserve.adapters.store import AdapterStore
@@ -78,11 +79,8 @@ class Metrics(EngineObserver):
             "Time from arrival to the first generated token.",
             ["tenant"], buckets=LATENCY_BUCKETS, registry=r,
         )  # fmt: skip
-        self.time_per_output_token = Histogram(
-            "loraserve_time_per_output_token_seconds",
-            "Time between consecutive generated tokens of one request.",
-            ["tenant"], buckets=LATENCY_BUCKETS, registry=r,
-        )  # fmt: skip
+        # Observed a step at a time (server/token_gaps.py): one bucket update per distinct gap.
+        self.time_per_output_token = TokenGapHistogram(r, LATENCY_BUCKETS)
         self.step_duration = Histogram(
             "loraserve_step_duration_seconds",
             "Duration of engine steps (forward and sampling), by kind (prefill, decode).",
@@ -261,8 +259,8 @@ class Metrics(EngineObserver):
         for tenant, tokens in tenant_tokens.items():
             self._child(self.generated_tokens, tenant).inc(tokens)
 
-    def on_token_gap(self, tenant: str, seconds: float) -> None:
-        self._child(self.time_per_output_token, tenant).observe(seconds)
+    def on_token_gaps(self, gaps: dict[tuple[str, float], int]) -> None:
+        self.time_per_output_token.observe(gaps)
 
     def on_residency(self, tenant_byte_seconds: dict[str, float]) -> None:
         for tenant, byte_seconds in tenant_byte_seconds.items():

@@ -72,8 +72,9 @@ class EngineObserver:
     def on_generated(self, tenant_tokens: dict[str, int]) -> None:
         """Tokens produced in one step, per tenant (also those of rows cancelled later)."""
 
-    def on_token_gap(self, tenant: str, seconds: float) -> None:
-        """Time between two consecutive tokens of one request."""
+    def on_token_gaps(self, gaps: dict[tuple[str, float], int]) -> None:
+        """One step's times between two consecutive tokens of a request: (tenant, seconds) ->
+        how many of the step's rows had that gap (rows read together share it exactly)."""
 
     def on_residency(self, tenant_byte_seconds: dict[str, float]) -> None:
         """Device bytes held by each tenant's adapters, times the seconds they were held."""

@@ -788,18 +788,29 @@ class Scheduler:
         finished requests."""
         now = time.monotonic()
         produced: dict[str, int] = {}
-        for seq, entry in zip(batch, entries or [None] * len(batch), strict=True):
-            if entry is not None:
-                seq.logprobs.append(entry)
+        since: dict[tuple[str, float], int] = {}
+        """(tenant, previous token's time) -> rows: the rows read together share their gap."""
+        if entries is not None:
+            for seq, entry in zip(batch, entries, strict=True):
+                if entry is not None:
+                    seq.logprobs.append(entry)
         for seq, token in zip(batch, tokens, strict=True):
+            tenant = seq.request.tenant
             if not seq.generated:
                 seq.first_token_time = now
             else:
-                self._observer.on_token_gap(seq.request.tenant, now - seq.last_token_time)
+                key = (tenant, seq.last_token_time)
+                since[key] = since.get(key, 0) + 1
             seq.last_token_time = now
             seq.generated.append(token)
-            produced[seq.request.tenant] = produced.get(seq.request.tenant, 0) + 1
+            produced[tenant] = produced.get(tenant, 0) + 1
         # Counted before any response goes out, so metrics never lag what clients saw.
+        if since:
+            gaps: dict[tuple[str, float], int] = {}
+            for (tenant, last), rows in since.items():
+                gap = (tenant, now - last)
+                gaps[gap] = gaps.get(gap, 0) + rows
+            self._observer.on_token_gaps(gaps)
         self._observer.on_generated(produced)
         eos_ids = self._loaded.eos_token_ids
         for seq, token in zip(batch, tokens, strict=True):

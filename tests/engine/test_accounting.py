@@ -40,6 +40,12 @@ class Recorder(EngineObserver):
     def __init__(self) -> None:
         self.steps: list[StepStats] = []
         self.generated: dict[str, int] = {}
+        self.gaps: dict[str, list[float]] = {}
+
+    def on_token_gaps(self, gaps: dict[tuple[str, float], int]) -> None:
+        for (tenant, seconds), rows in gaps.items():
+            assert seconds >= 0 and rows >= 1
+            self.gaps.setdefault(tenant, []).extend([seconds] * rows)
 
     def on_step(self, stats: StepStats) -> None:
         self.steps.append(stats)
@@ -78,6 +84,13 @@ def test_engine_attribution_adds_up_to_busy_time(model_cache: Path, tmp_path: Pa
     # Each request's usage carries its own share; the shares of all requests are the busy time.
     per_request = math.fsum(f.usage.compute_seconds for _, f in finishes)
     assert per_request == pytest.approx(busy, rel=1e-9)
+    # One gap per token after each request's first: 23 + 15 for heavy, 3 for light.
+    assert {t: len(g) for t, g in recorder.gaps.items()} == {"heavy": 38, "light": 3}
+    assert recorder.generated == {"heavy": 40, "light": 4}
+    # A request's gaps add up to its time from first to last token.
+    light = finishes[2][1].usage
+    light_span = light.total_seconds - light.time_to_first_token_seconds
+    assert math.fsum(recorder.gaps["light"]) == pytest.approx(light_span, abs=1e-6)
     assert per_tenant["heavy"] > per_tenant["light"] > 0
     # Generated-token counts match what the requests got.
     for tenant in ("heavy", "light"):
