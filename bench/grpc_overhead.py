@@ -38,8 +38,13 @@ from loraserve.bench.models import bench_model_path
 from loraserve.bench.stub_device import StubbedForwards
 from loraserve.server.metrics import Metrics
 from loraserve.server.tenants import DEV_TENANT
+from loraserve.server.thread_cpu import thread_cpu_seconds
 
 MODES = ("base", "distinct")
+ENGINE = "loraserve-engine"
+LOOP = "loraserve-server"
+"""Thread labels (server.thread_cpu): the engine threads, the server's event loop
+(BackgroundServer's thread)."""
 PROMPT = "Tell me about the weather in the mountains today"
 STUB_VOCAB = 1024
 """The stub logits' width (sampling on the device costs little on a GPU; keep it small here)."""
@@ -131,6 +136,12 @@ def _in_process_run(bench: EngineBench, args: argparse.Namespace, names: list[st
     return sum(r.completion_tokens for r in result.requests) / result.wall_s
 
 
+def _cpu_since(before: dict[str, float]) -> dict[str, float]:
+    """CPU seconds per thread label since `before` (server.thread_cpu)."""
+    now = thread_cpu_seconds()
+    return {label: seconds - before.get(label, 0.0) for label, seconds in now.items()}
+
+
 def _decode_step_ms(engine) -> tuple[int, float]:
     scheduler = engine.scheduler
     return scheduler.decode_steps, scheduler.decode_seconds
@@ -179,13 +190,23 @@ def _measure(args: argparse.Namespace, scratch: Path) -> list[dict]:
             for _ in range(args.repeats):  # alternated, so drift hits both alike
                 for path, engine in (("in_process", bench.engine), ("grpc", served.engine)):
                     steps0, seconds0 = _decode_step_ms(engine)
+                    cpu0 = thread_cpu_seconds()
                     if path == "grpc":
                         rate = _grpc_run(args, server.target, names)
                     else:
                         rate = _in_process_run(bench, args, names)
+                    cpu = _cpu_since(cpu0)
                     steps, seconds = _decode_step_ms(engine)
-                    step_ms = (seconds - seconds0) / max(steps - steps0, 1) * 1e3
-                    row[path].append({"tokens_per_s": rate, "decode_step_ms": step_ms})
+                    steps -= steps0
+                    row[path].append(
+                        {
+                            "tokens_per_s": rate,
+                            "decode_step_ms": (seconds - seconds0) / max(steps, 1) * 1e3,
+                            # The other engine idles meanwhile: the label's CPU is this one's.
+                            "engine_cpu_us_per_step": cpu.get(ENGINE, 0.0) / max(steps, 1) * 1e6,
+                            "loop_cpu_ms_per_request": cpu.get(LOOP, 0.0) / len(names) * 1e3,
+                        }
+                    )
             best = {p: max(row[p], key=lambda r: r["tokens_per_s"]) for p in ("in_process", "grpc")}
             row["grpc_over_in_process"] = (
                 best["grpc"]["tokens_per_s"] / best["in_process"]["tokens_per_s"]
@@ -226,13 +247,17 @@ def main(argv: list[str] | None = None) -> dict:
     for row in results:
         runs = {
             p: ", ".join(
-                f"{r['tokens_per_s']:.0f} tok/s ({r['decode_step_ms']:.2f} ms/step)" for r in row[p]
+                f"{r['tokens_per_s']:.0f} tok/s ({r['decode_step_ms']:.2f} ms/step, engine "
+                f"{r['engine_cpu_us_per_step']:.0f} us CPU/step)"
+                for r in row[p]
             )
             for p in ("in_process", "grpc")
         }
+        loop = ", ".join(f"{r['loop_cpu_ms_per_request']:.2f}" for r in row["grpc"])
         print(
-            f"  {row['mode']:<9} gRPC / in-process {row['grpc_over_in_process']:.3f}   "
-            f"in-process {runs['in_process']}   gRPC {runs['grpc']}"
+            f"  {row['mode']:<9} gRPC / in-process {row['grpc_over_in_process']:.3f}\n"
+            f"    in-process {runs['in_process']}\n    gRPC {runs['grpc']}\n"
+            f"    gRPC server's event loop: {loop} ms CPU per request"
         )
     result = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
     if args.json is not None:

@@ -152,3 +152,5 @@ def test_grpc_overhead_compares_both_paths_on_the_stubbed_device(tmp_path: Path)
         assert row["grpc_over_in_process"] > 0
         for path in ("in_process", "grpc"):
             assert len(row[path]) == 1 and row[path][0]["tokens_per_s"] > 0
+            assert row[path][0]["engine_cpu_us_per_step"] >= 0
+        assert row["grpc"][0]["loop_cpu_ms_per_request"] >= 0
