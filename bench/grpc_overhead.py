@@ -142,7 +142,7 @@ def _cpu_since(before: dict[str, float]) -> dict[str, float]:
     return {label: seconds - before.get(label, 0.0) for label, seconds in now.items()}
 
 
-def _decode_step_ms(engine) -> tuple[int, float]:
+def _decode_totals(engine) -> tuple[int, float]:
     scheduler = engine.scheduler
     return scheduler.decode_steps, scheduler.decode_seconds
 
@@ -189,14 +189,14 @@ def _measure(args: argparse.Namespace, scratch: Path) -> list[dict]:
             row: dict = {"mode": mode, "in_process": [], "grpc": []}
             for _ in range(args.repeats):  # alternated, so drift hits both alike
                 for path, engine in (("in_process", bench.engine), ("grpc", served.engine)):
-                    steps0, seconds0 = _decode_step_ms(engine)
+                    steps0, seconds0 = _decode_totals(engine)
                     cpu0 = thread_cpu_seconds()
                     if path == "grpc":
                         rate = _grpc_run(args, server.target, names)
                     else:
                         rate = _in_process_run(bench, args, names)
                     cpu = _cpu_since(cpu0)
-                    steps, seconds = _decode_step_ms(engine)
+                    steps, seconds = _decode_totals(engine)
                     steps -= steps0
                     row[path].append(
                         {

@@ -83,17 +83,20 @@ GraphKey = tuple[int, int, int, frozenset[str] | None]
 """(batch bucket, KV span bucket, page-table width, adapter kinds: ATTENTION_KINDS or None)."""
 
 
-def staging_arrays(buf: torch.Tensor, layout: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
-    """NumPy views of a host staging buffer's sections, sharing its memory: tokens, positions,
-    valid, feeds (m,) each, block tables (m, nb), page tables (m, np_), for layout (m, nb, np_).
-    The host fills a step's inputs with a few array writes where torch would dispatch a dozen
-    small ops."""
+def buffer_sections(buf: torch.Tensor, layout: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
+    """Views of one staging buffer (host or device) for layout (m, nb, np_): tokens, positions,
+    valid, feeds (m,) each, block tables (m, nb), page tables (m, np_)."""
     m, nb, np_ = layout
-    flat = buf.numpy()  # (size,) int64
-    sections = tuple(flat[i * m : (i + 1) * m] for i in range(4))  # 4 x (m,)
-    blocks = flat[4 * m : 4 * m + m * nb].reshape(m, nb)  # (m, nb)
-    pages = flat[4 * m + m * nb :].reshape(m, np_)  # (m, np_)
-    return (*sections, blocks, pages)
+    tokens, positions, valid, feeds = (buf[i * m : (i + 1) * m] for i in range(4))  # (m,) each
+    blocks = buf[4 * m : 4 * m + m * nb].view(m, nb)  # (m, nb)
+    pages = buf[4 * m + m * nb :].view(m, np_)  # (m, np_)
+    return tokens, positions, valid, feeds, blocks, pages
+
+
+def staging_arrays(buf: torch.Tensor, layout: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
+    """buffer_sections of a host buffer as NumPy arrays sharing its memory: the host fills a
+    step's inputs with a few array writes where torch would dispatch a dozen small ops."""
+    return tuple(section.numpy() for section in buffer_sections(buf, layout))
 
 
 def stage_decode(
@@ -314,17 +317,10 @@ class PagedExecutor:
 
     # ---- static buffer views -----------------------------------------------------------------
 
-    def _views(self, buf: torch.Tensor):
-        m, nb, np_ = self._layout
-        tokens, positions, valid, feeds = (buf[i * m : (i + 1) * m] for i in range(4))
-        blocks = buf[4 * m : 4 * m + m * nb].view(m, nb)
-        pages = buf[4 * m + m * nb :].view(m, np_)
-        return tokens, positions, valid, feeds, blocks, pages
-
     def _decode_inputs(
         self, batch: int, span: int, width: int, kinds: frozenset[str] | None = None
     ) -> StepInputs:
-        tokens, positions, valid, feeds, blocks, pages = self._views(self._dev)
+        tokens, positions, valid, feeds, blocks, pages = buffer_sections(self._dev, self._layout)
         fed = feeds[:batch]  # (batch,): -1, or the row of the previous step's output
         # A fault code of the previous step (< 0) is clamped: that row's output is discarded.
         previous = self._prev.index_select(0, fed.clamp(min=0)).clamp(min=0)  # (batch,)
