@@ -136,6 +136,45 @@ def _padded_table(entries: list[tuple[int, ...]], width: int) -> np.ndarray:
     return np.asarray(flat, dtype=np.int64).reshape(len(entries), width)
 
 
+def prefill_sections(
+    buf: torch.Tensor, batch: int, seq: int, span: int
+) -> tuple[torch.Tensor, ...]:
+    """Views of a prefill group's staging buffer (stage_prefill; host or device): token ids,
+    positions and validity (batch, seq) each, block tables (batch, span), page tables
+    (batch, width >= 1), and each row's last fed column (batch,)."""
+    cells = batch * seq
+    ids, positions, valid = (buf[i * cells : (i + 1) * cells].view(batch, seq) for i in range(3))
+    blocks = buf[3 * cells : 3 * cells + batch * span].view(batch, span)
+    pages = buf[3 * cells + batch * span : buf.shape[0] - batch].view(batch, -1)
+    last = buf[buf.shape[0] - batch :]
+    return ids, positions, valid, blocks, pages, last
+
+
+def stage_prefill(
+    rows: list[RowPlan], seq: int, span: int, width: int, *, pin: bool
+) -> torch.Tensor:
+    """A prefill group's inputs in one int64 host buffer (pinned when `pin`), laid out as
+    prefill_sections reads them: rows right-padded to `seq` (token 0, position 0, not valid),
+    block tables cut or padded to `span`, page tables padded to max(width, 1) with the zero
+    page. Filled through NumPy views: a few array writes per row, not a torch op per field."""
+    batch = len(rows)
+    total = batch * (3 * seq + span + max(width, 1) + 1)
+    buf = torch.zeros(total, dtype=torch.long, pin_memory=pin)  # (total,)
+    ids, positions, valid, blocks, pages, last = (
+        section.numpy() for section in prefill_sections(buf, batch, seq, span)
+    )
+    for b, r in enumerate(rows):
+        n = len(r.tokens)
+        ids[b, :n] = r.tokens
+        positions[b, :n] = np.arange(r.start, r.start + n)
+        valid[b, :n] = 1
+        used = r.blocks[:span]
+        blocks[b, : len(used)] = used
+        pages[b, : len(r.pages)] = r.pages
+        last[b] = n - 1
+    return buf
+
+
 def batch_buckets(max_batch_size: int) -> list[int]:
     buckets = [b for b in BATCH_BUCKETS if b < max_batch_size]
     b = 48
@@ -513,34 +552,26 @@ class PagedExecutor:
     ) -> None:
         rows = [plan.rows[i] for i in group]
         device = self._loaded.device
-        batch, seq = len(rows), max(len(r.tokens) for r in rows)
+        seq = max(len(r.tokens) for r in rows)
         span = max(blocks_for(r.start + len(r.tokens)) for r in rows)
         width = max(len(r.pages) for r in rows)
-        ids = torch.zeros((batch, seq), dtype=torch.long)  # (batch, seq), right-padded
-        positions = torch.zeros((batch, seq), dtype=torch.long)
-        valid = torch.zeros((batch, seq), dtype=torch.bool)
-        blocks = torch.zeros((batch, span), dtype=torch.long)
-        pages = torch.zeros((batch, max(width, 1)), dtype=torch.long)
-        for b, r in enumerate(rows):
-            n = len(r.tokens)
-            ids[b, :n] = torch.tensor(r.tokens)
-            positions[b, :n] = torch.arange(r.start, r.start + n)
-            valid[b, :n] = True
-            used = r.blocks[:span]
-            blocks[b, : len(used)] = torch.tensor(used, dtype=torch.long)
-            if r.pages:
-                pages[b, : len(r.pages)] = torch.tensor(r.pages, dtype=torch.long)
+        pin = device.type == "cuda"
+        host = stage_prefill(rows, seq, span, width, pin=pin)  # (total,) int64
+        # One queued copy: a copy from pageable memory would wait for the decode step still on
+        # the device (async_decode) before this prefill could even start launching.
+        dev = host.to(device, non_blocking=pin)
+        ids, positions, valid, blocks, pages, last = prefill_sections(dev, len(rows), seq, span)
         kinds = self._model.lora_index.kinds_for(p for r in rows for p in r.pages)
         step = StepInputs(
-            input_ids=ids.to(device),
-            positions=positions.to(device),
-            block_tables=blocks.to(device),
-            valid=valid.to(device),
-            page_table=pages.to(device) if width and kinds and self._has_stacks() else None,
+            input_ids=ids,
+            positions=positions,
+            block_tables=blocks,
+            valid=valid != 0,
+            page_table=pages if width and kinds and self._has_stacks() else None,
             lora_kinds=kinds,
         )
         hidden = self._model(step, self.kv)  # (batch, seq, hidden)
-        last = torch.tensor([len(r.tokens) - 1 for r in rows], device=device)
+        batch = len(rows)
         logits = self._model.logits(hidden[torch.arange(batch, device=device), last])
         for b, i in enumerate(group):
             out[i] = logits[b]

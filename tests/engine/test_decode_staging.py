@@ -1,11 +1,16 @@
-"""The decode step's host staging (server.engine.executor.stage_decode): what one step writes
-into the int64 buffer its single host-to-device copy sends."""
+"""The steps' host staging (server.engine.executor.stage_decode, stage_prefill): what one step
+writes into the int64 buffer its single host-to-device copy sends."""
 
 from __future__ import annotations
 
 import torch
 
-from loraserve.server.engine.executor import stage_decode, staging_arrays
+from loraserve.server.engine.executor import (
+    prefill_sections,
+    stage_decode,
+    stage_prefill,
+    staging_arrays,
+)
 from loraserve.server.engine.planner import RowPlan
 
 LAYOUT = (4, 3, 2)  # (max rows, blocks per row, pages per row)
@@ -68,3 +73,42 @@ def test_a_second_step_overwrites_the_first() -> None:
     assert arrays[0][:2].tolist() == [9, 0] and arrays[2][:2].tolist() == [1, 0]
     assert arrays[4][:2].tolist() == [[1, 0, 0], [0, 0, 0]]
     assert arrays[5][:2].tolist() == [[0, 0], [0, 0]]
+
+
+def _prefill_row(slot: int, tokens: tuple[int, ...], start: int, blocks, pages=()) -> RowPlan:
+    return RowPlan(slot=slot, tokens=tokens, start=start, blocks=blocks, pages=pages, feed=-1)
+
+
+def test_prefill_rows_are_right_padded_and_tables_cut_to_the_span() -> None:
+    rows = [
+        _prefill_row(0, (5, 6, 7), start=16, blocks=(3, 4, 9), pages=(2,)),
+        _prefill_row(1, (8,), start=0, blocks=(1,)),
+    ]
+    buf = stage_prefill(rows, seq=3, span=2, width=1, pin=False)
+    ids, positions, valid, blocks, pages, last = (
+        s.tolist() for s in prefill_sections(buf, batch=2, seq=3, span=2)
+    )
+    assert ids == [[5, 6, 7], [8, 0, 0]]
+    assert positions == [[16, 17, 18], [0, 0, 0]]
+    assert valid == [[1, 1, 1], [1, 0, 0]]
+    assert blocks == [[3, 4], [1, 0]]  # a block past the span is not sent; short rows pad 0
+    assert pages == [[2], [0]]  # no adapter: the zero page
+    assert last == [2, 0]  # each row's last fed column: where its next token's logits are
+    assert buf.numel() == 2 * (3 * 3 + 2 + 1 + 1)
+
+
+def test_prefill_without_adapters_still_has_a_page_column() -> None:
+    rows = [_prefill_row(0, (1, 2), start=0, blocks=(7,))]
+    sections = prefill_sections(stage_prefill(rows, 2, 1, 0, pin=False), 1, 2, 1)
+    assert sections[4].shape == (1, 1) and sections[4].tolist() == [[0]]
+    assert sections[5].tolist() == [1]
+
+
+def test_prefill_sections_of_a_copy_read_the_same_values() -> None:
+    # The executor slices the device copy with the same function as the host fill.
+    rows = [_prefill_row(0, (4, 5), start=2, blocks=(6,), pages=(3, 1))]
+    host = stage_prefill(rows, 2, 1, 2, pin=False)
+    copy = host.clone()
+    for a, b in zip(prefill_sections(host, 1, 2, 1), prefill_sections(copy, 1, 2, 1), strict=True):
+        assert a.tolist() == b.tolist()
+    assert prefill_sections(copy, 1, 2, 1)[4].tolist() == [[3, 1]]
