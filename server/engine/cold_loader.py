@@ -145,18 +145,22 @@ def lay_out(
     ]
     total = sum(width * (d_in + d_out) for _, d_in, d_out in shapes)
     arena = torch.empty(total, dtype=dtype, pin_memory=pin)  # (total,)
+    scale = weights.config.scale
     for names, a_all, b_all in _shape_blocks(arena, shapes, n, page_rank):
         m, d_out = len(names), b_all.shape[2]
+        # Each pass over an adapter's bytes costs a cold load milliseconds on a server core,
+        # so every write below is also the conversion to the pages' dtype (cast on store).
         a_rows = a_all.view(m, width, -1)  # (m, n * page_rank, d_in)
-        a_rows[:, :rank].copy_(torch.stack([weights.modules[name][0] for name in names]))
+        torch.stack([weights.modules[name][0] for name in names], out=a_rows[:, :rank])
         a_rows[:, rank:].zero_()
-        # (m, d_out, r) float32, the scale folded in, zero columns up to whole pages.
-        scaled = torch.stack([weights.modules[name][1] for name in names]).float()
-        scaled = scaled * weights.config.scale
+        b = torch.stack([weights.modules[name][1] for name in names])  # (m, d_out, r)
+        if b.dtype != torch.float32:
+            b = b.float()
         if rank < width:
-            scaled = torch.nn.functional.pad(scaled, (0, width - rank))  # (m, d_out, width)
-        # b_all[k, p, :, j] holds column p * page_rank + j of module k's B.
-        b_all.permute(0, 2, 1, 3).copy_(scaled.view(m, d_out, n, page_rank))
+            b = torch.nn.functional.pad(b, (0, width - rank))  # (m, d_out, width), zero columns
+        # b_all[k, p, :, j] holds column p * page_rank + j of module k's B, times the scale:
+        # the product in float32 (as adapter_pages), rounded once as it is stored.
+        torch.mul(b.view(m, d_out, n, page_rank), scale, out=b_all.permute(0, 2, 1, 3))
     return arena, shapes
 
 
