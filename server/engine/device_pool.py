@@ -39,7 +39,7 @@ from loraserve.server.engine.cold_loader import (
     stage,
 )
 from loraserve.server.engine.device_copy import to_device
-from loraserve.server.engine.lora import MultiLoRALinear
+from loraserve.server.engine.lora import LoRAGroup, MemberPages, MultiLoRALinear
 from loraserve.server.engine.types import (
     AdapterKey,
     AdapterRef,
@@ -355,8 +355,18 @@ class DevicePool:
         # each (three per grouped layer with the live flags), hundreds per adapter on the
         # engine thread between two forwards.
         index = to_device(torch.tensor(pages, dtype=torch.long), self._layout.device)  # (n,)
+        page_list = list(pages)
+        grouped: dict[int, tuple[LoRAGroup, list[MemberPages]]] = {}
         for name, (a_pages, b_pages) in staged.modules.items():
-            self._layers[name].write_pages(list(pages), self.num_pages, a_pages, b_pages, index)
+            layer = self._layers[name]
+            if layer.group is None:
+                layer.write_pages(page_list, self.num_pages, a_pages, b_pages, index)
+            else:
+                grouped.setdefault(id(layer.group), (layer.group, []))[1].append(
+                    (layer, a_pages, b_pages)
+                )
+        for group, parts in grouped.values():
+            group.write_pages(page_list, self.num_pages, parts, index)
         self.commits += 1
         self.commit_seconds += time.monotonic() - started
         placement = Placement(pages=pages, rank=staged.rank)

@@ -1,0 +1,75 @@
+"""LoRAGroup.write_pages, the cold-load commit's write of one adapter's pages into a fused
+group: the same stacks, live flags, live index and member bookkeeping as writing each member's
+pages on its own (MultiLoRALinear.write_pages), with every member, some, or one alone."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from loraserve.server.engine.lora import LiveIndex, LoRAContext, LoRAGroup, MultiLoRALinear
+
+OUTS = (6, 2, 2)
+"""q, k, v widths: one wide member and two narrow ones (GQA)."""
+D_IN, PAGE_RANK, NUM_PAGES = 8, 2, 6
+
+
+def _group(outs: tuple[int, ...], reserve: bool) -> tuple[LoRAGroup, LiveIndex]:
+    torch.manual_seed(0)
+    context, index = LoRAContext(), LiveIndex()
+    members = [MultiLoRALinear(nn.Linear(D_IN, out), context=context) for out in outs]
+    group = LoRAGroup(members, kind="qkv", index=index)
+    if reserve:
+        group.reserve(NUM_PAGES, PAGE_RANK)
+    return group, index
+
+
+def _pages(member: MultiLoRALinear, n: int, seed: int) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(seed)
+    a = torch.randn(n, PAGE_RANK, member.in_features, generator=gen)  # (n, page_rank, d_in)
+    b = torch.randn(n, member.out_features, PAGE_RANK, generator=gen)  # (n, d_out, page_rank)
+    return a, b
+
+
+@pytest.mark.parametrize("reserve", [True, False])
+@pytest.mark.parametrize(
+    ("outs", "written"),
+    [(OUTS, (0, 1, 2)), (OUTS, (0, 2)), (OUTS, (1,)), ((6,), (0,))],
+    ids=["all members", "q and v", "k alone", "one-member group"],
+)
+def test_group_write_equals_member_writes(
+    reserve: bool, outs: tuple[int, ...], written: tuple[int, ...]
+) -> None:
+    grouped, grouped_index = _group(outs, reserve)
+    single, single_index = _group(outs, reserve)
+    pages = [4, 2]  # out of order: the index decides where each page lands
+    index = torch.tensor(pages)
+    for adapter_pages, seed in ((pages, 1), ([1], 2)):  # a second adapter beside the first
+        at = torch.tensor(adapter_pages)
+        parts = [
+            (grouped.members[j], *_pages(grouped.members[j], len(adapter_pages), seed + j))
+            for j in written
+        ]
+        generations = [m.generation for m in grouped.members]
+        grouped.write_pages(adapter_pages, NUM_PAGES, parts, at)
+        for j in written:
+            a, b = _pages(single.members[j], len(adapter_pages), seed + j)
+            single.members[j].write_pages(adapter_pages, NUM_PAGES, a, b, at)
+        for j, member in enumerate(grouped.members):
+            bumped = member.generation > generations[j]
+            if j in written:
+                assert bumped, "a written member's gathered pages must go stale"
+            elif reserve:
+                assert not bumped, "fixed stacks: an untouched member's gathers stay valid"
+    assert grouped.a is not None and single.a is not None
+    assert torch.equal(grouped.a, single.a) and torch.equal(grouped.b, single.b)
+    assert torch.equal(grouped.live, single.live)
+    assert grouped.live_pages == single.live_pages == {1, 2, 4}
+    assert grouped_index.kinds_for([2]) == single_index.kinds_for([2]) == {"qkv"}
+    for g, s in zip(grouped.members, single.members, strict=True):
+        assert g.occupied == s.occupied
+    # Members left out hold zeros on the adapter's pages: their rows get the base output.
+    for j, member in enumerate(grouped.members):
+        if j not in written:
+            assert member.lora_a is not None and not member.lora_a[index].any()
