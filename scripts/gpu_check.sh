@@ -14,8 +14,9 @@
 # /tmp/gpu_check); the last thing printed is the issue's table.
 #   GPU_CHECK_REPEATS (default 2) timed runs per bench mode;
 #   GPU_CHECK_SKIP=parity,parity-sync,kernels,bench,sync,grpc-switch,anchor,overlap,coldload,
-#   hoststep,grpcproxy,server skips parts (grpc-switch: the gRPC part again with a 0.5 ms thread
-#   switch interval; hoststep: bench.host_step, the engine thread's host work per decode step;
+#   commit,hoststep,grpcproxy,server skips parts (grpc-switch: the gRPC part again with a 0.5 ms
+#   thread switch interval; commit: bench.commit_cost, the engine thread's commit of one cold
+#   adapter, with room and evicting; hoststep: bench.host_step, the engine thread's host work per decode step;
 #   grpcproxy: bench.grpc_overhead, gRPC against in process on a stubbed device, CPU only);
 #   GPU_CHECK_GRPC=0 drops the bench's gRPC part; PARITY_TIMEOUT / PARITY_SYNC_TIMEOUT /
 #   KERNELS_TIMEOUT / BENCH_TIMEOUT / SYNC_TIMEOUT / SWITCH_TIMEOUT / ANCHOR_TIMEOUT /
@@ -137,6 +138,15 @@ if [[ ",$skip," != *",coldload,"* ]]; then
     --page-dtype bfloat16 > "$out/coldload.log" 2>&1
   echo "coldload exit $? in $((SECONDS - start)) s"
   grep -v "^ \\|^{\\|^}" "$out/coldload.log"; grep -A2 -E "\"(read|sha256|validate|stage)\"" "$out/coldload.log" | grep -v best | tr -s " \\n" " "; echo
+fi
+
+if [[ ",$skip," != *",commit,"* ]]; then
+  echo "== committing one cold adapter on the engine thread (16 layers' q/k/v/o groups, CUDA launches)"
+  start=$SECONDS
+  timeout "${COMMIT_TIMEOUT:-60}" "$py" -m loraserve.bench.commit_cost --size 1b --device cuda \
+    > "$out/commit.log" 2>&1
+  echo "commit exit $? in $((SECONDS - start)) s"
+  grep "^commit" "$out/commit.log"
 fi
 
 if [[ ",$skip," != *",hoststep,"* ]]; then

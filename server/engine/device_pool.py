@@ -469,8 +469,14 @@ class DevicePool:
             self._observer.on_adapter_cache("device", "eviction")
         entry = self._entries.pop(key)
         pages = list(entry.placement.pages)
+        index = to_device(torch.tensor(pages, dtype=torch.long), self._layout.device)  # (n,)
+        cleared: set[int] = set()
         for layer in self._layers.values():
-            layer.clear(pages)
+            if layer.group is None:
+                layer.clear(pages)
+            elif id(layer.group) not in cleared:  # a fused group once, for all its members
+                cleared.add(id(layer.group))
+                layer.group.clear_pages(pages, index)
         self._free.extend(pages)
         if not self._entries:
             for layer in self._layers.values():

@@ -432,6 +432,26 @@ class LoRAGroup:
             vars(member)["generation"] += 1
         self.sync_live(pages, index)
 
+    def clear_pages(self, pages: list[int], index: torch.Tensor) -> None:
+        """Zeroes one adapter's `pages` in every member (an eviction or a delete), as each
+        member's `clear` does, in one index_fill per factor and one live-flag update.
+
+        index: `pages` on the stacks' device, (n,). A page belongs to one adapter in every
+        layer, so the members it never targeted hold zeros there already."""
+        touched = [m for m in self.members if not m.occupied.isdisjoint(pages)]
+        if not touched:
+            return
+        assert self.a is not None and self.b is not None
+        cleared = sorted({p for m in touched for p in pages if p in m.occupied})
+        if cleared != sorted(pages):
+            index = to_device(torch.tensor(cleared, dtype=torch.long), self.a.device)  # (n,)
+        self.a.index_fill_(0, index, 0)
+        self.b.index_fill_(0, index, 0)
+        for member in touched:
+            member.occupied.difference_update(cleared)
+            vars(member)["generation"] += 1  # past nn.Module.__setattr__, as in write_pages
+        self.sync_live(cleared, index)
+
     def sync_live(self, pages: list[int], index: torch.Tensor | None = None) -> None:
         """Sets `live` for `pages` from the members' occupancy (after a write or a clear), on
         the current stream, so a step after the write sees the flag the write implies.

@@ -101,6 +101,16 @@ def test_cold_load_times_the_whole_load_and_its_parts(tmp_path: Path) -> None:
     assert result["beside_over_in_line"] > 0 and result["adapter_file_bytes"] > 0
 
 
+def test_commit_cost_times_commits_with_room_and_with_an_eviction_each() -> None:
+    from loraserve.bench.commit_cost import main as commit_cost
+
+    result = commit_cost(["--size", "tiny", "--adapters", "20"])
+    assert result["layers"] == 2 and result["modules"] == 8
+    for label in ("with_room", "evicting"):
+        timing = result[label]
+        assert timing["commits"] >= 1 and 0 < timing["best_us"] <= timing["median_us"]
+
+
 def test_detok_cost_times_both_algorithms_per_length() -> None:
     from loraserve.bench.detok_cost import main as detok_cost
 

@@ -1,6 +1,7 @@
-"""LoRAGroup.write_pages, the cold-load commit's write of one adapter's pages into a fused
-group: the same stacks, live flags, live index and member bookkeeping as writing each member's
-pages on its own (MultiLoRALinear.write_pages), with every member, some, or one alone."""
+"""LoRAGroup.write_pages and clear_pages: the cold-load commit and the eviction of one
+adapter's pages in a fused group. Each must leave the same stacks, live flags, live index and
+member bookkeeping as writing or clearing each member on its own (MultiLoRALinear.write_pages,
+.clear), with every member targeted, some, or one alone."""
 
 from __future__ import annotations
 
@@ -73,3 +74,44 @@ def test_group_write_equals_member_writes(
     for j, member in enumerate(grouped.members):
         if j not in written:
             assert member.lora_a is not None and not member.lora_a[index].any()
+
+
+@pytest.mark.parametrize("reserve", [True, False])
+@pytest.mark.parametrize("written", [(0, 1, 2), (0, 2), (1,)], ids=["all", "q and v", "k"])
+def test_group_clear_equals_member_clears(reserve: bool, written: tuple[int, ...]) -> None:
+    grouped, grouped_index = _group(OUTS, reserve)
+    single, single_index = _group(OUTS, reserve)
+    for group in (grouped, single):
+        for adapter_pages, seed in (([4, 2], 1), ([1], 2)):
+            at = torch.tensor(adapter_pages)
+            parts = [
+                (group.members[j], *_pages(group.members[j], len(adapter_pages), seed + j))
+                for j in written
+            ]
+            group.write_pages(adapter_pages, NUM_PAGES, parts, at)
+    generations = [m.generation for m in grouped.members]
+    grouped.clear_pages([4, 2], torch.tensor([4, 2]))
+    for member in single.members:
+        member.clear([4, 2])
+    assert grouped.a is not None and single.a is not None
+    assert torch.equal(grouped.a, single.a) and torch.equal(grouped.b, single.b)
+    assert not grouped.a[[4, 2]].any() and not grouped.b[[4, 2]].any()
+    assert grouped.a[1].any(), "the other adapter's page is untouched"
+    assert torch.equal(grouped.live, single.live)
+    assert grouped.live_pages == single.live_pages == {1}
+    assert grouped_index.kinds_for([2, 4]) == single_index.kinds_for([2, 4]) == frozenset()
+    assert grouped_index.kinds_for([1]) == {"qkv"}
+    for j, (g, s) in enumerate(zip(grouped.members, single.members, strict=True)):
+        assert g.occupied == s.occupied
+        assert (g.generation > generations[j]) == (j in written)
+
+
+def test_clearing_pages_no_member_holds_changes_nothing() -> None:
+    group, index = _group(OUTS, reserve=True)
+    at = torch.tensor([3])
+    group.write_pages([3], NUM_PAGES, [(group.members[0], *_pages(group.members[0], 1, 5))], at)
+    assert group.a is not None
+    before = group.a.clone(), [m.generation for m in group.members]
+    group.clear_pages([5], torch.tensor([5]))
+    assert torch.equal(group.a, before[0]) and [m.generation for m in group.members] == before[1]
+    assert index.kinds_for([3]) == {"qkv"}
