@@ -34,13 +34,19 @@ class AdapterWeights:
 
     config: LoraAdapterConfig
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
-    """Full module name -> (A (r, d_in), B (d_out, r)); float32, CPU, contiguous, finite
-    (views of one buffer holding the whole adapter, when loaded by load_adapter_weights)."""
+    """Full module name -> (A (r, d_in), B (d_out, r)); CPU, contiguous, finite; float32 (views
+    of one buffer holding the whole adapter, when loaded by load_adapter_weights), or, loaded
+    `as_stored`, in the file's own dtype: then read-only views of the file's bytes."""
 
     @property
     def nbytes(self) -> int:
         """Bytes held by all A and B tensors."""
         return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
+
+    @property
+    def numel(self) -> int:
+        """Elements of all A and B tensors (what the adapter takes in any dtype)."""
+        return sum(a.numel() + b.numel() for a, b in self.modules.values())
 
 
 def lora_keys(module_name: str) -> tuple[str, str]:
@@ -99,9 +105,19 @@ def _check_names_and_shapes(
 
 
 def load_adapter_weights(
-    config_bytes: bytes, weights_bytes: bytes, spec: BaseModelSpec, *, max_rank: int
+    config_bytes: bytes,
+    weights_bytes: bytes,
+    spec: BaseModelSpec,
+    *,
+    max_rank: int,
+    as_stored: bool = False,
 ) -> AdapterWeights:
     """Parse, check and load one adapter for the base model described by `spec`.
+
+    as_stored: a file of one dtype keeps it, the factors read-only views of `weights_bytes`
+    (which must then be `bytes`, immutable; anything else is copied): no conversion pass and
+    half the memory for a half-precision file, where the server only lays the factors out
+    again as pages (a cold load). Mixed dtypes still load as float32.
 
     Raise AdapterValidationError naming the file and key of the first problem found.
     """
@@ -115,7 +131,7 @@ def load_adapter_weights(
     # Every factor in one float32 buffer: one conversion and one finiteness pass for the whole
     # adapter, where a pass per tensor cost ten times as much (a 1B model's rank-16 q/k/v/o
     # adapter has 128 tensors); the factors are views of it.
-    views = _tensors_in_place(weights_bytes, headers)
+    views = _tensors_in_place(weights_bytes, headers, as_stored=as_stored)
     if views is not None:
         flat, factors = views
     else:  # mixed dtypes or unaligned offsets: let the library copy each tensor out
@@ -140,11 +156,12 @@ _TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloa
 
 
 def _tensors_in_place(
-    data: bytes | memoryview, headers: dict[str, TensorHeader]
+    data: bytes | memoryview, headers: dict[str, TensorHeader], *, as_stored: bool = False
 ) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
     """(The whole data buffer as float32 (elements,), each tensor as a view of it), read
-    straight from the file's bytes in one conversion; None unless every tensor has one dtype
-    and element-aligned offsets.
+    straight from the file's bytes in one conversion; as_stored, in the file's dtype and, for
+    immutable `bytes`, without any copy. None unless every tensor has one dtype and
+    element-aligned offsets.
 
     check_safetensors verified that the entries tile the data buffer exactly and the names and
     shapes were checked against the base model, so the buffer holds our factors and nothing
@@ -168,8 +185,12 @@ def _tensors_in_place(
         # The bytes are read-only; the conversion below copies, so nothing ever writes them.
         warnings.simplefilter("ignore", UserWarning)
         raw = torch.frombuffer(view, dtype=dtype, offset=data_start)  # (elements,)
-    # A float32 file converts to itself: clone, so the factors own their memory.
-    flat = raw.clone() if dtype == torch.float32 else raw.to(torch.float32)  # (elements,)
+    if as_stored:
+        # bytes cannot change under the views; any other buffer might, so it is copied.
+        flat = raw if isinstance(data, bytes) else raw.clone()  # (elements,)
+    else:
+        # A float32 file converts to itself: clone, so the factors own their memory.
+        flat = raw.clone() if dtype == torch.float32 else raw.to(torch.float32)  # (elements,)
     factors = {
         key: flat[h.start // itemsize : h.end // itemsize].view(h.shape)
         for key, h in headers.items()

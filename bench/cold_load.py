@@ -26,7 +26,6 @@ import torch
 
 from loraserve.adapters.spec import BaseModelSpec, TargetModule
 from loraserve.adapters.store import AdapterStore
-from loraserve.adapters.weights import load_adapter_weights
 from loraserve.bench.adapter_factory import DEFAULT_TARGETS, AdapterFactory, LoraShape
 from loraserve.bench.adapter_factory import target_shapes as adapter_target_shapes
 from loraserve.bench.engine_runner import upload_adapter_dir
@@ -130,13 +129,12 @@ def _main(args: argparse.Namespace, scratch: Path) -> dict:
 
     record = service.store.get_version(TENANT, keys[0].name, keys[0].version)
     files = service.store.read_unverified(record)
-    weights = load_adapter_weights(files.config, files.weights, spec, max_rank=config.max_lora_rank)
+    # As the server's cold load validates: the factors kept in the file's dtype.
+    weights = service.validate(files.config, files.weights, as_stored=True)
     parts: dict[str, Callable[[], object]] = {
         "read": lambda: service.store.read_unverified(record),
         "sha256": files.verify,
-        "validate": lambda: load_adapter_weights(
-            files.config, files.weights, spec, max_rank=config.max_lora_rank
-        ),
+        "validate": lambda: service.validate(files.config, files.weights, as_stored=True),
         "stage": lambda: stage(keys[0], weights, layout, None, time.monotonic()),
     }
     part_times: dict[str, dict[str, float]] = {}

@@ -377,9 +377,16 @@ class AdapterService:
                 f"progress (quota: {limits.max_adapter_bytes.describe()}); delete some first"
             )
 
-    def validate(self, config_bytes: bytes, weights_bytes: bytes) -> AdapterWeights:
+    def validate(
+        self, config_bytes: bytes, weights_bytes: bytes, *, as_stored: bool = False
+    ) -> AdapterWeights:
+        """load_adapter_weights against this server's base model and rank bound."""
         return load_adapter_weights(
-            config_bytes, weights_bytes, self.spec, max_rank=self._config.max_lora_rank
+            config_bytes,
+            weights_bytes,
+            self.spec,
+            max_rank=self._config.max_lora_rank,
+            as_stored=as_stored,
         )
 
     def on_replaced(self, record: AdapterRecord) -> None:
@@ -515,7 +522,9 @@ class AdapterService:
             # bytes are not the ones uploaded, so what validation says of them is moot).
             hashed = self._checksums.submit(files.verify)
             try:
-                weights = self.validate(files.config, files.weights)
+                # In the file's dtype: the engine only lays the factors out as pages in the
+                # model's dtype, so a float32 copy would be one more pass over every byte.
+                weights = self.validate(files.config, files.weights, as_stored=True)
             finally:
                 hashed.result()
             return weights

@@ -70,7 +70,10 @@ class StagedAdapter:
     key: AdapterKey
     rank: int
     host_nbytes: int
-    """Bytes of its float32 factors on the host (AdapterWeights.nbytes)."""
+    """Bytes of its factors on the host (AdapterWeights.nbytes)."""
+    numel: int
+    """Elements of its factors (AdapterWeights.numel): times the pages' itemsize, its bytes on
+    the device (pages' padding not counted)."""
     modules: dict[str, tuple[torch.Tensor, torch.Tensor]]
     """Module name -> A pages (n, page_rank, d_in), B pages (n, d_out, page_rank), on the
     device, in the layers' dtype: views of `arena`."""
@@ -192,6 +195,7 @@ def stage(
         key=key,
         rank=rank,
         host_nbytes=weights.nbytes,
+        numel=weights.numel,
         modules=page_views(arena, shapes, n, layout.page_rank),
         seconds=time.monotonic() - started,
         arena=arena,

@@ -370,7 +370,7 @@ class DevicePool:
         self.commits += 1
         self.commit_seconds += time.monotonic() - started
         placement = Placement(pages=pages, rank=staged.rank)
-        nbytes = staged.host_nbytes * self._itemsize // 4  # host weights are float32
+        nbytes = staged.numel * self._itemsize
         self._entries[key] = _Entry(
             key=key, placement=placement, nbytes=nbytes, pins=pins, doomed=doomed
         )

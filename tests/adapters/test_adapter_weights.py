@@ -1,7 +1,9 @@
-"""Loading PEFT-saved adapters into checked float32 tensors, and refusing every mismatch by key."""
+"""Loading PEFT-saved adapters into checked tensors (float32, or as stored for the server), and
+refusing every mismatch by key."""
 
 from __future__ import annotations
 
+import ctypes
 import warnings
 from collections.abc import Callable
 from pathlib import Path
@@ -23,13 +25,18 @@ Q0 = "base_model.model.model.layers.0.self_attn.q_proj"
 
 
 def load(
-    saved: SavedAdapter, *, config: bytes | None = None, weights: bytes | None = None
+    saved: SavedAdapter,
+    *,
+    config: bytes | None = None,
+    weights: bytes | None = None,
+    as_stored: bool = False,
 ) -> AdapterWeights:
     return load_adapter_weights(
         saved.config_bytes if config is None else config,
         saved.weights_bytes if weights is None else weights,
         saved.spec,
         max_rank=MAX_RANK,
+        as_stored=as_stored,
     )
 
 
@@ -309,3 +316,64 @@ def test_factors_do_not_share_memory_with_the_file_bytes(
     buffer[8 + length :] = bytes(len(buffer) - 8 - length)  # zero the whole data buffer
     for name, (a, b) in weights.modules.items():
         assert torch.equal(a, before[name][0]) and torch.equal(b, before[name][1])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
+def test_as_stored_keeps_the_file_dtype_as_views_of_its_bytes(
+    make_adapter: Callable, dtype: torch.dtype
+) -> None:
+    """The server's cold load: no conversion pass; the values are the file's, in its dtype,
+    read in place from the immutable bytes (which the views keep alive)."""
+    saved = make_adapter("llama")
+    stored = {k: v.to(dtype) for k, v in saved.tensors().items()}
+    data = saved.with_tensors(stored)
+    weights = load(saved, weights=data, as_stored=True)
+    converted = load(saved, weights=data)
+    begin = ctypes.cast(ctypes.c_char_p(data), ctypes.c_void_p).value  # the bytes' buffer
+    assert begin is not None
+    for name, (a, b) in weights.modules.items():
+        key_a, key_b = lora_keys(name)
+        assert a.dtype == b.dtype == dtype and a.is_contiguous() and b.is_contiguous()
+        assert torch.equal(a, stored[key_a]) and torch.equal(b, stored[key_b])
+        assert torch.equal(a.float(), converted.modules[name][0])
+        for factor in (a, b):
+            assert begin <= factor.data_ptr() < begin + len(data), "a view of the bytes, no copy"
+    assert weights.numel == converted.numel
+    assert weights.nbytes == converted.nbytes * dtype.itemsize // 4
+
+
+def test_as_stored_copies_a_buffer_that_could_change(make_adapter: Callable) -> None:
+    saved = make_adapter("llama")
+    stored = {k: v.to(torch.bfloat16) for k, v in saved.tensors().items()}
+    buffer = bytearray(saved.with_tensors(stored))
+    weights = load(saved, weights=buffer, as_stored=True)  # type: ignore[arg-type]
+    before = {name: (a.clone(), b.clone()) for name, (a, b) in weights.modules.items()}
+    length = int.from_bytes(buffer[:8], "little")
+    buffer[8 + length :] = bytes(len(buffer) - 8 - length)
+    for name, (a, b) in weights.modules.items():
+        assert a.dtype == torch.bfloat16
+        assert torch.equal(a, before[name][0]) and torch.equal(b, before[name][1])
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_as_stored_still_refuses_non_finite_half_precision(
+    make_adapter: Callable, bad: float
+) -> None:
+    saved = make_adapter("llama")
+    stored = {k: v.to(torch.bfloat16) for k, v in saved.tensors().items()}
+    key = sorted(stored)[3]
+    stored[key] = stored[key].clone()
+    stored[key].view(-1)[5] = bad
+    with pytest.raises(AdapterValidationError, match="NaN or Inf"):
+        load(saved, weights=saved.with_tensors(stored), as_stored=True)
+
+
+def test_as_stored_loads_mixed_dtypes_as_float32(make_adapter: Callable) -> None:
+    saved = make_adapter("llama")
+    stored = {
+        key: t.to((torch.bfloat16, torch.float32)[i % 2])
+        for i, (key, t) in enumerate(sorted(saved.tensors().items()))
+    }
+    weights = load(saved, weights=saved.with_tensors(stored), as_stored=True)
+    for a, b in weights.modules.values():
+        assert a.dtype == b.dtype == torch.float32

@@ -45,7 +45,7 @@ def test_staged_pages_are_the_reference_pages(
     staged = stage(AdapterKey("t", "a", 1, rank=rank), weights, layout, None, time.monotonic())
     n = -(-rank // page_rank)
     assert staged.rank == rank and list(staged.modules) == list(SHAPES)
-    assert staged.host_nbytes == weights.nbytes
+    assert staged.host_nbytes == weights.nbytes and staged.numel == weights.numel
     for name, (lora_a, lora_b) in weights.modules.items():
         want_a, want_b = adapter_pages(lora_a, lora_b, weights.config.scale, page_rank, n, dtype)
         a_pages, b_pages = staged.modules[name]

@@ -549,6 +549,7 @@ def test_load_hashes_on_a_helper_thread_while_the_caller_validates(
     import threading
 
     from loraserve.adapters.store import StoredFiles
+    from loraserve.adapters.weights import AdapterWeights
 
     record = _upload(h, adapter_files)
     verified_on: list[str] = []
@@ -559,9 +560,12 @@ def test_load_hashes_on_a_helper_thread_while_the_caller_validates(
         verified_on.append(threading.current_thread().name)
         verify(files)
 
-    def recording_validate(config: bytes, weights: bytes):  # type: ignore[no-untyped-def]
+    def recording_validate(
+        config: bytes, weights: bytes, *, as_stored: bool = False
+    ) -> AdapterWeights:
         validated_on.append(threading.current_thread().name)
-        return validate(config, weights)
+        assert as_stored, "a load keeps the file's dtype: no float32 copy"
+        return validate(config, weights, as_stored=as_stored)
 
     monkeypatch.setattr(StoredFiles, "verify", recording_verify)
     monkeypatch.setattr(h.service, "validate", recording_validate)
