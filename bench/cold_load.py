@@ -1,10 +1,11 @@
 """What one cold adapter load costs the host, without a model (run by hand, not a test).
 
 A cold load reads the stored files, checks their sha256 against the upload's, validates the
-tensors against the base model and lays them out as device pages (`AdapterService.load`, then
-`cold_loader.stage`). This times that path for a bench model size's adapter shapes: the whole
-load, each part alone, and the load with its checksum beside validation (what the server does)
-against one with the checksum in line, alternated in one run. The base model is described from
+tensors against the base model and lays them out as device pages (`AdapterService.load` with
+`cold_loader.stage` beside its checksum, as the cold loader runs them). This times that path for
+a bench model size's adapter shapes: the whole load, each part alone, and the load with its
+checksum beside validation and staging (what the server does) against one with the checksum in
+line, alternated in one run. The base model is described from
 the size's shapes alone, so `--size 1b` needs no 1b checkpoint.
 
     python -m loraserve.bench.cold_load --size 1b --storage bfloat16
@@ -113,8 +114,16 @@ def _main(args: argparse.Namespace, scratch: Path) -> dict:
     layout = PageLayout(8, page_dtype, torch.device("cpu"))
 
     def load(key: AdapterKey) -> float:
+        """One cold load as the cold loader runs it: pages laid out beside the checksum."""
         started = time.perf_counter()
-        stage(key, service.load(key), layout, None, time.monotonic())
+        staged: list[object] = []
+        service.load(
+            key,
+            beside_checksum=lambda weights: staged.append(
+                stage(key, weights, layout, None, time.monotonic())
+            ),
+        )
+        assert staged, "a read from disk stages beside the checksum"
         return time.perf_counter() - started
 
     for key in keys:
@@ -157,7 +166,8 @@ def _main(args: argparse.Namespace, scratch: Path) -> dict:
     }
     log.info(
         "%s rank-%d %s adapter, %.1f MB stored as %s: a cold load (read, checksum, validate, "
-        "stage) %.1f ms with the checksum beside validation, %.1f ms in line (medians; %.3fx)",
+        "stage) %.1f ms with the checksum beside validation and staging, %.1f ms in line "
+        "(medians; %.3fx)",
         args.size,
         args.rank,
         "/".join(t.removesuffix("_proj") for t in targets),

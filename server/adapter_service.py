@@ -511,8 +511,19 @@ class AdapterService:
             ) from exc
         return key_of(record)
 
-    def load(self, key: AdapterKey) -> AdapterWeights:
-        """Reads, checksums and validates one adapter version (engine loader)."""
+    def load(
+        self,
+        key: AdapterKey,
+        *,
+        beside_checksum: Callable[[AdapterWeights], None] | None = None,
+    ) -> AdapterWeights:
+        """Reads, checksums and validates one adapter version (engine loader).
+
+        beside_checksum: work on the validated weights that may run while the checksum is
+        still being computed (the cold loader lays the pages out and starts their copy to the
+        device); what it makes must not be used unless this call returns, since a checksum
+        mismatch raises here after it.
+        """
         try:
             record = self.store.get_version(key.tenant, key.name, key.version)
             files = self.store.read_unverified(record)
@@ -525,6 +536,8 @@ class AdapterService:
                 # In the file's dtype: the engine only lays the factors out as pages in the
                 # model's dtype, so a float32 copy would be one more pass over every byte.
                 weights = self.validate(files.config, files.weights, as_stored=True)
+                if beside_checksum is not None:
+                    beside_checksum(weights)
             finally:
                 hashed.result()
             return weights

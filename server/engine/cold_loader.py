@@ -6,7 +6,8 @@ adapter and the batch keeps decoding while a loader thread
 
 1. reads it through the host tier (disk read, checksum and validation on a miss),
 2. lays it out as the layers' pages (padding to whole pages, scale folded into B, the model's
-   dtype) in ONE host buffer, pinned on CUDA, and
+   dtype) in ONE host buffer, pinned on CUDA (on a disk read while the checksum is still
+   being computed: nothing staged is kept unless it matched), and
 3. copies that buffer to the device in one copy: on CUDA on the loader's own stream, with an
    event recorded after the copy, so the copy overlaps the engine's forwards.
 
@@ -39,6 +40,10 @@ log = logging.getLogger(__name__)
 
 ReadAdapter = Callable[[AdapterKey], AdapterWeights]
 """Returns one adapter version's validated weights (host tier, else disk; raises EngineError)."""
+
+ReadBeside = Callable[..., AdapterWeights]
+"""ReadAdapter that also takes `beside_checksum=` (HostCache.get): on a read from disk it
+calls that with the validated weights while their checksum is still being computed."""
 
 FAILURE_TTL = 3
 """Engine iterations (`tick` calls) a load failure waits to be taken before it is forgotten."""
@@ -211,9 +216,18 @@ class ColdLoader:
     """
 
     def __init__(
-        self, read: ReadAdapter, layout: PageLayout, settings: ColdLoadSettings | None = None
+        self,
+        read: ReadAdapter,
+        layout: PageLayout,
+        settings: ColdLoadSettings | None = None,
+        *,
+        read_beside: ReadBeside | None = None,
     ) -> None:
+        """read_beside: reads instead of `read`, so that an adapter read from disk is laid out
+        and its copy to the device started while its checksum is still computed (the staged
+        pages are kept only once the read has returned, the checksum matched)."""
         self._read = read
+        self._read_beside = read_beside
         self._layout = layout
         self._settings = settings or ColdLoadSettings()
         self._lock = threading.Lock()
@@ -304,8 +318,20 @@ class ColdLoader:
         staged: StagedAdapter | None = None
         error: EngineError | None = None
         try:
-            weights = self._read(key)
-            staged = stage(key, weights, self._layout, self._stream, started)
+            early: list[StagedAdapter] = []
+            if self._read_beside is None:
+                weights = self._read(key)
+            else:
+
+                def stage_now(validated: AdapterWeights) -> None:
+                    early.append(stage(key, validated, self._layout, self._stream, started))
+
+                weights = self._read_beside(key, beside_checksum=stage_now)
+            if early:
+                staged = early[0]
+                staged.seconds = time.monotonic() - started  # the checksum's wait included
+            else:  # a host-tier hit (or another thread's read) did not call stage_now
+                staged = stage(key, weights, self._layout, self._stream, started)
             if self._stream is not None and staged.copied is not None:
                 # Not a wait for the engine: this loader thread alone sleeps until its copies
                 # are done, so the engine only ever sees a finished or nearly finished copy.

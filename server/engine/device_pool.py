@@ -35,6 +35,7 @@ from loraserve.server.engine.cold_loader import (
     ColdLoader,
     ColdLoadSettings,
     PageLayout,
+    ReadBeside,
     StagedAdapter,
     stage,
 )
@@ -99,7 +100,10 @@ class DevicePool:
         page_rank: int = DEFAULT_PAGE_RANK,
         observer: EngineObserver | None = None,
         cold: ColdLoadSettings | None = None,
+        cold_read: ReadBeside | None = None,
     ) -> None:
+        """cold_read: what the background loads read through instead of `loader`, when it
+        can lay an adapter read from disk out beside its checksum (HostCache.get)."""
         self._layers = layers
         self._loader = loader
         self._observer = observer or EngineObserver()
@@ -127,7 +131,7 @@ class DevicePool:
         """The adapter `acquire` is loading outside the lock (the engine thread loads one at a
         time), so a concurrent `forget` can doom it before it lands."""
         self._loading_doomed = False
-        self._cold = ColdLoader(loader, self._layout, cold)
+        self._cold = ColdLoader(loader, self._layout, cold, read_beside=cold_read)
         self.commits = 0
         """Adapters written into pages so far (engine thread)."""
         self.commit_seconds = 0.0

@@ -106,6 +106,7 @@ class Engine:
             budget_bytes=config.adapter_device_bytes,
             loader=self.host_cache.get,
             observer=observer,
+            cold_read=self.host_cache.get,  # pages laid out beside the checksum on disk reads
         )
         self.scheduler = Scheduler(
             loaded,

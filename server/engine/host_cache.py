@@ -22,8 +22,13 @@ from loraserve.server.engine.types import AdapterKey, forgotten_versions
 
 log = logging.getLogger(__name__)
 
-StoreLoader = Callable[[AdapterKey], AdapterWeights]
-"""Reads, checksums and validates one adapter version from disk (raises EngineError)."""
+StoreLoader = Callable[..., AdapterWeights]
+"""(key) -> weights: reads, checksums and validates one adapter version from disk (raises
+EngineError). The server's (AdapterService.load) also takes `beside_checksum=`, which
+HostCache.get passes on when its caller gives one."""
+
+BesideChecksum = Callable[[AdapterWeights], None]
+"""Work on freshly validated weights that may run while their checksum is still computed."""
 
 
 class HostCache:
@@ -47,12 +52,17 @@ class HostCache:
         self._lock = threading.Lock()
         self._pool = helper_pool("adapter-prefetch", prefetch_workers)
 
-    def get(self, key: AdapterKey) -> AdapterWeights:
+    def get(
+        self, key: AdapterKey, *, beside_checksum: BesideChecksum | None = None
+    ) -> AdapterWeights:
         """The adapter's weights: from memory, from a load in flight, or from disk now.
 
         A load from disk here is registered as in flight too, so a prefetch or another thread's
         `get` of the same version (the device pool's cold loader and the scheduler's prefetch
         can ask at once) waits for it instead of reading the files a second time.
+
+        beside_checksum: passed to the store loader on a read from disk (and called only then):
+        work on the validated weights that may overlap the checksum (see AdapterService.load).
         """
         with self._lock:
             weights = self._entries.get(key)
@@ -69,7 +79,10 @@ class HostCache:
             return future.result()
         started = time.monotonic()
         try:
-            weights = self._load(key)
+            if beside_checksum is None:
+                weights = self._load(key)
+            else:
+                weights = self._load(key, beside_checksum=beside_checksum)
         except BaseException as exc:
             with self._lock:
                 self._inflight.pop(key, None)

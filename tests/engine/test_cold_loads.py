@@ -29,6 +29,7 @@ from transformers import AutoTokenizer
 
 from loraserve.adapters.weights import AdapterWeights
 from loraserve.server.engine.engine import SamplingOverrides
+from loraserve.server.engine.host_cache import BesideChecksum
 from loraserve.server.engine.types import (
     AdapterKey,
     AdapterRef,
@@ -57,19 +58,27 @@ class GatedReader:
     """The engine's store read; reads of `held` adapters wait at a gate the test opens."""
 
     def __init__(self, held: set[str]) -> None:
-        self.real: Callable[[AdapterKey], AdapterWeights] | None = None
+        self.real: Callable[..., AdapterWeights] | None = None
         self.held = held
         self.gate = threading.Event()
         self.entered = threading.Event()
         self.fail: Exception | None = None
         self.reads: Counter[str] = Counter()
+        self.beside: Counter[str] = Counter()
+        """Reads asked to stage beside the checksum (by name)."""
 
-    def __call__(self, key: AdapterKey) -> AdapterWeights:
+    def __call__(
+        self, key: AdapterKey, *, beside_checksum: BesideChecksum | None = None
+    ) -> AdapterWeights:
         assert self.real is not None
         self.reads[key.name] += 1
+        if beside_checksum is not None:  # the engine's cold loads stage beside the checksum
+            self.beside[key.name] += 1
         if key.name not in self.held:
-            return self.real(key)
-        weights = self.real(key)  # the bytes are read before a concurrent delete can land
+            return self.real(key, beside_checksum=beside_checksum)
+        # The bytes are read (and staged) before a concurrent delete can land; what was
+        # staged must stay unused until this returns.
+        weights = self.real(key, beside_checksum=beside_checksum)
         self.entered.set()
         if not self.gate.wait(WAIT):
             raise TimeoutError("the test never opened the gate")

@@ -355,3 +355,28 @@ def test_a_get_in_flight_is_shared_by_prefetch_and_other_gets(
     cache.get(b)  # a failed read is not remembered: the next get reads again
     assert loader.calls[b] == 2
     check(cache, loader, [a, b])
+
+
+def test_beside_checksum_reaches_a_disk_read_only() -> None:
+    """get(beside_checksum=) hands the callback to the store loader on a read from disk; a
+    hit (validated and verified long ago) does not call it: its caller does that work after."""
+    received: list[object] = []
+
+    def store_load(key: AdapterKey, *, beside_checksum=None) -> AdapterWeights:  # type: ignore[no-untyped-def]
+        received.append(beside_checksum)
+        weights = weights_of(1)
+        if beside_checksum is not None:
+            beside_checksum(weights)
+        return weights
+
+    cache = HostCache(store_load, 1 << 20)
+    try:
+        called: list[AdapterWeights] = []
+        first = cache.get(key("a"), beside_checksum=called.append)
+        assert called == [first] and received == [called.append]
+        assert cache.get(key("a"), beside_checksum=called.append) is first
+        assert called == [first] and len(received) == 1, "a hit reads nothing, calls nothing"
+        cache.get(key("b"))  # without one, the store loader is called as before
+        assert received[-1] is None
+    finally:
+        cache.close()

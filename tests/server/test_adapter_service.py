@@ -575,6 +575,51 @@ def test_load_hashes_on_a_helper_thread_while_the_caller_validates(
     assert len(verified_on) == 1 and verified_on[0].startswith("adapter-checksum")
 
 
+def test_load_runs_the_beside_work_while_the_checksum_is_still_computed(
+    h: Harness, adapter_files: dict[str, bytes], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The cold loader lays pages out beside the checksum: the hash here waits until the
+    beside work has run, which only an overlapping load lets happen."""
+    import threading
+
+    from loraserve.adapters.store import StoredFiles
+
+    record = _upload(h, adapter_files)
+    beside_ran = threading.Event()
+    verify = StoredFiles.verify
+
+    def verify_after_the_beside_work(files: StoredFiles) -> None:
+        assert beside_ran.wait(30), "the beside work did not run while the hash was pending"
+        verify(files)
+
+    monkeypatch.setattr(StoredFiles, "verify", verify_after_the_beside_work)
+    seen = []
+
+    def beside(weights) -> None:  # type: ignore[no-untyped-def]
+        seen.append(weights)
+        beside_ran.set()
+
+    weights = h.service.load(AdapterKey(TENANT, "qv", record.version), beside_checksum=beside)
+    assert seen == [weights]
+
+
+def test_a_checksum_mismatch_fails_the_load_after_the_beside_work(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    """Damaged stored bytes that still validate: the beside work has run on them, and the load
+    must still fail, so that its caller discards what that work made."""
+    record = _upload(h, adapter_files)
+    weights_path = record.path / "adapter_model.safetensors"
+    data = bytearray(weights_path.read_bytes())
+    data[-4] ^= 0x01  # the last float32's lowest mantissa bit: still finite, still valid
+    weights_path.write_bytes(bytes(data))
+    seen = []
+    with pytest.raises(EngineError) as err:
+        h.service.load(AdapterKey(TENANT, "qv", record.version), beside_checksum=seen.append)
+    assert err.value.kind == ErrorKind.INTERNAL
+    assert len(seen) == 1, "validation passed, so the beside work ran before the mismatch"
+
+
 def test_store_adapter_helper_agrees_with_the_service(
     h: Harness, adapter_files: dict[str, bytes], tmp_path: Path
 ) -> None:
