@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU run (about 8.5 minutes on an H200, estimated; GPU_CHECK_SKIP=grpc-switch saves
-# about one; run in the repo root on a CUDA machine): versions,
+# One prepared GPU run (about 8.5 minutes on an H200 with every part; 6.7 measured without the
+# sync and grpc-switch parts and the kernel variants; run in the repo root on a CUDA machine):
+# versions,
 # the CUDA parity tests (again with async_decode off), the kernel bench (bench/kernels.py:
 # multi-LoRA kernel variants and one whole decode step, base vs distinct adapters, sdpa vs triton
 # attention, fused_ops on and off; KERNELS_ONLY adds profile / first_calls), then loraserve's bench
