@@ -442,8 +442,8 @@ class LoRAGroup:
         if not touched:
             return
         assert self.a is not None and self.b is not None
-        cleared = sorted({p for m in touched for p in pages if p in m.occupied})
-        if cleared != sorted(pages):
+        cleared = [p for p in pages if any(p in m.occupied for m in touched)]  # pages' order
+        if len(cleared) != len(pages):
             index = to_device(torch.tensor(cleared, dtype=torch.long), self.a.device)  # (n,)
         self.a.index_fill_(0, index, 0)
         self.b.index_fill_(0, index, 0)

@@ -115,3 +115,17 @@ def test_clearing_pages_no_member_holds_changes_nothing() -> None:
     group.clear_pages([5], torch.tensor([5]))
     assert torch.equal(group.a, before[0]) and [m.generation for m in group.members] == before[1]
     assert index.kinds_for([3]) == {"qkv"}
+
+
+def test_clearing_held_and_free_pages_together_clears_the_held_ones() -> None:
+    group, index = _group(OUTS, reserve=True)
+    at = torch.tensor([4, 2])
+    parts = [(m, *_pages(m, 2, 7 + j)) for j, m in enumerate(group.members)]
+    group.write_pages([4, 2], NUM_PAGES, parts, at)
+    group.clear_pages([5, 4], torch.tensor([5, 4]))  # 5 is free: only 4 is cleared
+    assert group.a is not None and group.b is not None
+    assert not group.a[4].any() and not group.b[4].any() and group.a[2].any()
+    assert group.live_pages == {2} and group.live is not None
+    assert group.live.tolist()[2] == 1 and group.live.tolist()[4] == 0
+    assert index.kinds_for([4]) == frozenset() and index.kinds_for([2]) == {"qkv"}
+    assert all(m.occupied == {2} for m in group.members)
