@@ -191,11 +191,12 @@ def prefill_then_decode(
     pages: list[tuple[int, ...]],
     attention: str = "sdpa",
     fused_ops: bool = False,
+    lora_kernels: bool = False,
 ):
     """Logits after each prompt (batch, vocab), then after one greedy decode step (batch, vocab).
 
-    fused_ops: the own forward runs fused_ops' Triton kernels (on CPU under the interpreter,
-    which the executor itself never turns on).
+    fused_ops / lora_kernels: the own forward runs fused_ops' / the multi-LoRA Triton kernels
+    (on CPU under the interpreter, which the executor itself never turns on).
 
     Runs the engine's own executor for `loaded` (paged KV for the Llama family, KV rows for
     the generic path). Rows sit in slots in reverse order and the decode step lists them by
@@ -217,6 +218,8 @@ def prefill_then_decode(
     )
     if fused_ops:
         loaded.model.fused_ops = True
+    if lora_kernels:
+        loaded.model.lora_kernels = True
     slots = list(range(batch))[::-1]
     blocks: list[tuple[int, ...]] = []
     for p in prompts:

@@ -235,7 +235,11 @@ def _project(
         return y
     if kernels:
         batch, seq, d_in = x.shape
-        table = page_table if seq == 1 else page_table.repeat_interleave(seq, 0)  # (T, n)
+        # The forward passes a prefill's table already repeated per token (built once, not
+        # once per projection); decode rows have one token each.
+        table = page_table  # (T, n)
+        if table.shape[0] != batch * seq:
+            table = page_table.repeat_interleave(seq, 0)
         flat = y.view(batch * seq, -1)  # (T, d_out), updated in place
         lora_kernels.add_lora(
             flat,
@@ -323,11 +327,11 @@ class LlamaForCausalLM(nn.Module):
             flat_blocks = step.block_tables.reshape(-1)  # (batch * blocks,): rows' blocks in order
         q_out = s.heads * s.head_dim
         kinds = step.lora_kinds
-        tables = {
-            kind: step.page_table if kinds is None or kind in kinds else None
-            for kind in GROUP_KINDS
-        }
         kern = self.lora_kernels
+        table = step.page_table  # (batch, n)
+        if kern and table is not None and seq > 1:
+            table = table.repeat_interleave(seq, 0)  # (batch * seq, n): each token's pages
+        tables = {kind: table if kinds is None or kind in kinds else None for kind in GROUP_KINDS}
         key = self.lora_reuse_key
         fused = self.fused_ops
         layers = self.model.layers

@@ -25,6 +25,7 @@ from serving_support import (
 from transformers import AutoModelForCausalLM, AutoTokenizer
 
 from loraserve.server.engine import paged_attention
+from loraserve.server.engine.triton_support import runs_here
 from loraserve.server.engine.types import FinishEvent
 
 MAX_NEW = 12
@@ -185,7 +186,27 @@ def test_greedy_tokens_match_peft_with_triton_decode_attention(
         harness.close()
 
 
-def test_logits_match_peft_in_mixed_batch(case: ArchCase, tmp_path: Path) -> None:
+@pytest.mark.parametrize(
+    "lora_kernels",
+    [
+        False,
+        pytest.param(
+            True,
+            marks=pytest.mark.skipif(
+                not runs_here(torch.device("cpu")),
+                reason="needs Triton's CPU interpreter (Triton installed, TRITON_INTERPRET=1)",
+            ),
+        ),
+    ],
+    ids=["torch", "kernels"],
+)
+def test_logits_match_peft_in_mixed_batch(
+    case: ArchCase, tmp_path: Path, lora_kernels: bool
+) -> None:
+    """kernels: the adapter term through the Triton shrink / expand kernels (what a GPU runs:
+    prefill tables repeated per token, decode one row each), interpreted on CPU."""
+    if lora_kernels and case.arch == "gpt2":
+        pytest.skip("GPT-2 runs on the generic path, whose adapter term is the torch one")
     harness = _harness(case, tmp_path)
     try:
         from loraserve.server.engine.types import AdapterRef
@@ -202,7 +223,7 @@ def test_logits_match_peft_in_mixed_batch(case: ArchCase, tmp_path: Path) -> Non
             for adapter, _ in rows
         ]
         logits, next_tokens, step2 = prefill_then_decode(
-            harness.loaded, [ids for _, ids in rows], pages
+            harness.loaded, [ids for _, ids in rows], pages, lora_kernels=lora_kernels
         )
         for row, (adapter, ids) in enumerate(rows):
             full = torch.tensor([[*ids, next_tokens[row]]])  # (1, prompt + 1)
