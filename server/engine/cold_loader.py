@@ -208,6 +208,32 @@ def stage(
     )
 
 
+def read_and_stage(
+    key: AdapterKey,
+    read: ReadAdapter,
+    read_beside: ReadBeside | None,
+    layout: PageLayout,
+    stream: torch.cuda.Stream | None,
+    started: float,
+) -> StagedAdapter:
+    """Reads `key` and stages it. Through `read_beside` (when given) an adapter read from disk
+    is laid out, and its copy to the device started, while its checksum is still computed;
+    nothing staged leaves here unless the read returned (the checksum matched)."""
+    early: list[StagedAdapter] = []
+    if read_beside is None:
+        weights = read(key)
+    else:
+
+        def stage_now(validated: AdapterWeights) -> None:
+            early.append(stage(key, validated, layout, stream, started))
+
+        weights = read_beside(key, beside_checksum=stage_now)
+    if not early:  # a host-tier hit (or another thread's read) did not call stage_now
+        return stage(key, weights, layout, stream, started)
+    early[0].seconds = time.monotonic() - started  # the checksum's wait included
+    return early[0]
+
+
 class ColdLoader:
     """Loads cold adapters into device staging on background threads; thread-safe.
 
@@ -318,20 +344,9 @@ class ColdLoader:
         staged: StagedAdapter | None = None
         error: EngineError | None = None
         try:
-            early: list[StagedAdapter] = []
-            if self._read_beside is None:
-                weights = self._read(key)
-            else:
-
-                def stage_now(validated: AdapterWeights) -> None:
-                    early.append(stage(key, validated, self._layout, self._stream, started))
-
-                weights = self._read_beside(key, beside_checksum=stage_now)
-            if early:
-                staged = early[0]
-                staged.seconds = time.monotonic() - started  # the checksum's wait included
-            else:  # a host-tier hit (or another thread's read) did not call stage_now
-                staged = stage(key, weights, self._layout, self._stream, started)
+            staged = read_and_stage(
+                key, self._read, self._read_beside, self._layout, self._stream, started
+            )
             if self._stream is not None and staged.copied is not None:
                 # Not a wait for the engine: this loader thread alone sleeps until its copies
                 # are done, so the engine only ever sees a finished or nearly finished copy.

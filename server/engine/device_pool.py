@@ -37,7 +37,7 @@ from loraserve.server.engine.cold_loader import (
     PageLayout,
     ReadBeside,
     StagedAdapter,
-    stage,
+    read_and_stage,
 )
 from loraserve.server.engine.device_copy import to_device
 from loraserve.server.engine.lora import LoRAGroup, MemberPages, MultiLoRALinear
@@ -102,8 +102,9 @@ class DevicePool:
         cold: ColdLoadSettings | None = None,
         cold_read: ReadBeside | None = None,
     ) -> None:
-        """cold_read: what the background loads read through instead of `loader`, when it
-        can lay an adapter read from disk out beside its checksum (HostCache.get)."""
+        """cold_read: what loads read through instead of `loader` (background ones and an
+        idle engine's own), when it can lay an adapter read from disk out beside its checksum
+        (HostCache.get)."""
         self._layers = layers
         self._loader = loader
         self._observer = observer or EngineObserver()
@@ -131,6 +132,7 @@ class DevicePool:
         """The adapter `acquire` is loading outside the lock (the engine thread loads one at a
         time), so a concurrent `forget` can doom it before it lands."""
         self._loading_doomed = False
+        self._read_beside = cold_read
         self._cold = ColdLoader(loader, self._layout, cold, read_beside=cold_read)
         self.commits = 0
         """Adapters written into pages so far (engine thread)."""
@@ -330,8 +332,10 @@ class DevicePool:
             self._loading, self._loading_doomed = key, False
         started = time.monotonic()
         try:
-            weights = self._loader(key)  # outside the lock: may read and validate from disk
-            staged = stage(key, weights, self._layout, None, started)
+            # Outside the lock: may read and validate from disk.
+            staged = read_and_stage(
+                key, self._loader, self._read_beside, self._layout, None, started
+            )
         finally:
             with self._lock:
                 self._loading, doomed = None, self._loading_doomed

@@ -1,7 +1,8 @@
-"""ColdLoader with a read that stages beside the checksum (`read_beside`, HostCache.get).
+"""Loads that stage beside the checksum: ColdLoader(read_beside=) and an idle engine's own load
+(DevicePool(cold_read=)), both reading through HostCache.get in the engine.
 
-On a disk read the loader lays the pages out while the checksum is still being computed; the
-staged pages are kept only if the read then returns (the checksum matched). A read that never
+On a disk read the pages are laid out while the checksum is still being computed; they are kept
+(staged, or committed) only if the read then returns, the checksum matched. A read that never
 calls back (a host-tier hit) is staged after it, as without `read_beside`.
 """
 
@@ -97,3 +98,55 @@ def test_a_read_that_never_calls_back_is_staged_after_it(stage_calls: list) -> N
         assert loader.take_staged(KEY) is not None and stage_calls == [KEY]
     finally:
         loader.close()
+
+
+def _pool(read_beside):  # type: ignore[no-untyped-def]
+    from torch import nn
+
+    from loraserve.server.engine.device_pool import DevicePool
+    from loraserve.server.engine.lora import LoRAContext, MultiLoRALinear
+
+    layers = {"q": MultiLoRALinear(nn.Linear(8, 6), context=LoRAContext())}
+
+    def plain_read(key: AdapterKey) -> AdapterWeights:
+        raise AssertionError("with cold_read the plain loader is not used")
+
+    return DevicePool(
+        layers, budget_bytes=1 << 20, loader=plain_read, page_rank=4, cold_read=read_beside
+    ), layers["q"]
+
+
+def test_an_idle_engines_own_load_stages_beside_the_checksum_too(stage_calls: list) -> None:
+    """DevicePool.acquire with nothing staged loads on the calling thread (an idle engine):
+    through cold_read, laid out beside the checksum, then committed."""
+    weights = _weights()
+
+    def read(key: AdapterKey, *, beside_checksum: BesideChecksum) -> AdapterWeights:
+        beside_checksum(weights)
+        return weights
+
+    pool, layer = _pool(read)
+    try:
+        placement = pool.acquire(KEY)
+        assert stage_calls == [KEY] and pool.resident() == {KEY: 1}
+        assert layer.lora_a is not None
+        assert torch.equal(layer.lora_a[placement.pages[0]], weights.modules["q"][0])
+    finally:
+        pool.close()
+
+
+def test_an_idle_engines_load_with_a_checksum_mismatch_commits_nothing(
+    stage_calls: list,
+) -> None:
+    def read(key: AdapterKey, *, beside_checksum: BesideChecksum) -> AdapterWeights:
+        beside_checksum(_weights())
+        raise EngineError(ErrorKind.INTERNAL, "adapter 'a' is unusable (see the server log)")
+
+    pool, layer = _pool(read)
+    try:
+        with pytest.raises(EngineError) as err:
+            pool.acquire(KEY)
+        assert err.value.kind is ErrorKind.INTERNAL and stage_calls == [KEY]
+        assert pool.resident() == {} and not layer.occupied
+    finally:
+        pool.close()
