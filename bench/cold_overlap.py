@@ -63,6 +63,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
         help="sys.setswitchinterval in seconds for the run (Python's default is 0.005): how "
         "long the engine thread may wait for the GIL while the loader thread runs Python",
     )
+    parser.add_argument(
+        "--engine-opt",
+        action="append",
+        default=[],
+        metavar="FIELD=VALUE",
+        help="a ServerConfig field for the engine (e.g. cold_join_hold_seconds=0)",
+    )
     parser.add_argument("--json", type=Path, default=None)
     return parser.parse_args(argv)
 
@@ -209,6 +216,7 @@ def _main(args: argparse.Namespace) -> None:
                 device_adapters=count,
                 max_rank=args.rank,
                 max_new_tokens=max(args.output_len, 8),
+                extra=tuple(tuple(opt.split("=", 1)) for opt in args.engine_opt),  # type: ignore[arg-type]
             ),
         )
         try:

@@ -79,6 +79,10 @@ class ServerConfig:
     input tokens come from step N's output on the device (on an H200, 1b model, batch 32:
     base rows 6,850 -> 8,833 tokens/s end to end). A step with a row that asks for logprobs
     runs synchronously. False (--no-async-decode) reads every step's tokens before the next."""
+    cold_join_hold_seconds: float = 0.02
+    """While rows decode, how long a request whose adapter finished loading in the background
+    may wait for other queued requests' loads still in flight, so that they join in one prefill
+    instead of one each (EngineConfig.cold_join_hold_seconds); 0 admits each at once."""
     attention: str = "sdpa"
     """Decode attention of the own Llama-family forward: "sdpa" (gather the row's KV blocks, then
     PyTorch SDPA) or "triton" (a Triton kernel reading the blocks in place; CUDA with Triton)."""
@@ -212,6 +216,11 @@ class ServerConfig:
                 "stream_interval_seconds: must be a number from 0 to 10, got "
                 f"{self.stream_interval_seconds}"
             )
+        if not 0 <= self.cold_join_hold_seconds <= 1:  # also refuses NaN
+            raise ConfigError(
+                "cold_join_hold_seconds: must be a number from 0 to 1, got "
+                f"{self.cold_join_hold_seconds}"
+            )
         interval = self.gil_switch_interval_seconds
         if interval is not None and not 1e-6 <= interval <= 1:  # also refuses NaN
             raise ConfigError(
@@ -271,6 +280,7 @@ class ServerConfig:
             enforce_eager=self.enforce_eager,
             attention=self.attention,
             async_decode=self.async_decode,
+            cold_join_hold_seconds=self.cold_join_hold_seconds,
         )
 
     def limit_defaults(self) -> LimitDefaults:

@@ -132,6 +132,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         "reads every step's tokens first)",
     )
     parser.add_argument(
+        "--cold-join-hold-seconds",
+        type=float,
+        default=d.cold_join_hold_seconds,
+        help="while rows decode, how long requests whose adapters finished loading may wait for "
+        "other queued requests' loads, to join the batch in one prefill (0: each at once; "
+        f"default {d.cold_join_hold_seconds})",
+    )
+    parser.add_argument(
         "--attention",
         choices=ATTENTION_BACKENDS,
         default=d.attention,
@@ -343,6 +351,7 @@ def config_from_args(
         enforce_eager=args.enforce_eager,
         attention=args.attention,
         async_decode=args.async_decode,
+        cold_join_hold_seconds=args.cold_join_hold_seconds,
         max_waiting_requests=args.max_waiting_requests,
         tenant_max_requests=args.tenant_max_requests,
         tenant_max_queued_tokens=args.tenant_max_queued_tokens,

@@ -55,3 +55,7 @@ class EngineConfig:
     input tokens come from step N's output on the device (on an H200, 1b model, batch 32:
     base rows 6,850 -> 8,833 tokens/s end to end). A step with a row that asks for logprobs
     runs synchronously. False (--no-async-decode) reads every step's tokens before the next."""
+    cold_join_hold_seconds: float = 0.02
+    """While rows decode, how long a request whose adapter finished loading in the background
+    may wait for other queued requests' loads still in flight, so that they join in one prefill
+    (each prefill stalls the running rows) instead of one each; 0 admits each at once."""

@@ -282,6 +282,10 @@ class DevicePool:
         """The error a background load of `key` failed with, once; None if none failed."""
         return self._cold.take_error(key)
 
+    def loading(self, key: AdapterKey) -> bool:
+        """Whether a background load of `key` is in flight (not yet staged)."""
+        return self._cold.loading(key)
+
     def cold_pending(self) -> int:
         """Background loads in flight plus loaded adapters not yet committed to pages."""
         return self._cold.pending()

@@ -124,6 +124,7 @@ class Engine:
                 attention=config.attention,
                 async_decode=config.async_decode,
                 max_lora_rank=config.max_lora_rank,
+                cold_join_hold_seconds=config.cold_join_hold_seconds,
             ),
             observer,
             prefetch=self.host_cache.prefetch,

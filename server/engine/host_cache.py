@@ -47,6 +47,8 @@ class HostCache:
         self._entries: OrderedDict[AdapterKey, AdapterWeights] = OrderedDict()
         self._bytes = 0
         self._inflight: dict[AdapterKey, Future[AdapterWeights]] = {}
+        self._queued: dict[AdapterKey, Future[AdapterWeights]] = {}
+        """Prefetches submitted and maybe not started yet (a subset of _inflight)."""
         self._dropped: set[AdapterKey] = set()
         """Forgotten while being loaded: the load must not land in memory."""
         self._lock = threading.Lock()
@@ -71,6 +73,11 @@ class HostCache:
                 self._observer.on_adapter_cache("host", "hit")
                 return weights
             future = self._inflight.get(key)
+            queued = self._queued.pop(key, None)
+            if future is not None and future is queued and future.cancel():
+                # A prefetch still waiting for the prefetch thread (busy with another read,
+                # maybe a slow one): read it here instead of waiting behind that one.
+                future = None
             if future is None:
                 mine: Future[AdapterWeights] = Future()
                 self._inflight[key] = mine
@@ -101,7 +108,8 @@ class HostCache:
             if key in self._entries or key in self._inflight:
                 return
             self._dropped.discard(key)
-            self._inflight[key] = self._pool.submit(self._prefetch, key)
+            future = self._pool.submit(self._prefetch, key)
+            self._inflight[key] = self._queued[key] = future
 
     def _prefetch(self, key: AdapterKey) -> AdapterWeights:
         try:
@@ -117,6 +125,7 @@ class HostCache:
         finally:
             with self._lock:
                 self._inflight.pop(key, None)
+                self._queued.pop(key, None)
 
     def _insert(self, key: AdapterKey, weights: AdapterWeights) -> None:
         with self._lock:

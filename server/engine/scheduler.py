@@ -230,6 +230,10 @@ class SchedulerSettings:
     max_lora_rank: int = 64
     async_decode: bool = True
     """EngineConfig.async_decode: launch step N+1 before reading step N's tokens."""
+    cold_join_hold_seconds: float = 0.02
+    """EngineConfig.cold_join_hold_seconds: how long requests whose adapters finished loading
+    in the background may wait for other queued requests' loads still in flight, so that they
+    join the running batch in one prefill instead of one each."""
 
 
 PREFETCH_AHEAD = 8
@@ -285,6 +289,13 @@ class Scheduler:
         )
         """Decides who runs, with which blocks and pages; this loop applies its plans."""
         self._adapters = _PoolReadiness(self)
+        self._awaited: dict[AdapterKey, None] = {}
+        """Adapters loading in the background for queued requests (plan.load), until one of
+        those requests is admitted: their requests are the ones a join hold may keep waiting."""
+        self._held_since: float | None = None
+        """When the current join hold began (None: no request is being held)."""
+        self.held_joins = 0
+        """Admission passes that kept a loaded request waiting for other loads (tests)."""
         self._admissions = 0
         self.decode_seconds = 0.0
         """Wall seconds spent in decode steps (forward and sampling), for throughput figures."""
@@ -448,10 +459,49 @@ class Scheduler:
 
     def _admit(self) -> None:
         """Moves queued requests into free rows as the planner decides, pinning their adapters
-        and allocating their KV blocks."""
+        and allocating their KV blocks.
+
+        Join hold: while rows decode, a request whose adapter has just finished loading in the
+        background waits (keeping its place) as long as other queued requests' loads are still
+        in flight, up to cold_join_hold_seconds, so that the joiners share one prefill instead
+        of each stalling the running rows with its own. Whenever a prefill runs anyway (another
+        request is admitted), the held requests are admitted with it.
+        """
+        holding = self._join_hold()
+        admitted, held = self._admit_pass(holding)
+        if held and admitted:
+            self._admit_pass(frozenset())  # a prefill runs anyway: the held requests join it
+            held = False
+        if held:
+            self.held_joins += 1
+            if self._held_since is None:
+                self._held_since = time.monotonic()
+        else:
+            self._held_since = None
+
+    def _join_hold(self) -> frozenset[AdapterKey]:
+        """The loaded adapters whose requests wait this pass (empty: nobody waits)."""
+        hold = self._settings.cold_join_hold_seconds
+        busy = any(s is not None for s in self._rows)
+        with self._cond:
+            if not self._waiting:
+                self._awaited.clear()  # loads nobody waits for any more hold nobody back
+        if hold <= 0 or not busy or not self._awaited:
+            return frozenset()
+        if self._held_since is not None and time.monotonic() - self._held_since >= hold:
+            return frozenset()
+        loading = [k for k in self._awaited if self._pool.loading(k)]
+        if not loading:
+            return frozenset()
+        return frozenset(k for k in self._awaited if k not in loading)
+
+    def _admit_pass(self, holding: frozenset[AdapterKey]) -> tuple[int, bool]:
+        """One admission pass; keys in `holding` count as not loaded yet. Returns how many
+        requests were admitted and whether a loaded request was kept waiting."""
         free_rows = [i for i, s in enumerate(self._rows) if s is None]
         if not free_rows:
-            return
+            return 0, False
+        adapters = self._adapters if not holding else _HoldingReadiness(self._adapters, holding)
         with self._cond:
             plan = self.planner.plan_admission(
                 self._waiting,
@@ -459,9 +509,10 @@ class Scheduler:
                 free_rows=len(free_rows),
                 busy=len(free_rows) < len(self._rows),  # rows are decoding
                 free_blocks=self._blocks.free_count if self._blocks is not None else 0,
-                adapters=self._adapters,
+                adapters=adapters,
             )
         for key in plan.load:
+            self._awaited[key] = None
             self._pool.request(key)
         for seq, exc in plan.failed:
             self._retire(seq, ErrorEvent(exc))
@@ -489,6 +540,10 @@ class Scheduler:
             self._admissions += 1
             seq.admitted = self._admissions
             self._rows[seq.row] = seq
+            if admission.key is not None:
+                self._awaited.pop(admission.key, None)
+        held = isinstance(adapters, _HoldingReadiness) and adapters.held
+        return len(plan.admit), held
 
     def _prefill_step(self) -> None:
         """Feeds the next prompt chunk of every request still reading its prompt."""
@@ -895,6 +950,34 @@ class Scheduler:
         if seq.key is not None and seq.pages:
             self._pool.release(seq.key)
             seq.pages = ()
+
+
+class _HoldingReadiness:
+    """_PoolReadiness with some loaded adapters reported as still loading (a join hold)."""
+
+    def __init__(self, inner: _PoolReadiness, holding: frozenset[AdapterKey]) -> None:
+        self._inner = inner
+        self._holding = holding
+        self.held = False
+        """Whether some request was kept waiting for a key in `holding`."""
+
+    def key_of(self, request: Sequence) -> AdapterKey:
+        return self._inner.key_of(request)
+
+    def take_error(self, key: AdapterKey) -> EngineError | None:
+        return self._inner.take_error(key)
+
+    def ready(self, key: AdapterKey) -> bool:
+        if key in self._holding and self._inner.ready(key):
+            self.held = True
+            return False
+        return self._inner.ready(key)
+
+    def fits(self, keys: set[AdapterKey]) -> bool:
+        return self._inner.fits(keys)
+
+    def can_ever_fit(self, key: AdapterKey) -> bool:
+        return self._inner.can_ever_fit(key)
 
 
 class _PoolReadiness:

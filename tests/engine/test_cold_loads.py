@@ -97,8 +97,10 @@ class Setup:
     other_alone: list[int]
 
 
-def _harness(setup: Setup, data_dir: Path, reader: GatedReader | None = None) -> EngineHarness:
-    harness = EngineHarness(setup.model_dir, data_dir, loader=reader, max_batch_size=4)
+def _harness(
+    setup: Setup, data_dir: Path, reader: GatedReader | None = None, **overrides: object
+) -> EngineHarness:
+    harness = EngineHarness(setup.model_dir, data_dir, loader=reader, max_batch_size=4, **overrides)
     if reader is not None:
         reader.real = harness.service.load
     for name, directory in setup.adapter_dirs.items():
@@ -284,3 +286,67 @@ def test_a_cancelled_request_does_not_leave_its_load_staged(setup: Setup, runnin
     pool.collect()  # what the next engine iteration would do
     assert pool.cold_pending() == 0, "staging memory was not given back"
     assert pool.resident() == {key: 0}, "the loaded adapter should be warm and unpinned"
+
+
+def _start_with_base(setup: Setup, data_dir: Path, hold: float) -> Running:
+    """An engine decoding a long base-model request, `cold` gated, the join hold at `hold`."""
+    reader = GatedReader(held={"cold"})
+    harness = _harness(setup, data_dir, reader, cold_join_hold_seconds=hold)
+    base = harness.submit(setup.prompts[0], None, max_new_tokens=BASE_TOKENS, ignore_eos=True)
+    harness.engine.start()
+    _wait_for(lambda: any(isinstance(e, TokenEvent) for e in base), "the base request to decode")
+    return Running(harness, reader, base)
+
+
+def _submit(running: Running, setup: Setup, adapter: str) -> list:
+    prompt = setup.prompts[1] if adapter == "cold" else setup.prompts[0]
+    return running.harness.submit(prompt, adapter, max_new_tokens=COLD_TOKENS, ignore_eos=True)
+
+
+def test_loaded_joiners_wait_for_the_loads_still_in_flight_and_share_one_prefill(
+    setup: Setup, tmp_path: Path
+) -> None:
+    """`other` loads at once, `cold` is held at the gate: with a join hold, `other` keeps its
+    place (the running row keeps decoding) until `cold` has loaded, then both join the batch
+    in ONE prefill, each producing what it produces alone."""
+    running = _start_with_base(setup, tmp_path / "data", hold=1.0)
+    try:
+        scheduler = running.harness.engine.scheduler
+        cold = _submit(running, setup, "cold")
+        assert running.reader.entered.wait(WAIT), "the cold load never started"
+        other = _submit(running, setup, "other")
+        _wait_for(lambda: scheduler.held_joins >= 3, "the loaded joiner to be held")
+        steps = scheduler.steps
+        _wait_for(lambda: scheduler.steps >= steps + HELD_STEPS, "decode steps during the hold")
+        assert other == [] and cold == [], "a joiner ran while another load was in flight"
+        prefills = len(scheduler.prefill_sizes)
+        running.reader.gate.set()
+        running.harness.run([cold, other])
+        assert scheduler.prefill_sizes[prefills:] == [2], "the joiners shared one prefill"
+        assert _tokens(cold) == setup.cold_alone and _tokens(other) == setup.other_alone
+        running.harness.run([running.base])
+        assert _tokens(running.base) == setup.base_alone
+    finally:
+        running.reader.gate.set()
+        running.harness.close()
+
+
+@pytest.mark.parametrize("hold", [0.0, 0.05], ids=["no hold", "hold expires"])
+def test_a_loaded_joiner_is_not_held_past_the_hold(
+    setup: Setup, tmp_path: Path, hold: float
+) -> None:
+    """Without a hold the loaded joiner is admitted at once; with one, once it has waited the
+    hold out, even though the other load is still in flight (its gate stays shut)."""
+    running = _start_with_base(setup, tmp_path / "data", hold=hold)
+    try:
+        scheduler = running.harness.engine.scheduler
+        cold = _submit(running, setup, "cold")
+        assert running.reader.entered.wait(WAIT), "the cold load never started"
+        other = _submit(running, setup, "other")
+        running.harness.run([other])  # finishes while `cold` is still at its gate
+        assert _tokens(other) == setup.other_alone
+        assert cold == [] and running.reader.gate.is_set() is False
+        assert (scheduler.held_joins > 0) == (hold > 0)
+    finally:
+        running.reader.gate.set()
+        running.harness.close()

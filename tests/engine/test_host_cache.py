@@ -218,6 +218,27 @@ def test_prefetch_loads_in_the_background_and_get_waits_for_it(
     assert observer.events == [("host", "miss"), ("host", "prefetch"), ("host", "hit")]
 
 
+def test_a_get_does_not_wait_behind_a_slow_prefetch_of_another_adapter(
+    make_cache: MakeCache, loader: FakeLoader, observer: RecordingObserver
+) -> None:
+    """One prefetch thread: a read that hangs (a slow disk, a big file) holds it, and the
+    prefetches queued behind it have not started. A get of one of those reads it at once in
+    its own thread instead of waiting behind the slow one; the queued prefetch never runs."""
+    cache = make_cache()
+    slow, queued = key("slow"), key("queued")
+    gate = loader.gates[slow] = threading.Event()
+    cache.prefetch(slow)
+    assert loader.began(slow).wait(WAIT)
+    cache.prefetch(queued)  # behind `slow` on the one prefetch thread
+    got = cache.get(queued)  # would wait for the gate if it waited for the queued prefetch
+    assert got.nbytes == size_of(1) and loader.calls == {slow: 1, queued: 1}
+    assert not loader.threads[-1].startswith("adapter-prefetch"), "read in the caller"
+    gate.set()
+    assert cache.get(slow).nbytes == size_of(1)
+    check(cache, loader, [queued, slow])
+    assert loader.calls == {slow: 1, queued: 1}, "the cancelled prefetch never read again"
+
+
 def test_failing_prefetch_does_not_poison_later_gets(
     make_cache: MakeCache, loader: FakeLoader, observer: RecordingObserver
 ) -> None:

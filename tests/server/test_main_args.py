@@ -114,6 +114,7 @@ def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
         "--grace-seconds": "2.5",
         "--stream-interval-seconds": "0.05",
         "--gil-switch-interval-seconds": "0.0005",
+        "--cold-join-hold-seconds": "0.005",
     }
     config = config_from_args(_parse(*[part for item in argv.items() for part in item]))
     expected = dataclasses.replace(
@@ -139,8 +140,10 @@ def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
         grace_seconds=2.5,
         stream_interval_seconds=0.05,
         gil_switch_interval_seconds=0.0005,
+        cold_join_hold_seconds=0.005,
     )
     assert config == expected
+    assert config.engine_config().cold_join_hold_seconds == 0.005
     assert isinstance(config.model_path, Path) and isinstance(config.data_dir, Path)
     assert not config.dev_mode
 
