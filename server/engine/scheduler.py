@@ -485,7 +485,7 @@ class Scheduler:
         busy = any(s is not None for s in self._rows)
         with self._cond:
             if not self._waiting:
-                self._awaited.clear()  # loads nobody waits for any more hold nobody back
+                self._awaited.clear()  # nobody queued: no load to wait for
         if hold <= 0 or not busy or not self._awaited:
             return frozenset()
         if self._held_since is not None and time.monotonic() - self._held_since >= hold:
