@@ -28,6 +28,8 @@
 #   LORASERVE_ENGINE_OPTS adds --engine-opt FIELD=VALUE (e.g. enforce_eager=true).
 #   GPU_CHECK_ATTENTION=1 also benches decode attention=sdpa against attention=triton end to end.
 #   GPU_CHECK_SAMPLED=1 also runs the distinct modes sampled (temperature 0.8, top-p 0.95).
+#   GPU_CHECK_PROFILE=1 also samples the engine thread's stacks during base and distinct decode
+#   (bench.run --profile): waiting on the device against host work, per mode.
 set -uo pipefail
 out="${OUT:-/tmp/gpu_check}"
 mkdir -p "$out"
@@ -192,6 +194,21 @@ if [[ -n "${GPU_CHECK_ATTENTION:-}" ]]; then
       --engine-opt "attention=$backend" > "$out/attention-$backend.log" 2>&1
     echo "attention=$backend exit $? in $((SECONDS - start)) s: $(grep -i 'decode' "$out/attention-$backend.log" | tail -2 | tr '\n' ' ')"
   done
+fi
+
+if [[ -n "${GPU_CHECK_PROFILE:-}" ]]; then
+  # Where the engine thread's time goes per decode step in process (bench/sampler.py): time
+  # waiting on the device (event synchronize, the token read) against host work. In process a
+  # decode step took about 0.37 ms more than its captured graph at b5d15f2, base and adapters
+  # alike, while the host work fits inside the graph's time: this tells which side it is on.
+  echo "== the engine thread's stacks during base and distinct decode (bench.run --profile)"
+  start=$SECONDS
+  timeout "${PROFILE_TIMEOUT:-150}" "$py" -m loraserve.bench.run --size 1b --device cuda \
+    --dtype bfloat16 --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
+    --repeats 1 --only distinct --profile --out "$out/profile" --no-plot "${opts[@]}" \
+    > "$out/profile.log" 2>&1
+  echo "profile exit $? in $((SECONDS - start)) s"
+  head -60 "$out/profile/profile.txt" 2>/dev/null
 fi
 
 if [[ -n "${GPU_CHECK_SAMPLED:-}" ]]; then
