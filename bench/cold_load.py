@@ -31,6 +31,7 @@ from loraserve.bench.adapter_factory import DEFAULT_TARGETS, AdapterFactory, Lor
 from loraserve.bench.adapter_factory import target_shapes as adapter_target_shapes
 from loraserve.bench.engine_runner import upload_adapter_dir
 from loraserve.bench.models import SIZES
+from loraserve.bench.report import command_result
 from loraserve.server.adapter_service import AdapterService, key_of
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine.cold_loader import PageLayout, stage
@@ -155,15 +156,15 @@ def _main(args: argparse.Namespace, scratch: Path) -> dict:
             seconds.append(time.perf_counter() - started)
         part_times[name] = _best_and_median(seconds)
 
-    result = {
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "adapter_file_bytes": len(files.weights),
-        "load_in_line": _best_and_median(timed["in line"]),
-        "load_beside": _best_and_median(timed["beside"]),
-        "beside_over_in_line": statistics.median(timed["beside"])
+    result = command_result(
+        args,
+        adapter_file_bytes=len(files.weights),
+        load_in_line=_best_and_median(timed["in line"]),
+        load_beside=_best_and_median(timed["beside"]),
+        beside_over_in_line=statistics.median(timed["beside"])
         / statistics.median(timed["in line"]),
-        "parts": part_times,
-    }
+        parts=part_times,
+    )
     log.info(
         "%s rank-%d %s adapter, %.1f MB stored as %s: a cold load (read, checksum, validate, "
         "stage) %.1f ms with the checksum beside validation and staging, %.1f ms in line "
@@ -180,8 +181,6 @@ def _main(args: argparse.Namespace, scratch: Path) -> dict:
     for name, times in part_times.items():
         log.info("  %-9s %.2f ms (best %.2f)", name, times["median_ms"], times["best_ms"])
     print(json.dumps(result, indent=2))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -37,6 +37,7 @@ from pathlib import Path
 from loraserve.bench.adapter_factory import AdapterFactory, LoraShape
 from loraserve.bench.engine_runner import EngineBench, EngineLimits
 from loraserve.bench.models import SIZES, bench_model_path, default_cache_dir
+from loraserve.bench.report import command_result
 from loraserve.bench.stats import median
 from loraserve.server.engine.compute_threads import torch_ops_serially
 from loraserve.server.thread_cpu import thread_cpu_seconds
@@ -272,23 +273,21 @@ def _main(args: argparse.Namespace) -> None:
     def med(mode: str, field: str) -> float:
         return median([r[mode][field] for r in rounds])
 
-    result = {
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "device": bench.device,
-        "base_tpot_warm_s": med("warm", "base_tpot_s"),
-        "base_tpot_cold_s": med("cold", "base_tpot_s"),
-        "tpot_cold_over_warm": med("cold", "base_tpot_s") / med("warm", "base_tpot_s"),
-        "max_gap_warm_s": med("warm", "max_gap_after_arrival_s"),
-        "max_gap_cold_s": med("cold", "max_gap_after_arrival_s"),
-        "first_join_warm_s": med("warm", "first_join_after_s"),
-        "first_join_cold_s": med("cold", "first_join_after_s"),
-        "decode_step_warm_s": median([r["warm"]["engine"]["decode_step_mean_s"] for r in rounds]),
-        "decode_step_cold_s": median([r["cold"]["engine"]["decode_step_mean_s"] for r in rounds]),
-        "rounds": rounds,
-    }
+    result = command_result(
+        args,
+        device=bench.device,
+        base_tpot_warm_s=med("warm", "base_tpot_s"),
+        base_tpot_cold_s=med("cold", "base_tpot_s"),
+        tpot_cold_over_warm=med("cold", "base_tpot_s") / med("warm", "base_tpot_s"),
+        max_gap_warm_s=med("warm", "max_gap_after_arrival_s"),
+        max_gap_cold_s=med("cold", "max_gap_after_arrival_s"),
+        first_join_warm_s=med("warm", "first_join_after_s"),
+        first_join_cold_s=med("cold", "first_join_after_s"),
+        decode_step_warm_s=median([r["warm"]["engine"]["decode_step_mean_s"] for r in rounds]),
+        decode_step_cold_s=median([r["cold"]["engine"]["decode_step_mean_s"] for r in rounds]),
+        rounds=rounds,
+    )
     print(json.dumps({k: v for k, v in result.items() if k != "rounds"}, indent=2))
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
 
 
 if __name__ == "__main__":

@@ -35,12 +35,12 @@ from loraserve.bench.engine_runner import (
     upload_adapter_dir,
 )
 from loraserve.bench.models import bench_model_path
-from loraserve.bench.stub_device import StubbedForwards
+from loraserve.bench.report import command_result
+from loraserve.bench.stub_device import MODES, StubbedForwards, parse_modes
 from loraserve.server.metrics import Metrics
 from loraserve.server.tenants import DEV_TENANT
 from loraserve.server.thread_cpu import thread_cpu_seconds
 
-MODES = ("base", "distinct")
 ENGINE = "loraserve-engine"
 LOOP = "loraserve-server"
 """Thread labels (server.thread_cpu): the engine threads, the server's event loop
@@ -147,7 +147,7 @@ def _decode_totals(engine) -> tuple[int, float]:
     return scheduler.decode_steps, scheduler.decode_seconds
 
 
-def _measure(args: argparse.Namespace, scratch: Path) -> list[dict]:
+def _measure(args: argparse.Namespace, modes: list[str], scratch: Path) -> list[dict]:
     from loraserve.server.background import BackgroundServer
 
     model_dir = bench_model_path("tiny", seed=0, storage_dtype="float32", cache_dir=scratch)
@@ -158,7 +158,6 @@ def _measure(args: argparse.Namespace, scratch: Path) -> list[dict]:
         max_new_tokens=max(args.tokens, 1),
         extra=extra,  # type: ignore[arg-type]
     )
-    modes = [m for m in args.modes.split(",") if m]
     bench = EngineBench(model_dir, scratch / "in-process", limits=limits, observer=Metrics())
     # The server writes its access log as in production, to a file rather than this output.
     config = dataclasses.replace(
@@ -226,16 +225,14 @@ def main(argv: list[str] | None = None) -> dict:
     if args.client is not None:
         _client_main(args)
         return {}
-    modes = [m for m in args.modes.split(",") if m]
-    if not modes or set(modes) - set(MODES):
-        raise SystemExit(f"--modes: choose from {list(MODES)}")
+    modes = parse_modes(args.modes)
     started = time.perf_counter()
     switch = sys.getswitchinterval()
     if args.gil_switch_interval is not None:
         sys.setswitchinterval(args.gil_switch_interval)
     try:
         with tempfile.TemporaryDirectory(prefix="loraserve-grpc-overhead-") as scratch:
-            results = _measure(args, Path(scratch))
+            results = _measure(args, modes, Path(scratch))
     finally:
         sys.setswitchinterval(switch)
     print(
@@ -259,10 +256,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"    in-process {runs['in_process']}\n    gRPC {runs['grpc']}\n"
             f"    gRPC server's event loop: {loop} ms CPU per request"
         )
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return command_result(args, results=results)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,6 @@ on any machine: wall microseconds per decode step and the engine thread's CPU pe
 from __future__ import annotations
 
 import argparse
-import json
 import tempfile
 import time
 from pathlib import Path
@@ -22,11 +21,11 @@ from pathlib import Path
 from loraserve.bench.adapter_factory import AdapterFactory, LoraShape
 from loraserve.bench.engine_runner import BenchRequest, EngineBench, EngineLimits
 from loraserve.bench.models import bench_model_path
-from loraserve.bench.stub_device import StubbedForwards
+from loraserve.bench.report import command_result
+from loraserve.bench.stub_device import MODES, StubbedForwards, parse_modes
 from loraserve.server.metrics import Metrics
 from loraserve.server.thread_cpu import thread_cpu_seconds
 
-MODES = ("base", "distinct")
 ENGINE_THREAD = "loraserve-engine"
 
 
@@ -108,10 +107,7 @@ def _run(args: argparse.Namespace, modes: list[str], scratch: Path) -> list[dict
 
 def main(argv: list[str] | None = None) -> dict:
     args = _parse(argv)
-    modes = [m for m in args.modes.split(",") if m]
-    unknown = set(modes) - set(MODES)
-    if unknown or not modes:
-        raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from {list(MODES)}")
+    modes = parse_modes(args.modes)
     with tempfile.TemporaryDirectory(prefix="loraserve-host-step-") as scratch:
         results = _run(args, modes, Path(scratch))
     observed = "the server's metrics" if args.metrics else "no observer"
@@ -124,10 +120,7 @@ def main(argv: list[str] | None = None) -> dict:
             f"  {r['mode']:<9} wall {r['wall_us_per_step']:7.1f} us   "
             f"engine thread CPU {r['cpu_us_per_step']:7.1f} us"
         )
-    result = {"args": {k: str(v) for k, v in vars(args).items()}, "results": results}
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
-    return result
+    return command_result(args, results=results)
 
 
 if __name__ == "__main__":

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import math
 from dataclasses import asdict, dataclass
@@ -283,6 +284,15 @@ def write_json(results: Results, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(results, indent=2, sort_keys=False, default=_jsonable) + "\n")
     return path
+
+
+def command_result(args: argparse.Namespace, **fields: Any) -> Results:
+    """A by-hand bench command's result: its arguments (as strings) under "args", then
+    `fields`; written to `args.json` (write_json) when the command was given one."""
+    result: Results = {"args": {k: str(v) for k, v in vars(args).items()}, **fields}
+    if args.json is not None:
+        write_json(result, args.json)
+    return result
 
 
 def _jsonable(value: Any) -> Any:

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import json
 import threading
 import time
 from pathlib import Path
 
+from loraserve.bench.report import command_result
 from loraserve.server.api.convert import token_logprobs_pb
 from loraserve.server.api.stream_pacing import LoopWaker, PacedEvents
 from loraserve.server.engine.types import FinishEvent, FinishReason, TokenEvent, Usage
@@ -78,12 +78,12 @@ async def _measure(args: argparse.Namespace) -> dict:
     loop_cpu_s = time.thread_time() - cpu_before
     thread.join()
     tokens = args.tokens * args.streams
-    return {
-        "args": {k: str(v) for k, v in vars(args).items()},
-        "messages_per_stream": messages / args.streams,
-        "loop_cpu_per_message_us": loop_cpu_s / messages * 1e6,
-        "loop_cpu_per_token_us": loop_cpu_s / tokens * 1e6,
-    }
+    return command_result(
+        args,
+        messages_per_stream=messages / args.streams,
+        loop_cpu_per_message_us=loop_cpu_s / messages * 1e6,
+        loop_cpu_per_token_us=loop_cpu_s / tokens * 1e6,
+    )
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -95,8 +95,6 @@ def main(argv: list[str] | None = None) -> dict:
         f"stream; event loop CPU {result['loop_cpu_per_message_us']:.1f} us per message, "
         f"{result['loop_cpu_per_token_us']:.2f} us per token"
     )
-    if args.json is not None:
-        args.json.write_text(json.dumps(result, indent=2))
     return result
 
 

@@ -70,3 +70,16 @@ def _text_logits(engine: Engine, vocab: int, rows: int) -> torch.Tensor:
     for row in range(rows):
         logits[row, whole[(row * 7919) % len(whole)]] = 1.0
     return logits
+
+
+MODES = ("base", "distinct")
+"""The stubbed benches' row kinds: base-model rows, or each row with its own adapter."""
+
+
+def parse_modes(text: str) -> list[str]:
+    """--modes "base,distinct" -> the modes in order; exits naming the unknown ones."""
+    modes = [m for m in text.split(",") if m]
+    unknown = set(modes) - set(MODES)
+    if unknown or not modes:
+        raise SystemExit(f"--modes: unknown {sorted(unknown)}; choose from {list(MODES)}")
+    return modes

@@ -168,10 +168,9 @@ def stage_prefill(
         ids[b, :n] = r.tokens
         positions[b, :n] = np.arange(r.start, r.start + n)
         valid[b, :n] = 1
-        used = r.blocks[:span]
-        blocks[b, : len(used)] = used
-        pages[b, : len(r.pages)] = r.pages
         last[b] = n - 1
+    blocks[:] = _padded_table([r.blocks for r in rows], span)
+    pages[:] = _padded_table([r.pages for r in rows], pages.shape[1])
     return buf
 
 

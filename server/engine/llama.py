@@ -227,6 +227,8 @@ def _project(
 ) -> torch.Tensor:
     """x: (batch, seq, d_in) -> W x (+ bias) + each row's adapter term, (batch, seq, d_out).
 
+    page_table: each row's pages, (batch, n); with `kernels`, each token's, (batch * seq, n)
+    (the forward repeats a prefill's table once for all its projections).
     kernels: the Triton BGMV kernels read the pages in place (CUDA, stacks reserved); else the
     torch reference (gather + bmm), which is also the CPU path.
     """
@@ -235,11 +237,6 @@ def _project(
         return y
     if kernels:
         batch, seq, d_in = x.shape
-        # The forward passes a prefill's table already repeated per token (built once, not
-        # once per projection); decode rows have one token each.
-        table = page_table  # (T, n)
-        if table.shape[0] != batch * seq:
-            table = page_table.repeat_interleave(seq, 0)
         flat = y.view(batch * seq, -1)  # (T, d_out), updated in place
         lora_kernels.add_lora(
             flat,
@@ -247,7 +244,7 @@ def _project(
             group.a,
             group.b,
             group.segment,
-            table,
+            page_table,
             group.live,
         )
         return y

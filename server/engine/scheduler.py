@@ -482,11 +482,13 @@ class Scheduler:
     def _join_hold(self) -> frozenset[AdapterKey]:
         """The loaded adapters whose requests wait this pass (empty: nobody waits)."""
         hold = self._settings.cold_join_hold_seconds
-        busy = any(s is not None for s in self._rows)
+        if hold <= 0 or not self._awaited:  # most iterations: no lock taken
+            return frozenset()
         with self._cond:
             if not self._waiting:
                 self._awaited.clear()  # nobody queued: no load to wait for
-        if hold <= 0 or not busy or not self._awaited:
+                return frozenset()
+        if not any(s is not None for s in self._rows):  # idle: nobody to stall
             return frozenset()
         if self._held_since is not None and time.monotonic() - self._held_since >= hold:
             return frozenset()
