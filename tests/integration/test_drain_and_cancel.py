@@ -189,9 +189,12 @@ def test_batch_neighbours_are_unaffected(srv: BackgroundServer) -> None:
 # ---- graceful drain of a real process ------------------------------------------------------
 
 DRAIN_TOKENS = 300
-"""About 1 s on the tiny default model: still running at SIGTERM, done well within the grace."""
+"""About 1 s on the tiny default model on an idle machine: still running at SIGTERM."""
 
-GRACE = 5.0
+GRACE = 30.0
+"""Far longer than the stream needs even on a machine shared by several test runs (with 5 s, a
+2-core machine running four suites at once cut it short). The server stops as soon as the
+stream ends, so the margin costs nothing; what is tested is that the stream ends whole."""
 
 
 def _health(target: str) -> str:
@@ -243,16 +246,17 @@ def test_sigterm_drains_in_flight_stream(model_cache: Path, tmp_path: Path) -> N
             server.send_signal(signal.SIGTERM)
 
             # Health stops saying SERVING at once: NOT_SERVING, or (the port stops taking new
-            # calls at once) the probe is refused or cut off.
-            deadline = time.monotonic() + 3
+            # calls at once) the probe is refused or cut off. (The deadline only bounds the
+            # wait: on a busy machine the signal itself may take a moment to be handled.)
+            deadline = time.monotonic() + 10
             while (status := _health(target)) == "SERVING":
                 assert time.monotonic() < deadline, "still SERVING after SIGTERM"
                 time.sleep(0.02)
             assert status in ("NOT_SERVING", "UNAVAILABLE", "CANCELLED"), status
 
-            # A new call is refused promptly, on a fresh channel and on the draining one.
+            # A new call is refused, on a fresh channel and on the draining one: UNAVAILABLE,
+            # where a call left waiting would end DEADLINE_EXCEEDED.
             for caller in ("fresh", "draining"):
-                started = time.monotonic()
                 with pytest.raises(grpc.RpcError) as err:
                     if caller == "fresh":
                         with LoraServeClient(ClientConfig(target=target, timeout_s=5)) as other:
@@ -260,7 +264,6 @@ def test_sigterm_drains_in_flight_stream(model_cache: Path, tmp_path: Path) -> N
                     else:
                         client.generate("too late", max_new_tokens=4, timeout_s=5)
                 assert err.value.code() == grpc.StatusCode.UNAVAILABLE, (caller, err.value)
-                assert time.monotonic() - started < 3, caller
             refused_at = time.monotonic()
 
             reader.join(GRACE + 5)
