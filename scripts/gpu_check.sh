@@ -28,8 +28,10 @@
 #   LORASERVE_ENGINE_OPTS adds --engine-opt FIELD=VALUE (e.g. enforce_eager=true).
 #   GPU_CHECK_ATTENTION=1 also benches decode attention=sdpa against attention=triton end to end.
 #   GPU_CHECK_SAMPLED=1 also runs the distinct modes sampled (temperature 0.8, top-p 0.95).
-#   GPU_CHECK_PROFILE=1 also samples the engine thread's stacks during base and distinct decode
-#   (bench.run --profile): waiting on the device against host work, per mode.
+#   GPU_CHECK_PROFILE=1 also samples the engine thread's stacks during base and distinct decode:
+#   waiting on the device against host work. With py-spy (GPU_WHEELS may carry its wheel) from
+#   outside the process, which sees host work in Python as it is; else bench.run --profile.
+# With py-spy, the hoststep part also profiles the stubbed decode steps, base and distinct.
 set -uo pipefail
 out="${OUT:-/tmp/gpu_check}"
 mkdir -p "$out"
@@ -41,6 +43,10 @@ if [ -n "${GPU_WHEELS:-}" ]; then
   "$py" -m pip install -q --no-index --no-deps --upgrade --target /tmp/gpu_site "$GPU_WHEELS"/*.whl \
     && export PYTHONPATH="/tmp/gpu_site${PYTHONPATH:+:$PYTHONPATH}"
 fi
+pyspy="$(command -v py-spy || true)"
+[ -z "$pyspy" ] && [ -x /tmp/gpu_site/bin/py-spy ] && pyspy=/tmp/gpu_site/bin/py-spy
+# py-spy from outside the process, not pausing it (--nonblocking), waits included (--idle).
+spy=("$pyspy" record --threads --idle --nonblocking -r 500 -f raw)
 skip="${GPU_CHECK_SKIP:-}"
 opts=()
 for o in ${LORASERVE_ENGINE_OPTS:-}; do opts+=(--engine-opt "$o"); done
@@ -158,6 +164,18 @@ if [[ ",$skip," != *",hoststep,"* ]]; then
   timeout "${HOSTSTEP_TIMEOUT:-60}" "$py" -m loraserve.bench.host_step > "$out/hoststep.log" 2>&1
   echo "hoststep exit $? in $((SECONDS - start)) s"
   tail -3 "$out/hoststep.log"
+  if [ -n "$pyspy" ]; then
+    # Where it goes, per mode (timed above without the profiler).
+    for mode in base distinct; do
+      timeout "${HOSTSTEP_TIMEOUT:-60}" "${spy[@]}" -o "$out/hoststep-$mode.pyspy" -- "$py" -m \
+        loraserve.bench.host_step --modes "$mode" --repeats 1 --tokens 1024 > /dev/null 2>&1
+      # By function, not thread name: py-spy keeps the first name it saw for a thread id, and
+      # the OS reuses the ids of the bench's finished threads. Only the engine decodes.
+      "$py" -m loraserve.bench.pyspy_report "$out/hoststep-$mode.pyspy" --top 20 \
+        --within _decode_step > "$out/hoststep-$mode.profile" 2>&1
+      head -22 "$out/hoststep-$mode.profile"
+    done
+  fi
 fi
 
 if [[ ",$skip," != *",grpcproxy,"* ]]; then
@@ -203,12 +221,21 @@ if [[ -n "${GPU_CHECK_PROFILE:-}" ]]; then
   # alike, while the host work fits inside the graph's time: this tells which side it is on.
   echo "== the engine thread's stacks during base and distinct decode (bench.run --profile)"
   start=$SECONDS
-  timeout "${PROFILE_TIMEOUT:-150}" "$py" -m loraserve.bench.run --size 1b --device cuda \
-    --dtype bfloat16 --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
-    --repeats 1 --only distinct --profile --out "$out/profile" --no-plot "${opts[@]}" \
-    > "$out/profile.log" 2>&1
-  echo "profile exit $? in $((SECONDS - start)) s"
-  head -60 "$out/profile/profile.txt" 2>/dev/null
+  run=("$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 --batch 32
+    --adapters 64 --rank 16 --prompt-len 128 --output-len 64 --repeats 1 --only distinct
+    --out "$out/profile" --no-plot "${opts[@]}")
+  if [ -n "$pyspy" ]; then
+    # Base and distinct together (the bench runs both); decode steps only.
+    timeout "${PROFILE_TIMEOUT:-150}" "${spy[@]}" -o "$out/profile.pyspy" -- "${run[@]}" \
+      > "$out/profile.log" 2>&1
+    echo "profile exit $? in $((SECONDS - start)) s"
+    "$py" -m loraserve.bench.pyspy_report "$out/profile.pyspy" --within _decode_step \
+      --top 30 | tee "$out/profile.txt"
+  else
+    timeout "${PROFILE_TIMEOUT:-150}" "${run[@]}" --profile > "$out/profile.log" 2>&1
+    echo "profile exit $? in $((SECONDS - start)) s"
+    head -60 "$out/profile/profile.txt" 2>/dev/null
+  fi
 fi
 
 if [[ -n "${GPU_CHECK_SAMPLED:-}" ]]; then
