@@ -10,7 +10,8 @@ from __future__ import annotations
 import pytest
 from transformers import PreTrainedTokenizerBase
 
-from loraserve.server.engine.detokenize import TextState
+from loraserve.server.engine import detokenize
+from loraserve.server.engine.detokenize import TextState, windowed_decoder
 from loraserve.testing.tiny_model import build_tokenizer
 
 
@@ -270,3 +271,18 @@ def test_a_tokenizer_that_cleans_up_spaces_is_decoded_whole(
     assert "".join(_stream(state, ids)) + state.flush() == cleaning.decode(
         ids, skip_special_tokens=True
     )
+
+
+def test_window_decoder_is_shared_per_tokenizer_and_its_single_tokens_decode_alike(
+    tokenizer: PreTrainedTokenizerBase, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    decoder = windowed_decoder(tokenizer)
+    assert decoder is not None and windowed_decoder(tokenizer) is decoder
+    ids = _ids(tokenizer, "I like 😀 a lot 日本語 — ok, café")
+    for token in ids:  # a one-token list, remembered or not, as the backend decodes it
+        assert decoder.one(token) == tokenizer.decode([token], skip_special_tokens=True)
+        assert decoder.one(token) == decoder([token])
+    # Bounded: past the limit, single tokens are decoded but not kept.
+    monkeypatch.setattr(detokenize, "SINGLE_TOKENS_KEPT", 0)
+    fresh = detokenize.WindowDecoder(tokenizer.backend_tokenizer)
+    assert fresh.one(ids[0]) == decoder.one(ids[0]) and not fresh._single
