@@ -73,6 +73,10 @@ class ServerConfig:
     """Share of free device memory the paged KV pool takes when kv_cache_bytes is 0."""
     enforce_eager: bool = False
     """Run decode without CUDA graphs (debugging)."""
+    prefill_graph_tokens: int = 2048
+    """Prefills of up to this many padded tokens (rows x tokens per row, padded to the graphs'
+    buckets) replay CUDA graphs captured at start, as decode steps do; larger ones, and every
+    prefill on CPU or with enforce_eager, run eagerly. 0: no prefill graphs."""
     async_decode: bool = True
     """Launch each decode step before reading the previous one's tokens (own forward only): the
     host's work on step N (text, stops, events) overlaps the device computing step N+1, whose
@@ -216,6 +220,10 @@ class ServerConfig:
                 "stream_interval_seconds: must be a number from 0 to 10, got "
                 f"{self.stream_interval_seconds}"
             )
+        if not 0 <= self.prefill_graph_tokens <= 1 << 16:
+            raise ConfigError(
+                f"prefill_graph_tokens: must be from 0 to 65536, got {self.prefill_graph_tokens}"
+            )
         if not 0 <= self.cold_join_hold_seconds <= 1:  # also refuses NaN
             raise ConfigError(
                 "cold_join_hold_seconds: must be a number from 0 to 1, got "
@@ -278,6 +286,7 @@ class ServerConfig:
             kv_cache_bytes=self.kv_cache_bytes,
             kv_cache_fraction=self.kv_cache_fraction,
             enforce_eager=self.enforce_eager,
+            prefill_graph_tokens=self.prefill_graph_tokens,
             attention=self.attention,
             async_decode=self.async_decode,
             cold_join_hold_seconds=self.cold_join_hold_seconds,

@@ -121,7 +121,14 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
     )
     parser.add_argument("--kv-cache-fraction", type=float, default=d.kv_cache_fraction)
     parser.add_argument(
-        "--enforce-eager", action="store_true", help="decode without CUDA graphs (debugging)"
+        "--enforce-eager", action="store_true", help="no CUDA graphs, decode or prefill (debugging)"
+    )
+    parser.add_argument(
+        "--prefill-graph-tokens",
+        type=int,
+        default=d.prefill_graph_tokens,
+        help="prefills of up to this many padded tokens replay CUDA graphs captured at start "
+        f"(default {d.prefill_graph_tokens}; 0: every prefill eager)",
     )
     parser.add_argument(
         "--async-decode",
@@ -349,6 +356,7 @@ def config_from_args(
         kv_cache_bytes=args.kv_cache_bytes,
         kv_cache_fraction=args.kv_cache_fraction,
         enforce_eager=args.enforce_eager,
+        prefill_graph_tokens=args.prefill_graph_tokens,
         attention=args.attention,
         async_decode=args.async_decode,
         cold_join_hold_seconds=args.cold_join_hold_seconds,

@@ -47,6 +47,10 @@ class EngineConfig:
     """Share of free device memory the paged KV pool takes when kv_cache_bytes is 0."""
     enforce_eager: bool = False
     """Run decode without CUDA graphs (debugging)."""
+    prefill_graph_tokens: int = 2048
+    """Prefills of up to this many padded tokens (rows x tokens per row, padded to the graphs'
+    buckets) replay CUDA graphs captured at start, as decode steps do; larger ones, and every
+    prefill on CPU or with enforce_eager, run eagerly. 0: no prefill graphs."""
     attention: str = "sdpa"
     """Decode attention of the own forward: "sdpa" or "triton" (ATTENTION_BACKENDS)."""
     async_decode: bool = True

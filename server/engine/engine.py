@@ -121,6 +121,7 @@ class Engine:
                 kv_cache_bytes=config.kv_cache_bytes,
                 kv_cache_fraction=config.kv_cache_fraction,
                 enforce_eager=config.enforce_eager,
+                prefill_graph_tokens=config.prefill_graph_tokens,
                 attention=config.attention,
                 async_decode=config.async_decode,
                 max_lora_rank=config.max_lora_rank,

@@ -9,8 +9,9 @@ and only those, so a step where nobody asked runs exactly as `execute`):
   feeds (rows whose token is the previous step's output, still on the device: async_decode),
   block tables and adapter page tables from ONE static int64 device buffer filled by ONE
   host-to-device copy per step, and on CUDA replays a graph captured at start for the step's
-  (batch bucket, KV-span bucket, adapter-table width). Prefill runs eagerly, rows of similar
-  length grouped so padding stays small.
+  (batch bucket, KV-span bucket, adapter-table width). Prefill groups rows of similar length so
+  padding stays small; a small group replays a graph captured for its padded shape
+  (server.engine.prefill_graphs), a larger one runs eagerly.
 * GenericExecutor, for other architectures (GPT-2): the transformers model with one KV row per
   request (server.engine.kv_cache, server.engine.runner).
 """
@@ -22,7 +23,6 @@ import time
 from collections.abc import Mapping
 from dataclasses import dataclass
 
-import numpy as np
 import torch
 
 from loraserve.server.engine import fused_ops, lora_kernels, paged_attention, runner
@@ -36,6 +36,20 @@ from loraserve.server.engine.planner import (
     RowPlan,
     StepPlan,
     blocks_for,
+)
+from loraserve.server.engine.prefill_graphs import (
+    Capture,
+    PrefillGraphs,
+    PrefillKey,
+    cuda_capture,
+    prefill_shapes,
+)
+from loraserve.server.engine.staging import (
+    buffer_sections,
+    prefill_sections,
+    stage_decode,
+    stage_prefill,
+    staging_arrays,
 )
 from loraserve.server.engine.types import TokenLogprob
 
@@ -77,101 +91,13 @@ class ExecutorSettings:
     fused_ops: bool = True
     """The fused_ops Triton kernels (add + RMSNorm, RoPE + KV writes, silu * mul) where they run
     (CUDA with Triton); the torch references otherwise."""
+    prefill_graph_tokens: int = 2048
+    """Prefills of up to this many padded tokens (rows x tokens per row) replay CUDA graphs
+    captured at start (server.engine.prefill_graphs); 0 runs every prefill eagerly."""
 
 
 GraphKey = tuple[int, int, int, frozenset[str] | None]
 """(batch bucket, KV span bucket, page-table width, adapter kinds: ATTENTION_KINDS or None)."""
-
-
-def buffer_sections(buf: torch.Tensor, layout: tuple[int, int, int]) -> tuple[torch.Tensor, ...]:
-    """Views of one staging buffer (host or device) for layout (m, nb, np_): tokens, positions,
-    valid, feeds (m,) each, block tables (m, nb), page tables (m, np_)."""
-    m, nb, np_ = layout
-    tokens, positions, valid, feeds = (buf[i * m : (i + 1) * m] for i in range(4))  # (m,) each
-    blocks = buf[4 * m : 4 * m + m * nb].view(m, nb)  # (m, nb)
-    pages = buf[4 * m + m * nb :].view(m, np_)  # (m, np_)
-    return tokens, positions, valid, feeds, blocks, pages
-
-
-def staging_arrays(buf: torch.Tensor, layout: tuple[int, int, int]) -> tuple[np.ndarray, ...]:
-    """buffer_sections of a host buffer as NumPy arrays sharing its memory: the host fills a
-    step's inputs with a few array writes where torch would dispatch a dozen small ops."""
-    return tuple(section.numpy() for section in buffer_sections(buf, layout))
-
-
-def stage_decode(
-    arrays: tuple[np.ndarray, ...],
-    rows: tuple[RowPlan, ...],
-    padded: int,
-    span: int,
-    width: int,
-) -> None:
-    """Writes a decode step's rows into staging `arrays` (staging_arrays): block tables `span`
-    wide, page tables `width` wide, rows len(rows)..padded as padding (no token, feed -1, block
-    and page 0: the scratch block, the zero page)."""
-    tokens, positions, valid, feeds, blocks, pages = arrays
-    batch = len(rows)
-    tokens[:batch] = [r.tokens[0] for r in rows]
-    positions[:batch] = [r.start for r in rows]
-    valid[:batch] = 1
-    feeds[:batch] = [r.feed for r in rows]
-    tokens[batch:padded] = 0
-    positions[batch:padded] = 0
-    valid[batch:padded] = 0
-    feeds[batch:padded] = -1
-    blocks[:padded] = 0
-    blocks[:batch, :span] = _padded_table([r.blocks for r in rows], span)
-    pages[:padded] = 0
-    if 0 < width <= pages.shape[1]:  # a wider table runs eagerly from the plan instead
-        pages[:batch, :width] = _padded_table([r.pages for r in rows], width)
-
-
-def _padded_table(entries: list[tuple[int, ...]], width: int) -> np.ndarray:
-    """(len(entries), width) int64: each row's entries, cut or padded with 0 to `width`."""
-    pad = (0,) * width
-    flat: list[int] = []
-    for row in entries:
-        flat.extend(row[:width])
-        flat.extend(pad[len(row) :])
-    return np.asarray(flat, dtype=np.int64).reshape(len(entries), width)
-
-
-def prefill_sections(
-    buf: torch.Tensor, batch: int, seq: int, span: int
-) -> tuple[torch.Tensor, ...]:
-    """Views of a prefill group's staging buffer (stage_prefill; host or device): token ids,
-    positions and validity (batch, seq) each, block tables (batch, span), page tables
-    (batch, width >= 1), and each row's last fed column (batch,)."""
-    cells = batch * seq
-    ids, positions, valid = (buf[i * cells : (i + 1) * cells].view(batch, seq) for i in range(3))
-    blocks = buf[3 * cells : 3 * cells + batch * span].view(batch, span)
-    pages = buf[3 * cells + batch * span : buf.shape[0] - batch].view(batch, -1)
-    last = buf[buf.shape[0] - batch :]
-    return ids, positions, valid, blocks, pages, last
-
-
-def stage_prefill(
-    rows: list[RowPlan], seq: int, span: int, width: int, *, pin: bool
-) -> torch.Tensor:
-    """A prefill group's inputs in one int64 host buffer (pinned when `pin`), laid out as
-    prefill_sections reads them: rows right-padded to `seq` (token 0, position 0, not valid),
-    block tables cut or padded to `span`, page tables padded to max(width, 1) with the zero
-    page. Filled through NumPy views: a few array writes per row, not a torch op per field."""
-    batch = len(rows)
-    total = batch * (3 * seq + span + max(width, 1) + 1)
-    buf = torch.zeros(total, dtype=torch.long, pin_memory=pin)  # (total,)
-    ids, positions, valid, blocks, pages, last = (
-        section.numpy() for section in prefill_sections(buf, batch, seq, span)
-    )
-    for b, r in enumerate(rows):
-        n = len(r.tokens)
-        ids[b, :n] = r.tokens
-        positions[b, :n] = np.arange(r.start, r.start + n)
-        valid[b, :n] = 1
-        last[b] = n - 1
-    blocks[:] = _padded_table([r.blocks for r in rows], span)
-    pages[:] = _padded_table([r.pages for r in rows], pages.shape[1])
-    return buf
 
 
 def batch_buckets(max_batch_size: int) -> list[int]:
@@ -332,6 +258,13 @@ class PagedExecutor:
         self.batch_buckets = batch_buckets(m)
         self.span_buckets = sorted({min(b, nb) for b in (16, 64, 256, 1024)} | {nb})
         self.page_buckets = sorted({w for w in (2, np_) if w <= np_}) if np_ else []
+        self.prefill_graphs = PrefillGraphs(
+            prefill_shapes(settings.prefill_graph_tokens, settings.max_seq_len)
+            if self._graphs_on
+            else [],
+            self._graph_widths(),
+            device,
+        )
         self._warm_up()
         if self._graphs_on:
             started = time.monotonic()
@@ -341,9 +274,16 @@ class PagedExecutor:
                 # A capture failure must not take the server down: decode runs eagerly.
                 log.exception("CUDA graph capture failed; decoding eagerly")
                 self._graphs.clear()
+                self.prefill_graphs.clear()
             log.info(
-                "captured %d decode graphs in %.1f s", len(self._graphs), time.monotonic() - started
+                "captured %d decode and %d prefill graphs in %.1f s",
+                len(self._graphs),
+                len(self.prefill_graphs),
+                time.monotonic() - started,
             )
+            if self.prefill_graphs and not self._prefill_graphs_agree():
+                log.warning("a prefill graph disagrees with the eager prefill; prefilling eagerly")
+                self.prefill_graphs.clear()
 
     def kv_bytes(self) -> int:
         return self.kv.data.nbytes
@@ -418,28 +358,88 @@ class PagedExecutor:
         width = max(1, self._layout[2])
         return torch.zeros((batch, width), dtype=torch.long, device=self._loaded.device)
 
+    def _graph_widths(self) -> list[int]:
+        """Page-table widths graphs are captured for: adapter graphs only over stacks that can
+        never move (reserved at start)."""
+        reserved = all(g.reserved for g in self._model.groups())
+        return [0, *self.page_buckets] if reserved else [0]
+
     @torch.inference_mode()
     def _capture(self) -> None:
         pool = torch.cuda.graph_pool_handle()
-        # Adapter graphs only over stacks that can never move (reserved at start).
-        reserved = all(g.reserved for g in self._model.groups())
-        widths = [0, *self.page_buckets] if reserved else [0]
+        widths = self._graph_widths()
         self._dev.zero_()
         stream = torch.cuda.Stream()
         stream.wait_stream(torch.cuda.current_stream())
+        capture = cuda_capture(pool, stream)
         with torch.cuda.stream(stream):
             for batch in reversed(self.batch_buckets):
                 for span in self.span_buckets:
                     for width in widths:
                         # Adapter graphs twice: every kind, and attention-only adapters'.
                         for kinds in (None, ATTENTION_KINDS) if width else (None,):
-                            self._decode_forward(batch, span, width, kinds)  # warm up
-                            graph = torch.cuda.CUDAGraph()
-                            with torch.cuda.graph(graph, pool=pool, stream=stream):
-                                out = self._decode_forward(batch, span, width, kinds)
-                            self._graphs[(batch, span, width, kinds)] = (graph, out)
+                            self._graphs[(batch, span, width, kinds)] = capture(
+                                lambda b=batch, s=span, w=width, k=kinds: self._decode_forward(
+                                    b, s, w, k
+                                )
+                            )
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
+        if not self.prefill_graphs.shapes:
+            return
+        try:  # in the decode graphs' pool: one replays at a time, they share its memory
+            with torch.cuda.stream(stream):
+                self.capture_prefill_graphs(capture)
+        except Exception:
+            # Prefills then run eagerly, as before prefill graphs; decode keeps its graphs.
+            log.exception("prefill graph capture failed; prefilling eagerly")
+            self.prefill_graphs.clear()
+        torch.cuda.current_stream().wait_stream(stream)
+        torch.cuda.synchronize()
+
+    @torch.inference_mode()
+    def capture_prefill_graphs(self, capture: Capture) -> None:
+        """Records every prefill graph with `capture` (cuda_capture at start; tests on CPU pass
+        an eager stand-in, which exercises the same padding and static buffers)."""
+        self.prefill_graphs.capture_all(self._static_prefill_forward, capture)
+
+    def _static_prefill_forward(self, key: PrefillKey) -> torch.Tensor:
+        """The prefill over the prefill graphs' static buffer for `key`: logits (batch, vocab)."""
+        batch, _seq, width, kinds = key
+        ids, positions, valid, blocks, pages, last = self.prefill_graphs.sections(key)
+        step = StepInputs(
+            input_ids=ids,
+            positions=positions,
+            block_tables=blocks,
+            valid=valid != 0,
+            page_table=pages[:, :width] if width else None,
+            lora_kinds=kinds,
+        )
+        hidden = self._model(step, self.kv)  # (batch, seq, hidden)
+        rows = torch.arange(batch, device=hidden.device)
+        return self._model.logits(hidden[rows, last])  # (batch, vocab)
+
+    @torch.inference_mode()
+    def _prefill_graphs_agree(self) -> bool:
+        """One small prefill through its graph and eagerly, on a real KV block: a capture that
+        went wrong shows here, at start, instead of as wrong tokens."""
+        blocks = self.allocator.allocate(1)
+        if blocks is None:
+            return False
+        try:
+            row = RowPlan(0, tokens=tuple(range(3, 15)), start=0, blocks=tuple(blocks), pages=())
+            key = self.prefill_graphs.key_for([row], 0, None)
+            if key is None:
+                return False
+            got = self.prefill_graphs.run(key, [row], pin=True).float()
+            want = self._prefill(StepPlan("prefill", (row,)), graphs=False).float()
+            scale = want.abs().max().item()
+            return bool((got - want).abs().max().item() <= 2e-2 * max(scale, 1e-6))
+        except Exception:
+            log.exception("a prefill graph failed its check")
+            return False
+        finally:
+            self.allocator.free(blocks)
 
     # ---- steps -------------------------------------------------------------------------------
 
@@ -525,8 +525,11 @@ class PagedExecutor:
         plan: StepPlan,
         scoring: Mapping[int, PositionScoring] | None = None,
         scored: Scored | None = None,
+        *,
+        graphs: bool = True,
     ) -> torch.Tensor:
-        """Eager; rows grouped by length so a short row is never padded to a long one."""
+        """Rows grouped by length so a short row is never padded to a long one; a group runs
+        from its prefill graph where one holds it (unless `graphs` is False), else eagerly."""
         order = sorted(range(len(plan.rows)), key=lambda i: len(plan.rows[i].tokens))
         budget = max(self._settings.max_batch_tokens, max(len(r.tokens) for r in plan.rows))
         out: list[torch.Tensor | None] = [None] * len(plan.rows)
@@ -534,11 +537,11 @@ class PagedExecutor:
         for i in order:
             longest = len(plan.rows[i].tokens)  # sorted ascending: this row is the longest
             if group and (len(group) + 1) * longest > budget:
-                self._prefill_group(plan, group, out, scoring, scored)
+                self._prefill_group(plan, group, out, scoring, scored, graphs)
                 group = []
             group.append(i)
         if group:
-            self._prefill_group(plan, group, out, scoring, scored)
+            self._prefill_group(plan, group, out, scoring, scored, graphs)
         return torch.stack(out)  # type: ignore[arg-type]
 
     def _prefill_group(
@@ -548,6 +551,7 @@ class PagedExecutor:
         out: list,
         scoring: Mapping[int, PositionScoring] | None = None,
         scored: Scored | None = None,
+        graphs: bool = True,
     ) -> None:
         rows = [plan.rows[i] for i in group]
         device = self._loaded.device
@@ -555,12 +559,20 @@ class PagedExecutor:
         span = max(blocks_for(r.start + len(r.tokens)) for r in rows)
         width = max(len(r.pages) for r in rows)
         pin = device.type == "cuda"
+        kinds = self._model.lora_index.kinds_for(p for r in rows for p in r.pages)
+        if graphs and not (scoring and any(i in scoring for i in group)):
+            # Prompt scoring reads every position's hidden state: eager only.
+            key = self.prefill_graphs.key_for(rows, width if kinds else 0, kinds)
+            if key is not None:
+                logits = self.prefill_graphs.run(key, rows, pin=pin)  # (rows, vocab)
+                for b, i in enumerate(group):
+                    out[i] = logits[b]
+                return
         host = stage_prefill(rows, seq, span, width, pin=pin)  # (total,) int64
         # One queued copy: a copy from pageable memory would wait for the decode step still on
         # the device (async_decode) before this prefill could even start launching.
         dev = host.to(device, non_blocking=pin)
         ids, positions, valid, blocks, pages, last = prefill_sections(dev, len(rows), seq, span)
-        kinds = self._model.lora_index.kinds_for(p for r in rows for p in r.pages)
         step = StepInputs(
             input_ids=ids,
             positions=positions,

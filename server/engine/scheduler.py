@@ -225,6 +225,8 @@ class SchedulerSettings:
     kv_cache_fraction: float = 0.5
     enforce_eager: bool = False
     """No CUDA graphs for decode."""
+    prefill_graph_tokens: int = 2048
+    """Largest padded prefill replayed from a CUDA graph (EngineConfig.prefill_graph_tokens)."""
     attention: str = "sdpa"
     """Decode attention of the own forward (EngineConfig.attention)."""
     max_lora_rank: int = 64
@@ -272,6 +274,7 @@ class Scheduler:
                 kv_cache_bytes=settings.kv_cache_bytes,
                 kv_cache_fraction=settings.kv_cache_fraction,
                 enforce_eager=settings.enforce_eager,
+                prefill_graph_tokens=settings.prefill_graph_tokens,
                 attention=settings.attention,
                 max_pages_per_row=pool.pages_for(settings.max_lora_rank),
                 adapter_pages=pool.num_pages,

@@ -171,6 +171,71 @@ def test_cuda_cold_load_on_the_loader_stream(dtype: str, model_cache: Path, tmp_
         harness.close()
 
 
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+def test_cuda_prefill_graphs_match_the_eager_prefill(
+    dtype: str, model_cache: Path, tmp_path: Path
+) -> None:
+    """Prefill groups replayed from the graphs captured at start (padding rows and tokens, both
+    adapter variants) give the eager prefill's logits; a request then generates the tokens it
+    generates with every prefill eager."""
+    from loraserve.server.engine.planner import RowPlan, StepPlan, blocks_for
+
+    model_dir = build_test_model("llama", model_cache)
+    shapes = [
+        AdapterShape(rank=4, alpha=8, targets=["q_proj", "v_proj"], seed=1),
+        AdapterShape(rank=12, alpha=16, targets="all-linear", seed=2),
+    ]
+    dirs = [make_peft_adapter(model_dir, tmp_path / f"p{i}", s) for i, s in enumerate(shapes)]
+    harness = EngineHarness(model_dir, tmp_path / "data", device="cuda", dtype=dtype)
+    try:
+        for i, directory in enumerate(dirs):
+            store_adapter(harness.service, "t", f"p{i}", directory)
+        executor = harness.engine.scheduler.executor
+        assert len(executor.prefill_graphs) > 0, "no prefill graphs were captured"
+        pool = harness.engine.device_pool
+        pages = [()] + [
+            tuple(pool.acquire(harness.service.resolve(AdapterRef("t", f"p{i}"))).pages)
+            for i in range(len(dirs))
+        ]
+        rows = []
+        for i, (length, adapter) in enumerate([(5, 1), (19, 0), (11, 2)]):
+            blocks = executor.allocator.allocate(blocks_for(length + 1))
+            assert blocks is not None
+            tokens = tuple(3 + (7 * i + 5 * j) % 90 for j in range(length))
+            rows.append(RowPlan(i, tokens, 0, tuple(blocks), pages[adapter]))
+        for group in (rows, rows[:1], [rows[1]]):
+            plan = StepPlan("prefill", tuple(group))
+            want = executor._prefill(plan, graphs=False).float()
+            before = executor.prefill_graphs.replays
+            got = executor.execute(plan).float()
+            assert executor.prefill_graphs.replays == before + 1
+            atol, rtol = TOLERANCE[dtype]
+            assert torch.allclose(got, want, atol=atol * want.abs().max().item(), rtol=rtol)
+            assert torch.equal(got.argmax(-1), want.argmax(-1))
+        for row in rows:
+            executor.allocator.free(list(row.blocks))
+
+        tokenizer = AutoTokenizer.from_pretrained(model_dir, local_files_only=True)
+        ids = tokenizer("The quick brown fox")["input_ids"]
+        job = harness.submit(ids, "p1", max_new_tokens=8, ignore_eos=True)
+        harness.run([job])
+        eager = EngineHarness(
+            model_dir, tmp_path / "eager", device="cuda", dtype=dtype, prefill_graph_tokens=0
+        )
+        try:
+            store_adapter(eager.service, "t", "p1", dirs[1])
+            assert len(eager.engine.scheduler.executor.prefill_graphs) == 0
+            again = eager.submit(ids, "p1", max_new_tokens=8, ignore_eos=True)
+            eager.run([again])
+        finally:
+            eager.close()
+        assert isinstance(job[-1], FinishEvent) and isinstance(again[-1], FinishEvent)
+        if dtype == "float32":
+            assert job[-1].token_ids == again[-1].token_ids
+    finally:
+        harness.close()
+
+
 def test_cuda_batched_sampling_is_seeded_filtered_and_faults_alone() -> None:
     """The sampled rows run on the device: same seeds, same draws; filtered tokens never."""
     from loraserve.server.engine.sampling import SamplingFault, make_generator, select_next_tokens

@@ -1,17 +1,18 @@
-"""The steps' host staging (server.engine.executor.stage_decode, stage_prefill): what one step
+"""The steps' host staging (server.engine.staging.stage_decode, stage_prefill): what one step
 writes into the int64 buffer its single host-to-device copy sends."""
 
 from __future__ import annotations
 
 import torch
 
-from loraserve.server.engine.executor import (
+from loraserve.server.engine.planner import RowPlan
+from loraserve.server.engine.staging import (
     prefill_sections,
+    prefill_size,
     stage_decode,
     stage_prefill,
     staging_arrays,
 )
-from loraserve.server.engine.planner import RowPlan
 
 LAYOUT = (4, 3, 2)  # (max rows, blocks per row, pages per row)
 
@@ -112,3 +113,18 @@ def test_prefill_sections_of_a_copy_read_the_same_values() -> None:
     for a, b in zip(prefill_sections(host, 1, 2, 1), prefill_sections(copy, 1, 2, 1), strict=True):
         assert a.tolist() == b.tolist()
     assert prefill_sections(copy, 1, 2, 1)[4].tolist() == [[3, 1]]
+
+
+def test_prefill_padding_rows_are_empty() -> None:
+    # A prefill graph's batch bucket holds more rows than the group: the rest are padding.
+    rows = [_prefill_row(0, (5, 6), start=0, blocks=(3,), pages=(2, 4))]
+    buf = stage_prefill(rows, seq=4, span=2, width=2, pin=False, batch=3)
+    assert buf.numel() == prefill_size(3, 4, 2, 2)
+    ids, positions, valid, blocks, pages, last = (
+        s.tolist() for s in prefill_sections(buf, batch=3, seq=4, span=2)
+    )
+    assert ids == [[5, 6, 0, 0], [0] * 4, [0] * 4]
+    assert positions == [[0, 1, 0, 0], [0] * 4, [0] * 4]
+    assert valid == [[1, 1, 0, 0], [0] * 4, [0] * 4]  # no valid token: K/V to the scratch slot
+    assert blocks == [[3, 0], [0, 0], [0, 0]] and pages == [[2, 4], [0, 0], [0, 0]]
+    assert last == [1, 0, 0]

@@ -115,6 +115,7 @@ def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
         "--stream-interval-seconds": "0.05",
         "--gil-switch-interval-seconds": "0.0005",
         "--cold-join-hold-seconds": "0.005",
+        "--prefill-graph-tokens": "512",
     }
     config = config_from_args(_parse(*[part for item in argv.items() for part in item]))
     expected = dataclasses.replace(
@@ -141,9 +142,11 @@ def test_every_flag_maps_to_its_field(tmp_path: Path) -> None:
         stream_interval_seconds=0.05,
         gil_switch_interval_seconds=0.0005,
         cold_join_hold_seconds=0.005,
+        prefill_graph_tokens=512,
     )
     assert config == expected
     assert config.engine_config().cold_join_hold_seconds == 0.005
+    assert config.engine_config().prefill_graph_tokens == 512
     assert isinstance(config.model_path, Path) and isinstance(config.data_dir, Path)
     assert not config.dev_mode
 
