@@ -1,6 +1,7 @@
 #!/usr/bin/env bash
 # One prepared GPU run (about 8.5 minutes on an H200 with every part; 6.7 measured without the
-# sync and grpc-switch parts and the kernel variants; run in the repo root on a CUDA machine):
+# sync and grpc-switch parts and the kernel variants, before the eagerprefill part, which adds
+# an estimated 3 minutes, not yet timed; run in the repo root on a CUDA machine):
 # versions,
 # the CUDA parity tests (again with async_decode off), the kernel bench (bench/kernels.py:
 # multi-LoRA kernel variants and one whole decode step, base vs distinct adapters, sdpa vs triton
@@ -14,9 +15,10 @@
 # time limit, so a cut-short run still leaves what it measured. Logs go to $OUT (default
 # /tmp/gpu_check); the last thing printed is the table.
 #   GPU_CHECK_REPEATS (default 2) timed runs per bench mode;
-#   GPU_CHECK_SKIP=parity,parity-sync,kernels,bench,sync,grpc-switch,anchor,overlap,coldload,
-#   commit,hoststep,grpcproxy,server skips parts (grpc-switch: the gRPC part again with a 0.5 ms
-#   thread switch interval; commit: bench.commit_cost, the engine thread's commit of one cold
+#   GPU_CHECK_SKIP=parity,parity-sync,kernels,bench,sync,grpc-switch,eagerprefill,anchor,overlap,
+#   coldload,commit,hoststep,grpcproxy,server skips parts (grpc-switch: the gRPC part again with
+#   a 0.5 ms thread switch interval; eagerprefill: the bench's distinct, cold and gRPC parts
+#   again with prefill graphs off, one run, and cold_overlap likewise; commit: bench.commit_cost, the engine thread's commit of one cold
 #   adapter, with room and evicting; hoststep: bench.host_step, the engine thread's host work per decode step;
 #   grpcproxy: bench.grpc_overhead, gRPC against in process on a stubbed device, CPU only);
 #   GPU_CHECK_GRPC=0 drops the bench's gRPC part; PARITY_TIMEOUT / PARITY_SYNC_TIMEOUT /
@@ -116,6 +118,20 @@ if [[ ",$skip," != *",grpc-switch,"* && "${GPU_CHECK_GRPC:-1}" != 0 ]]; then
   echo "grpc-switch exit $? in $((SECONDS - start)) s"
 fi
 
+if [[ ",$skip," != *",eagerprefill,"* ]]; then
+  # Prefill graphs (--prefill-graph-tokens) against every prefill eager, the rest as the bench.
+  echo "== bench again with every prefill eager (prefill_graph_tokens=0), one run"
+  start=$SECONDS
+  grpc_part=",grpc"
+  [ "${GPU_CHECK_GRPC:-1}" = 0 ] && grpc_part=""
+  timeout "${EAGERPREFILL_TIMEOUT:-240}" "$py" -m loraserve.bench.run --size 1b --device cuda \
+    --dtype bfloat16 --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
+    --repeats 1 --cold-samples 4 --only "distinct,cold${grpc_part}" --grpc-requests 96 \
+    --out "$out/bench-eagerprefill" --no-plot --engine-opt prefill_graph_tokens=0 "${opts[@]}" \
+    > "$out/bench-eagerprefill.log" 2>&1
+  echo "eagerprefill exit $? in $((SECONDS - start)) s"
+fi
+
 if [[ ",$skip," != *",anchor,"* && -n "$anchor" ]]; then
   echo "== anchor ($anchor)"
   start=$SECONDS
@@ -124,8 +140,13 @@ if [[ ",$skip," != *",anchor,"* && -n "$anchor" ]]; then
 fi
 
 if [[ ",$skip," != *",overlap,"* ]]; then
-  # Python's thread switch interval (5 ms), then 0.5 ms: is it the GIL that slows cold rounds?
-  for run in "overlap:" "overlap-switch:--gil-switch-interval 0.0005"; do
+  # With prefill graphs (the default), then every prefill eager: the cold rounds' joiners'
+  # prefills stall the running rows. (At b5d15f2 a 0.5 ms thread switch interval took 2.45x to
+  # 2.20x: OVERLAP_SWITCH=1 runs that too.)
+  runs=("overlap:")
+  [[ ",$skip," != *",eagerprefill,"* ]] && runs+=("overlap-eagerprefill:--engine-opt prefill_graph_tokens=0")
+  [ -n "${OVERLAP_SWITCH:-}" ] && runs+=("overlap-switch:--gil-switch-interval 0.0005")
+  for run in "${runs[@]}"; do
     name="${run%%:*}"
     echo "== cold loads beside running rows (time per output token, cold vs warm joiners) ${run#*:}"
     start=$SECONDS
@@ -265,10 +286,12 @@ bench = {}
 if (out / "bench" / "bench.json").exists():
     bench = json.loads((out / "bench" / "bench.json").read_text())
 modes = dict(bench.get("batch", {}).get("modes", {}))
-if (out / "bench-sync" / "bench.json").exists():
-    synchronous = json.loads((out / "bench-sync" / "bench.json").read_text())
-    for name, entry in synchronous.get("batch", {}).get("modes", {}).items():
-        modes[f"{name} (async_decode off)"] = entry
+others = {}
+for part, label in (("bench-sync", "async_decode off"), ("bench-eagerprefill", "prefills eager")):
+    if (out / part / "bench.json").exists():
+        others[label] = json.loads((out / part / "bench.json").read_text())
+        for name, entry in others[label].get("batch", {}).get("modes", {}).items():
+            modes[f"{name} ({label})"] = entry
 cold = bench.get("cold_start", {})
 
 
@@ -293,14 +316,19 @@ for mode in ("eager-base", "eager-lora", "graph-base", "graph-lora", "limit"):
 if "graph-base" in anchor and base.get("decode_tokens_per_s"):
     print(f"\nloraserve base decode / anchor graph-base: "
           f"{base['decode_tokens_per_s'] / anchor['graph-base']['tokens_per_s']:.2f}x")
-if cold:
-    print(f"cold / warm TTFT: {fmt(cold.get('cold_ttft_s', 0) * 1e3, '{:.1f}')} / "
-          f"{fmt(cold.get('warm_ttft_s', 0) * 1e3, '{:.1f}')} ms = "
-          f"{fmt(cold.get('cold_over_warm'), '{:.2f}')}x")
-for ratio in bench.get("ratios", []):  # the bench's own: gRPC vs in process, end to end
-    if ratio["name"].startswith("gRPC / in-process"):
-        print(f"{ratio['name']}: {fmt(ratio['value'], '{:.2f}')}x ({ratio['detail']})")
+eager = others.get("prefills eager", {})
+for label, run in (("", bench), (" (prefills eager)", eager)):
+    cold_run = run.get("cold_start", {})
+    if cold_run:
+        print(f"cold / warm TTFT{label}: {fmt(cold_run.get('cold_ttft_s', 0) * 1e3, '{:.1f}')} / "
+              f"{fmt(cold_run.get('warm_ttft_s', 0) * 1e3, '{:.1f}')} ms = "
+              f"{fmt(cold_run.get('cold_over_warm'), '{:.2f}')}x")
+    for ratio in run.get("ratios", []):  # the bench's own: gRPC vs in process, end to end
+        if ratio["name"].startswith("gRPC / in-process"):
+            print(f"{ratio['name']}{label}: {fmt(ratio['value'], '{:.2f}')}x ({ratio['detail']})")
 grpc_runs = {"": bench.get("grpc", {})}
+if eager.get("grpc"):
+    grpc_runs[", prefills eager"] = eager["grpc"]
 if (out / "grpc-switch" / "bench.json").exists():
     switched = json.loads((out / "grpc-switch" / "bench.json").read_text())
     grpc_runs[", switch interval 0.5 ms"] = switched.get("grpc", {})
