@@ -11,7 +11,9 @@ fallback).
 Decode forwards (one token per row) keep torch's choice. Their shapes are the captured graphs'
 buckets, and the eager warm-up before each capture builds cuDNN's plan for that shape; a plan
 built during a capture instead fails it (CUDNN_STATUS_INTERNAL_ERROR_DEVICE_ALLOCATION_FAILED,
-seen on an H200 when every eager forward left cuDNN out).
+seen on an H200 when every eager forward left cuDNN out). Prefill graphs are captured under the
+prefill backends, as their eager warm-ups ran: the capture never meets a shape cuDNN has not
+planned, because cuDNN is not among them.
 """
 
 from __future__ import annotations
@@ -34,6 +36,7 @@ def prefill_attention(
     """Context for one forward: no cuDNN attention on CUDA when rows carry more than one token."""
     if device.type != "cuda" or tokens_per_row <= 1:
         return contextlib.nullcontext()
-    if torch.cuda.is_available() and torch.cuda.is_current_stream_capturing():
-        return contextlib.nullcontext()
+    # Also while a prefill graph is captured (server.engine.prefill_graphs): its eager warm-up
+    # ran under these backends, and cuDNN, left free inside the capture, would build its plan
+    # there, which fails the capture (see above).
     return sdpa_kernel(PREFILL_BACKENDS)
