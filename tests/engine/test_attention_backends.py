@@ -35,6 +35,7 @@ def test_the_restricted_backends_still_run_a_masked_attention() -> None:
 def test_a_prefill_graph_capture_restricts_them_too(monkeypatch) -> None:
     """A prefill graph is captured under the backends its eager warm-up ran with: cuDNN, free
     inside the capture, would build its plan there and fail the capture."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
     monkeypatch.setattr(torch.cuda, "is_current_stream_capturing", lambda: True)
     assert not isinstance(prefill_attention(torch.device("cuda"), 32), contextlib.nullcontext)
     assert isinstance(prefill_attention(torch.device("cuda"), 1), contextlib.nullcontext)
