@@ -11,6 +11,7 @@ shared output, against the eager prefill on the same executor.
 from __future__ import annotations
 
 import dataclasses
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -27,7 +28,7 @@ from serving_support import (
 from loraserve.server.engine.llama import ATTENTION_KINDS, LlamaForCausalLM
 from loraserve.server.engine.planner import BLOCK_SIZE, RowPlan, StepPlan, blocks_for
 from loraserve.server.engine.prefill_graphs import PrefillGraphs, prefill_shapes
-from loraserve.server.engine.types import AdapterRef
+from loraserve.server.engine.types import AdapterRef, FinishEvent, TokenEvent
 
 
 class _EagerReplay:
@@ -223,3 +224,41 @@ def test_the_setting_reaches_the_executor_and_cpu_captures_nothing(
         assert len(executor.prefill_graphs) == 0 and executor.prefill_graphs.shapes == []
     finally:
         harness.close()
+
+
+def test_requests_through_the_engine_generate_what_eager_prefills_give(
+    harness: EngineHarness, model_cache: Path, tmp_path: Path
+) -> None:
+    """The scheduler's prefills (a batch of mixed adapters, then a joiner while they decode)
+    run from the graphs, and every request's greedy tokens are the ones an engine without
+    prefill graphs generates."""
+    executor = harness.engine.scheduler.executor
+    prompts = [[5, 6, 7, 8, 9], [11, 12, 13], list(range(20, 45))]
+    adapters = [None, "qv", "all"]
+
+    def generate(engine: EngineHarness) -> list[tuple[int, ...]]:
+        jobs = [
+            engine.submit(p, a, max_new_tokens=12, ignore_eos=True)
+            for p, a in zip(prompts, adapters, strict=True)
+        ]
+        engine.engine.start()
+        deadline = time.monotonic() + 60
+        while not any(isinstance(e, TokenEvent) for e in jobs[0]):
+            assert time.monotonic() < deadline, "the batch never started decoding"
+            time.sleep(0.001)
+        late = engine.submit([30, 31, 32, 33], "qv", max_new_tokens=6, ignore_eos=True)
+        engine.run([*jobs, late])
+        assert all(isinstance(job[-1], FinishEvent) for job in [*jobs, late])
+        return [tuple(job[-1].token_ids) for job in [*jobs, late]]
+
+    before = executor.prefill_graphs.replays
+    with_graphs = generate(harness)
+    assert executor.prefill_graphs.replays > before
+    plain = EngineHarness(build_test_model("llama", model_cache), tmp_path / "data")
+    try:
+        for name, source in (("qv", "qv"), ("all", "all")):
+            record = harness.service.get("t", source)
+            store_adapter(plain.service, "t", name, record.path)
+        assert generate(plain) == with_graphs
+    finally:
+        plain.close()
