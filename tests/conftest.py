@@ -24,6 +24,36 @@ def pytest_addoption(parser: pytest.Parser) -> None:
         help="run every engine built from a ServerConfig or an EngineConfig with async_decode "
         "off (CI runs the engine suite this way too)",
     )
+    parser.addoption(
+        "--emulate-prefill-graphs",
+        action="store_true",
+        help="give every CPU PagedExecutor the prefill graphs a CUDA one captures, replayed "
+        "eagerly (serving_support.emulate_prefill_graphs; CI runs the engine suite this way too)",
+    )
+
+
+@pytest.fixture(scope="session", autouse=True)
+def _prefill_graphs_everywhere(request: pytest.FixtureRequest):
+    """With --emulate-prefill-graphs, every PagedExecutor built on CPU gets the prefill graphs
+    a CUDA one captures at start (their bucketing, padding and static buffers), with an eager
+    stand-in for the capture, so the whole engine suite prefills through them."""
+    if not request.config.getoption("--emulate-prefill-graphs"):
+        yield
+        return
+    from serving_support import emulate_prefill_graphs
+
+    from loraserve.server.engine.executor import PagedExecutor
+
+    original = PagedExecutor.__init__
+
+    def init(self, loaded, settings) -> None:
+        original(self, loaded, settings)
+        if loaded.device.type == "cpu":
+            emulate_prefill_graphs(self)
+
+    PagedExecutor.__init__ = init  # type: ignore[method-assign]
+    yield
+    PagedExecutor.__init__ = original  # type: ignore[method-assign]
 
 
 @pytest.fixture(scope="session", autouse=True)

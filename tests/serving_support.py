@@ -9,6 +9,7 @@ initializer_range, so logits are well separated and float noise cannot flip a gr
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -344,3 +345,39 @@ def integration_config(
         max_new_tokens_limit=256,
         **overrides,
     )
+
+
+class EagerReplay:
+    """Stands in for a CUDA graph where there is none: a replay runs the recorded forward
+    again, into the same memory (the prefill graphs' shared output), as a graph replay does."""
+
+    def __init__(self, forward: Callable[[], torch.Tensor]) -> None:
+        self.forward = forward
+
+    def replay(self) -> None:
+        self.forward()
+
+
+def eager_capture(forward: Callable[[], torch.Tensor]) -> tuple[EagerReplay, torch.Tensor]:
+    """server.engine.prefill_graphs.Capture without CUDA: the forward runs once, as a capture's
+    warm-up does, and again at every replay."""
+    return EagerReplay(forward), forward()
+
+
+def emulate_prefill_graphs(executor) -> None:
+    """Gives a CPU PagedExecutor the prefill graphs a CUDA one captures at start (the shapes
+    its settings give, every page-table width), replayed by EagerReplay. A CUDA executor
+    captures adapter widths only over stacks reserved at start, whose addresses its graphs
+    keep; a replay that reruns the forward reads the stacks where they are, so here the stacks
+    stay as the CPU path keeps them."""
+    from loraserve.server.engine.prefill_graphs import PrefillGraphs, prefill_shapes
+
+    settings = executor._settings
+    if settings.enforce_eager or not settings.prefill_graph_tokens:
+        return
+    executor.prefill_graphs = PrefillGraphs(
+        prefill_shapes(settings.prefill_graph_tokens, settings.max_seq_len),
+        [0, *executor.page_buckets],
+        executor._loaded.device,
+    )
+    executor.capture_prefill_graphs(eager_capture)
