@@ -20,8 +20,9 @@ Its logits (batch bucket, vocab) are a static output: `run` returns a copy of th
 since the next group of the same shape replays into the same memory. A group that needs a wider
 KV span (a chunk deep into a long prompt), more tokens than `max_tokens`, or prompt scoring
 runs eagerly. Capture needs CUDA; `capture` is a parameter so that the bucketing, padding and
-static buffer plumbing can be tested on CPU with an eager stand-in (tests/engine/
-test_prefill_graphs.py) against the eager prefill.
+static buffer plumbing can be tested on CPU with an eager stand-in against the eager prefill
+(tests/engine/test_prefill_graphs.py; CI also runs the whole engine suite so,
+`--emulate-prefill-graphs`).
 """
 
 from __future__ import annotations
@@ -125,8 +126,8 @@ class PrefillGraphs:
                     self._graphs[key] = capture(lambda key=key: self._shared(forward(key)))
 
     def _shared(self, logits: torch.Tensor) -> torch.Tensor:
-        """`logits` (batch, vocab) copied into the shared output; its view. The first call, a
-        warm-up outside any capture (shapes come largest first), allocates it."""
+        """`logits` (batch, vocab) copied into the shared output; its view. The first call (the
+        first capture's warm-up, outside the capture) allocates it."""
         if self._logits is None:
             self._logits = torch.empty(
                 (max(b for b, _ in self.shapes), logits.shape[1]),

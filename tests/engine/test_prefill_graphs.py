@@ -212,6 +212,35 @@ def test_the_setting_reaches_the_executor_and_cpu_captures_nothing(
         harness.close()
 
 
+def test_the_start_check_compares_a_graph_with_the_eager_prefill(harness: EngineHarness) -> None:
+    """What the executor runs after capturing on CUDA: true here, false for a graph whose
+    replay leaves the output wrong, and the scratch KV block it borrowed goes back."""
+    executor = harness.engine.scheduler.executor
+    free = executor.allocator.free_count
+    assert executor._prefill_graphs_agree()
+    assert executor.allocator.free_count == free
+    graphs = executor.prefill_graphs
+    key = graphs.key_for([_row(12)], 0, None)
+    assert key is not None
+    replay, out = graphs._graphs[key]
+    try:
+        graphs._graphs[key] = (_Broken(out), out)
+        assert not executor._prefill_graphs_agree()
+        assert executor.allocator.free_count == free
+    finally:
+        graphs._graphs[key] = (replay, out)
+
+
+class _Broken:
+    """A replay that leaves its output as garbage (a capture gone wrong)."""
+
+    def __init__(self, out: torch.Tensor) -> None:
+        self.out = out
+
+    def replay(self) -> None:
+        self.out.fill_(1e4)
+
+
 def test_requests_through_the_engine_generate_what_eager_prefills_give(
     harness: EngineHarness, model_cache: Path, tmp_path: Path
 ) -> None:
