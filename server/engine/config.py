@@ -46,7 +46,7 @@ class EngineConfig:
     kv_cache_fraction: float = 0.5
     """Share of free device memory the paged KV pool takes when kv_cache_bytes is 0."""
     enforce_eager: bool = False
-    """Run decode without CUDA graphs (debugging)."""
+    """Run without CUDA graphs, decode and prefill alike (debugging)."""
     prefill_graph_tokens: int = 2048
     """Prefills of up to this many padded tokens (rows x tokens per row, padded to the graphs'
     buckets) replay CUDA graphs captured at start, as decode steps do; larger ones, and every

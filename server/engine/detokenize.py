@@ -23,8 +23,12 @@ import functools
 import weakref
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 from transformers import PreTrainedTokenizerBase
+
+if TYPE_CHECKING:
+    from tokenizers import Tokenizer
 
 Decode = Callable[[list[int]], str]
 
@@ -42,7 +46,7 @@ class WindowDecoder:
     backend call per row and step instead of two. One per tokenizer, shared by its requests
     (the engine thread's; a dict read or write is atomic for other threads anyway)."""
 
-    def __init__(self, backend) -> None:
+    def __init__(self, backend: Tokenizer) -> None:
         self._decode: Decode = functools.partial(backend.decode, skip_special_tokens=True)
         self._single: dict[int, str] = {}
 

@@ -224,7 +224,7 @@ class SchedulerSettings:
     """Paged KV pool size (0: from kv_cache_fraction on CUDA, full rows on CPU)."""
     kv_cache_fraction: float = 0.5
     enforce_eager: bool = False
-    """No CUDA graphs for decode."""
+    """No CUDA graphs, decode or prefill."""
     prefill_graph_tokens: int = 2048
     """Largest padded prefill replayed from a CUDA graph (EngineConfig.prefill_graph_tokens)."""
     attention: str = "sdpa"
