@@ -53,6 +53,12 @@ skip="${GPU_CHECK_SKIP:-}"
 opts=()
 for o in ${LORASERVE_ENGINE_OPTS:-}; do opts+=(--engine-opt "$o"); done
 repeats="${GPU_CHECK_REPEATS:-2}"
+# Every bench.run part runs the issue's setup: the ~1.2B Llama in bf16, batch 32, 64 rank-16
+# adapters, prompt 128, output 64; and its gRPC part unless GPU_CHECK_GRPC=0.
+bench=("$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 --batch 32
+  --adapters 64 --rank 16 --prompt-len 128 --output-len 64)
+grpc_part=",grpc"
+[ "${GPU_CHECK_GRPC:-1}" = 0 ] && grpc_part=""
 anchor="${ANCHOR:-}"
 for candidate in ../shared/gpu/anchor.py anchor.py; do
   [ -z "$anchor" ] && [ -f "$candidate" ] && anchor="$candidate"
@@ -89,11 +95,8 @@ fi
 if [[ ",$skip," != *",bench,"* ]]; then
   echo "== bench, ~1.2B Llama, bf16"
   start=$SECONDS
-  grpc_part=",grpc"
-  [ "${GPU_CHECK_GRPC:-1}" = 0 ] && grpc_part=""
-  timeout "${BENCH_TIMEOUT:-330}" "$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 \
-    --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
-    --repeats "$repeats" --distinct-sweep 32 --cold-samples 4 --only "distinct,cold${grpc_part}" --grpc-requests 96 \
+  timeout "${BENCH_TIMEOUT:-330}" "${bench[@]}" --repeats "$repeats" --distinct-sweep 32 \
+    --cold-samples 4 --only "distinct,cold${grpc_part}" --grpc-requests 96 \
     --out "$out/bench" --no-plot "${opts[@]}" > "$out/bench.log" 2>&1
   echo "bench exit $? in $((SECONDS - start)) s"
 fi
@@ -101,9 +104,8 @@ fi
 if [[ ",$skip," != *",sync,"* ]]; then
   echo "== bench with async_decode off, base and distinct rows"
   start=$SECONDS
-  timeout "${SYNC_TIMEOUT:-150}" "$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 \
-    --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
-    --repeats "$repeats" --distinct-sweep 32 --only distinct --out "$out/bench-sync" --no-plot \
+  timeout "${SYNC_TIMEOUT:-150}" "${bench[@]}" --repeats "$repeats" --distinct-sweep 32 \
+    --only distinct --out "$out/bench-sync" --no-plot \
     --engine-opt async_decode=false "${opts[@]}" > "$out/bench-sync.log" 2>&1
   echo "sync bench exit $? in $((SECONDS - start)) s"
 fi
@@ -111,9 +113,8 @@ fi
 if [[ ",$skip," != *",grpc-switch,"* && "${GPU_CHECK_GRPC:-1}" != 0 ]]; then
   echo "== gRPC part again, the server's thread switch interval at 0.5 ms (Python's is 5 ms)"
   start=$SECONDS
-  timeout "${SWITCH_TIMEOUT:-120}" "$py" -m loraserve.bench.run --size 1b --device cuda \
-    --dtype bfloat16 --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
-    --repeats "$repeats" --only grpc --grpc-requests 96 --out "$out/grpc-switch" --no-plot \
+  timeout "${SWITCH_TIMEOUT:-120}" "${bench[@]}" --repeats "$repeats" --only grpc \
+    --grpc-requests 96 --out "$out/grpc-switch" --no-plot \
     --engine-opt gil_switch_interval_seconds=0.0005 "${opts[@]}" > "$out/grpc-switch.log" 2>&1
   echo "grpc-switch exit $? in $((SECONDS - start)) s"
 fi
@@ -122,11 +123,8 @@ if [[ ",$skip," != *",eagerprefill,"* ]]; then
   # Prefill graphs (--prefill-graph-tokens) against every prefill eager, the rest as the bench.
   echo "== bench again with every prefill eager (prefill_graph_tokens=0), one run"
   start=$SECONDS
-  grpc_part=",grpc"
-  [ "${GPU_CHECK_GRPC:-1}" = 0 ] && grpc_part=""
-  timeout "${EAGERPREFILL_TIMEOUT:-240}" "$py" -m loraserve.bench.run --size 1b --device cuda \
-    --dtype bfloat16 --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
-    --repeats 1 --cold-samples 4 --only "distinct,cold${grpc_part}" --grpc-requests 96 \
+  timeout "${EAGERPREFILL_TIMEOUT:-240}" "${bench[@]}" --repeats 1 --cold-samples 4 \
+    --only "distinct,cold${grpc_part}" --grpc-requests 96 \
     --out "$out/bench-eagerprefill" --no-plot --engine-opt prefill_graph_tokens=0 "${opts[@]}" \
     > "$out/bench-eagerprefill.log" 2>&1
   echo "eagerprefill exit $? in $((SECONDS - start)) s"
@@ -227,9 +225,8 @@ if [[ -n "${GPU_CHECK_ATTENTION:-}" ]]; then
   echo "== decode attention: the paged Triton kernel vs SDPA (distinct mode, one run each)"
   for backend in sdpa triton; do
     start=$SECONDS
-    timeout "${ATTENTION_TIMEOUT:-120}" "$py" -m loraserve.bench.run --size 1b --device cuda \
-      --dtype bfloat16 --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
-      --repeats 1 --only distinct --out "$out/attention-$backend" --no-plot \
+    timeout "${ATTENTION_TIMEOUT:-120}" "${bench[@]}" --repeats 1 --only distinct \
+      --out "$out/attention-$backend" --no-plot \
       --engine-opt "attention=$backend" > "$out/attention-$backend.log" 2>&1
     echo "attention=$backend exit $? in $((SECONDS - start)) s: $(grep -i 'decode' "$out/attention-$backend.log" | tail -2 | tr '\n' ' ')"
   done
@@ -242,9 +239,7 @@ if [[ -n "${GPU_CHECK_PROFILE:-}" ]]; then
   # alike, while the host work fits inside the graph's time: this tells which side it is on.
   echo "== the engine thread's stacks during base and distinct decode (bench.run --profile)"
   start=$SECONDS
-  run=("$py" -m loraserve.bench.run --size 1b --device cuda --dtype bfloat16 --batch 32
-    --adapters 64 --rank 16 --prompt-len 128 --output-len 64 --repeats 1 --only distinct
-    --out "$out/profile" --no-plot "${opts[@]}")
+  run=("${bench[@]}" --repeats 1 --only distinct --out "$out/profile" --no-plot "${opts[@]}")
   if [ -n "$pyspy" ]; then
     # Base and distinct together (the bench runs both); decode steps only.
     timeout "${PROFILE_TIMEOUT:-150}" "${spy[@]}" -o "$out/profile.pyspy" -- "${run[@]}" \
@@ -262,9 +257,8 @@ fi
 if [[ -n "${GPU_CHECK_SAMPLED:-}" ]]; then
   echo "== sampled requests (temperature 0.8, top-p 0.95), distinct modes, one run"
   start=$SECONDS
-  timeout "${SAMPLED_TIMEOUT:-120}" "$py" -m loraserve.bench.run --size 1b --device cuda \
-    --dtype bfloat16 --batch 32 --adapters 64 --rank 16 --prompt-len 128 --output-len 64 \
-    --repeats 1 --distinct-sweep 32 --only distinct --temperature 0.8 --top-p 0.95 \
+  timeout "${SAMPLED_TIMEOUT:-120}" "${bench[@]}" --repeats 1 --distinct-sweep 32 --only distinct \
+    --temperature 0.8 --top-p 0.95 \
     --out "$out/sampled" --no-plot > "$out/sampled.log" 2>&1
   echo "sampled exit $? in $((SECONDS - start)) s: $(grep -E '^(base|loraserve-distinct) ' "$out/sampled.log" | tr -s ' ' | tr '\n' ';')"
 fi

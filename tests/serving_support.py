@@ -370,14 +370,5 @@ def emulate_prefill_graphs(executor) -> None:
     captures adapter widths only over stacks reserved at start, whose addresses its graphs
     keep; a replay that reruns the forward reads the stacks where they are, so here the stacks
     stay as the CPU path keeps them."""
-    from loraserve.server.engine.prefill_graphs import PrefillGraphs, prefill_shapes
-
-    settings = executor._settings
-    if settings.enforce_eager or not settings.prefill_graph_tokens:
-        return
-    executor.prefill_graphs = PrefillGraphs(
-        prefill_shapes(settings.prefill_graph_tokens, settings.max_seq_len),
-        [0, *executor.page_buckets],
-        executor._loaded.device,
-    )
-    executor.capture_prefill_graphs(eager_capture)
+    if not executor._settings.enforce_eager:
+        executor.capture_prefill_graphs(eager_capture, [0, *executor.page_buckets])

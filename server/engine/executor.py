@@ -258,13 +258,8 @@ class PagedExecutor:
         self.batch_buckets = batch_buckets(m)
         self.span_buckets = sorted({min(b, nb) for b in (16, 64, 256, 1024)} | {nb})
         self.page_buckets = sorted({w for w in (2, np_) if w <= np_}) if np_ else []
-        self.prefill_graphs = PrefillGraphs(
-            prefill_shapes(settings.prefill_graph_tokens, settings.max_seq_len)
-            if self._graphs_on
-            else [],
-            self._graph_widths(),
-            device,
-        )
+        self.prefill_graphs = PrefillGraphs([], [0], device)
+        """Empty until capture_prefill_graphs fills it (on CUDA, at start): prefills eager."""
         self._warm_up()
         if self._graphs_on:
             started = time.monotonic()
@@ -385,11 +380,11 @@ class PagedExecutor:
                             )
         torch.cuda.current_stream().wait_stream(stream)
         torch.cuda.synchronize()
-        if not self.prefill_graphs.shapes:
+        if not self._settings.prefill_graph_tokens:
             return
         try:  # in the decode graphs' pool: one replays at a time, they share its memory
             with torch.cuda.stream(stream):
-                self.capture_prefill_graphs(capture)
+                self.capture_prefill_graphs(capture, widths)
         except Exception:
             # Prefills then run eagerly, as before prefill graphs; decode keeps its graphs.
             log.exception("prefill graph capture failed; prefilling eagerly")
@@ -398,9 +393,14 @@ class PagedExecutor:
         torch.cuda.synchronize()
 
     @torch.inference_mode()
-    def capture_prefill_graphs(self, capture: Capture) -> None:
-        """Records every prefill graph with `capture` (cuda_capture at start; tests on CPU pass
-        an eager stand-in, which exercises the same padding and static buffers)."""
+    def capture_prefill_graphs(self, capture: Capture, widths: list[int]) -> None:
+        """The prefill graphs of the settings' shapes and these page-table widths, each recorded
+        with `capture` (cuda_capture at start; tests on CPU pass an eager stand-in, which
+        exercises the same padding and static buffers)."""
+        s = self._settings
+        self.prefill_graphs = PrefillGraphs(
+            prefill_shapes(s.prefill_graph_tokens, s.max_seq_len), widths, self._loaded.device
+        )
         self.prefill_graphs.capture_all(self._static_prefill_forward, capture)
 
     def _static_prefill_forward(self, key: PrefillKey) -> torch.Tensor:

@@ -18,10 +18,10 @@ prefill group runs in the smallest graph that holds it, padded as the eager pref
 
 Its logits (batch bucket, vocab) are a static output: `run` returns a copy of the group's rows,
 since the next group of the same shape replays into the same memory. A group that needs a wider
-KV span (a chunk deep into a long prompt), more tokens than `max_tokens`, or prompt scoring
-runs eagerly. Capture needs CUDA; `capture` is a parameter so that the bucketing, padding and
-static buffer plumbing can be tested on CPU with an eager stand-in against the eager prefill
-(tests/engine/test_prefill_graphs.py; CI also runs the whole engine suite so,
+KV span (a chunk deep into a long prompt), more rows or tokens than the largest graph holds, or
+prompt scoring runs eagerly. Capture needs CUDA; `capture` is a parameter so that the bucketing,
+padding and static buffer plumbing can be tested on CPU with an eager stand-in against the eager
+prefill (tests/engine/test_prefill_graphs.py; CI also runs the whole engine suite so,
 `--emulate-prefill-graphs`).
 """
 

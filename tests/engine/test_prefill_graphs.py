@@ -89,10 +89,11 @@ def harness(model_cache: Path, tmp_path_factory: pytest.TempPathFactory):
     }
     for name, shape in shapes.items():
         store_adapter(harness.service, "t", name, make_peft_adapter(model_dir, tmp / name, shape))
+    # Smaller shapes than the settings give: quick to capture, and a 70-token row stays eager.
     executor.prefill_graphs = PrefillGraphs(
         prefill_shapes(256, 64), executor._graph_widths(), torch.device("cpu")
     )
-    executor.capture_prefill_graphs(eager_capture)
+    executor.prefill_graphs.capture_all(executor._static_prefill_forward, eager_capture)
     yield harness
     harness.close()
 
