@@ -8,8 +8,9 @@ adapter and the batch keeps decoding while a loader thread
 2. lays it out as the layers' pages (padding to whole pages, scale folded into B, the model's
    dtype) in ONE host buffer, pinned on CUDA (on a disk read while the checksum is still
    being computed: nothing staged is kept unless it matched), and
-3. copies that buffer to the device in one copy: on CUDA on the loader's own stream, with an
-   event recorded after the copy, so the copy overlaps the engine's forwards.
+3. copies that buffer to the device in one copy, and lays each fused group's pages out there as
+   the group's stacks hold them (q/k/v side by side): on CUDA on the loader's own stream, with
+   an event recorded after, so the copy overlaps the engine's forwards.
 
 The result waits here, "staged", until the engine thread commits it into the adapter pages
 between two forwards (`DevicePool`): a device-local copy, ordered after the event on the GPU, so
@@ -28,7 +29,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -66,6 +67,10 @@ class PageLayout:
     page_rank: int
     dtype: torch.dtype
     device: torch.device
+    groups: tuple[tuple[str, ...], ...] = ()
+    """Module names of each fused group (LoRAGroup) of two or more members, in member order:
+    an adapter that targets all of a group's members is also staged in the group's own
+    layout (StagedAdapter.grouped), so its commit is two copies per group."""
 
 
 @dataclass
@@ -84,6 +89,10 @@ class StagedAdapter:
     device, in the layers' dtype: views of `arena`."""
     seconds: float
     """How long reading and staging took."""
+    grouped: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
+    """Group (PageLayout.groups) -> its members' A pages side by side (n, members, page_rank,
+    d_in) and B pages stacked along d_out (n, sum(d_out), page_rank): the group's stacks'
+    layout, made here on the loader's stream, for the groups whose members it all targets."""
     arena: torch.Tensor | None = None
     """The one device buffer every page above is a view of, (total,)."""
     copied: torch.cuda.Event | None = None
@@ -95,13 +104,17 @@ class StagedAdapter:
 
     def order_after_copy(self) -> None:
         """Makes the engine's current stream wait (on the GPU) for the copy, and tells the
-        allocator the staging memory is used there, so it is not reused too early."""
+        allocator the staging memory (the arena and the grouped pages, made on the loader's
+        stream) is used there, so it is not reused too early."""
         if self.copied is None:
             return
         stream = torch.cuda.current_stream(self.copied.device)
         stream.wait_event(self.copied)
         if self.arena is not None:
             self.arena.record_stream(stream)
+        for a, b in self.grouped.values():
+            a.record_stream(stream)
+            b.record_stream(stream)
 
 
 PageShapes = list[tuple[str, int, int]]
@@ -189,11 +202,15 @@ def stage(
         # On the caller's stream, so ordered before what it does next with the pages (the
         # commit's copies); pinned, the copy does not block the caller.
         arena = host.to(layout.device, non_blocking=pin)
+        modules = page_views(arena, shapes, n, layout.page_rank)
+        grouped = group_pages(modules, layout.groups)
     else:
         with torch.cuda.stream(stream):
             # A pinned source makes the copy asynchronous; the caching host allocator keeps
             # the pinned block alive until the copy has run.
             arena = host.to(layout.device, non_blocking=True)
+            modules = page_views(arena, shapes, n, layout.page_rank)
+            grouped = group_pages(modules, layout.groups)
             copied = torch.cuda.Event(blocking=True)  # a waiting loader thread sleeps
             copied.record(stream)
     return StagedAdapter(
@@ -201,11 +218,27 @@ def stage(
         rank=rank,
         host_nbytes=weights.nbytes,
         numel=weights.numel,
-        modules=page_views(arena, shapes, n, layout.page_rank),
+        modules=modules,
         seconds=time.monotonic() - started,
         arena=arena,
         copied=copied,
+        grouped=grouped,
     )
+
+
+def group_pages(
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]], groups: tuple[tuple[str, ...], ...]
+) -> dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]:
+    """Each fully targeted group's pages in its stacks' layout (StagedAdapter.grouped), made
+    on the current stream: the stack and the concatenation the engine thread's commit would
+    otherwise launch, two per group, between two forwards."""
+    grouped: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    for names in groups:
+        if all(name in modules for name in names):
+            a = torch.stack([modules[name][0] for name in names], dim=1)  # (n, M, page, d_in)
+            b = torch.cat([modules[name][1] for name in names], dim=1)  # (n, sum(d_out), page)
+            grouped[names] = (a, b)
+    return grouped
 
 
 def read_and_stage(

@@ -83,6 +83,20 @@ class _Entry:
         return self.pins == 0 and not self.held
 
 
+def fused_groups(layers: dict[str, MultiLoRALinear]) -> tuple[tuple[str, ...], ...]:
+    """Module names of each LoRAGroup of two or more members among `layers`, in member order
+    (PageLayout.groups); a group with a member outside `layers` is left out."""
+    names = {id(layer): name for name, layer in layers.items()}
+    groups: dict[int, tuple[str, ...]] = {}
+    for layer in layers.values():
+        group = layer.group
+        if group is None or len(group.members) < 2 or id(group) in groups:
+            continue
+        if all(id(member) in names for member in group.members):
+            groups[id(group)] = tuple(names[id(member)] for member in group.members)
+    return tuple(groups.values())
+
+
 class DevicePool:
     """Maps adapter versions to device pages; pins, LRU eviction, byte budget.
 
@@ -112,7 +126,12 @@ class DevicePool:
         first = next(iter(layers.values()), None)
         weight = first.base_layer.weight if first is not None else torch.empty(0)
         self._itemsize = weight.element_size()
-        self._layout = PageLayout(page_rank=page_rank, dtype=weight.dtype, device=weight.device)
+        self._layout = PageLayout(
+            page_rank=page_rank,
+            dtype=weight.dtype,
+            device=weight.device,
+            groups=fused_groups(layers),
+        )
         self.page_bytes = sum(
             layer.page_bytes(page_rank, self._itemsize) for layer in layers.values()
         )
@@ -123,6 +142,8 @@ class DevicePool:
                 f"({self.page_bytes} bytes each for this model)"
             )
         self._free: list[int] = list(range(self.num_pages, 0, -1))
+        self._group_names = {id(layers[names[0]].group): names for names in self._layout.groups}
+        """id(LoRAGroup) -> its members' module names (PageLayout.groups)."""
         # Unpinned adapters, least recently used first; pinned ones are not in it.
         self._lru: OrderedDict[AdapterKey, None] = OrderedDict()
         self._entries: dict[AdapterKey, _Entry] = {}
@@ -378,7 +399,9 @@ class DevicePool:
                     (layer, a_pages, b_pages)
                 )
         for group, parts in grouped.values():
-            group.write_pages(page_list, self.num_pages, parts, index)
+            names = self._group_names.get(id(group))
+            stacked = staged.grouped.get(names) if names is not None else None
+            group.write_pages(page_list, self.num_pages, parts, index, stacked)
         self.commits += 1
         self.commit_seconds += time.monotonic() - started
         placement = Placement(pages=pages, rank=staged.rank)

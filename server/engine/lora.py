@@ -397,21 +397,27 @@ class LoRAGroup:
         num_pages: int,
         parts: list[MemberPages],
         index: torch.Tensor,
+        stacked: tuple[torch.Tensor, torch.Tensor] | None = None,
     ) -> None:
         """Copies one adapter's ready-made pages for some of this group's members into
         `pages`: what each member's `write_pages` does, in fewer device ops (the cold-load
         commit runs on the engine thread between two forwards, once per group of every layer).
 
         parts: each member once, on the stacks' device and dtype; index: `pages` on that
-        device, (n,). With every member present (or one alone) both factors go in one
-        index_copy each; the members' pages of an adapter that skips some of them are written
-        member by member.
+        device, (n,). stacked: every member's pages already in the stacks' layout, (n,
+        members, page_rank, d_in) and (n, sum(outs), page_rank) (the cold loader makes them on
+        its stream), so nothing is stacked here. With every member present (or one alone)
+        both factors go in one index_copy each; the members' pages of an adapter that skips
+        some of them are written member by member.
         """
         page_rank = parts[0][1].shape[1]
         self.ensure_capacity(max(pages), page_rank, num_pages)
         assert self.a is not None and self.b is not None
         given = {id(member): (a, b) for member, a, b in parts}
-        if len(self.members) == 1:
+        if stacked is not None:
+            self.a.index_copy_(0, index, stacked[0])
+            self.b.index_copy_(0, index, stacked[1])
+        elif len(self.members) == 1:
             a, b = given[id(self.members[0])]
             self.a.index_copy_(0, index, a.unsqueeze(1))  # (n, 1, page_rank, d_in)
             self.b.index_copy_(0, index, b)

@@ -853,3 +853,38 @@ def test_commit_builds_one_page_index_and_fills_live_flags_on_the_device(
     assert not alone.live.any()
     assert fused.live.nonzero().flatten().tolist() == sorted(placement.pages)
     pool.close()
+
+
+def test_fused_groups_name_each_group_of_two_or_more_in_member_order() -> None:
+    layers = make_layers()
+    LoRAGroup([layers["l1"], layers["l0"]])
+    LoRAGroup([layers["l2"]])  # one member: staged and written as a plain layer's pages
+    assert device_pool_module.fused_groups(layers) == (("l1", "l0"),)
+    assert device_pool_module.fused_groups({"l1": layers["l1"]}) == ()  # l0 is not served
+
+
+def test_a_background_load_stages_fused_groups_so_the_commit_stacks_nothing(
+    loader: FakeLoader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The loader thread lays a fully targeted group's pages out as the group's stacks hold
+    them; the engine thread's commit then copies them as they are, launching no stack or
+    concatenation between two forwards. The pages end up exactly the adapter's."""
+    layers = make_layers()
+    LoRAGroup([layers["l0"], layers["l1"]])
+    pool = DevicePool(layers, budget_bytes=BUDGET, loader=loader, page_rank=PAGE_RANK)
+    pool.request(B)  # l0 and l1: the whole group
+    deadline = time.monotonic() + 10
+    while not pool.ready(B):
+        assert time.monotonic() < deadline, "the background load never finished"
+        time.sleep(0.005)
+    calls: list[str] = []
+    for name in ("stack", "cat"):
+        real = getattr(torch, name)
+        monkeypatch.setattr(
+            torch, name, lambda *a, _n=name, _r=real, **k: calls.append(_n) or _r(*a, **k)
+        )
+    pool.acquire(B)
+    monkeypatch.undo()
+    assert calls == []
+    check_state(pool, layers, loader, {B: 1})
+    pool.close()

@@ -33,6 +33,7 @@ def _pages(member: MultiLoRALinear, n: int, seed: int) -> tuple[torch.Tensor, to
     return a, b
 
 
+@pytest.mark.parametrize("stack", [False, True], ids=["parts", "staged stacked"])
 @pytest.mark.parametrize("reserve", [True, False])
 @pytest.mark.parametrize(
     ("outs", "written"),
@@ -40,7 +41,7 @@ def _pages(member: MultiLoRALinear, n: int, seed: int) -> tuple[torch.Tensor, to
     ids=["all members", "q and v", "k alone", "one-member group"],
 )
 def test_group_write_equals_member_writes(
-    reserve: bool, outs: tuple[int, ...], written: tuple[int, ...]
+    stack: bool, reserve: bool, outs: tuple[int, ...], written: tuple[int, ...]
 ) -> None:
     grouped, grouped_index = _group(outs, reserve)
     single, single_index = _group(outs, reserve)
@@ -53,7 +54,13 @@ def test_group_write_equals_member_writes(
             for j in written
         ]
         generations = [m.generation for m in grouped.members]
-        grouped.write_pages(adapter_pages, NUM_PAGES, parts, at)
+        stacked = None
+        if stack and len(written) == len(outs):  # as the cold loader stages a whole group
+            stacked = (
+                torch.stack([a for _, a, _ in parts], dim=1),  # (n, members, page_rank, d_in)
+                torch.cat([b for _, _, b in parts], dim=1),  # (n, sum(outs), page_rank)
+            )
+        grouped.write_pages(adapter_pages, NUM_PAGES, parts, at, stacked)
         for j in written:
             a, b = _pages(single.members[j], len(adapter_pages), seed + j)
             single.members[j].write_pages(adapter_pages, NUM_PAGES, a, b, at)

@@ -86,3 +86,24 @@ def test_to_device_keeps_values_and_dtype() -> None:
     assert index.dtype == torch.long and index.tolist() == [3, 1, 2]
     flags = to_device(torch.tensor([1, 0], dtype=torch.int32), torch.device("cpu"))
     assert flags.dtype == torch.int32 and flags.tolist() == [1, 0]
+
+
+def test_fused_groups_are_staged_in_their_stacks_layout() -> None:
+    """A group whose members the adapter all targets is also staged as the group's stacks lay
+    pages out (members' A side by side, B stacked along d_out), so the engine thread's commit
+    copies it as it is; a group with a member the adapter skips is not."""
+    weights = _weights(12, alpha=16)
+    layout = PageLayout(
+        8, torch.bfloat16, torch.device("cpu"), groups=(("q", "k", "v"), ("o", "x"))
+    )
+    staged = stage(AdapterKey("t", "a", 1, rank=12), weights, layout, None, time.monotonic())
+    assert list(staged.grouped) == [("q", "k", "v")]  # nothing targets "x"
+    a, b = staged.grouped[("q", "k", "v")]
+    assert a.shape == (2, 3, 8, 24) and b.shape == (2, 24 + 8 + 8, 8)
+    for j, name in enumerate(("q", "k", "v")):
+        assert torch.equal(a[:, j], staged.modules[name][0]), name
+    offset = 0
+    for name in ("q", "k", "v"):
+        width = SHAPES[name][1]
+        assert torch.equal(b[:, offset : offset + width], staged.modules[name][1]), name
+        offset += width
