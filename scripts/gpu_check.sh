@@ -23,8 +23,9 @@
 #   grpcproxy: bench.grpc_overhead, gRPC against in process on a stubbed device, CPU only);
 #   GPU_CHECK_GRPC=0 drops the bench's gRPC part; PARITY_TIMEOUT / PARITY_SYNC_TIMEOUT /
 #   KERNELS_TIMEOUT / BENCH_TIMEOUT / SYNC_TIMEOUT / SWITCH_TIMEOUT / ANCHOR_TIMEOUT /
-#   OVERLAP_TIMEOUT cap each
-#   part (s);
+#   OVERLAP_TIMEOUT cap each part (s);
+#   PARITY_FILES (default: the CUDA engine, kernel and fused-op tests) picks the parity part's
+#   test files;
 #   KERNELS_ONLY (default lora,step) picks the kernel bench's parts: lora, step, profile,
 #   first_calls (python -m loraserve.bench.kernels --help).
 #   LORASERVE_ENGINE_OPTS adds --engine-opt FIELD=VALUE (e.g. enforce_eager=true).
@@ -70,8 +71,10 @@ nvidia-smi --query-gpu=name,memory.total,driver_version --format=csv,noheader | 
 if [[ ",$skip," != *",parity,"* ]]; then
   echo "== CUDA parity tests"
   start=$SECONDS
-  timeout "${PARITY_TIMEOUT:-150}" "$py" -m pytest -q -p no:cacheprovider tests/engine/test_cuda.py \
-    tests/engine/test_lora_kernels.py tests/engine/test_fused_ops.py > "$out/parity.log" 2>&1
+  # shellcheck disable=SC2086  # PARITY_FILES is a list of paths
+  timeout "${PARITY_TIMEOUT:-150}" "$py" -m pytest -q -p no:cacheprovider \
+    ${PARITY_FILES:-tests/engine/test_cuda.py tests/engine/test_lora_kernels.py tests/engine/test_fused_ops.py} \
+    > "$out/parity.log" 2>&1
   echo "parity exit $? in $((SECONDS - start)) s: $(tail -1 "$out/parity.log")"
 fi
 
