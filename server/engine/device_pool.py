@@ -83,6 +83,27 @@ class _Entry:
         return self.pins == 0 and not self.held
 
 
+PageOwner = MultiLoRALinear | LoRAGroup
+"""What holds page stacks: an unfused layer, or a fused group for all its members."""
+
+
+def page_owners(layers: dict[str, MultiLoRALinear]) -> list[tuple[PageOwner, frozenset[str]]]:
+    """Every unfused layer and every group once, each with the module names it holds pages of
+    (a group's member outside `layers` counts as a name no adapter has)."""
+    names = {id(layer): name for name, layer in layers.items()}
+    owners: list[tuple[PageOwner, frozenset[str]]] = []
+    seen: set[int] = set()
+    for name, layer in layers.items():
+        group = layer.group
+        if group is None:
+            owners.append((layer, frozenset((name,))))
+        elif id(group) not in seen:
+            seen.add(id(group))
+            members = frozenset(names.get(id(m), "") for m in group.members)
+            owners.append((group, members))
+    return owners
+
+
 def fused_groups(layers: dict[str, MultiLoRALinear]) -> tuple[tuple[str, ...], ...]:
     """Module names of each LoRAGroup of two or more members among `layers`, in member order
     (PageLayout.groups); a group with a member outside `layers` is left out."""
@@ -144,6 +165,7 @@ class DevicePool:
         self._free: list[int] = list(range(self.num_pages, 0, -1))
         self._group_names = {id(layers[names[0]].group): names for names in self._layout.groups}
         """id(LoRAGroup) -> its members' module names (PageLayout.groups)."""
+        self._owners = page_owners(layers)
         # Unpinned adapters, least recently used first; pinned ones are not in it.
         self._lru: OrderedDict[AdapterKey, None] = OrderedDict()
         self._entries: dict[AdapterKey, _Entry] = {}
@@ -378,11 +400,23 @@ class DevicePool:
         needed = self.pages_for(staged.rank)
         self._tick_locked()  # residency so far is accounted before the set changes
         self._check_room(key, needed)
+        started = time.monotonic()
+        stale: dict[int, tuple[PageOwner, frozenset[str], list[int]]] = {}
         while len(self._free) < needed:
             victim, _ = self._lru.popitem(last=False)
-            self._evict(victim, pressure=True)
+            self._evict(victim, pressure=True, stale=stale)
         pages = tuple(self._free.pop() for _ in range(needed))
-        started = time.monotonic()
+        # The victims' pages this adapter writes whole in an owner need no zeroing there first:
+        # an eviction for room zeroed every layer's pages (half of a 1B model's evicting
+        # commit on the engine thread) only for most of them to be overwritten right after.
+        reused = set(pages)
+        modules = staged.modules.keys()
+        self._zero_pages(
+            [
+                (owner, [p for p in held if p not in reused] if names <= modules else held)
+                for owner, names, held in stale.values()
+            ]
+        )
         staged.order_after_copy()
         # One index for every layer: built per layer it was a blocking host-to-device copy
         # each (three per grouped layer with the live flags), hundreds per adapter on the
@@ -497,22 +531,46 @@ class DevicePool:
         if held:
             self._observer.on_residency(held)
 
-    def _evict(self, key: AdapterKey, *, pressure: bool = False) -> None:
-        """Frees an adapter's pages; `pressure` marks an LRU eviction (vs. a delete)."""
+    def _evict(
+        self,
+        key: AdapterKey,
+        *,
+        pressure: bool = False,
+        stale: dict[int, tuple[PageOwner, frozenset[str], list[int]]] | None = None,
+    ) -> None:
+        """Frees an adapter's pages; `pressure` marks an LRU eviction (vs. a delete).
+
+        stale: where a commit collects, per owner, the pages whose zeroing it does itself
+        (_commit_locked); without it every layer's pages are zeroed now."""
         self._tick_locked()
         if pressure:
             self._observer.on_adapter_cache("device", "eviction")
         entry = self._entries.pop(key)
         pages = list(entry.placement.pages)
-        index = to_device(torch.tensor(pages, dtype=torch.long), self._layout.device)  # (n,)
-        cleared: set[int] = set()
-        for layer in self._layers.values():
-            if layer.group is None:
-                layer.clear(pages)
-            elif id(layer.group) not in cleared:  # a fused group once, for all its members
-                cleared.add(id(layer.group))
-                layer.group.clear_pages(pages, index)
+        now: list[tuple[PageOwner, list[int]]] = []
+        for owner, names in self._owners:
+            held = owner.forget_pages(pages)
+            if not held:
+                continue
+            if stale is None:
+                now.append((owner, held))
+            else:
+                stale.setdefault(id(owner), (owner, names, []))[2].extend(held)
+        self._zero_pages(now)
         self._free.extend(pages)
         if not self._entries:
             for layer in self._layers.values():
                 layer.release_memory()
+
+    def _zero_pages(self, work: list[tuple[PageOwner, list[int]]]) -> None:
+        """Zeroes each owner's pages (forget_pages done): a fill per factor and owner, each
+        distinct list of pages copied to the device once, not once per owner."""
+        indexes: dict[tuple[int, ...], torch.Tensor] = {}
+        for owner, pages in work:
+            if not pages:
+                continue
+            index = indexes.get(tuple(pages))
+            if index is None:
+                index = to_device(torch.tensor(pages, dtype=torch.long), self._layout.device)
+                indexes[tuple(pages)] = index  # (n,)
+            owner.zero_pages(index)

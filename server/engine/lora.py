@@ -201,17 +201,33 @@ class MultiLoRALinear(nn.Module):
 
     def clear(self, pages: list[int]) -> None:
         """Zeroes `pages` so rows routed to them get exactly the base output."""
-        touched = [p for p in pages if p in self.occupied]
+        touched = self.forget_pages(pages)
         if not touched:
             return
         assert self.lora_a is not None and self.lora_b is not None
         for page in touched:
             self.lora_a[page].zero_()
             self.lora_b[page].zero_()
-            self.occupied.discard(page)
-        self.generation += 1
         if self.group is not None:
             self.group.sync_live(touched)
+
+    def forget_pages(self, pages: list[int]) -> list[int]:
+        """clear's bookkeeping alone: the pages of `pages` this layer held, which it no longer
+        does (returned in `pages`' order); their contents stay until zero_pages. (The device
+        pool skips zeroing pages an eviction hands straight to an adapter that overwrites them
+        whole.) An unfused layer's; a group's members are cleared through the group."""
+        touched = [p for p in pages if p in self.occupied]
+        if touched:
+            self.occupied.difference_update(touched)
+            self.generation += 1
+        return touched
+
+    def zero_pages(self, index: torch.Tensor) -> None:
+        """Zeroes the pages in `index` ((n,) int64 on this layer's device): forget_pages'
+        device half, one fill per factor."""
+        if self.lora_a is not None and self.lora_b is not None:
+            self.lora_a.index_fill_(0, index, 0)
+            self.lora_b.index_fill_(0, index, 0)
 
     def release_memory(self) -> None:
         """Frees the page stacks when no page is occupied any more."""
@@ -444,19 +460,37 @@ class LoRAGroup:
 
         index: `pages` on the stacks' device, (n,). A page belongs to one adapter in every
         layer, so the members it never targeted hold zeros there already."""
-        touched = [m for m in self.members if not m.occupied.isdisjoint(pages)]
-        if not touched:
+        cleared = self.forget_pages(pages)
+        if not cleared:
             return
-        assert self.a is not None and self.b is not None
-        cleared = [p for p in pages if any(p in m.occupied for m in touched)]  # pages' order
+        assert self.a is not None
         if len(cleared) != len(pages):
             index = to_device(torch.tensor(cleared, dtype=torch.long), self.a.device)  # (n,)
-        self.a.index_fill_(0, index, 0)
-        self.b.index_fill_(0, index, 0)
+        self.zero_pages(index)
+
+    def forget_pages(self, pages: list[int]) -> list[int]:
+        """clear_pages' bookkeeping alone (the members' occupancy and generations, the live
+        pages and index): returns the pages of `pages` some member held, in `pages`' order,
+        whose contents and live flags stay until zero_pages."""
+        touched = [m for m in self.members if not m.occupied.isdisjoint(pages)]
+        if not touched:
+            return []
+        cleared = [p for p in pages if any(p in m.occupied for m in touched)]  # pages' order
         for member in touched:
             member.occupied.difference_update(cleared)
             vars(member)["generation"] += 1  # past nn.Module.__setattr__, as in write_pages
-        self.sync_live(cleared, index)
+        if self.live is not None:
+            self._note_live(cleared)
+        return cleared
+
+    def zero_pages(self, index: torch.Tensor) -> None:
+        """Zeroes pages no member holds any more, and their live flags (forget_pages' device
+        half). index: the pages on the stacks' device, (n,)."""
+        if self.a is None or self.b is None or self.live is None:
+            return
+        self.a.index_fill_(0, index, 0)
+        self.b.index_fill_(0, index, 0)
+        self.live.index_fill_(0, index, 0)
 
     def sync_live(self, pages: list[int], index: torch.Tensor | None = None) -> None:
         """Sets `live` for `pages` from the members' occupancy (after a write or a clear), on
@@ -464,6 +498,18 @@ class LoRAGroup:
         index: `pages` already on the device (a page write has it), to save a copy."""
         if self.live is None or not pages:
             return
+        flags = self._note_live(pages)
+        if index is None:
+            index = to_device(torch.tensor(pages, dtype=torch.long), self.live.device)  # (n,)
+        if len(set(flags)) == 1:  # the usual case: a whole adapter written or cleared
+            self.live.index_fill_(0, index, flags[0])
+        else:
+            values = to_device(torch.tensor(flags, dtype=torch.int32), self.live.device)  # (n,)
+            self.live.index_copy_(0, index, values)
+
+    def _note_live(self, pages: list[int]) -> list[int]:
+        """sync_live's host half: the live pages and the model's LiveIndex follow the members'
+        occupancy of `pages`; returns each page's flag."""
         flags = [int(any(p in m.occupied for m in self.members)) for p in pages]
         for page, flag in zip(pages, flags, strict=True):
             was = page in self.live_pages
@@ -473,13 +519,7 @@ class LoRAGroup:
                 self.live_pages.add(page)
             else:
                 self.live_pages.discard(page)
-        if index is None:
-            index = to_device(torch.tensor(pages, dtype=torch.long), self.live.device)  # (n,)
-        if len(set(flags)) == 1:  # the usual case: a whole adapter written or cleared
-            self.live.index_fill_(0, index, flags[0])
-        else:
-            values = to_device(torch.tensor(flags, dtype=torch.int32), self.live.device)  # (n,)
-            self.live.index_copy_(0, index, values)
+        return flags
 
     def _point_members(self) -> None:
         offset = 0

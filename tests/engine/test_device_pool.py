@@ -888,3 +888,46 @@ def test_a_background_load_stages_fused_groups_so_the_commit_stacks_nothing(
     assert calls == []
     check_state(pool, layers, loader, {B: 1})
     pool.close()
+
+
+def test_an_eviction_for_room_zeroes_only_what_the_new_adapter_leaves(
+    loader: FakeLoader, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """A commit that evicts for room zeroes the victims' pages only where the new adapter will
+    not overwrite them whole: none for an adapter of the victim's layers in its pages, the whole
+    fused group's pages for one that writes a member alone, and whatever pages it does not
+    take. The layers end up holding exactly the resident adapters either way."""
+    layers = make_layers()
+    group = LoRAGroup([layers["l0"], layers["l1"]])
+    pool = DevicePool(layers, budget_bytes=BUDGET, loader=loader, page_rank=PAGE_RANK)
+    zeroed: list[tuple[str, list[int]]] = []
+    for owner_type in (LoRAGroup, MultiLoRALinear):
+        real = owner_type.zero_pages
+
+        def spy(self, index: torch.Tensor, _real=real) -> None:
+            zeroed.append(("group" if self is group else "layer", index.tolist()))
+            _real(self, index)
+
+        monkeypatch.setattr(owner_type, "zero_pages", spy)
+    for k in (A, B, E):  # 1 + 2 + 1 pages of l0/l1: the pool is full
+        pool.acquire(k)
+        pool.release(k)
+    check_state(pool, layers, loader, {A: 0, B: 0, E: 0})
+
+    a_pages = pool.placement(A).pages  # type: ignore[union-attr]
+    assert pool.acquire(F).pages == a_pages  # F (l0/l1, one page) evicts A, takes its page
+    assert zeroed == []  # F's group write covers the page whole
+    check_state(pool, layers, loader, {B: 0, E: 0, F: 1})
+
+    b_pages = pool.placement(B).pages  # type: ignore[union-attr]
+    placement = pool.acquire(D)  # l0 alone, one page: B (two pages, LRU) goes
+    assert placement.pages[0] in b_pages
+    assert zeroed == [("group", list(b_pages))]  # l1 is not D's: zeroed too, before D's write
+    check_state(pool, layers, loader, {D: 1, E: 0, F: 1})
+
+    zeroed.clear()
+    e_pages = pool.placement(E).pages  # type: ignore[union-attr]
+    pool.acquire(C)  # l2 alone, two pages: E goes (one free page besides)
+    assert zeroed == [("group", list(e_pages))]  # C writes none of the group's pages
+    check_state(pool, layers, loader, {C: 1, D: 1, F: 1})
+    pool.close()
