@@ -1,7 +1,7 @@
 #!/usr/bin/env bash
-# One prepared GPU run (about 8.5 minutes on an H200 with every part; 6.7 measured without the
-# sync and grpc-switch parts and the kernel variants, before the eagerprefill part, which adds
-# an estimated 3 minutes, not yet timed; run in the repo root on a CUDA machine):
+# One prepared GPU run (run in the repo root on a CUDA machine; on an H200 it took 457 s with
+# GPU_CHECK_SKIP=sync,grpc-switch,kernels,grpcproxy, the eagerprefill part 50 s of it; every
+# part adds about 3 more minutes):
 # versions,
 # the CUDA parity tests (again with async_decode off), the kernel bench (bench/kernels.py:
 # multi-LoRA kernel variants and one whole decode step, base vs distinct adapters, sdpa vs triton
