@@ -40,7 +40,7 @@ from loraserve.server.engine.cold_loader import (
     read_and_stage,
 )
 from loraserve.server.engine.device_copy import to_device
-from loraserve.server.engine.lora import LoRAGroup, MemberPages, MultiLoRALinear
+from loraserve.server.engine.lora import LoRAGroup, MemberPages, MultiLoRALinear, PageCopies
 from loraserve.server.engine.types import (
     AdapterKey,
     AdapterRef,
@@ -405,7 +405,9 @@ class DevicePool:
         while len(self._free) < needed:
             victim, _ = self._lru.popitem(last=False)
             self._evict(victim, pressure=True, stale=stale)
-        pages = tuple(self._free.pop() for _ in range(needed))
+        # In order: an adapter's pages are usually a run of consecutive ones (a free list of
+        # whole adapters' pages), which the commit writes as slices (below).
+        pages = tuple(sorted(self._free.pop() for _ in range(needed)))
         # The victims' pages this adapter writes whole in an owner need no zeroing there first:
         # an eviction for room zeroed every layer's pages (half of a 1B model's evicting
         # commit on the engine thread) only for most of them to be overwritten right after.
@@ -418,24 +420,11 @@ class DevicePool:
             ]
         )
         staged.order_after_copy()
-        # One index for every layer: built per layer it was a blocking host-to-device copy
-        # each (three per grouped layer with the live flags), hundreds per adapter on the
-        # engine thread between two forwards.
-        index = to_device(torch.tensor(pages, dtype=torch.long), self._layout.device)  # (n,)
-        page_list = list(pages)
-        grouped: dict[int, tuple[LoRAGroup, list[MemberPages]]] = {}
-        for name, (a_pages, b_pages) in staged.modules.items():
-            layer = self._layers[name]
-            if layer.group is None:
-                layer.write_pages(page_list, self.num_pages, a_pages, b_pages, index)
-            else:
-                grouped.setdefault(id(layer.group), (layer.group, []))[1].append(
-                    (layer, a_pages, b_pages)
-                )
-        for group, parts in grouped.values():
-            names = self._group_names.get(id(group))
-            stacked = staged.grouped.get(names) if names is not None else None
-            group.write_pages(page_list, self.num_pages, parts, index, stacked)
+        first = pages[0]
+        if pages[-1] - first == len(pages) - 1:  # consecutive: every layer's slices at once
+            self._write_run(staged, first)
+        else:
+            self._write_indexed(staged, list(pages))
         self.commits += 1
         self.commit_seconds += time.monotonic() - started
         placement = Placement(pages=pages, rank=staged.rank)
@@ -448,6 +437,58 @@ class DevicePool:
         if report:
             self._observer.on_adapter_cache("device", "miss", staged.seconds)
         return placement
+
+    def _write_run(self, staged: StagedAdapter, first: int) -> None:
+        """Writes the staged pages into pages first, first + 1, ...: every owner's factors and
+        live flags as slices, in one multi-tensor copy per dtype (PageCopies). A group the
+        adapter writes only in part goes through _write_indexed's path."""
+        copies = PageCopies()
+        unfused, grouped = self._owned_parts(staged)
+        for layer, a_pages, b_pages in unfused:
+            layer.write_run(first, self.num_pages, a_pages, b_pages, copies)
+        partial: list[tuple[LoRAGroup, list[MemberPages]]] = []
+        for group, parts in grouped.values():
+            names = self._group_names.get(id(group))
+            stacked = staged.grouped.get(names) if names is not None else None
+            if stacked is None and len(group.members) > 1:
+                partial.append((group, parts))
+            else:
+                group.write_run(first, self.num_pages, parts, stacked, copies)
+        copies.flush()
+        if partial:
+            pages = list(range(first, first + self.pages_for(staged.rank)))
+            index = to_device(torch.tensor(pages, dtype=torch.long), self._layout.device)  # (n,)
+            for group, parts in partial:
+                group.write_pages(pages, self.num_pages, parts, index)
+
+    def _write_indexed(self, staged: StagedAdapter, pages: list[int]) -> None:
+        """Writes the staged pages into `pages` (not consecutive): an index copy per factor and
+        owner, one index for every layer (built per layer it was a blocking host-to-device
+        copy each, hundreds per adapter on the engine thread between two forwards)."""
+        index = to_device(torch.tensor(pages, dtype=torch.long), self._layout.device)  # (n,)
+        unfused, grouped = self._owned_parts(staged)
+        for layer, a_pages, b_pages in unfused:
+            layer.write_pages(pages, self.num_pages, a_pages, b_pages, index)
+        for group, parts in grouped.values():
+            names = self._group_names.get(id(group))
+            stacked = staged.grouped.get(names) if names is not None else None
+            group.write_pages(pages, self.num_pages, parts, index, stacked)
+
+    def _owned_parts(
+        self, staged: StagedAdapter
+    ) -> tuple[list[MemberPages], dict[int, tuple[LoRAGroup, list[MemberPages]]]]:
+        """The staged pages by owner: each unfused layer's, and each group's members'."""
+        unfused: list[MemberPages] = []
+        grouped: dict[int, tuple[LoRAGroup, list[MemberPages]]] = {}
+        for name, (a_pages, b_pages) in staged.modules.items():
+            layer = self._layers[name]
+            if layer.group is None:
+                unfused.append((layer, a_pages, b_pages))
+            else:
+                grouped.setdefault(id(layer.group), (layer.group, []))[1].append(
+                    (layer, a_pages, b_pages)
+                )
+        return unfused, grouped
 
     def _room(self, needed: int) -> bool:
         evictable = sum(len(self._entries[k].placement.pages) for k in self._lru)

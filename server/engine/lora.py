@@ -45,6 +45,28 @@ class BatchLoRAState:
     change; the generation still guards against any page write in between."""
 
 
+class PageCopies:
+    """Copies into page stacks, gathered across layers and issued as one multi-tensor copy per
+    dtype: the cold-load commit writes a whole adapter (a 1B model's q/k/v/o: 32 groups' two
+    factors and live flags) in two or three kernel launches from the engine thread, where a
+    copy per factor and group was about a hundred."""
+
+    def __init__(self) -> None:
+        self._lists: dict[torch.dtype, tuple[list[torch.Tensor], list[torch.Tensor]]] = {}
+
+    def add(self, dst: torch.Tensor, src: torch.Tensor) -> None:
+        """Queues dst.copy_(src): one shape, dtype and device."""
+        dsts, srcs = self._lists.setdefault(dst.dtype, ([], []))
+        dsts.append(dst)
+        srcs.append(src)
+
+    def flush(self) -> None:
+        """Issues the queued copies on the current stream."""
+        for dsts, srcs in self._lists.values():
+            torch._foreach_copy_(dsts, srcs)
+        self._lists.clear()
+
+
 class LoRAContext:
     """Per-forward routing shared by every MultiLoRALinear of one model.
 
@@ -172,6 +194,26 @@ class MultiLoRALinear(nn.Module):
         self.generation += 1
         if self.group is not None:
             self.group.sync_live(pages, index)
+
+    def write_run(
+        self,
+        first: int,
+        num_pages: int,
+        a_pages: torch.Tensor,
+        b_pages: torch.Tensor,
+        copies: PageCopies,
+    ) -> None:
+        """write_pages into the consecutive pages first, first + 1, ...: one slice per factor,
+        queued on `copies` (the cold-load commit issues every layer's at once). An unfused
+        layer's (a group's members are written through the group)."""
+        assert self.group is None, "a group's members are written through the group"
+        n = a_pages.shape[0]
+        self._ensure_capacity(first + n - 1, a_pages.shape[1], num_pages)
+        assert self.lora_a is not None and self.lora_b is not None
+        copies.add(self.lora_a[first : first + n], a_pages)  # (n, page_rank, d_in)
+        copies.add(self.lora_b[first : first + n], b_pages)  # (n, d_out, page_rank)
+        self.occupied.update(range(first, first + n))
+        self.generation += 1
 
     def _ensure_capacity(self, page: int, page_rank: int, num_pages: int) -> None:
         """Grows the page stacks (doubling, up to the pool's pages) so `page` fits.
@@ -359,6 +401,8 @@ class LoRAGroup:
         self.outs = [m.out_features for m in members]
         self.a: torch.Tensor | None = None  # (pages, members, page_rank, d_in)
         self.b: torch.Tensor | None = None  # (pages, sum(outs), page_rank)
+        self._ones: torch.Tensor | None = None
+        """(pages,) int32 ones on the stacks' device: what write_run copies into live flags."""
         self.live: torch.Tensor | None = None
         """(pages,) int32 on the stacks' device: 1 where some member holds that page. The
         kernels skip other pages: an adapter that targets q/k/v/o leaves the MLP groups' pages
@@ -405,6 +449,7 @@ class LoRAGroup:
             new_b[:have].copy_(self.b)
             new_live[:have].copy_(self.live)
         self.a, self.b, self.live = new_a, new_b, new_live
+        self._ones = torch.ones_like(new_live)  # (size,)
         self._point_members()
 
     def write_pages(
@@ -453,6 +498,32 @@ class LoRAGroup:
             # type checks (a fifth of this commit's host time across a 1B model's 64 members).
             vars(member)["generation"] += 1
         self.sync_live(pages, index)
+
+    def write_run(
+        self,
+        first: int,
+        num_pages: int,
+        parts: list[MemberPages],
+        stacked: tuple[torch.Tensor, torch.Tensor] | None,
+        copies: PageCopies,
+    ) -> None:
+        """write_pages into the consecutive pages first, first + 1, ...: one slice per factor
+        and one for the live flags, queued on `copies`. Every member's pages must come whole:
+        `stacked` (the cold loader's, see write_pages), or the one member's own."""
+        n, page_rank = parts[0][1].shape[0], parts[0][1].shape[1]
+        self.ensure_capacity(first + n - 1, page_rank, num_pages)
+        assert self.a is not None and self.b is not None and self.live is not None
+        if stacked is None:
+            assert len(self.members) == 1 and len(parts) == 1, "a run writes a group whole"
+            stacked = (parts[0][1].unsqueeze(1), parts[0][2])  # (n, 1, page_rank, d_in), B
+        copies.add(self.a[first : first + n], stacked[0])  # (n, members, page_rank, d_in)
+        copies.add(self.b[first : first + n], stacked[1])  # (n, sum(outs), page_rank)
+        pages = range(first, first + n)
+        for member, _, _ in parts:
+            member.occupied.update(pages)
+            vars(member)["generation"] += 1  # past nn.Module.__setattr__, as in write_pages
+        self._note_live(list(pages))
+        copies.add(self.live[first : first + n], self._ones[:n])  # (n,) int32
 
     def clear_pages(self, pages: list[int], index: torch.Tensor) -> None:
         """Zeroes one adapter's `pages` in every member (an eviction or a delete), as each
@@ -534,7 +605,7 @@ class LoRAGroup:
 
     def release_memory(self) -> None:
         if not self.reserved and not self.occupied:
-            self.a = self.b = self.live = None
+            self.a = self.b = self.live = self._ones = None
             self._gathered = None
             self._point_members()
 

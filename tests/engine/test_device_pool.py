@@ -818,29 +818,48 @@ def test_at_most_max_pending_loads_are_in_flight_or_staged(
     assert sum(loader.loads.values()) == 3
 
 
-def test_commit_builds_one_page_index_and_fills_live_flags_on_the_device(
+def _count_calls(
+    monkeypatch: pytest.MonkeyPatch, calls: list[str], targets: list[tuple[object, str]]
+) -> None:
+    for owner, name in targets:
+        real = getattr(owner, name)
+
+        def spy(*args: object, _name: str = name, _real=real, **kwargs: object) -> object:
+            calls.append(_name)
+            return _real(*args, **kwargs)
+
+        monkeypatch.setattr(owner, name, spy)
+
+
+COMMIT_OPS = [
+    (torch, "tensor"),
+    (torch, "_foreach_copy_"),
+    (torch.Tensor, "index_copy_"),
+    (torch.Tensor, "index_fill_"),
+]
+"""What a commit may launch: a page index built from host data, multi-tensor copies, index
+copies and fills."""
+
+
+def test_a_commit_writes_consecutive_pages_in_one_copy_per_dtype(
     loader: FakeLoader, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    """Committing an adapter (engine thread, between two forwards) builds its page index once
-    for every layer, and sets the fused groups' live flags with a device-side fill: built per
-    layer, each index and each flag update was a blocking host-to-device copy on CUDA,
-    hundreds per adapter. Pages and flags end up as before."""
+    """Committing an adapter (engine thread, between two forwards) into consecutive pages
+    writes every layer's factors and the groups' live flags as slices in one multi-tensor copy
+    per dtype, building no index from host data: per layer, each was a kernel launch on CUDA
+    (and once a blocking host-to-device copy), about a hundred per adapter. Into pages that
+    are not consecutive, one page index serves every layer. Pages and flags end up as before."""
     layers = make_layers()
     fused = LoRAGroup([layers["l0"], layers["l1"]])  # same d_in, like q/k/v
     alone = LoRAGroup([layers["l2"]])
     pool = DevicePool(layers, budget_bytes=BUDGET, loader=loader, page_rank=PAGE_RANK)
-    pool.acquire(C)  # rank 3, l2 only: 2 pages
-    built: list[object] = []
-    real_tensor = torch.tensor
-
-    def counting_tensor(*args: object, **kwargs: object) -> torch.Tensor:
-        built.append(list(args[0]) if args else None)  # type: ignore[call-overload]
-        return real_tensor(*args, **kwargs)  # type: ignore[arg-type]
-
+    pool.acquire(C)  # rank 3, l2 only: pages 1 and 2
+    calls: list[str] = []
     with monkeypatch.context() as patched:
-        patched.setattr(torch, "tensor", counting_tensor)
-        placement = pool.acquire(B)  # rank 4, l0 and l1: 2 pages
-    assert built == [list(placement.pages)]
+        _count_calls(patched, calls, COMMIT_OPS)
+        placement = pool.acquire(B)  # rank 4, l0 and l1: pages 3 and 4
+    assert placement.pages == (3, 4)
+    assert calls == ["_foreach_copy_", "_foreach_copy_"]  # float32 pages, int32 live flags
     check_state(pool, layers, loader, {B: 1, C: 1})
     assert fused.live is not None and alone.live is not None
     c_pages = pool.placement(C)
@@ -852,6 +871,17 @@ def test_commit_builds_one_page_index_and_fills_live_flags_on_the_device(
     pool.collect()  # clearing syncs the flags from the members' occupancy
     assert not alone.live.any()
     assert fused.live.nonzero().flatten().tolist() == sorted(placement.pages)
+
+    pool.release(B)
+    assert pool.acquire(D).pages == (2,)  # C's pages 1 and 2 were freed; D takes one
+    calls.clear()
+    with monkeypatch.context() as patched:
+        _count_calls(patched, calls, COMMIT_OPS)
+        split = pool.acquire(H)  # three pages: 1 and, evicting B, 3 and 4
+    assert split.pages == (1, 3, 4)
+    assert calls.count("tensor") == 1  # one page index for every layer
+    assert "_foreach_copy_" not in calls
+    check_state(pool, layers, loader, {D: 1, H: 1})
     pool.close()
 
 

@@ -9,7 +9,13 @@ import pytest
 import torch
 from torch import nn
 
-from loraserve.server.engine.lora import LiveIndex, LoRAContext, LoRAGroup, MultiLoRALinear
+from loraserve.server.engine.lora import (
+    LiveIndex,
+    LoRAContext,
+    LoRAGroup,
+    MultiLoRALinear,
+    PageCopies,
+)
 
 OUTS = (6, 2, 2)
 """q, k, v widths: one wide member and two narrow ones (GQA)."""
@@ -136,3 +142,50 @@ def test_clearing_held_and_free_pages_together_clears_the_held_ones() -> None:
     assert group.live.tolist()[2] == 1 and group.live.tolist()[4] == 0
     assert index.kinds_for([4]) == frozenset() and index.kinds_for([2]) == {"qkv"}
     assert all(m.occupied == {2} for m in group.members)
+
+
+@pytest.mark.parametrize("reserve", [True, False])
+@pytest.mark.parametrize("outs", [OUTS, (6,)], ids=["q/k/v stacked", "one member"])
+def test_a_run_write_equals_an_indexed_write(reserve: bool, outs: tuple[int, ...]) -> None:
+    """LoRAGroup.write_run (the commit's path into consecutive pages, queued as slice copies)
+    leaves the stacks, live flags, live index and member bookkeeping of write_pages."""
+    by_run, run_index = _group(outs, reserve)
+    by_index, index_index = _group(outs, reserve)
+    for first, n, seed in ((3, 2, 1), (1, 1, 4)):
+        pages = list(range(first, first + n))
+        run_parts = [(m, *_pages(m, n, seed + j)) for j, m in enumerate(by_run.members)]
+        index_parts = [(m, *_pages(m, n, seed + j)) for j, m in enumerate(by_index.members)]
+        stacked = None
+        if len(outs) > 1:
+            stacked = (
+                torch.stack([a for _, a, _ in run_parts], dim=1),
+                torch.cat([b for _, _, b in run_parts], dim=1),
+            )
+        copies = PageCopies()
+        by_run.write_run(first, NUM_PAGES, run_parts, stacked, copies)
+        copies.flush()
+        by_index.write_pages(pages, NUM_PAGES, index_parts, torch.tensor(pages))
+    assert by_run.a is not None and by_index.a is not None
+    assert torch.equal(by_run.a, by_index.a) and torch.equal(by_run.b, by_index.b)
+    assert torch.equal(by_run.live, by_index.live)
+    assert by_run.live_pages == by_index.live_pages == {1, 3, 4}
+    assert run_index.kinds_for([4]) == index_index.kinds_for([4]) == {"qkv"}
+    for r, i in zip(by_run.members, by_index.members, strict=True):
+        assert r.occupied == i.occupied == {1, 3, 4}
+        assert r.generation == i.generation
+
+
+def test_an_unfused_layer_run_write_equals_an_indexed_write() -> None:
+    context = LoRAContext()
+    torch.manual_seed(0)
+    by_run = MultiLoRALinear(nn.Linear(D_IN, 6), context=context)
+    by_index = MultiLoRALinear(nn.Linear(D_IN, 6), context=context)
+    a, b = _pages(by_run, 2, 3)
+    copies = PageCopies()
+    by_run.write_run(2, NUM_PAGES, a, b, copies)
+    copies.flush()
+    by_index.write_pages([2, 3], NUM_PAGES, a, b, torch.tensor([2, 3]))
+    assert by_run.lora_a is not None and by_index.lora_a is not None
+    assert torch.equal(by_run.lora_a, by_index.lora_a)
+    assert torch.equal(by_run.lora_b, by_index.lora_b)
+    assert by_run.occupied == by_index.occupied == {2, 3}
