@@ -13,6 +13,7 @@ from loraserve.server.engine.lora import (
     LiveIndex,
     LoRAContext,
     LoRAGroup,
+    MemberPages,
     MultiLoRALinear,
     PageCopies,
 )
@@ -39,6 +40,27 @@ def _pages(member: MultiLoRALinear, n: int, seed: int) -> tuple[torch.Tensor, to
     return a, b
 
 
+def _stacked(parts: list[MemberPages]) -> tuple[torch.Tensor, torch.Tensor]:
+    """The members' pages in the stacks' layout, as the cold loader stages a whole group."""
+    return (
+        torch.stack([a for _, a, _ in parts], dim=1),  # (n, members, page_rank, d_in)
+        torch.cat([b for _, _, b in parts], dim=1),  # (n, sum(outs), page_rank)
+    )
+
+
+def _assert_same(
+    x: LoRAGroup, x_index: LiveIndex, y: LoRAGroup, y_index: LiveIndex, live: set[int]
+) -> None:
+    """Two groups hold the same stacks, live flags, live index and member occupancy."""
+    assert x.a is not None and y.a is not None
+    assert torch.equal(x.a, y.a) and torch.equal(x.b, y.b)
+    assert torch.equal(x.live, y.live)
+    assert x.live_pages == y.live_pages == live
+    assert x_index.kinds_for(live) == y_index.kinds_for(live) == {"qkv"}
+    for m, n in zip(x.members, y.members, strict=True):
+        assert m.occupied == n.occupied
+
+
 @pytest.mark.parametrize("stack", [False, True], ids=["parts", "staged stacked"])
 @pytest.mark.parametrize("reserve", [True, False])
 @pytest.mark.parametrize(
@@ -60,12 +82,7 @@ def test_group_write_equals_member_writes(
             for j in written
         ]
         generations = [m.generation for m in grouped.members]
-        stacked = None
-        if stack and len(written) == len(outs):  # as the cold loader stages a whole group
-            stacked = (
-                torch.stack([a for _, a, _ in parts], dim=1),  # (n, members, page_rank, d_in)
-                torch.cat([b for _, _, b in parts], dim=1),  # (n, sum(outs), page_rank)
-            )
+        stacked = _stacked(parts) if stack and len(written) == len(outs) else None
         grouped.write_pages(adapter_pages, NUM_PAGES, parts, at, stacked)
         for j in written:
             a, b = _pages(single.members[j], len(adapter_pages), seed + j)
@@ -76,13 +93,7 @@ def test_group_write_equals_member_writes(
                 assert bumped, "a written member's gathered pages must go stale"
             elif reserve:
                 assert not bumped, "fixed stacks: an untouched member's gathers stay valid"
-    assert grouped.a is not None and single.a is not None
-    assert torch.equal(grouped.a, single.a) and torch.equal(grouped.b, single.b)
-    assert torch.equal(grouped.live, single.live)
-    assert grouped.live_pages == single.live_pages == {1, 2, 4}
-    assert grouped_index.kinds_for([2]) == single_index.kinds_for([2]) == {"qkv"}
-    for g, s in zip(grouped.members, single.members, strict=True):
-        assert g.occupied == s.occupied
+    _assert_same(grouped, grouped_index, single, single_index, {1, 2, 4})
     # Members left out hold zeros on the adapter's pages: their rows get the base output.
     for j, member in enumerate(grouped.members):
         if j not in written:
@@ -155,24 +166,14 @@ def test_a_run_write_equals_an_indexed_write(reserve: bool, outs: tuple[int, ...
         pages = list(range(first, first + n))
         run_parts = [(m, *_pages(m, n, seed + j)) for j, m in enumerate(by_run.members)]
         index_parts = [(m, *_pages(m, n, seed + j)) for j, m in enumerate(by_index.members)]
-        stacked = None
-        if len(outs) > 1:
-            stacked = (
-                torch.stack([a for _, a, _ in run_parts], dim=1),
-                torch.cat([b for _, _, b in run_parts], dim=1),
-            )
+        stacked = _stacked(run_parts) if len(outs) > 1 else None
         copies = PageCopies()
         by_run.write_run(first, NUM_PAGES, run_parts, stacked, copies)
         copies.flush()
         by_index.write_pages(pages, NUM_PAGES, index_parts, torch.tensor(pages))
-    assert by_run.a is not None and by_index.a is not None
-    assert torch.equal(by_run.a, by_index.a) and torch.equal(by_run.b, by_index.b)
-    assert torch.equal(by_run.live, by_index.live)
-    assert by_run.live_pages == by_index.live_pages == {1, 3, 4}
-    assert run_index.kinds_for([4]) == index_index.kinds_for([4]) == {"qkv"}
+    _assert_same(by_run, run_index, by_index, index_index, {1, 3, 4})
     for r, i in zip(by_run.members, by_index.members, strict=True):
-        assert r.occupied == i.occupied == {1, 3, 4}
-        assert r.generation == i.generation
+        assert r.occupied == {1, 3, 4} and r.generation == i.generation
 
 
 def test_an_unfused_layer_run_write_equals_an_indexed_write() -> None:
