@@ -16,6 +16,11 @@ admits the request once `ready(key)`; a failed load is reported by `take_error(k
 committing a loaded adapter into its pages (a device-local copy) happens on the engine thread,
 between forwards. `acquire` of an adapter nobody requested still loads it in the calling
 thread, which an idle engine does (nothing else would run meanwhile).
+
+Every running row waits while the engine thread commits, so a commit launches as little as it
+can: an adapter's pages are taken in order, and into consecutive pages (the usual case) every
+layer's factors and live flags go as slices in one multi-tensor copy per dtype; an eviction for
+room leaves zeroing to the commit, which zeroes only what the new adapter will not overwrite.
 """
 
 from __future__ import annotations
