@@ -2,10 +2,12 @@
 
 A cold load ends on the engine thread, between two forwards: the staged pages are copied into
 every target layer's page stacks (`DevicePool._commit_locked`), so every running row waits for
-it. The device copies are queued, not waited for; what the rows wait for is the host: a
-torch op per copy and the bookkeeping around it, once per fused group of every layer. When the
-device tier is full the commit first evicts the least recently used adapter, zeroing its pages
-in every layer, on the same thread. This times both, with room and with an eviction per commit,
+it. The device copies are queued, not waited for; what the rows wait for is the host: the
+launches (one multi-tensor copy per dtype into consecutive pages, else a copy per factor of
+each fused group) and the bookkeeping of every group. When the device tier is full the commit
+first evicts the least recently used adapter on the same thread (its pages zeroed only where
+the new adapter will not overwrite them: here, where every adapter has the same targets and
+takes its victim's pages, nowhere). This times both, with room and with an eviction per commit,
 for a bench size's layer count with q/k/v/o adapters, on narrow layers (hidden 64) so that on
 CPU the copies themselves cost next to nothing and the host's share is what is measured;
 `--device cuda` measures the real launches.
