@@ -59,6 +59,7 @@ def test_serve_cli_roundtrip_and_sigterm(
         server.start(120)
         target = server.target
         assert server.port > 0 and server.metrics_port > 0  # both bound to port 0, reported
+        assert "start-up objects out of the cyclic collector's scans" in server.output()
         url = f"http://127.0.0.1:{server.metrics_port}/metrics"
         with urllib.request.urlopen(url, timeout=10) as r:
             assert b"python_info" in r.read()
