@@ -92,35 +92,38 @@ PageOwner = MultiLoRALinear | LoRAGroup
 """What holds page stacks: an unfused layer, or a fused group for all its members."""
 
 
-def page_owners(layers: dict[str, MultiLoRALinear]) -> list[tuple[PageOwner, frozenset[str]]]:
-    """Every unfused layer and every group once, each with the module names it holds pages of
-    (a group's member outside `layers` counts as a name no adapter has)."""
+OwnerNames = tuple[str, ...]
+"""The module names an owner holds pages of, in member order ("" for a member outside the
+pool's layers: a name no adapter has)."""
+
+Stale = dict[int, tuple[PageOwner, OwnerNames, list[int]]]
+"""id(owner) -> (owner, its names, victims' pages it held): an eviction's zeroing, left to the
+commit that evicted (DevicePool._commit_locked)."""
+
+
+def page_owners(layers: dict[str, MultiLoRALinear]) -> list[tuple[PageOwner, OwnerNames]]:
+    """Every unfused layer and every group once, each with the module names it holds pages of."""
     names = {id(layer): name for name, layer in layers.items()}
-    owners: list[tuple[PageOwner, frozenset[str]]] = []
+    owners: list[tuple[PageOwner, OwnerNames]] = []
     seen: set[int] = set()
     for name, layer in layers.items():
         group = layer.group
         if group is None:
-            owners.append((layer, frozenset((name,))))
+            owners.append((layer, (name,)))
         elif id(group) not in seen:
             seen.add(id(group))
-            members = frozenset(names.get(id(m), "") for m in group.members)
-            owners.append((group, members))
+            owners.append((group, tuple(names.get(id(m), "") for m in group.members)))
     return owners
 
 
-def fused_groups(layers: dict[str, MultiLoRALinear]) -> tuple[tuple[str, ...], ...]:
+def fused_groups(layers: dict[str, MultiLoRALinear]) -> tuple[OwnerNames, ...]:
     """Module names of each LoRAGroup of two or more members among `layers`, in member order
     (PageLayout.groups); a group with a member outside `layers` is left out."""
-    names = {id(layer): name for name, layer in layers.items()}
-    groups: dict[int, tuple[str, ...]] = {}
-    for layer in layers.values():
-        group = layer.group
-        if group is None or len(group.members) < 2 or id(group) in groups:
-            continue
-        if all(id(member) in names for member in group.members):
-            groups[id(group)] = tuple(names[id(member)] for member in group.members)
-    return tuple(groups.values())
+    return tuple(
+        names
+        for owner, names in page_owners(layers)
+        if isinstance(owner, LoRAGroup) and len(names) > 1 and "" not in names
+    )
 
 
 class DevicePool:
@@ -168,9 +171,11 @@ class DevicePool:
                 f"({self.page_bytes} bytes each for this model)"
             )
         self._free: list[int] = list(range(self.num_pages, 0, -1))
-        self._group_names = {id(layers[names[0]].group): names for names in self._layout.groups}
-        """id(LoRAGroup) -> its members' module names (PageLayout.groups)."""
         self._owners = page_owners(layers)
+        self._group_names = {
+            id(owner): names for owner, names in self._owners if isinstance(owner, LoRAGroup)
+        }
+        """id(LoRAGroup) -> its members' module names (the key of StagedAdapter.grouped)."""
         # Unpinned adapters, least recently used first; pinned ones are not in it.
         self._lru: OrderedDict[AdapterKey, None] = OrderedDict()
         self._entries: dict[AdapterKey, _Entry] = {}
@@ -406,7 +411,7 @@ class DevicePool:
         self._tick_locked()  # residency so far is accounted before the set changes
         self._check_room(key, needed)
         started = time.monotonic()
-        stale: dict[int, tuple[PageOwner, frozenset[str], list[int]]] = {}
+        stale: Stale = {}
         while len(self._free) < needed:
             victim, _ = self._lru.popitem(last=False)
             self._evict(victim, pressure=True, stale=stale)
@@ -417,17 +422,15 @@ class DevicePool:
         # an eviction for room zeroed every layer's pages (half of a 1B model's evicting
         # commit on the engine thread) only for most of them to be overwritten right after.
         reused = set(pages)
-        modules = staged.modules.keys()
-        self._zero_pages(
-            [
-                (owner, [p for p in held if p not in reused] if names <= modules else held)
-                for owner, names, held in stale.values()
-            ]
-        )
+        zero: list[tuple[PageOwner, list[int]]] = []
+        for owner, names, held in stale.values():
+            if self._writes_whole(staged, names):
+                held = [p for p in held if p not in reused]
+            zero.append((owner, held))
+        self._zero_pages(zero)
         staged.order_after_copy()
-        first = pages[0]
-        if pages[-1] - first == len(pages) - 1:  # consecutive: every layer's slices at once
-            self._write_run(staged, first)
+        if pages[-1] - pages[0] == len(pages) - 1:  # consecutive: every layer's slices at once
+            self._write_run(staged, list(pages))
         else:
             self._write_indexed(staged, list(pages))
         self.commits += 1
@@ -443,25 +446,24 @@ class DevicePool:
             self._observer.on_adapter_cache("device", "miss", staged.seconds)
         return placement
 
-    def _write_run(self, staged: StagedAdapter, first: int) -> None:
-        """Writes the staged pages into pages first, first + 1, ...: every owner's factors and
-        live flags as slices, in one multi-tensor copy per dtype (PageCopies). A group the
-        adapter writes only in part goes through _write_indexed's path."""
+    def _write_run(self, staged: StagedAdapter, pages: list[int]) -> None:
+        """Writes the staged pages into consecutive `pages`: every owner's factors and live
+        flags as slices, in one multi-tensor copy per dtype (PageCopies). A group the adapter
+        writes only in part goes through _write_indexed's path."""
+        first = pages[0]
         copies = PageCopies()
         unfused, grouped = self._owned_parts(staged)
         for layer, a_pages, b_pages in unfused:
             layer.write_run(first, self.num_pages, a_pages, b_pages, copies)
         partial: list[tuple[LoRAGroup, list[MemberPages]]] = []
         for group, parts in grouped.values():
-            names = self._group_names.get(id(group))
-            stacked = staged.grouped.get(names) if names is not None else None
+            stacked = self._stacked(staged, group)
             if stacked is None and len(group.members) > 1:
                 partial.append((group, parts))
             else:
                 group.write_run(first, self.num_pages, parts, stacked, copies)
         copies.flush()
         if partial:
-            pages = list(range(first, first + self.pages_for(staged.rank)))
             index = to_device(torch.tensor(pages, dtype=torch.long), self._layout.device)  # (n,)
             for group, parts in partial:
                 group.write_pages(pages, self.num_pages, parts, index)
@@ -475,9 +477,18 @@ class DevicePool:
         for layer, a_pages, b_pages in unfused:
             layer.write_pages(pages, self.num_pages, a_pages, b_pages, index)
         for group, parts in grouped.values():
-            names = self._group_names.get(id(group))
-            stacked = staged.grouped.get(names) if names is not None else None
-            group.write_pages(pages, self.num_pages, parts, index, stacked)
+            group.write_pages(pages, self.num_pages, parts, index, self._stacked(staged, group))
+
+    def _stacked(
+        self, staged: StagedAdapter, group: LoRAGroup
+    ) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The group's pages as the cold loader staged them in its stacks' layout, if it did."""
+        return staged.grouped.get(self._group_names[id(group)])
+
+    @staticmethod
+    def _writes_whole(staged: StagedAdapter, names: OwnerNames) -> bool:
+        """Whether the staged adapter writes every module of an owner (all of its pages)."""
+        return all(name in staged.modules for name in names)
 
     def _owned_parts(
         self, staged: StagedAdapter
@@ -582,7 +593,7 @@ class DevicePool:
         key: AdapterKey,
         *,
         pressure: bool = False,
-        stale: dict[int, tuple[PageOwner, frozenset[str], list[int]]] | None = None,
+        stale: Stale | None = None,
     ) -> None:
         """Frees an adapter's pages; `pressure` marks an LRU eviction (vs. a delete).
 
