@@ -18,6 +18,11 @@ if [ ! -x "$venv/bin/python" ]; then
   "$python" -m venv "$venv"
 fi
 "$venv/bin/python" -m pip install -q --upgrade pip
+if [ -z "${TORCH_SPEC:-}" ] && [ -x .venv/bin/python ]; then
+  # The same torch as ./.venv, hard-linked from it rather than unpacked again: a second copy is
+  # 750 MB, and CI machines have run out of disk here. Falls back to pip where linking fails.
+  .venv/bin/python scripts/link_torch.py "$venv" || true
+fi
 "$venv/bin/python" -m pip install -q "${TORCH_SPEC:-torch==2.13.0}"
 pins="$venv/lowest-pins.txt"
 "$venv/bin/python" - "$pins" <<'PY'
