@@ -56,6 +56,9 @@ def test_the_smallest_graph_that_holds_the_group_is_chosen() -> None:
     assert graphs.key_for([_row(20)], 0, None) == (1, 32, 0, None)
     assert graphs.key_for([_row(20), _row(33), _row(5)], 0, None) == (4, 64, 0, None)
     assert graphs.key_for([_row(200)], 0, None) == (1, 256, 0, None)
+    # A gRPC-sized wave of 10 arrivals pads to 12 rows, not 16.
+    assert graphs.key_for([_row(20)] * 10, 0, None) == (12, 32, 0, None)
+    assert graphs.key_for([_row(20)] * 13, 0, None) == (16, 32, 0, None)
     # Widths round up to a captured one; attention-only adapters get their variant.
     assert graphs.key_for([_row(9)], 1, frozenset({"qkv"})) == (1, 32, 2, ATTENTION_KINDS)
     assert graphs.key_for([_row(9)], 3, frozenset({"qkv", "down"})) == (1, 32, 8, None)
