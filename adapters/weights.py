@@ -9,8 +9,11 @@ dtypes, by the safetensors library; from bytes, never via pickle). Values are ch
 
 from __future__ import annotations
 
+import math
 import warnings
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from types import MappingProxyType
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -78,7 +81,7 @@ def _unexpected_reason(key: str, targets: set[str]) -> str:
 
 
 def _check_names_and_shapes(
-    headers: dict[str, TensorHeader], targets: list[TargetModule], rank: int
+    headers: Mapping[str, TensorHeader], targets: Sequence[TargetModule], rank: int
 ) -> None:
     """Every target has exactly its A (r, d_in) and B (d_out, r); nothing else is present."""
     expected: dict[str, tuple[int, int]] = {}
@@ -104,6 +107,85 @@ def _check_names_and_shapes(
             )
 
 
+_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+@dataclass(frozen=True)
+class InPlacePlan:
+    """Where each tensor lies in the data buffer, in elements of the file's one dtype: so a load
+    makes each factor with one `as_strided` call (a cold load makes 128 for a 1B model's
+    rank-16 q/k/v/o adapter), no header arithmetic."""
+
+    dtype: torch.dtype
+    data_start: int
+    """Byte offset of the data buffer in the file."""
+    views: tuple[tuple[str, tuple[int, ...], tuple[int, ...], int], ...]
+    """(key, shape, contiguous strides, element offset) of every tensor."""
+
+
+@dataclass(frozen=True)
+class AdapterStructure:
+    """What the structure checks found in an adapter's two files: everything about it but the
+    tensor values. A function of the config's bytes, the weights file's header bytes and
+    length, the base model and the rank bound alone (adapters/structure_cache.py keys on them)."""
+
+    config: LoraAdapterConfig
+    targets: tuple[TargetModule, ...]
+    """The base layers the adapter changes, in the model's module order."""
+    headers: Mapping[str, TensorHeader]
+    """The weights file's tensor entries by name, checked (read-only)."""
+    module_keys: tuple[tuple[str, str, str], ...]
+    """(module name, its lora_A key, its lora_B key) of every target, in `targets` order."""
+    in_place: InPlacePlan | None
+    """How to read the factors straight from the file's bytes; None where the tensors mix
+    dtypes or an offset is not element-aligned (the safetensors library copies them out)."""
+
+
+def check_structure(
+    config_bytes: bytes, weights_bytes: bytes | memoryview, spec: BaseModelSpec, *, max_rank: int
+) -> AdapterStructure:
+    """The config parsed and checked, the safetensors structure checked, and every tensor's
+    name and shape checked against the base model, from the header alone (no tensor data is
+    read). Raise AdapterValidationError naming the file and key of the first problem."""
+    config = parse_adapter_config(config_bytes, max_rank=max_rank)
+    target_names = resolve_target_modules(config, spec)
+    targets = tuple(spec.modules[name] for name in target_names)
+    headers = check_safetensors(weights_bytes)
+    _check_names_and_shapes(headers, targets, config.rank)
+    view = memoryview(weights_bytes).cast("B")
+    data_start = 8 + int.from_bytes(view[:8], "little")
+    return AdapterStructure(
+        config,
+        targets,
+        MappingProxyType(headers),
+        tuple((module.name, *lora_keys(module.name)) for module in targets),
+        _in_place_plan(headers, data_start, len(view)),
+    )
+
+
+def _in_place_plan(
+    headers: Mapping[str, TensorHeader], data_start: int, file_len: int
+) -> InPlacePlan | None:
+    """The plan for reading every tensor in place; None unless every tensor has one dtype and
+    element-aligned offsets (and the buffer is not empty: frombuffer refuses one)."""
+    dtypes = {h.dtype for h in headers.values()}
+    if len(dtypes) != 1:
+        return None
+    dtype = _TORCH_DTYPES[dtypes.pop()]
+    itemsize = dtype.itemsize
+    if (
+        data_start % itemsize
+        or file_len == data_start
+        or any(h.start % itemsize for h in headers.values())
+    ):
+        return None
+    views = []
+    for key, h in headers.items():
+        strides = tuple(math.prod(h.shape[i + 1 :]) for i in range(len(h.shape)))
+        views.append((key, h.shape, strides, h.start // itemsize))
+    return InPlacePlan(dtype, data_start, tuple(views))
+
+
 def load_adapter_weights(
     config_bytes: bytes,
     weights_bytes: bytes,
@@ -111,6 +193,7 @@ def load_adapter_weights(
     *,
     max_rank: int,
     as_stored: bool = False,
+    structure: AdapterStructure | None = None,
 ) -> AdapterWeights:
     """Parse, check and load one adapter for the base model described by `spec`.
 
@@ -118,23 +201,20 @@ def load_adapter_weights(
     (which must then be `bytes`, immutable; anything else is copied): no conversion pass and
     half the memory for a half-precision file, where the server only lays the factors out
     again as pages (a cold load). Mixed dtypes still load as float32.
+    structure: check_structure's result for these very files (a StructureCache hit), so only
+    the tensor values remain to check.
 
     Raise AdapterValidationError naming the file and key of the first problem found.
     """
-    config = parse_adapter_config(config_bytes, max_rank=max_rank)
-    target_names = resolve_target_modules(config, spec)
-    targets = [spec.modules[name] for name in target_names]
-    headers = check_safetensors(weights_bytes)
-    _check_names_and_shapes(headers, targets, config.rank)
-
-    keys = [key for module in targets for key in lora_keys(module.name)]
+    if structure is None:
+        structure = check_structure(config_bytes, weights_bytes, spec, max_rank=max_rank)
     # Every factor in one float32 buffer: one conversion and one finiteness pass for the whole
     # adapter, where a pass per tensor cost ten times as much (a 1B model's rank-16 q/k/v/o
     # adapter has 128 tensors); the factors are views of it.
-    views = _tensors_in_place(weights_bytes, headers, as_stored=as_stored)
-    if views is not None:
-        flat, factors = views
+    if structure.in_place is not None:
+        flat, factors = _tensors_in_place(weights_bytes, structure.in_place, as_stored=as_stored)
     else:  # mixed dtypes or unaligned offsets: let the library copy each tensor out
+        keys = [key for _, key_a, key_b in structure.module_keys for key in (key_a, key_b)]
         tensors = load_safetensors_bytes(bytes(weights_bytes))
         flat = torch.cat([tensors[key].reshape(-1) for key in keys]).to(torch.float32)
         parts = flat.split([tensors[key].numel() for key in keys])
@@ -142,58 +222,44 @@ def load_adapter_weights(
             key: part.view(tensors[key].shape) for key, part in zip(keys, parts, strict=True)
         }
     if not _all_finite(flat):
-        for key in keys:  # only to name the first bad tensor
-            if not _all_finite(factors[key]):
-                raise _error(key, "contains NaN or Inf")
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for module in targets:
-        key_a, key_b = lora_keys(module.name)
-        modules[module.name] = (factors[key_a], factors[key_b])  # (r, d_in), (d_out, r)
-    return AdapterWeights(config=config, modules=modules)
-
-
-_TORCH_DTYPES = {"F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+        for _, key_a, key_b in structure.module_keys:  # only to name the first bad tensor
+            for key in (key_a, key_b):
+                if not _all_finite(factors[key]):
+                    raise _error(key, "contains NaN or Inf")
+    modules = {
+        name: (factors[key_a], factors[key_b])  # (r, d_in), (d_out, r)
+        for name, key_a, key_b in structure.module_keys
+    }
+    return AdapterWeights(config=structure.config, modules=modules)
 
 
 def _tensors_in_place(
-    data: bytes | memoryview, headers: dict[str, TensorHeader], *, as_stored: bool = False
-) -> tuple[torch.Tensor, dict[str, torch.Tensor]] | None:
+    data: bytes | memoryview, plan: InPlacePlan, *, as_stored: bool = False
+) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
     """(The whole data buffer as float32 (elements,), each tensor as a view of it), read
     straight from the file's bytes in one conversion; as_stored, in the file's dtype and, for
-    immutable `bytes`, without any copy. None unless every tensor has one dtype and
-    element-aligned offsets.
+    immutable `bytes`, without any copy.
 
     check_safetensors verified that the entries tile the data buffer exactly and the names and
     shapes were checked against the base model, so the buffer holds our factors and nothing
     else: one pass converts it all, where the library's load plus a concatenation copied every
     byte twice more (on a cold load, while other requests wait).
     """
-    dtypes = {h.dtype for h in headers.values()}
-    if len(dtypes) != 1:
-        return None
-    dtype = _TORCH_DTYPES[dtypes.pop()]
-    itemsize = dtype.itemsize
     view = memoryview(data).cast("B")
-    data_start = 8 + int.from_bytes(view[:8], "little")
-    if (
-        data_start % itemsize
-        or len(view) == data_start  # frombuffer refuses an empty buffer
-        or any(h.start % itemsize for h in headers.values())
-    ):
-        return None
     with warnings.catch_warnings():
         # The bytes are read-only; the conversion below copies, so nothing ever writes them.
         warnings.simplefilter("ignore", UserWarning)
-        raw = torch.frombuffer(view, dtype=dtype, offset=data_start)  # (elements,)
+        raw = torch.frombuffer(view, dtype=plan.dtype, offset=plan.data_start)  # (elements,)
     if as_stored:
         # bytes cannot change under the views; any other buffer might, so it is copied.
         flat = raw if isinstance(data, bytes) else raw.clone()  # (elements,)
     else:
         # A float32 file converts to itself: clone, so the factors own their memory.
-        flat = raw.clone() if dtype == torch.float32 else raw.to(torch.float32)  # (elements,)
+        flat = raw.clone() if plan.dtype == torch.float32 else raw.to(torch.float32)
+    base = flat.storage_offset()
     factors = {
-        key: flat[h.start // itemsize : h.end // itemsize].view(h.shape)
-        for key, h in headers.items()
+        key: flat.as_strided(shape, strides, base + offset)
+        for key, shape, strides, offset in plan.views
     }
     return flat, factors
 

@@ -25,6 +25,7 @@ from loraserve.adapters.errors import (
 from loraserve.adapters.names import format_ref, split_version, validate_adapter_name
 from loraserve.adapters.spec import BaseModelSpec
 from loraserve.adapters.store import AdapterRecord, AdapterStore, UploadTransaction
+from loraserve.adapters.structure_cache import StructureCache
 from loraserve.adapters.weights import AdapterWeights, load_adapter_weights
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine.compute_threads import helper_pool
@@ -263,6 +264,9 @@ class AdapterService:
         self._lock = threading.Lock()
         self._checksums = helper_pool("adapter-checksum", CHECKSUM_WORKERS)
         """Hashes a loaded adapter's files while the loading thread validates them."""
+        self.structure_cache = StructureCache(spec, max_rank=config.max_lora_rank)
+        """Structure checks by the bytes they depend on: a cold load of an adapter shaped like
+        one checked before checks only its tensor values (adapters/structure_cache.py)."""
 
     @property
     def config(self) -> ServerConfig:
@@ -387,6 +391,7 @@ class AdapterService:
             self.spec,
             max_rank=self._config.max_lora_rank,
             as_stored=as_stored,
+            structure=self.structure_cache.check(config_bytes, weights_bytes),
         )
 
     def on_replaced(self, record: AdapterRecord) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import hashlib
+import json
 from pathlib import Path
 
 import pytest
@@ -484,6 +485,35 @@ def test_load_returns_validated_weights(
         assert a.shape == (4, target.in_features) and b.shape == (target.out_features, 4)
         assert a.dtype == b.dtype == torch.float32
         assert bool(torch.isfinite(a).all()) and bool(b.abs().sum() > 0)
+
+
+def test_loads_of_one_shape_check_its_structure_once_and_every_file_s_values(
+    h: Harness, adapter_files: dict[str, bytes]
+) -> None:
+    """The upload checks the structure; later loads of that shape (another tenant's too) only
+    the values: a stored file whose values went bad is still refused on load."""
+    _upload(h, adapter_files)
+    _upload(h, adapter_files, name="again")
+    cache = h.service.structure_cache
+    assert (cache.hits, cache.misses) == (1, 1)
+    key = h.service.resolve(AdapterRef(TENANT, "qv"))
+    h.service.load(key)
+    assert (cache.hits, cache.misses) == (2, 1)
+    # Same header, one value turned into NaN on disk (the checksum recorded to match, as if
+    # the upload had carried it): refused by the values check on a structure hit.
+    record = h.store.get_version(TENANT, "again", 1)
+    path = record.path / "adapter_model.safetensors"
+    data = bytearray(path.read_bytes())
+    data[-4:] = torch.tensor([float("nan")]).numpy().tobytes()
+    path.write_bytes(bytes(data))
+    meta_path = record.path / "meta.json"
+    meta = json.loads(meta_path.read_text())
+    meta["weights_sha256"] = hashlib.sha256(bytes(data)).hexdigest()
+    meta_path.write_text(json.dumps(meta))
+    with pytest.raises(EngineError) as err:
+        h.service.load(h.service.resolve(AdapterRef(TENANT, "again")))
+    assert err.value.kind == ErrorKind.INTERNAL and "unusable" in err.value.message
+    assert (cache.hits, cache.misses) == (3, 1)
 
 
 def test_load_of_a_pruned_version_is_not_found(
