@@ -45,6 +45,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable, Iterator, Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any, BinaryIO, Literal
@@ -75,6 +76,9 @@ DEFAULT_VERSIONS_KEPT = 5
 """Versions of a name kept on disk (the latest included) unless the store is told otherwise."""
 QUARANTINE_DIR = "quarantine"
 """Directory under the root that corrupt versions are moved to at start (kept for inspection)."""
+PIECE_BYTES = 1 << 20
+"""The weights file is also hashed in pieces of this many bytes at upload (meta.json's
+weights_pieces_sha256), so a load verifies its pieces on several threads at once."""
 _VERIFY_CHUNK = 1 << 20
 """Bytes read at a time when re-hashing stored files at start: big adapters never sit in memory."""
 MAX_DESCRIPTION_BYTES = 1024
@@ -233,6 +237,10 @@ def _verify_version(path: Path, tenant: str, name: str, version: int) -> str | N
     return None
 
 
+ChecksumJob = Callable[[], None]
+"""One independent part of a load's checksum check: raises AdapterCorruptError on a mismatch."""
+
+
 @dataclass(frozen=True)
 class StoredFiles:
     """One stored version's two files as read from disk, not yet checked against the
@@ -243,19 +251,77 @@ class StoredFiles:
     weights: bytes
     expected: tuple[tuple[object, object], tuple[object, object]]
     """(sha256, size) recorded for adapter_config.json, then adapter_model.safetensors."""
+    weights_pieces: tuple[str, ...] | None = None
+    """sha256 of each PIECE_BYTES piece of adapter_model.safetensors, as recorded at upload
+    (None for a version stored before pieces were recorded: its whole-file sum is checked)."""
 
     def verify(self) -> None:
         """AdapterCorruptError unless both files hash to what was recorded at upload."""
-        names = (FILE_NAMES["config"], FILE_NAMES["weights"])
-        for name, data, (want_sum, want_size) in zip(
-            names, (self.config, self.weights), self.expected, strict=True
-        ):
-            got_sum = hashlib.sha256(data).hexdigest()  # releases the GIL while hashing
-            if (got_sum, len(data)) != (want_sum, want_size):
-                raise AdapterCorruptError(
-                    f"{self.path / name}: sha256 {got_sum} ({len(data)} bytes) does not "
-                    f"match the {want_sum} ({want_size} bytes) recorded at upload"
-                )
+        for job in self.checksum_jobs():
+            job()
+
+    def checksum_jobs(self) -> list[ChecksumJob]:
+        """verify() as independent jobs, to run on several threads at once (hashlib releases
+        the GIL): the config's sum, then one job per piece of the weights (their whole-file sum
+        where no pieces were recorded). Together they check every byte of both files."""
+        (config_sum, config_size), (weights_sum, weights_size) = self.expected
+        config_path = self.path / FILE_NAMES["config"]
+        weights_path = self.path / FILE_NAMES["weights"]
+        jobs = [partial(_check_sum, config_path, self.config, config_sum, config_size)]
+        if self.weights_pieces is None or len(self.weights) != weights_size:
+            jobs.append(partial(_check_sum, weights_path, self.weights, weights_sum, weights_size))
+            return jobs
+        view = memoryview(self.weights)
+        for index, want in enumerate(self.weights_pieces):
+            start = index * PIECE_BYTES
+            piece = view[start : start + PIECE_BYTES]
+            jobs.append(partial(_check_piece, weights_path, piece, start, want))
+        return jobs
+
+
+def _check_sum(path: Path, data: bytes, want_sum: object, want_size: object) -> None:
+    got_sum = hashlib.sha256(data).hexdigest()  # releases the GIL while hashing
+    if (got_sum, len(data)) != (want_sum, want_size):
+        raise AdapterCorruptError(
+            f"{path}: sha256 {got_sum} ({len(data)} bytes) does not "
+            f"match the {want_sum} ({want_size} bytes) recorded at upload"
+        )
+
+
+def _check_piece(path: Path, piece: memoryview, start: int, want_sum: str) -> None:
+    got_sum = hashlib.sha256(piece).hexdigest()  # releases the GIL while hashing
+    if got_sum != want_sum:
+        raise AdapterCorruptError(
+            f"{path}: bytes {start} to {start + len(piece)} hash to sha256 {got_sum}, not the "
+            f"{want_sum} recorded at upload"
+        )
+
+
+class _PieceHasher:
+    """sha256 of each PIECE_BYTES piece of a stream that arrives in chunks of any size."""
+
+    def __init__(self) -> None:
+        self._digest = hashlib.sha256()
+        self._filled = 0
+        self.sums: list[str] = []
+
+    def update(self, chunk: bytes | memoryview) -> None:
+        view = memoryview(chunk).cast("B")
+        while len(view):
+            take = min(PIECE_BYTES - self._filled, len(view))
+            self._digest.update(view[:take])
+            self._filled += take
+            view = view[take:]
+            if self._filled == PIECE_BYTES:
+                self.sums.append(self._digest.hexdigest())
+                self._digest, self._filled = hashlib.sha256(), 0
+
+    def finish(self) -> list[str]:
+        """Every piece's sum, the last partial piece included."""
+        if self._filled:
+            self.sums.append(self._digest.hexdigest())
+            self._digest, self._filled = hashlib.sha256(), 0
+        return self.sums
 
 
 class UploadTransaction:
@@ -276,6 +342,7 @@ class UploadTransaction:
             for kind, filename in FILE_NAMES.items()
         }
         self._hashes = {kind: hashlib.sha256() for kind in FILE_NAMES}
+        self._weights_pieces = _PieceHasher()
         self._sizes: dict[AdapterFileKind, int] = dict.fromkeys(FILE_NAMES, 0)
         self._state: Literal["open", "committed", "aborted"] = "open"
 
@@ -289,6 +356,8 @@ class UploadTransaction:
             self._require_open()
             self._files[file].write(chunk)
             self._hashes[file].update(chunk)
+            if file == "weights":
+                self._weights_pieces.update(chunk)
             self._sizes[file] += len(chunk)
 
     def bytes_written(self, file: AdapterFileKind) -> int:
@@ -341,6 +410,8 @@ class UploadTransaction:
                 "config_size": self._sizes["config"],
                 "weights_sha256": self._hashes["weights"].hexdigest(),
                 "weights_size": self._sizes["weights"],
+                "weights_piece_bytes": PIECE_BYTES,
+                "weights_pieces_sha256": self._weights_pieces.finish(),
             }
             with open(self._dir / META_FILE, "x", encoding="utf-8") as handle:
                 json.dump(meta_json, handle, indent=2, sort_keys=True)
@@ -934,9 +1005,29 @@ class AdapterStore:
                 (meta["config_sha256"], meta["config_size"]),
                 (meta["weights_sha256"], meta["weights_size"]),
             )
+            pieces = _recorded_pieces(meta)
         except (ValueError, KeyError, TypeError) as exc:
             raise AdapterCorruptError(f"{record.path / META_FILE} is unreadable: {exc}") from None
-        return StoredFiles(record.path, config, weights, expected)
+        return StoredFiles(record.path, config, weights, expected, pieces)
+
+
+def _recorded_pieces(meta: Mapping[str, Any]) -> tuple[str, ...] | None:
+    """meta.json's piece sums of the weights file; None where it has none (a version stored
+    before they were recorded). ValueError where they cannot describe the recorded file."""
+    if "weights_pieces_sha256" not in meta:
+        return None
+    pieces, piece_bytes, size = (
+        meta["weights_pieces_sha256"],
+        meta["weights_piece_bytes"],
+        meta["weights_size"],
+    )
+    if piece_bytes != PIECE_BYTES:
+        raise ValueError(f"weights_piece_bytes is {piece_bytes!r}, not {PIECE_BYTES}")
+    if not isinstance(size, int) or not isinstance(pieces, list):
+        raise ValueError("weights_size must be an integer and weights_pieces_sha256 a list")
+    if len(pieces) != -(-size // PIECE_BYTES) or not all(isinstance(p, str) for p in pieces):
+        raise ValueError(f"weights_pieces_sha256 must hold one sum per {PIECE_BYTES} bytes")
+    return tuple(pieces)
 
 
 def _version_not_found(name: str, version: int) -> AdapterNotFoundError:

@@ -48,7 +48,8 @@ class FileDeclaration:
 
 
 CHECKSUM_WORKERS = 4
-"""Threads hashing loaded adapters beside their validation (hashlib releases the GIL)."""
+"""Threads hashing loaded adapters beside their validation (hashlib releases the GIL): one
+adapter's weights pieces (adapters/store.PIECE_BYTES) hash on all of them at once."""
 
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 """Largest FileChunk.data accepted (the proto's documented bound)."""
@@ -536,7 +537,8 @@ class AdapterService:
             # takes the longer of the two instead of their sum. Nothing validated is returned
             # before the checksum has matched; a mismatch wins over a validation error (the
             # bytes are not the ones uploaded, so what validation says of them is moot).
-            hashed = self._checksums.submit(files.verify)
+            # The weights' pieces (recorded at upload) hash on several threads at once.
+            hashed = [self._checksums.submit(job) for job in files.checksum_jobs()]
             try:
                 # In the file's dtype: the engine only lays the factors out as pages in the
                 # model's dtype, so a float32 copy would be one more pass over every byte.
@@ -544,7 +546,8 @@ class AdapterService:
                 if beside_checksum is not None:
                     beside_checksum(weights)
             finally:
-                hashed.result()
+                for job in hashed:
+                    job.result()
             return weights
         except AdapterNotFoundError as exc:
             raise EngineError(

@@ -584,11 +584,17 @@ def test_load_hashes_on_a_helper_thread_while_the_caller_validates(
     record = _upload(h, adapter_files)
     verified_on: list[str] = []
     validated_on: list[str] = []
-    verify, validate = StoredFiles.verify, h.service.validate
+    jobs, validate = StoredFiles.checksum_jobs, h.service.validate
 
-    def recording_verify(files: StoredFiles) -> None:
-        verified_on.append(threading.current_thread().name)
-        verify(files)
+    def recording_jobs(files: StoredFiles) -> list:
+        def recorded(job):  # type: ignore[no-untyped-def]
+            def run() -> None:
+                verified_on.append(threading.current_thread().name)
+                job()
+
+            return run
+
+        return [recorded(job) for job in jobs(files)]
 
     def recording_validate(
         config: bytes, weights: bytes, *, as_stored: bool = False
@@ -597,12 +603,14 @@ def test_load_hashes_on_a_helper_thread_while_the_caller_validates(
         assert as_stored, "a load keeps the file's dtype: no float32 copy"
         return validate(config, weights, as_stored=as_stored)
 
-    monkeypatch.setattr(StoredFiles, "verify", recording_verify)
+    monkeypatch.setattr(StoredFiles, "checksum_jobs", recording_jobs)
     monkeypatch.setattr(h.service, "validate", recording_validate)
     weights = h.service.load(AdapterKey(TENANT, "qv", record.version))
     assert weights.config.rank == 4
     assert validated_on == [threading.current_thread().name]
-    assert len(verified_on) == 1 and verified_on[0].startswith("adapter-checksum")
+    # The config's sum and one per weights piece (this tiny adapter is one piece).
+    assert len(verified_on) == 2
+    assert all(name.startswith("adapter-checksum") for name in verified_on)
 
 
 def test_load_runs_the_beside_work_while_the_checksum_is_still_computed(
@@ -616,13 +624,19 @@ def test_load_runs_the_beside_work_while_the_checksum_is_still_computed(
 
     record = _upload(h, adapter_files)
     beside_ran = threading.Event()
-    verify = StoredFiles.verify
+    jobs = StoredFiles.checksum_jobs
 
-    def verify_after_the_beside_work(files: StoredFiles) -> None:
-        assert beside_ran.wait(30), "the beside work did not run while the hash was pending"
-        verify(files)
+    def jobs_after_the_beside_work(files: StoredFiles) -> list:
+        def after(job):  # type: ignore[no-untyped-def]
+            def run() -> None:
+                assert beside_ran.wait(30), "the beside work did not run while hashes pended"
+                job()
 
-    monkeypatch.setattr(StoredFiles, "verify", verify_after_the_beside_work)
+            return run
+
+        return [after(job) for job in jobs(files)]
+
+    monkeypatch.setattr(StoredFiles, "checksum_jobs", jobs_after_the_beside_work)
     seen = []
 
     def beside(weights) -> None:  # type: ignore[no-untyped-def]
