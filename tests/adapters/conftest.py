@@ -176,3 +176,15 @@ class ModelKit:
 @pytest.fixture(scope="session")
 def model_kit() -> ModelKit:
     return ModelKit(tiny_model=tiny_model, spec_for=spec_for, save_adapter=save_adapter)
+
+
+@pytest.fixture
+def version_meta() -> dict[str, object]:
+    """The adapter summary a store commit records (UploadTransaction.commit's `meta`)."""
+    return {
+        "rank": 4,
+        "alpha": 8.0,
+        "use_rslora": False,
+        "target_modules": ["m.layers.0.q"],
+        "description": "",
+    }

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -13,22 +14,28 @@ import pytest
 from loraserve.adapters.errors import AdapterCorruptError
 from loraserve.adapters.store import PIECE_BYTES, AdapterRecord, AdapterStore
 
-META = {
-    "rank": 4,
-    "alpha": 8.0,
-    "use_rslora": False,
-    "target_modules": ["m.layers.0.q"],
-    "description": "",
-}
 WEIGHTS = bytes(range(256)) * (PIECE_BYTES * 5 // 2 // 256)  # two and a half pieces
 
 
-def _upload(store: AdapterStore, weights: bytes, chunk: int) -> AdapterRecord:
-    with store.begin_upload("t", "a") as txn:
-        txn.write("config", b"{}")
-        for start in range(0, len(weights), chunk):
-            txn.write("weights", weights[start : start + chunk])
-        return txn.commit(META)
+Upload = Callable[[bytes, int], AdapterRecord]
+"""upload(weights, chunk): commits a version of t/a whose weights arrive `chunk` bytes at a time."""
+
+
+@pytest.fixture
+def store(tmp_path: Path) -> AdapterStore:
+    return AdapterStore(tmp_path)
+
+
+@pytest.fixture
+def upload(store: AdapterStore, version_meta: dict[str, object]) -> Upload:
+    def run(weights: bytes, chunk: int) -> AdapterRecord:
+        with store.begin_upload("t", "a") as txn:
+            txn.write("config", b"{}")
+            for start in range(0, len(weights), chunk):
+                txn.write("weights", weights[start : start + chunk])
+            return txn.commit(version_meta)
+
+    return run
 
 
 def _meta(record: AdapterRecord) -> dict:
@@ -36,8 +43,8 @@ def _meta(record: AdapterRecord) -> dict:
 
 
 @pytest.mark.parametrize("chunk", [700_001, PIECE_BYTES, 4 * PIECE_BYTES])
-def test_upload_records_each_piece_s_sum_whatever_the_chunks(tmp_path: Path, chunk: int) -> None:
-    record = _upload(AdapterStore(tmp_path), WEIGHTS, chunk)
+def test_upload_records_each_piece_s_sum_whatever_the_chunks(upload: Upload, chunk: int) -> None:
+    record = upload(WEIGHTS, chunk)
     meta = _meta(record)
     want = [
         hashlib.sha256(WEIGHTS[start : start + PIECE_BYTES]).hexdigest()
@@ -48,16 +55,16 @@ def test_upload_records_each_piece_s_sum_whatever_the_chunks(tmp_path: Path, chu
     assert meta["weights_sha256"] == hashlib.sha256(WEIGHTS).hexdigest()
 
 
-def test_empty_weights_have_no_pieces(tmp_path: Path) -> None:
-    store = AdapterStore(tmp_path)
-    record = _upload(store, b"", 10)
+def test_empty_weights_have_no_pieces(store: AdapterStore, upload: Upload) -> None:
+    record = upload(b"", 10)
     assert _meta(record)["weights_pieces_sha256"] == []
     store.read_files(record)  # and verify
 
 
-def test_a_load_checks_each_piece_as_a_job_and_names_the_bad_one(tmp_path: Path) -> None:
-    store = AdapterStore(tmp_path)
-    record = _upload(store, WEIGHTS, PIECE_BYTES)
+def test_a_load_checks_each_piece_as_a_job_and_names_the_bad_one(
+    store: AdapterStore, upload: Upload
+) -> None:
+    record = upload(WEIGHTS, PIECE_BYTES)
     files = store.read_unverified(record)
     jobs = files.checksum_jobs()
     assert len(jobs) == 1 + 3  # the config, then each piece
@@ -79,9 +86,8 @@ def test_a_load_checks_each_piece_as_a_job_and_names_the_bad_one(tmp_path: Path)
         store.read_files(record)
 
 
-def test_a_file_of_another_length_is_checked_whole(tmp_path: Path) -> None:
-    store = AdapterStore(tmp_path)
-    record = _upload(store, WEIGHTS, PIECE_BYTES)
+def test_a_file_of_another_length_is_checked_whole(store: AdapterStore, upload: Upload) -> None:
+    record = upload(WEIGHTS, PIECE_BYTES)
     (record.path / "adapter_model.safetensors").write_bytes(WEIGHTS + b"x")
     jobs = store.read_unverified(record).checksum_jobs()
     assert len(jobs) == 2
@@ -89,9 +95,10 @@ def test_a_file_of_another_length_is_checked_whole(tmp_path: Path) -> None:
         jobs[1]()
 
 
-def test_a_version_stored_without_pieces_is_checked_whole(tmp_path: Path) -> None:
-    store = AdapterStore(tmp_path)
-    record = _upload(store, WEIGHTS, PIECE_BYTES)
+def test_a_version_stored_without_pieces_is_checked_whole(
+    store: AdapterStore, upload: Upload
+) -> None:
+    record = upload(WEIGHTS, PIECE_BYTES)
     meta = _meta(record)
     del meta["weights_pieces_sha256"], meta["weights_piece_bytes"]
     (record.path / "meta.json").write_text(json.dumps(meta))
@@ -114,9 +121,10 @@ def test_a_version_stored_without_pieces_is_checked_whole(tmp_path: Path) -> Non
         {"weights_pieces_sha256": "abc"},
     ],
 )
-def test_piece_sums_that_cannot_describe_the_file_are_corrupt(tmp_path: Path, change: dict) -> None:
-    store = AdapterStore(tmp_path)
-    record = _upload(store, WEIGHTS, PIECE_BYTES)
+def test_piece_sums_that_cannot_describe_the_file_are_corrupt(
+    store: AdapterStore, upload: Upload, change: dict
+) -> None:
+    record = upload(WEIGHTS, PIECE_BYTES)
     (record.path / "meta.json").write_text(json.dumps({**_meta(record), **change}))
     with pytest.raises(AdapterCorruptError, match="unreadable"):
         store.read_unverified(record)
