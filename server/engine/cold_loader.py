@@ -7,10 +7,11 @@ adapter and the batch keeps decoding while a loader thread
 1. reads it through the host tier (disk read, checksum and validation on a miss),
 2. lays it out as the layers' pages (padding to whole pages, scale folded into B, the model's
    dtype) in ONE host buffer, pinned on CUDA (on a disk read while the checksum is still
-   being computed: nothing staged is kept unless it matched), and
-3. copies that buffer to the device in one copy, and lays each fused group's pages out there as
-   the group's stacks hold them (q/k/v side by side): on CUDA on the loader's own stream, with
-   an event recorded after, so the copy overlaps the engine's forwards.
+   being computed: nothing staged is kept unless it matched); where a rank fits one page,
+   each fully targeted fused group (q/k/v) already as the group's stacks hold pages, and
+3. copies that buffer to the device in one copy (a rank of several pages has its groups
+   stacked there): on CUDA on the loader's own stream, with an event recorded after, so the
+   copy overlaps the engine's forwards.
 
 The result waits here, "staged", until the engine thread commits it into the adapter pages
 between two forwards (`DevicePool`): a device-local copy, ordered after the event on the GPU, so
@@ -25,6 +26,7 @@ engine iterations for the requests waiting on it, then forgotten, so a later req
 from __future__ import annotations
 
 import logging
+import math
 import threading
 import time
 from collections.abc import Callable, Iterator
@@ -92,7 +94,8 @@ class StagedAdapter:
     grouped: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Group (PageLayout.groups) -> its members' A pages side by side (n, members, page_rank,
     d_in) and B pages stacked along d_out (n, sum(d_out), page_rank): the group's stacks'
-    layout, made here on the loader's stream, for the groups whose members it all targets."""
+    layout, for the groups whose members it all targets; views of `arena` where one page
+    holds the rank (arena_plan), else stacked on the loader's stream."""
     arena: torch.Tensor | None = None
     """The one device buffer every page above is a view of, (total,)."""
     copied: torch.cuda.Event | None = None
@@ -121,59 +124,158 @@ PageShapes = list[tuple[str, int, int]]
 """(module name, d_in, d_out) of every module of an adapter, in its order."""
 
 
-def _shape_blocks(
-    arena: torch.Tensor, shapes: PageShapes, n: int, page_rank: int
-) -> Iterator[tuple[list[str], torch.Tensor, torch.Tensor]]:
-    """The arena's layout: modules of one shape together, all their A pages then all their B
-    pages. Yields per shape (first-seen order) the module names, their A pages
-    (m, n, page_rank, d_in) and their B pages (m, n, d_out, page_rank), views of `arena`."""
-    groups: dict[tuple[int, int], list[str]] = {}
+@dataclass(frozen=True)
+class GroupBlock:
+    """Fused groups of one member signature, laid out as their stacks hold pages: per group,
+    its members' A pages side by side (n, M, page_rank, d_in), then per group its members' B
+    pages stacked along d_out (n, sum(d_outs), page_rank)."""
+
+    groups: tuple[tuple[str, ...], ...]
+    """Each group's member names, in member order (PageLayout.groups)."""
+    d_in: int
+    d_outs: tuple[int, ...]
+    """Each member's d_out, in member order."""
+
+
+@dataclass(frozen=True)
+class ShapeBlock:
+    """Modules of one shape, all their A pages (m, n, page_rank, d_in) then all their B pages
+    (m, n, d_out, page_rank)."""
+
+    names: tuple[str, ...]
+    d_in: int
+    d_out: int
+
+
+ArenaPlan = tuple[GroupBlock | ShapeBlock, ...]
+"""How an adapter's pages tile its staging buffer, block after block."""
+
+
+def arena_plan(shapes: PageShapes, groups: tuple[tuple[str, ...], ...], n: int) -> ArenaPlan:
+    """The staging buffer's blocks. With one page per module (n == 1: a rank that fits a page,
+    the usual case) every fully targeted group whose members share d_in is laid out in its
+    stacks' layout right away, so the device holds it with no stacking of its own (the
+    loader thread launched a stack and a concatenation per group otherwise, and kept both
+    copies); the other modules are laid out by shape, in first-seen order."""
+    present = {name: (d_in, d_out) for name, d_in, d_out in shapes}
+    signatures: dict[tuple[int, tuple[int, ...]], list[tuple[str, ...]]] = {}
+    if n == 1:
+        for names in groups:
+            if not all(name in present for name in names):
+                continue
+            d_ins = {present[name][0] for name in names}
+            if len(d_ins) == 1:
+                signature = (d_ins.pop(), tuple(present[name][1] for name in names))
+                signatures.setdefault(signature, []).append(names)
+    in_groups = {name for members in signatures.values() for names in members for name in names}
+    by_shape: dict[tuple[int, int], list[str]] = {}
     for name, d_in, d_out in shapes:
-        groups.setdefault((d_in, d_out), []).append(name)
+        if name not in in_groups:
+            by_shape.setdefault((d_in, d_out), []).append(name)
+    return tuple(
+        GroupBlock(tuple(members), d_in, d_outs) for (d_in, d_outs), members in signatures.items()
+    ) + tuple(ShapeBlock(tuple(names), d_in, d_out) for (d_in, d_out), names in by_shape.items())
+
+
+def _plan_blocks(
+    arena: torch.Tensor, plan: ArenaPlan, n: int, page_rank: int
+) -> Iterator[tuple[GroupBlock | ShapeBlock, torch.Tensor, torch.Tensor]]:
+    """Each block of `plan` with its A and B pages, views of `arena`: a GroupBlock's
+    (G, n, M, page_rank, d_in) and (G, n, sum(d_outs), page_rank), a ShapeBlock's
+    (m, n, page_rank, d_in) and (m, n, d_out, page_rank)."""
     offset = 0
-    for (d_in, d_out), names in groups.items():
-        m = len(names)
-        a_size, b_size = m * n * page_rank * d_in, m * n * d_out * page_rank
-        a_all = arena[offset : offset + a_size].view(m, n, page_rank, d_in)
-        b_all = arena[offset + a_size : offset + a_size + b_size].view(m, n, d_out, page_rank)
-        yield names, a_all, b_all
+    for block in plan:
+        if isinstance(block, GroupBlock):
+            count, members, d_out = len(block.groups), len(block.d_outs), sum(block.d_outs)
+            a_shape = (count, n, members, page_rank, block.d_in)
+        else:
+            count, d_out = len(block.names), block.d_out
+            a_shape = (count, n, page_rank, block.d_in)
+        b_shape = (count, n, d_out, page_rank)
+        a_size, b_size = math.prod(a_shape), math.prod(b_shape)
+        a_all = arena[offset : offset + a_size].view(a_shape)
+        b_all = arena[offset + a_size : offset + a_size + b_size].view(b_shape)
+        yield block, a_all, b_all
         offset += a_size + b_size
+
+
+def plan_views(
+    arena: torch.Tensor, shapes: PageShapes, plan: ArenaPlan, n: int, page_rank: int
+) -> tuple[
+    dict[str, tuple[torch.Tensor, torch.Tensor]],
+    dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]],
+]:
+    """Views of `arena` (total,): module name -> (A pages (n, page_rank, d_in), B pages
+    (n, d_out, page_rank)) in module order, and each GroupBlock group -> its stacks' layout
+    (StagedAdapter.grouped)."""
+    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
+    grouped: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    for block, a_all, b_all in _plan_blocks(arena, plan, n, page_rank):
+        if isinstance(block, ShapeBlock):
+            pairs = zip(a_all.unbind(0), b_all.unbind(0), strict=True)
+            modules.update(zip(block.names, pairs, strict=True))
+            continue
+        for names, a_group, b_group in zip(block.groups, a_all, b_all, strict=True):
+            grouped[names] = (a_group, b_group)  # (n, M, page, d_in), (n, sum(d_out), page)
+            start = 0
+            for j, (name, d_out) in enumerate(zip(names, block.d_outs, strict=True)):
+                modules[name] = (a_group[:, j], b_group[:, start : start + d_out])
+                start += d_out
+    return {name: modules[name] for name, _, _ in shapes}, grouped
 
 
 def page_views(
     arena: torch.Tensor, shapes: PageShapes, n: int, page_rank: int
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module name -> (A pages (n, page_rank, d_in), B pages (n, d_out, page_rank)): views of
-    `arena` (total,), in module order (laid out by shape: _shape_blocks)."""
-    views: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    for names, a_all, b_all in _shape_blocks(arena, shapes, n, page_rank):
-        views.update(zip(names, zip(a_all.unbind(0), b_all.unbind(0), strict=True), strict=True))
-    return {name: views[name] for name, _, _ in shapes}
+    `arena` (total,) as lay_out without groups lays it out (by shape), in module order."""
+    return plan_views(arena, shapes, arena_plan(shapes, (), n), n, page_rank)[0]
 
 
 def lay_out(
-    weights: AdapterWeights, page_rank: int, n: int, dtype: torch.dtype, *, pin: bool
-) -> tuple[torch.Tensor, PageShapes]:
+    weights: AdapterWeights,
+    page_rank: int,
+    n: int,
+    dtype: torch.dtype,
+    *,
+    pin: bool,
+    groups: tuple[tuple[str, ...], ...] = (),
+) -> tuple[torch.Tensor, PageShapes, ArenaPlan]:
     """All of an adapter's pages in one host buffer, (total,) in `dtype`: exactly what
     `adapter_pages` makes per module (scale folded into B in float32, rank rows past r
     zero), written in place, so the copy to the device is one copy of one buffer (pinned
-    when `pin`) instead of two per module. Modules of one shape are written together."""
+    when `pin`) instead of two per module. Blocks as arena_plan(shapes, groups, n) says: a
+    block's A pages in one write, its B pages in one."""
     rank = weights.config.rank
     width = n * page_rank
     shapes: PageShapes = [
         (name, lora_a.shape[1], lora_b.shape[0])
         for name, (lora_a, lora_b) in weights.modules.items()
     ]
+    plan = arena_plan(shapes, groups, n)
     total = sum(width * (d_in + d_out) for _, d_in, d_out in shapes)
     arena = torch.empty(total, dtype=dtype, pin_memory=pin)  # (total,)
     scale = weights.config.scale
-    for names, a_all, b_all in _shape_blocks(arena, shapes, n, page_rank):
-        m, d_out = len(names), b_all.shape[2]
+    for block, a_all, b_all in _plan_blocks(arena, plan, n, page_rank):
+        names = (
+            [name for members in block.groups for name in members]
+            if isinstance(block, GroupBlock)
+            else list(block.names)
+        )
         # Each pass over an adapter's bytes costs a cold load milliseconds on a server core,
         # so every write below is also the conversion to the pages' dtype (cast on store).
-        a_rows = a_all.view(m, width, -1)  # (m, n * page_rank, d_in)
+        a_rows = a_all.view(len(names), width, block.d_in)  # (modules, n * page_rank, d_in)
         torch.stack([weights.modules[name][0] for name in names], out=a_rows[:, :rank])
         a_rows[:, rank:].zero_()
+        if isinstance(block, GroupBlock):  # n == 1: B pages are B's rows, members in turn
+            b = torch.cat([weights.modules[name][1] for name in names])  # (rows, r)
+            b_rows = b_all.view(-1, page_rank)  # (rows, page_rank)
+            if b.dtype != torch.float32:
+                b = b.float()
+            torch.mul(b, scale, out=b_rows[:, :rank])
+            b_rows[:, rank:].zero_()
+            continue
+        m, d_out = len(names), block.d_out
         b = torch.stack([weights.modules[name][1] for name in names])  # (m, d_out, r)
         if b.dtype != torch.float32:
             b = b.float()
@@ -182,7 +284,7 @@ def lay_out(
         # b_all[k, p, :, j] holds column p * page_rank + j of module k's B, times the scale:
         # the product in float32 (as adapter_pages), rounded once as it is stored.
         torch.mul(b.view(m, d_out, n, page_rank), scale, out=b_all.permute(0, 2, 1, 3))
-    return arena, shapes
+    return arena, shapes, plan
 
 
 def stage(
@@ -196,21 +298,21 @@ def stage(
     rank = weights.config.rank
     n = max(1, -(-rank // layout.page_rank))
     pin = layout.device.type == "cuda"
-    host, shapes = lay_out(weights, layout.page_rank, n, layout.dtype, pin=pin)
+    host, shapes, plan = lay_out(
+        weights, layout.page_rank, n, layout.dtype, pin=pin, groups=layout.groups
+    )
     copied: torch.cuda.Event | None = None
     if stream is None:
         # On the caller's stream, so ordered before what it does next with the pages (the
         # commit's copies); pinned, the copy does not block the caller.
         arena = host.to(layout.device, non_blocking=pin)
-        modules = page_views(arena, shapes, n, layout.page_rank)
-        grouped = group_pages(modules, layout.groups)
+        modules, grouped = _device_views(arena, shapes, plan, n, layout)
     else:
         with torch.cuda.stream(stream):
             # A pinned source makes the copy asynchronous; the caching host allocator keeps
             # the pinned block alive until the copy has run.
             arena = host.to(layout.device, non_blocking=True)
-            modules = page_views(arena, shapes, n, layout.page_rank)
-            grouped = group_pages(modules, layout.groups)
+            modules, grouped = _device_views(arena, shapes, plan, n, layout)
             copied = torch.cuda.Event(blocking=True)  # a waiting loader thread sleeps
             copied.record(stream)
     return StagedAdapter(
@@ -224,6 +326,21 @@ def stage(
         copied=copied,
         grouped=grouped,
     )
+
+
+def _device_views(
+    arena: torch.Tensor, shapes: PageShapes, plan: ArenaPlan, n: int, layout: PageLayout
+) -> tuple[
+    dict[str, tuple[torch.Tensor, torch.Tensor]],
+    dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]],
+]:
+    """The staged modules' and groups' pages on the device: views of `arena` where the plan
+    laid a group out in its stacks' layout, stacked here (on the current stream) where it
+    did not (a rank of several pages)."""
+    modules, grouped = plan_views(arena, shapes, plan, n, layout.page_rank)
+    rest = tuple(names for names in layout.groups if names not in grouped)
+    grouped.update(group_pages(modules, rest))
+    return modules, grouped
 
 
 def group_pages(

@@ -35,13 +35,18 @@ def _weights(rank: int, alpha: float, use_rslora: bool = False) -> AdapterWeight
     return AdapterWeights(config=config, modules=modules)
 
 
+GROUPS = (("q", "k", "v"), ("o", "x"))
+"""A fused group the adapter targets whole, and one with a member it does not target."""
+
+
+@pytest.mark.parametrize("groups", [(), GROUPS], ids=["by-shape", "grouped"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize(("rank", "page_rank"), [(8, 8), (16, 8), (12, 8), (3, 4), (5, 16)])
 def test_staged_pages_are_the_reference_pages(
-    dtype: torch.dtype, rank: int, page_rank: int
+    dtype: torch.dtype, rank: int, page_rank: int, groups: tuple
 ) -> None:
     weights = _weights(rank, alpha=2.5 * rank, use_rslora=rank == 12)
-    layout = PageLayout(page_rank, dtype, torch.device("cpu"))
+    layout = PageLayout(page_rank, dtype, torch.device("cpu"), groups=groups)
     staged = stage(AdapterKey("t", "a", 1, rank=rank), weights, layout, None, time.monotonic())
     n = -(-rank // page_rank)
     assert staged.rank == rank and list(staged.modules) == list(SHAPES)
@@ -55,13 +60,16 @@ def test_staged_pages_are_the_reference_pages(
         assert torch.equal(b_pages, want_b), name
 
 
-def test_every_page_is_a_view_of_one_buffer_and_nothing_else_is_in_it() -> None:
+@pytest.mark.parametrize(("rank", "groups"), [(12, ()), (12, GROUPS), (8, GROUPS), (5, GROUPS)])
+def test_every_page_is_a_view_of_one_buffer_and_nothing_else_is_in_it(
+    rank: int, groups: tuple
+) -> None:
     """One host-to-device copy per adapter: the pages tile the staged buffer exactly."""
-    weights = _weights(12, alpha=16)
+    weights = _weights(rank, alpha=16)
     staged = stage(
-        AdapterKey("t", "a", 1, rank=12),
+        AdapterKey("t", "a", 1, rank=rank),
         weights,
-        PageLayout(8, torch.float32, torch.device("cpu")),
+        PageLayout(8, torch.float32, torch.device("cpu"), groups=groups),
         None,
         time.monotonic(),
     )
@@ -88,18 +96,25 @@ def test_to_device_keeps_values_and_dtype() -> None:
     assert flags.dtype == torch.int32 and flags.tolist() == [1, 0]
 
 
-def test_fused_groups_are_staged_in_their_stacks_layout() -> None:
+@pytest.mark.parametrize("rank", [12, 8, 5])
+def test_fused_groups_are_staged_in_their_stacks_layout(rank: int) -> None:
     """A group whose members the adapter all targets is also staged as the group's stacks lay
     pages out (members' A side by side, B stacked along d_out), so the engine thread's commit
-    copies it as it is; a group with a member the adapter skips is not."""
-    weights = _weights(12, alpha=16)
-    layout = PageLayout(
-        8, torch.bfloat16, torch.device("cpu"), groups=(("q", "k", "v"), ("o", "x"))
-    )
-    staged = stage(AdapterKey("t", "a", 1, rank=12), weights, layout, None, time.monotonic())
+    copies it as it is; a group with a member the adapter skips is not. With one page per
+    module (rank <= 8 here) the buffer itself is laid out so: the group is a view of it, no
+    second copy; with two pages it is stacked from the modules' pages."""
+    weights = _weights(rank, alpha=16)
+    layout = PageLayout(8, torch.bfloat16, torch.device("cpu"), groups=GROUPS)
+    staged = stage(AdapterKey("t", "a", 1, rank=rank), weights, layout, None, time.monotonic())
     assert list(staged.grouped) == [("q", "k", "v")]  # nothing targets "x"
     a, b = staged.grouped[("q", "k", "v")]
-    assert a.shape == (2, 3, 8, 24) and b.shape == (2, 24 + 8 + 8, 8)
+    n = -(-rank // 8)
+    assert a.shape == (n, 3, 8, 24) and b.shape == (n, 24 + 8 + 8, 8)
+    assert staged.arena is not None
+    arena = staged.arena.untyped_storage().data_ptr()
+    for tensor in (a, b):
+        in_arena = tensor.untyped_storage().data_ptr() == arena
+        assert in_arena == (n == 1), "a view of the buffer exactly when one page holds the rank"
     for j, name in enumerate(("q", "k", "v")):
         assert torch.equal(a[:, j], staged.modules[name][0]), name
     offset = 0
