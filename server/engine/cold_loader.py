@@ -7,10 +7,11 @@ adapter and the batch keeps decoding while a loader thread
 1. reads it through the host tier (disk read, checksum and validation on a miss),
 2. lays it out as the layers' pages (padding to whole pages, scale folded into B, the model's
    dtype) in ONE host buffer, pinned on CUDA (on a disk read while the checksum is still
-   being computed: nothing staged is kept unless it matched); where a rank fits one page,
-   each fully targeted fused group (q/k/v) already as the group's stacks hold pages, and
-3. copies that buffer to the device in one copy (a rank of several pages has its groups
-   stacked there): on CUDA on the loader's own stream, with an event recorded after, so the
+   being computed: nothing staged is kept unless it matched); where a rank fits one page or
+   fills its pages, each fully targeted fused group (q/k/v) already as the group's stacks
+   hold pages, and
+3. copies that buffer to the device in one copy (a rank whose last page is partial has its
+   groups stacked there): on CUDA on the loader's own stream, with an event recorded after, so the
    copy overlaps the engine's forwards.
 
 The result waits here, "staged", until the engine thread commits it into the adapter pages
@@ -94,8 +95,8 @@ class StagedAdapter:
     grouped: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = field(default_factory=dict)
     """Group (PageLayout.groups) -> its members' A pages side by side (n, members, page_rank,
     d_in) and B pages stacked along d_out (n, sum(d_out), page_rank): the group's stacks'
-    layout, for the groups whose members it all targets; views of `arena` where one page
-    holds the rank (arena_plan), else stacked on the loader's stream."""
+    layout, for the groups whose members it all targets; views of `arena` where the rank
+    fits one page or fills its pages (arena_plan), else stacked on the loader's stream."""
     arena: torch.Tensor | None = None
     """The one device buffer every page above is a view of, (total,)."""
     copied: torch.cuda.Event | None = None
@@ -151,15 +152,18 @@ ArenaPlan = tuple[GroupBlock | ShapeBlock, ...]
 """How an adapter's pages tile its staging buffer, block after block."""
 
 
-def arena_plan(shapes: PageShapes, groups: tuple[tuple[str, ...], ...], n: int) -> ArenaPlan:
-    """The staging buffer's blocks. With one page per module (n == 1: a rank that fits a page,
-    the usual case) every fully targeted group whose members share d_in is laid out in its
-    stacks' layout right away, so the device holds it with no stacking of its own (the
-    loader thread launched a stack and a concatenation per group otherwise, and kept both
-    copies); the other modules are laid out by shape, in first-seen order."""
+def arena_plan(
+    shapes: PageShapes, groups: tuple[tuple[str, ...], ...], rank: int, page_rank: int
+) -> ArenaPlan:
+    """The staging buffer's blocks. Where the rank fills its pages exactly or fits one (rank
+    16 or 8 in pages of 8, rank 5 in one), every fully targeted group whose members share
+    d_in is laid out in its stacks' layout right away, so the device holds it with no
+    stacking of its own (the loader thread launched a stack and a concatenation per group
+    otherwise, and kept both copies); the other modules are laid out by shape, in
+    first-seen order."""
     present = {name: (d_in, d_out) for name, d_in, d_out in shapes}
     signatures: dict[tuple[int, tuple[int, ...]], list[tuple[str, ...]]] = {}
-    if n == 1:
+    if rank <= page_rank or rank % page_rank == 0:
         for names in groups:
             if not all(name in present for name in names):
                 continue
@@ -229,7 +233,8 @@ def page_views(
 ) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
     """Module name -> (A pages (n, page_rank, d_in), B pages (n, d_out, page_rank)): views of
     `arena` (total,) as lay_out without groups lays it out (by shape), in module order."""
-    return plan_views(arena, shapes, arena_plan(shapes, (), n), n, page_rank)[0]
+    plan = arena_plan(shapes, (), n * page_rank, page_rank)
+    return plan_views(arena, shapes, plan, n, page_rank)[0]
 
 
 def lay_out(
@@ -244,15 +249,15 @@ def lay_out(
     """All of an adapter's pages in one host buffer, (total,) in `dtype`: exactly what
     `adapter_pages` makes per module (scale folded into B in float32, rank rows past r
     zero), written in place, so the copy to the device is one copy of one buffer (pinned
-    when `pin`) instead of two per module. Blocks as arena_plan(shapes, groups, n) says: a
-    block's A pages in one write, its B pages in one."""
+    when `pin`) instead of two per module. Blocks as arena_plan says: a block's A pages in
+    one write, its B pages in one."""
     rank = weights.config.rank
     width = n * page_rank
     shapes: PageShapes = [
         (name, lora_a.shape[1], lora_b.shape[0])
         for name, (lora_a, lora_b) in weights.modules.items()
     ]
-    plan = arena_plan(shapes, groups, n)
+    plan = arena_plan(shapes, groups, rank, page_rank)
     total = sum(width * (d_in + d_out) for _, d_in, d_out in shapes)
     arena = torch.empty(total, dtype=dtype, pin_memory=pin)  # (total,)
     scale = weights.config.scale
@@ -264,26 +269,32 @@ def lay_out(
         )
         # Each pass over an adapter's bytes costs a cold load milliseconds on a server core,
         # so every write below is also the conversion to the pages' dtype (cast on store).
-        a_rows = a_all.view(len(names), width, block.d_in)  # (modules, n * page_rank, d_in)
-        torch.stack([weights.modules[name][0] for name in names], out=a_rows[:, :rank])
-        a_rows[:, rank:].zero_()
-        if isinstance(block, GroupBlock):  # n == 1: B pages are B's rows, members in turn
-            b = torch.cat([weights.modules[name][1] for name in names])  # (rows, r)
-            b_rows = b_all.view(-1, page_rank)  # (rows, page_rank)
-            if b.dtype != torch.float32:
-                b = b.float()
-            torch.mul(b, scale, out=b_rows[:, :rank])
-            b_rows[:, rank:].zero_()
-            continue
-        m, d_out = len(names), block.d_out
-        b = torch.stack([weights.modules[name][1] for name in names])  # (m, d_out, r)
+        if isinstance(block, GroupBlock) and n > 1:  # rank == n * page_rank: no padding
+            # (G, n, M, page_rank, d_in) is G * n * M page-rank slices of the members' A, in
+            # (group, page, member) order.
+            slices = [
+                weights.modules[name][0][p * page_rank : (p + 1) * page_rank]
+                for members in block.groups
+                for p in range(n)
+                for name in members
+            ]
+            torch.stack(slices, out=a_all.view(-1, page_rank, block.d_in))
+        else:
+            a_rows = a_all.view(len(names), width, block.d_in)  # (modules, n * page_rank, d_in)
+            torch.stack([weights.modules[name][0] for name in names], out=a_rows[:, :rank])
+            a_rows[:, rank:].zero_()
+        if isinstance(block, GroupBlock):  # B: the members' rows in turn, per group
+            b = torch.cat([weights.modules[name][1] for name in names])  # (G * sum(d_out), r)
+            b = b.view(len(block.groups), sum(block.d_outs), rank)  # (G, rows, r)
+        else:
+            b = torch.stack([weights.modules[name][1] for name in names])  # (m, d_out, r)
         if b.dtype != torch.float32:
             b = b.float()
         if rank < width:
-            b = torch.nn.functional.pad(b, (0, width - rank))  # (m, d_out, width), zero columns
-        # b_all[k, p, :, j] holds column p * page_rank + j of module k's B, times the scale:
-        # the product in float32 (as adapter_pages), rounded once as it is stored.
-        torch.mul(b.view(m, d_out, n, page_rank), scale, out=b_all.permute(0, 2, 1, 3))
+            b = torch.nn.functional.pad(b, (0, width - rank))  # (entries, rows, width)
+        # b_all[k, p, :, j] holds column p * page_rank + j of block entry k's B rows, times
+        # the scale: the product in float32 (as adapter_pages), rounded once as it is stored.
+        torch.mul(b.view(*b.shape[:2], n, page_rank), scale, out=b_all.permute(0, 2, 1, 3))
     return arena, shapes, plan
 
 
@@ -336,7 +347,7 @@ def _device_views(
 ]:
     """The staged modules' and groups' pages on the device: views of `arena` where the plan
     laid a group out in its stacks' layout, stacked here (on the current stream) where it
-    did not (a rank of several pages)."""
+    did not (a rank whose last page is partial)."""
     modules, grouped = plan_views(arena, shapes, plan, n, layout.page_rank)
     rest = tuple(names for names in layout.groups if names not in grouped)
     grouped.update(group_pages(modules, rest))
