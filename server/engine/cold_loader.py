@@ -150,6 +150,10 @@ class ShapeBlock:
 
 ArenaPlan = tuple[GroupBlock | ShapeBlock, ...]
 """How an adapter's pages tile its staging buffer, block after block."""
+ModulePages = dict[str, tuple[torch.Tensor, torch.Tensor]]
+"""Module name -> (A pages (n, page_rank, d_in), B pages (n, d_out, page_rank))."""
+GroupPages = dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]
+"""Group members -> (A pages (n, M, page_rank, d_in), B pages (n, sum(d_out), page_rank))."""
 
 
 def arena_plan(
@@ -205,15 +209,12 @@ def _plan_blocks(
 
 def plan_views(
     arena: torch.Tensor, shapes: PageShapes, plan: ArenaPlan, n: int, page_rank: int
-) -> tuple[
-    dict[str, tuple[torch.Tensor, torch.Tensor]],
-    dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]],
-]:
+) -> tuple[ModulePages, GroupPages]:
     """Views of `arena` (total,): module name -> (A pages (n, page_rank, d_in), B pages
     (n, d_out, page_rank)) in module order, and each GroupBlock group -> its stacks' layout
     (StagedAdapter.grouped)."""
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
-    grouped: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    modules: ModulePages = {}
+    grouped: GroupPages = {}
     for block, a_all, b_all in _plan_blocks(arena, plan, n, page_rank):
         if isinstance(block, ShapeBlock):
             pairs = zip(a_all.unbind(0), b_all.unbind(0), strict=True)
@@ -228,9 +229,7 @@ def plan_views(
     return {name: modules[name] for name, _, _ in shapes}, grouped
 
 
-def page_views(
-    arena: torch.Tensor, shapes: PageShapes, n: int, page_rank: int
-) -> dict[str, tuple[torch.Tensor, torch.Tensor]]:
+def page_views(arena: torch.Tensor, shapes: PageShapes, n: int, page_rank: int) -> ModulePages:
     """Module name -> (A pages (n, page_rank, d_in), B pages (n, d_out, page_rank)): views of
     `arena` (total,) as lay_out without groups lays it out (by shape), in module order."""
     plan = arena_plan(shapes, (), n * page_rank, page_rank)
@@ -341,10 +340,7 @@ def stage(
 
 def _device_views(
     arena: torch.Tensor, shapes: PageShapes, plan: ArenaPlan, n: int, layout: PageLayout
-) -> tuple[
-    dict[str, tuple[torch.Tensor, torch.Tensor]],
-    dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]],
-]:
+) -> tuple[ModulePages, GroupPages]:
     """The staged modules' and groups' pages on the device: views of `arena` where the plan
     laid a group out in its stacks' layout, stacked here (on the current stream) where it
     did not (a rank whose last page is partial)."""
@@ -354,13 +350,11 @@ def _device_views(
     return modules, grouped
 
 
-def group_pages(
-    modules: dict[str, tuple[torch.Tensor, torch.Tensor]], groups: tuple[tuple[str, ...], ...]
-) -> dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]:
+def group_pages(modules: ModulePages, groups: tuple[tuple[str, ...], ...]) -> GroupPages:
     """Each fully targeted group's pages in its stacks' layout (StagedAdapter.grouped), made
     on the current stream: the stack and the concatenation the engine thread's commit would
     otherwise launch, two per group, between two forwards."""
-    grouped: dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]] = {}
+    grouped: GroupPages = {}
     for names in groups:
         if all(name in modules for name in names):
             a = torch.stack([modules[name][0] for name in names], dim=1)  # (n, M, page, d_in)
