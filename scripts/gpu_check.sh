@@ -168,7 +168,7 @@ if [[ ",$skip," != *",coldload,"* ]]; then
   timeout "${COLDLOAD_TIMEOUT:-60}" "$py" -m loraserve.bench.cold_load --size 1b --storage bfloat16 \
     --page-dtype bfloat16 > "$out/coldload.log" 2>&1
   echo "coldload exit $? in $((SECONDS - start)) s"
-  grep -v "^ \\|^{\\|^}" "$out/coldload.log"; grep -A2 -E "\"(read|sha256|validate|stage)\"" "$out/coldload.log" | grep -v best | tr -s " \\n" " "; echo
+  grep -v "^ \\|^{\\|^}" "$out/coldload.log"; grep -A2 -E "\"(read|sha256|sha256 pieces|validate|stage)\"" "$out/coldload.log" | grep -v best | tr -s " \\n" " "; echo
 fi
 
 if [[ ",$skip," != *",commit,"* ]]; then
