@@ -13,7 +13,6 @@ import math
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from types import MappingProxyType
 
 import torch
 from safetensors.torch import load as load_safetensors_bytes
@@ -132,8 +131,6 @@ class AdapterStructure:
     config: LoraAdapterConfig
     targets: tuple[TargetModule, ...]
     """The base layers the adapter changes, in the model's module order."""
-    headers: Mapping[str, TensorHeader]
-    """The weights file's tensor entries by name, checked (read-only)."""
     module_keys: tuple[tuple[str, str, str], ...]
     """(module name, its lora_A key, its lora_B key) of every target, in `targets` order."""
     in_place: InPlacePlan | None
@@ -157,7 +154,6 @@ def check_structure(
     return AdapterStructure(
         config,
         targets,
-        MappingProxyType(headers),
         tuple((module.name, *lora_keys(module.name)) for module in targets),
         _in_place_plan(headers, data_start, len(view)),
     )

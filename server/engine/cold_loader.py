@@ -229,13 +229,6 @@ def plan_views(
     return {name: modules[name] for name, _, _ in shapes}, grouped
 
 
-def page_views(arena: torch.Tensor, shapes: PageShapes, n: int, page_rank: int) -> ModulePages:
-    """Module name -> (A pages (n, page_rank, d_in), B pages (n, d_out, page_rank)): views of
-    `arena` (total,) as lay_out without groups lays it out (by shape), in module order."""
-    plan = arena_plan(shapes, (), n * page_rank, page_rank)
-    return plan_views(arena, shapes, plan, n, page_rank)[0]
-
-
 def lay_out(
     weights: AdapterWeights,
     page_rank: int,

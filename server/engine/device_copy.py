@@ -16,3 +16,8 @@ def to_device(values: torch.Tensor, device: torch.device) -> torch.Tensor:
     if device.type != "cuda":
         return values.to(device)
     return values.pin_memory().to(device, non_blocking=True)
+
+
+def page_index(pages: list[int], device: torch.device) -> torch.Tensor:
+    """(n,) int64 of `pages` on `device`, for index copies and fills of page stacks."""
+    return to_device(torch.tensor(pages, dtype=torch.long), device)

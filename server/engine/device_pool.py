@@ -44,7 +44,7 @@ from loraserve.server.engine.cold_loader import (
     StagedAdapter,
     read_and_stage,
 )
-from loraserve.server.engine.device_copy import to_device
+from loraserve.server.engine.device_copy import page_index
 from loraserve.server.engine.lora import LoRAGroup, MemberPages, MultiLoRALinear, PageCopies
 from loraserve.server.engine.types import (
     AdapterKey,
@@ -464,7 +464,7 @@ class DevicePool:
                 group.write_run(first, self.num_pages, parts, stacked, copies)
         copies.flush()
         if partial:
-            index = to_device(torch.tensor(pages, dtype=torch.long), self._layout.device)  # (n,)
+            index = page_index(pages, self._layout.device)  # (n,)
             for group, parts in partial:
                 group.write_pages(pages, self.num_pages, parts, index)
 
@@ -472,7 +472,7 @@ class DevicePool:
         """Writes the staged pages into `pages` (not consecutive): an index copy per factor and
         owner, one index for every layer (built per layer it was a blocking host-to-device
         copy each, hundreds per adapter on the engine thread between two forwards)."""
-        index = to_device(torch.tensor(pages, dtype=torch.long), self._layout.device)  # (n,)
+        index = page_index(pages, self._layout.device)  # (n,)
         unfused, grouped = self._owned_parts(staged)
         for layer, a_pages, b_pages in unfused:
             layer.write_pages(pages, self.num_pages, a_pages, b_pages, index)
@@ -628,6 +628,6 @@ class DevicePool:
                 continue
             index = indexes.get(tuple(pages))
             if index is None:
-                index = to_device(torch.tensor(pages, dtype=torch.long), self._layout.device)
-                indexes[tuple(pages)] = index  # (n,)
+                index = page_index(pages, self._layout.device)  # (n,)
+                indexes[tuple(pages)] = index
             owner.zero_pages(index)

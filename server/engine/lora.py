@@ -25,7 +25,7 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from loraserve.server.engine.device_copy import to_device
+from loraserve.server.engine.device_copy import page_index, to_device
 
 
 @dataclass(frozen=True)
@@ -187,7 +187,7 @@ class MultiLoRALinear(nn.Module):
         self._ensure_capacity(max(pages), page_rank, num_pages)
         assert self.lora_a is not None and self.lora_b is not None
         if index is None or index.device != self.lora_a.device:
-            index = to_device(torch.tensor(pages, dtype=torch.long), self.lora_a.device)  # (n,)
+            index = page_index(pages, self.lora_a.device)  # (n,)
         self.lora_a.index_copy_(0, index, a_pages)
         self.lora_b.index_copy_(0, index, b_pages)
         self.occupied.update(pages)
@@ -536,7 +536,7 @@ class LoRAGroup:
             return
         assert self.a is not None
         if len(cleared) != len(pages):
-            index = to_device(torch.tensor(cleared, dtype=torch.long), self.a.device)  # (n,)
+            index = page_index(cleared, self.a.device)  # (n,)
         self.zero_pages(index)
 
     def forget_pages(self, pages: list[int]) -> list[int]:
@@ -571,7 +571,7 @@ class LoRAGroup:
             return
         flags = self._note_live(pages)
         if index is None:
-            index = to_device(torch.tensor(pages, dtype=torch.long), self.live.device)  # (n,)
+            index = page_index(pages, self.live.device)  # (n,)
         if len(set(flags)) == 1:  # the usual case: a whole adapter written or cleared
             self.live.index_fill_(0, index, flags[0])
         else:

@@ -63,8 +63,8 @@ def test_a_disk_read_is_staged_once_beside_its_checksum(stage_calls: list) -> No
     try:
         staged = loader.take_staged(KEY)
         assert staged is not None and stage_calls == [KEY], "staged once, in the callback"
-        arena, shapes, _ = cold_loader_module.lay_out(weights, 4, 1, torch.float32, pin=False)
-        reference = cold_loader_module.page_views(arena, shapes, 1, 4)
+        arena, shapes, plan = cold_loader_module.lay_out(weights, 4, 1, torch.float32, pin=False)
+        reference, _ = cold_loader_module.plan_views(arena, shapes, plan, 1, 4)
         assert torch.equal(staged.modules["q"][0], reference["q"][0])
         assert torch.equal(staged.modules["q"][1], reference["q"][1])
     finally:
