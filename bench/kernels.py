@@ -7,12 +7,14 @@ graphs on one machine in one run:
   each with its own rank-16 adapter (two pages), for the kernel variants `single-pass` (one
   program walks a row's whole d_in, every page read: the kernels before split-K) and `split-K`
   (d_in split across programs, dead pages skipped), plus `split-K, dead` (the group holds no
-  adapter on those pages: an MLP group under q/k/v/o adapters) and the torch reference;
+  adapter on those pages: an MLP group under q/k/v/o adapters) and the torch reference. Each
+  projection is also timed whole, W0 x with the adapter term as the forward runs it: the
+  shrink inline after the matmul, or on a side stream beside it (--lora-overlap);
 - step: one whole decode step (forward + LM head) of the own Llama forward over paged KV, base
   rows against rows with distinct q/k/v/o adapters, per kernel variant and decode attention
-  (sdpa, triton), and base rows with the torch norms, RoPE and SwiGLU (fused_ops off). The
-  ratio adapter-step / base-step is what the engine's distinct/base decode ratio can reach at
-  most;
+  (sdpa, triton), with the shrinks beside the matmuls (--lora-overlap), and base rows with
+  the torch norms, RoPE and SwiGLU (fused_ops off). The ratio adapter-step / base-step is what
+  the engine's distinct/base decode ratio can reach at most;
 - first_calls: the first and second eager prefill at shapes not seen before, per SDPA backend
   choice (a per-shape plan or compile stalls every running row);
 - profile: one eager decode step under the profiler: kernels per step, their summed GPU time,
@@ -40,12 +42,15 @@ from loraserve.bench.models import bench_model_path
 from loraserve.server.engine import lora_kernels
 from loraserve.server.engine.llama import (
     ATTENTION_KINDS,
+    AdapterPath,
     LlamaForCausalLM,
     PagedKV,
     StepInputs,
+    _project,
     load_llama,
 )
 from loraserve.server.engine.lora import LoRAContext, LoRAGroup, MultiLoRALinear
+from loraserve.server.engine.side_stream import SideStream
 
 PAGE_RANK = 8
 BLOCK_SIZE = 16
@@ -170,11 +175,24 @@ def _bench_projection(
         )
 
     auto = lora_kernels.shrink_splits(settings.batch, n * len(outs), d_in)
+    # The whole projection, W0 x and the adapter term, as the forward runs it: the shrink
+    # inline after the matmul, or beside it on a side stream (--lora-overlap).
+    weight = torch.randn(sum(outs), d_in, device=device, dtype=dtype) * 0.02  # (O, d_in)
+    x3 = x[:, None]  # (batch, 1, d_in)
+    group.live = live
+
+    def project(side: SideStream | None) -> Callable[[], object]:
+        path = AdapterPath(kernels=True, side=side)
+        return lambda: _project(x3, weight, None, group, table, path)
+
     row: dict = {
         "single-pass": time_graph(kernels(None, 1), settings),
         "split-K": time_graph(kernels(live, None), settings),
         "split-K, dead": time_graph(kernels(dead, None), settings),
         "torch": time_graph(lambda: group.delta(x[:, None], table), settings),
+        "W0 x alone": time_graph(lambda: torch.nn.functional.linear(x, weight), settings),
+        "W0 x + adapter, inline": time_graph(project(None), settings),
+        "W0 x + adapter, shrink beside": time_graph(project(SideStream(device)), settings),
         "splits": auto,
     }
     # The sweep behind the defaults: (splits, expand block) -> µs, pages live.
@@ -293,6 +311,12 @@ def bench_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.
                     row[f"distinct, {variant}"] = time_graph(forward(with_adapters), settings)
             # What the engine runs for q/k/v/o adapters: the MLP kinds left out of the step.
             row["distinct, attention kinds only"] = time_graph(forward(attention_only), settings)
+            model.lora_side = SideStream(device)  # --lora-overlap
+            row["distinct, attention kinds only, shrinks beside"] = time_graph(
+                forward(attention_only), settings
+            )
+            row["distinct, shrinks beside"] = time_graph(forward(with_adapters), settings)
+            model.lora_side = None
             out[attention] = row
     return out
 
@@ -389,6 +413,14 @@ def format_table(results: dict) -> str:
         lines.append(
             f"| {name} | {row['splits']} | {row['single-pass']:.1f} | {row['split-K']:.1f} | "
             f"{row['split-K, dead']:.1f} | {row['torch']:.1f} |"
+        )
+    lines += ["", "the whole projection, W0 x with the adapter term (µs per call):", ""]
+    lines.append("| projection | W0 x alone | shrink inline | shrink beside (--lora-overlap) |")
+    lines.append("| --- | --- | --- | --- |")
+    for name, row in results.get("lora", {}).items():
+        lines.append(
+            f"| {name} | {row['W0 x alone']:.1f} | {row['W0 x + adapter, inline']:.1f} | "
+            f"{row['W0 x + adapter, shrink beside']:.1f} |"
         )
     for name, row in results.get("lora", {}).items():
         sweep = row.get("sweep", {})

@@ -15,8 +15,9 @@
 # time limit, so a cut-short run still leaves what it measured. Logs go to $OUT (default
 # /tmp/gpu_check); the last thing printed is the table.
 #   GPU_CHECK_REPEATS (default 2) timed runs per bench mode;
-#   GPU_CHECK_SKIP=parity,parity-sync,kernels,bench,sync,grpc-switch,eagerprefill,anchor,overlap,
-#   coldload,commit,hoststep,grpcproxy,server skips parts (grpc-switch: the gRPC part again with
+#   GPU_CHECK_SKIP=parity,parity-sync,kernels,bench,loraoverlap,sync,grpc-switch,eagerprefill,anchor,
+#   overlap,coldload,commit,hoststep,grpcproxy,server skips parts (loraoverlap: base and distinct
+#   again with lora_overlap=true, one run, printed as "(shrinks beside)"; grpc-switch: the gRPC part again with
 #   a 0.5 ms thread switch interval; eagerprefill: the bench's distinct, cold and gRPC parts
 #   again with prefill graphs off, one run, and cold_overlap likewise; commit: bench.commit_cost, the engine thread's commit of one cold
 #   adapter, with room and evicting; hoststep: bench.host_step, the engine thread's host work per decode step;
@@ -102,6 +103,18 @@ if [[ ",$skip," != *",bench,"* ]]; then
     --cold-samples 4 --only "distinct,cold${grpc_part}" --grpc-requests 96 \
     --out "$out/bench" --no-plot "${opts[@]}" > "$out/bench.log" 2>&1
   echo "bench exit $? in $((SECONDS - start)) s"
+fi
+
+if [[ ",$skip," != *",loraoverlap,"* ]]; then
+  # --lora-overlap: each adapter shrink on a side stream beside its base matmul (off by
+  # default until this part measures it); base rows run no adapter term, so base / distinct
+  # within this run is the comparison.
+  echo "== bench with the adapter shrinks beside the base matmuls (lora_overlap=true), one run"
+  start=$SECONDS
+  timeout "${LORAOVERLAP_TIMEOUT:-150}" "${bench[@]}" --repeats 1 --distinct-sweep 32 \
+    --only distinct --out "$out/bench-loraoverlap" --no-plot \
+    --engine-opt lora_overlap=true "${opts[@]}" > "$out/bench-loraoverlap.log" 2>&1
+  echo "loraoverlap exit $? in $((SECONDS - start)) s"
 fi
 
 if [[ ",$skip," != *",sync,"* ]]; then
@@ -284,7 +297,11 @@ if (out / "bench" / "bench.json").exists():
     bench = json.loads((out / "bench" / "bench.json").read_text())
 modes = dict(bench.get("batch", {}).get("modes", {}))
 others = {}
-for part, label in (("bench-sync", "async_decode off"), ("bench-eagerprefill", "prefills eager")):
+for part, label in (
+    ("bench-sync", "async_decode off"),
+    ("bench-eagerprefill", "prefills eager"),
+    ("bench-loraoverlap", "shrinks beside"),
+):
     if (out / part / "bench.json").exists():
         others[label] = json.loads((out / part / "bench.json").read_text())
         for name, entry in others[label].get("batch", {}).get("modes", {}).items():
@@ -296,13 +313,16 @@ def fmt(v, f="{:,.0f}"):
     return "-" if not isinstance(v, (int, float)) else f.format(v)
 
 
-print("\n| what | tokens/s | decode tokens/s | vs base (decode) |")
+print("\n| what | tokens/s | decode tokens/s | vs base of its run (decode) |")
 print("| --- | --- | --- | --- |")
 base = modes.get("base", {})
 for name, entry in modes.items():
+    # Against the base rows of the same run: "distinct (label)" against "base (label)".
+    label = name[name.index(" ("):] if " (" in name else ""
+    own = modes.get(f"base{label}", base)
     ratio = None
-    if entry.get("decode_tokens_per_s") and base.get("decode_tokens_per_s"):
-        ratio = entry["decode_tokens_per_s"] / base["decode_tokens_per_s"]
+    if entry.get("decode_tokens_per_s") and own.get("decode_tokens_per_s"):
+        ratio = entry["decode_tokens_per_s"] / own["decode_tokens_per_s"]
     print(f"| loraserve {name} | {fmt(entry.get('tokens_per_s'))} | "
           f"{fmt(entry.get('decode_tokens_per_s'))} | {fmt(ratio, '{:.3f}')} |")
 for mode in ("eager-base", "eager-lora", "graph-base", "graph-lora", "limit"):

@@ -90,6 +90,9 @@ class ServerConfig:
     attention: str = "sdpa"
     """Decode attention of the own Llama-family forward: "sdpa" (gather the row's KV blocks, then
     PyTorch SDPA) or "triton" (a Triton kernel reading the blocks in place; CUDA with Triton)."""
+    lora_overlap: bool = False
+    """Run each adapter shrink on a side CUDA stream beside its projection's base matmul (own
+    forward with the Triton multi-LoRA kernels; EngineConfig.lora_overlap)."""
     max_waiting_requests: int = 1024
     """Requests queued for a batch, at most; beyond it calls get RESOURCE_EXHAUSTED."""
     tenant_max_requests: int = LimitDefaults.max_requests
@@ -294,6 +297,7 @@ class ServerConfig:
             enforce_eager=self.enforce_eager,
             prefill_graph_tokens=self.prefill_graph_tokens,
             attention=self.attention,
+            lora_overlap=self.lora_overlap,
             async_decode=self.async_decode,
             cold_join_hold_seconds=self.cold_join_hold_seconds,
         )

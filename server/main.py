@@ -154,6 +154,12 @@ def add_serve_arguments(parser: argparse.ArgumentParser) -> None:
         help="decode attention of the Llama-family forward: sdpa (default) or triton "
         "(a paged-KV Triton kernel; needs CUDA and Triton)",
     )
+    parser.add_argument(
+        "--lora-overlap",
+        action="store_true",
+        help="run each adapter shrink on a side CUDA stream beside its projection's base matmul "
+        "(Llama-family forward on CUDA; off by default, not yet measured on a GPU)",
+    )
     parser.add_argument("--max-waiting-requests", type=int, default=d.max_waiting_requests)
     parser.add_argument(
         "--tenant-max-requests",
@@ -366,6 +372,7 @@ def config_from_args(
         enforce_eager=args.enforce_eager,
         prefill_graph_tokens=args.prefill_graph_tokens,
         attention=args.attention,
+        lora_overlap=args.lora_overlap,
         async_decode=args.async_decode,
         cold_join_hold_seconds=args.cold_join_hold_seconds,
         max_waiting_requests=args.max_waiting_requests,

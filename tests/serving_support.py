@@ -9,8 +9,9 @@ initializer_range, so logits are well separated and float noise cannot flip a gr
 
 from __future__ import annotations
 
-from collections.abc import Callable
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -186,6 +187,35 @@ class EngineHarness:
         self.engine.stop(10)
 
 
+@dataclass
+class InlineSide:
+    """A stand-in for side_stream.SideStream where there are no streams (CPU): runs the side
+    work inline and checks the forward's use of it: every beside() is joined before the next
+    one, and nothing is left unjoined (`assert_joined`)."""
+
+    log: list[str] = field(default_factory=list)
+    """"beside", "end" (the side work's last launch) and "join", in call order (a test may log
+    its own entries here too)."""
+
+    def _last(self) -> str | None:
+        mine = [e for e in self.log if e in ("beside", "end", "join")]
+        return mine[-1] if mine else None
+
+    @contextmanager
+    def beside(self) -> Iterator[None]:
+        assert self._last() in (None, "join"), f"beside() before a join: {self.log[-3:]}"
+        self.log.append("beside")
+        yield
+        self.log.append("end")
+
+    def join(self) -> None:
+        assert self._last() == "end", f"join() without side work: {self.log[-3:]}"
+        self.log.append("join")
+
+    def assert_joined(self) -> None:
+        assert self._last() == "join", self.log[-3:]
+
+
 def prefill_then_decode(
     loaded,
     prompts: list[list[int]],
@@ -193,11 +223,13 @@ def prefill_then_decode(
     attention: str = "sdpa",
     fused_ops: bool = False,
     lora_kernels: bool = False,
+    lora_side: object = None,
 ):
     """Logits after each prompt (batch, vocab), then after one greedy decode step (batch, vocab).
 
     fused_ops / lora_kernels: the own forward runs fused_ops' / the multi-LoRA Triton kernels
-    (on CPU under the interpreter, which the executor itself never turns on).
+    (on CPU under the interpreter, which the executor itself never turns on); lora_side (with
+    lora_kernels): each shrink runs beside its base matmul on this (an InlineSide on CPU).
 
     Runs the engine's own executor for `loaded` (paged KV for the Llama family, KV rows for
     the generic path). Rows sit in slots in reverse order and the decode step lists them by
@@ -221,6 +253,7 @@ def prefill_then_decode(
         loaded.model.fused_ops = True
     if lora_kernels:
         loaded.model.lora_kernels = True
+        loaded.model.lora_side = lora_side
     slots = list(range(batch))[::-1]
     blocks: list[tuple[int, ...]] = []
     for p in prompts:

@@ -53,6 +53,11 @@ class EngineConfig:
     prefill on CPU or with enforce_eager, run eagerly. 0: no prefill graphs."""
     attention: str = "sdpa"
     """Decode attention of the own forward: "sdpa" or "triton" (ATTENTION_BACKENDS)."""
+    lora_overlap: bool = False
+    """Each fused projection's adapter shrink runs on a side CUDA stream beside the base matmul
+    (both read only the projection's input), the expand after both (server.engine.side_stream).
+    Needs CUDA; with the torch adapter path (kernels off or failed their self-check) it does
+    nothing. Off by default until measured on a GPU (README "Performance")."""
     async_decode: bool = True
     """Launch each decode step before reading the previous one's tokens (own forward only): the
     host's work on step N (text, stops, events) overlaps the device computing step N+1, whose

@@ -123,6 +123,7 @@ class Engine:
                 enforce_eager=config.enforce_eager,
                 prefill_graph_tokens=config.prefill_graph_tokens,
                 attention=config.attention,
+                lora_overlap=config.lora_overlap,
                 async_decode=config.async_decode,
                 max_lora_rank=config.max_lora_rank,
                 cold_join_hold_seconds=config.cold_join_hold_seconds,

@@ -44,6 +44,7 @@ from loraserve.server.engine.prefill_graphs import (
     cuda_capture,
     prefill_shapes,
 )
+from loraserve.server.engine.side_stream import SideStream
 from loraserve.server.engine.staging import (
     buffer_sections,
     prefill_sections,
@@ -88,6 +89,8 @@ class ExecutorSettings:
     lora_kernels: bool = True
     """Triton BGMV kernels for the adapter term where they run (CUDA with Triton); the torch
     reference otherwise."""
+    lora_overlap: bool = False
+    """With the kernels: each shrink on a side stream beside its base matmul (EngineConfig)."""
     fused_ops: bool = True
     """The fused_ops Triton kernels (add + RMSNorm, RoPE + KV writes, silu * mul) where they run
     (CUDA with Triton); the torch references otherwise."""
@@ -197,6 +200,17 @@ class PagedExecutor:
                 and lora_kernels.self_check(device, loaded.dtype)
             )
             log.info("multi-LoRA: %s", "Triton kernels" if self._model.lora_kernels else "torch")
+        if settings.lora_overlap:
+            if device.type != "cuda":
+                raise StartupError(f"--lora-overlap needs a CUDA device; this is {device}")
+            if self._model.lora_kernels:
+                self._model.lora_side = SideStream(device)
+                log.info("multi-LoRA shrinks: on a side stream beside the base matmuls")
+            else:
+                log.warning(
+                    "--lora-overlap: off, since the adapter term runs on the torch path "
+                    "(no Triton kernels here, graphs off, or the kernels failed their self-check)"
+                )
         self._model.fused_ops = (
             settings.fused_ops
             and device.type == "cuda"
@@ -601,5 +615,10 @@ def make_executor(loaded: LoadedModel, settings: ExecutorSettings):
         raise StartupError(
             f"--attention {settings.attention} applies to the own Llama-family forward; "
             f"{loaded.architecture} runs on the generic transformers path (use --attention sdpa)"
+        )
+    if settings.lora_overlap:
+        raise StartupError(
+            f"--lora-overlap applies to the own Llama-family forward; {loaded.architecture} "
+            "runs on the generic transformers path"
         )
     return GenericExecutor(loaded, settings)

@@ -27,6 +27,7 @@ from torch import nn
 from loraserve.server.engine import fused_ops, lora_kernels, paged_attention
 from loraserve.server.engine.attention_backends import prefill_attention
 from loraserve.server.engine.lora import LiveIndex, LoRAContext, LoRAGroup, MultiLoRALinear
+from loraserve.server.engine.side_stream import Beside
 
 FAMILY = ("llama", "mistral", "qwen2")
 
@@ -216,39 +217,56 @@ class Backbone(nn.Module):
         self.norm = RMSNorm(shape.hidden, shape.eps)
 
 
+@dataclass(frozen=True)
+class AdapterPath:
+    """How one forward runs each projection's adapter term."""
+
+    kernels: bool = False
+    """The Triton BGMV kernels read the pages in place (CUDA, stacks reserved); else the torch
+    reference (gather + bmm), which is also the CPU path."""
+    reuse_key: object = None
+    """The torch path's key for reusing gathered factors (LlamaForCausalLM.lora_reuse_key)."""
+    side: Beside | None = None
+    """With kernels: run each shrink on this side stream beside the base matmul."""
+
+
 def _project(
     x: torch.Tensor,
     weight: torch.Tensor,
     bias: torch.Tensor | None,
     group: LoRAGroup,
     page_table: torch.Tensor | None,
-    kernels: bool = False,
-    reuse_key: object = None,
+    path: AdapterPath,
 ) -> torch.Tensor:
     """x: (batch, seq, d_in) -> W x (+ bias) + each row's adapter term, (batch, seq, d_out).
 
-    page_table: each row's pages, (batch, n); with `kernels`, each token's, (batch * seq, n)
+    page_table: each row's pages, (batch, n); with path.kernels, each token's, (batch * seq, n)
     (the forward repeats a prefill's table once for all its projections).
-    kernels: the Triton BGMV kernels read the pages in place (CUDA, stacks reserved); else the
-    torch reference (gather + bmm), which is also the CPU path.
     """
-    y = F.linear(x, weight, bias)
     if page_table is None or group.a is None or group.b is None:
-        return y
-    if kernels:
-        batch, seq, d_in = x.shape
-        flat = y.view(batch * seq, -1)  # (T, d_out), updated in place
+        return F.linear(x, weight, bias)
+    if not path.kernels:
+        y = F.linear(x, weight, bias)
+        return y + group.delta(x, page_table, path.reuse_key).to(y.dtype)
+    batch, seq, d_in = x.shape
+    flat_x = x.reshape(batch * seq, d_in).contiguous()  # (T, d_in)
+    if path.side is None:
+        y = F.linear(x, weight, bias)
+        flat_y = y.view(batch * seq, -1)  # (T, d_out), updated in place
         lora_kernels.add_lora(
-            flat,
-            x.reshape(batch * seq, d_in).contiguous(),
-            group.a,
-            group.b,
-            group.segment,
-            page_table,
-            group.live,
+            flat_y, flat_x, group.a, group.b, group.segment, page_table, group.live
         )
         return y
-    return y + group.delta(x, page_table, reuse_key).to(y.dtype)
+    # The shrink and W0 x both only read x: the shrink runs beside the matmul, into a buffer
+    # allocated here on the current stream (see side_stream).
+    xa = lora_kernels.shrink_buffer(flat_x, group.a, page_table)  # (splits, T, n, M, R)
+    with path.side.beside():
+        lora_kernels.shrink(xa, flat_x, group.a, page_table, group.live)
+    y = F.linear(x, weight, bias)
+    path.side.join()
+    flat_y = y.view(batch * seq, -1)  # (T, d_out), updated in place
+    lora_kernels.expand(flat_y, xa, group.b, group.segment, page_table, group.live)
+    return y
 
 
 class LlamaForCausalLM(nn.Module):
@@ -271,6 +289,9 @@ class LlamaForCausalLM(nn.Module):
         self.lora_kernels = False
         """Run the adapter term with the Triton kernels (set by the executor once the page
         stacks are reserved and the kernels passed their self-check)."""
+        self.lora_side: Beside | None = None
+        """With lora_kernels: each projection's shrink runs on this stream beside its base matmul
+        (set by the executor under --lora-overlap)."""
         self.paged_attention = False
         """Decode steps (one token per row) attend with paged_attention.decode instead of SDPA."""
         self.fused_ops = False
@@ -325,11 +346,11 @@ class LlamaForCausalLM(nn.Module):
         q_out = s.heads * s.head_dim
         kinds = step.lora_kinds
         kern = self.lora_kernels
+        path = AdapterPath(kern, self.lora_reuse_key, self.lora_side if kern else None)
         table = step.page_table  # (batch, n)
         if kern and table is not None and seq > 1:
             table = table.repeat_interleave(seq, 0)  # (batch * seq, n): each token's pages
         tables = {kind: table if kinds is None or kind in kinds else None for kind in GROUP_KINDS}
-        key = self.lora_reuse_key
         fused = self.fused_ops
         layers = self.model.layers
         norms = [layer.input_layernorm for layer in layers[1:]] + [self.model.norm]
@@ -340,9 +361,7 @@ class LlamaForCausalLM(nn.Module):
         with prefill_attention(x.device, seq):  # no cuDNN plan builds at new prefill shapes
             for i, layer in enumerate(layers):
                 attn = layer.self_attn
-                qkv = _project(
-                    h, attn.qkv_weight, attn.qkv_bias, attn.qkv, tables["qkv"], kern, key
-                )
+                qkv = _project(h, attn.qkv_weight, attn.qkv_bias, attn.qkv, tables["qkv"], path)
                 q = fused_ops.rope_write_kv(
                     qkv.view(batch * seq, -1),
                     cos,
@@ -380,7 +399,7 @@ class LlamaForCausalLM(nn.Module):
                     o = o.view(batch, s.kv_heads, group, seq, s.head_dim).permute(0, 3, 1, 2, 4)
                     o = o.reshape(batch, seq, q_out)  # (batch, seq, heads * head_dim)
                 o_proj = attn.o_proj.base_layer
-                attn_out = _project(o, o_proj.weight, o_proj.bias, attn.o, tables["o"], kern, key)
+                attn_out = _project(o, o_proj.weight, o_proj.bias, attn.o, tables["o"], path)
                 post = layer.post_attention_layernorm
                 h, x = fused_ops.add_rms_norm(x, attn_out, post.weight, post.eps, kernel=fused)
                 mlp = layer.mlp
@@ -390,12 +409,11 @@ class LlamaForCausalLM(nn.Module):
                     mlp.gate_up_bias,
                     mlp.gate_up,
                     tables["gate_up"],
-                    kern,
-                    key,
+                    path,
                 )
                 act = fused_ops.silu_mul(gu, kernel=fused)  # (batch, seq, intermediate)
                 down = mlp.down_proj.base_layer
-                mlp_out = _project(act, down.weight, down.bias, mlp.down, tables["down"], kern, key)
+                mlp_out = _project(act, down.weight, down.bias, mlp.down, tables["down"], path)
                 h, x = fused_ops.add_rms_norm(
                     x, mlp_out, norms[i].weight, norms[i].eps, kernel=fused
                 )

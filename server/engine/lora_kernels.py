@@ -160,39 +160,38 @@ if triton is not None:
             tl.store(yp, (yv + acc).to(y_ptr.dtype.element_ty), mask=omask)
 
 
-def add_lora(
-    y: torch.Tensor,
-    x: torch.Tensor,
-    a: torch.Tensor,
-    b: torch.Tensor,
-    segment: torch.Tensor,
-    table: torch.Tensor,
-    live: torch.Tensor | None = None,
-    *,
-    splits: int | None = None,
-    block_o: int = BLOCK_O,
-) -> None:
-    """y (T, O) += the fused group's low-rank term for x (T, d_in), rows routed by table (T, n).
+def shrink_buffer(
+    x: torch.Tensor, a: torch.Tensor, table: torch.Tensor, *, splits: int | None = None
+) -> torch.Tensor:
+    """The shrink's output for x (T, d_in) routed by table (T, n) over a (pages, M, R, d_in):
+    (splits, T, n, M, R) float32, uninitialised (each split's partial sum; slots of skipped
+    pages stay unwritten and unread, as the expand checks the same flags).
 
-    a: (pages, M, R, d_in) and b: (pages, O, R) contiguous; every page in `table` must exist;
-    table's rows may be strided (a slice of a wider static buffer), its columns contiguous.
-    live: (pages,) int32, non-zero where the page holds an adapter for this group (LoRAGroup.live);
-    other pages are skipped, as page 0 always is. splits: programs per row's d_in in the shrink,
-    a power of two (default shrink_splits; 1 walks d_in in one program); block_o: output columns
-    per expand program, a power of two.
-    """
+    splits: programs per row's d_in, a power of two (default shrink_splits; 1 walks d_in in one
+    program). Allocated apart from `shrink` so a caller running the shrink on another stream
+    can allocate it on its own (the buffer then belongs to the stream that reads it last)."""
     tokens, d_in = x.shape
     pages_per_row = table.shape[1]
     members, rank = a.shape[1], a.shape[2]
-    out_features = b.shape[1]
     if splits is None:
         splits = shrink_splits(tokens, pages_per_row * members, d_in)
-    k_per_program = -(-d_in // (splits * BLOCK_K)) * BLOCK_K
-    # (splits, T, n, M, R): each split's partial sum; slots of skipped pages stay unwritten
-    # and unread (the expand checks the same flags).
-    xa = torch.empty(
+    return torch.empty(
         (splits, tokens, pages_per_row, members, rank), dtype=torch.float32, device=x.device
     )
+
+
+def shrink(
+    xa: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    table: torch.Tensor,
+    live: torch.Tensor | None = None,
+) -> None:
+    """xa (from shrink_buffer) = each row's A pages times x (T, d_in), split over d_in."""
+    tokens, d_in = x.shape
+    splits, pages_per_row = xa.shape[0], table.shape[1]
+    members, rank = a.shape[1], a.shape[2]
+    k_per_program = -(-d_in // (splits * BLOCK_K)) * BLOCK_K
     has_live = live is not None
     live_arg = live if live is not None else table  # any pointer; not read without HAS_LIVE
     _shrink[(tokens, pages_per_row * members, splits)](
@@ -211,6 +210,25 @@ def add_lora(
         BLOCK_K=BLOCK_K,
         HAS_LIVE=has_live,
     )
+
+
+def expand(
+    y: torch.Tensor,
+    xa: torch.Tensor,
+    b: torch.Tensor,
+    segment: torch.Tensor,
+    table: torch.Tensor,
+    live: torch.Tensor | None = None,
+    *,
+    block_o: int = BLOCK_O,
+) -> None:
+    """y (T, O) += each row's B pages times its shrink partials xa, summed; in place.
+
+    block_o: output columns per program, a power of two."""
+    splits, tokens, pages_per_row, members, rank = xa.shape
+    out_features = b.shape[1]
+    has_live = live is not None
+    live_arg = live if live is not None else table  # any pointer; not read without HAS_LIVE
     _expand[(tokens, triton.cdiv(out_features, block_o))](
         y,
         xa,
@@ -228,6 +246,31 @@ def add_lora(
         BLOCK_O=block_o,
         HAS_LIVE=has_live,
     )
+
+
+def add_lora(
+    y: torch.Tensor,
+    x: torch.Tensor,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    segment: torch.Tensor,
+    table: torch.Tensor,
+    live: torch.Tensor | None = None,
+    *,
+    splits: int | None = None,
+    block_o: int = BLOCK_O,
+) -> None:
+    """y (T, O) += the fused group's low-rank term for x (T, d_in), rows routed by table (T, n):
+    shrink then expand on the current stream.
+
+    a: (pages, M, R, d_in) and b: (pages, O, R) contiguous; every page in `table` must exist;
+    table's rows may be strided (a slice of a wider static buffer), its columns contiguous.
+    live: (pages,) int32, non-zero where the page holds an adapter for this group (LoRAGroup.live);
+    other pages are skipped, as page 0 always is. splits and block_o: as shrink_buffer and expand.
+    """
+    xa = shrink_buffer(x, a, table, splits=splits)
+    shrink(xa, x, a, table, live)
+    expand(y, xa, b, segment, table, live, block_o=block_o)
 
 
 def self_check(device: torch.device, dtype: torch.dtype) -> bool:

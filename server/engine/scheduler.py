@@ -229,6 +229,8 @@ class SchedulerSettings:
     """Largest padded prefill replayed from a CUDA graph (EngineConfig.prefill_graph_tokens)."""
     attention: str = "sdpa"
     """Decode attention of the own forward (EngineConfig.attention)."""
+    lora_overlap: bool = False
+    """EngineConfig.lora_overlap: adapter shrinks on a side stream beside the base matmuls."""
     max_lora_rank: int = 64
     async_decode: bool = True
     """EngineConfig.async_decode: launch step N+1 before reading step N's tokens."""
@@ -276,6 +278,7 @@ class Scheduler:
                 enforce_eager=settings.enforce_eager,
                 prefill_graph_tokens=settings.prefill_graph_tokens,
                 attention=settings.attention,
+                lora_overlap=settings.lora_overlap,
                 max_pages_per_row=pool.pages_for(settings.max_lora_rank),
                 adapter_pages=pool.num_pages,
                 page_rank=pool.page_rank,

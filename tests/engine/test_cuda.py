@@ -49,17 +49,31 @@ TOLERANCE = {"float32": (2e-4, 1e-4), "bfloat16": (1.5e-1, 5e-2)}
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
 @pytest.mark.parametrize(
     ("arch", "attention"),
-    [*((arch, "sdpa") for arch in sorted(SHAPES)), ("llama", "triton"), ("qwen2", "triton")],
+    [
+        *((arch, "sdpa") for arch in sorted(SHAPES)),
+        ("llama", "triton"),
+        ("qwen2", "triton"),
+        ("llama", "sdpa+overlap"),
+    ],
 )
 def test_cuda_mixed_batch_matches_peft(
     arch: str, attention: str, dtype: str, model_cache: Path, tmp_path: Path
 ) -> None:
-    """attention="triton": decode steps attend with the paged Triton kernel (own forward)."""
+    """attention="triton": decode steps attend with the paged Triton kernel (own forward);
+    "+overlap": --lora-overlap, each adapter shrink on a side stream beside its base matmul."""
+    attention, _, overlap = attention.partition("+")
     model_dir = build_test_model(arch, model_cache)
     dirs = [make_peft_adapter(model_dir, tmp_path / f"a{i}", s) for i, s in enumerate(SHAPES[arch])]
     harness = EngineHarness(
-        model_dir, tmp_path / "data", device="cuda", dtype=dtype, attention=attention
+        model_dir,
+        tmp_path / "data",
+        device="cuda",
+        dtype=dtype,
+        attention=attention,
+        lora_overlap=overlap == "overlap",
     )
+    if overlap:
+        assert harness.loaded.model.lora_kernels and harness.loaded.model.lora_side is not None
     names = [f"a{i}" for i in range(len(dirs))]
     for name, directory in zip(names, dirs, strict=True):
         store_adapter(harness.service, "t", name, directory)

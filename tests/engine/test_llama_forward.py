@@ -129,6 +129,17 @@ def test_triton_attention_is_refused_where_it_cannot_run(
         make_executor(llama, ExecutorSettings(4, 64, 64, attention="triton"))
 
 
+def test_lora_overlap_is_refused_where_it_cannot_run(model_cache: Path) -> None:
+    """--lora-overlap overlaps CUDA streams under the own forward: anywhere else it fails at
+    start with the reason."""
+    gpt2 = load_base_model(build_test_model("gpt2", model_cache), device="cpu", dtype="float32")
+    with pytest.raises(StartupError, match="--lora-overlap applies to the own Llama-family"):
+        make_executor(gpt2, ExecutorSettings(4, 64, 64, lora_overlap=True))
+    llama = load_base_model(build_test_model("llama", model_cache), device="cpu", dtype="float32")
+    with pytest.raises(StartupError, match="--lora-overlap needs a CUDA device; this is cpu"):
+        make_executor(llama, ExecutorSettings(4, 64, 64, lora_overlap=True))
+
+
 def test_kv_pool_smaller_than_one_request_fails_at_start(model_cache: Path) -> None:
     loaded = load_base_model(build_test_model("llama", model_cache), device="cpu", dtype="float32")
     settings = ExecutorSettings(

@@ -17,6 +17,7 @@ from peft import PeftModel
 from serving_support import (
     AdapterShape,
     EngineHarness,
+    InlineSide,
     build_test_model,
     make_peft_adapter,
     prefill_then_decode,
@@ -186,25 +187,25 @@ def test_greedy_tokens_match_peft_with_triton_decode_attention(
         harness.close()
 
 
+_INTERPRETER = pytest.mark.skipif(
+    not runs_here(torch.device("cpu")),
+    reason="needs Triton's CPU interpreter (Triton installed, TRITON_INTERPRET=1)",
+)
+
+
 @pytest.mark.parametrize(
-    "lora_kernels",
-    [
-        False,
-        pytest.param(
-            True,
-            marks=pytest.mark.skipif(
-                not runs_here(torch.device("cpu")),
-                reason="needs Triton's CPU interpreter (Triton installed, TRITON_INTERPRET=1)",
-            ),
-        ),
-    ],
-    ids=["torch", "kernels"],
+    "adapter_path",
+    ["torch", *(pytest.param(path, marks=_INTERPRETER) for path in ("kernels", "beside"))],
 )
 def test_logits_match_peft_in_mixed_batch(
-    case: ArchCase, tmp_path: Path, lora_kernels: bool
+    case: ArchCase, tmp_path: Path, adapter_path: str
 ) -> None:
     """kernels: the adapter term through the Triton shrink / expand kernels (what a GPU runs:
-    prefill tables repeated per token, decode one row each), interpreted on CPU."""
+    prefill tables repeated per token, decode one row each), interpreted on CPU; beside: the
+    same with each shrink on a side stream beside its base matmul (--lora-overlap; inline
+    here, checking the forward joins every fork)."""
+    lora_kernels = adapter_path != "torch"
+    side = InlineSide() if adapter_path == "beside" else None
     if lora_kernels and case.arch == "gpt2":
         pytest.skip("GPT-2 runs on the generic path, whose adapter term is the torch one")
     harness = _harness(case, tmp_path)
@@ -223,8 +224,15 @@ def test_logits_match_peft_in_mixed_batch(
             for adapter, _ in rows
         ]
         logits, next_tokens, step2 = prefill_then_decode(
-            harness.loaded, [ids for _, ids in rows], pages, lora_kernels=lora_kernels
+            harness.loaded,
+            [ids for _, ids in rows],
+            pages,
+            lora_kernels=lora_kernels,
+            lora_side=side,
         )
+        if side is not None:
+            side.assert_joined()
+            assert side.log.count("beside") >= 2  # the prefill's projections and the decode's
         for row, (adapter, ids) in enumerate(rows):
             full = torch.tensor([[*ids, next_tokens[row]]])  # (1, prompt + 1)
             with torch.no_grad():

@@ -164,10 +164,11 @@ def test_the_switch_interval_is_applied_to_the_process_only_when_set() -> None:
 
 
 def test_switches_turn_their_field_on() -> None:
-    config = config_from_args(_parse("--enforce-eager"), _embedded)
-    assert config.enforce_eager
+    config = config_from_args(_parse("--enforce-eager", "--lora-overlap"), _embedded)
+    assert config.enforce_eager and config.lora_overlap
+    assert config.engine_config().lora_overlap is True
     config = config_from_args(_parse(), _embedded)
-    assert not config.enforce_eager
+    assert not config.enforce_eager and not config.lora_overlap
     assert config.gc_freeze  # on by default; --no-gc-freeze turns it off
     assert not config_from_args(_parse("--no-gc-freeze"), _embedded).gc_freeze
     # async_decode is on by default; --no-async-decode turns it off, --async-decode keeps it.
