@@ -50,7 +50,7 @@ from loraserve.server.engine.llama import (
     load_llama,
 )
 from loraserve.server.engine.lora import LoRAContext, LoRAGroup, MultiLoRALinear
-from loraserve.server.engine.side_stream import SideStream
+from loraserve.server.engine.side_stream import Beside, side_for
 
 PAGE_RANK = 8
 BLOCK_SIZE = 16
@@ -181,7 +181,7 @@ def _bench_projection(
     x3 = x[:, None]  # (batch, 1, d_in)
     group.live = live
 
-    def project(side: SideStream | None) -> Callable[[], object]:
+    def project(side: Beside | None) -> Callable[[], object]:
         path = AdapterPath(kernels=True, side=side)
         return lambda: _project(x3, weight, None, group, table, path)
 
@@ -192,7 +192,7 @@ def _bench_projection(
         "torch": time_graph(lambda: group.delta(x[:, None], table), settings),
         "W0 x alone": time_graph(lambda: torch.nn.functional.linear(x, weight), settings),
         "W0 x + adapter, inline": time_graph(project(None), settings),
-        "W0 x + adapter, shrink beside": time_graph(project(SideStream(device)), settings),
+        "W0 x + adapter, shrink beside": time_graph(project(side_for(device)), settings),
         "splits": auto,
     }
     # The sweep behind the defaults: (splits, expand block) -> µs, pages live.
@@ -311,7 +311,7 @@ def bench_step(settings: KernelBenchSettings, dtype: torch.dtype, device: torch.
                     row[f"distinct, {variant}"] = time_graph(forward(with_adapters), settings)
             # What the engine runs for q/k/v/o adapters: the MLP kinds left out of the step.
             row["distinct, attention kinds only"] = time_graph(forward(attention_only), settings)
-            model.lora_side = SideStream(device)  # --lora-overlap
+            model.lora_side = side_for(device)  # --lora-overlap
             row["distinct, attention kinds only, shrinks beside"] = time_graph(
                 forward(attention_only), settings
             )

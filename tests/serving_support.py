@@ -188,7 +188,7 @@ class EngineHarness:
 
 
 @dataclass
-class InlineSide:
+class CheckedSide:
     """A stand-in for side_stream.SideStream where there are no streams (CPU): runs the side
     work inline and checks the forward's use of it: every beside() is joined before the next
     one, and nothing is left unjoined (`assert_joined`)."""
@@ -229,7 +229,7 @@ def prefill_then_decode(
 
     fused_ops / lora_kernels: the own forward runs fused_ops' / the multi-LoRA Triton kernels
     (on CPU under the interpreter, which the executor itself never turns on); lora_side (with
-    lora_kernels): each shrink runs beside its base matmul on this (an InlineSide on CPU).
+    lora_kernels): each shrink runs beside its base matmul on this (a CheckedSide on CPU).
 
     Runs the engine's own executor for `loaded` (paged KV for the Llama family, KV rows for
     the generic path). Rows sit in slots in reverse order and the decode step lists them by

@@ -31,6 +31,22 @@ class Beside(Protocol):
     def join(self) -> None: ...
 
 
+class InlineSide:
+    """Where there are no streams (CPU): the side work runs inline, in order."""
+
+    @contextmanager
+    def beside(self) -> Iterator[None]:
+        yield
+
+    def join(self) -> None:
+        pass
+
+
+def side_for(device: torch.device) -> Beside:
+    """A SideStream on a CUDA device, else InlineSide."""
+    return SideStream(device) if device.type == "cuda" else InlineSide()
+
+
 class SideStream:
     """One side stream on a CUDA device; high priority, because both branches must finish
     before the expand and the side one is the shorter: its programs should not queue behind

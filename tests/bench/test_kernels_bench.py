@@ -47,13 +47,16 @@ def test_every_variant_runs_and_is_reported(counted: list[int], model_cache) -> 
         "base, unfused",
         *variants,
         "distinct, attention kinds only",
+        "distinct, attention kinds only, shrinks beside",
+        "distinct, shrinks beside",
     }
     assert results["step"]["single-pass vs split-K, max relative difference"] < 1e-5
     table = kernel_bench.format_table(results)
     assert "| gate_up |" in table and "| triton | distinct, split-K |" in table
     assert "gate_up sweep" in table
     sweeps = sum(len(row["sweep"]) for row in results["lora"].values())
-    assert len(counted) == 4 * 4 + sweeps + 2 * (3 + len(variants))
+    assert "| qkv | " in table.split("the whole projection")[1]  # W0 x with the adapter term
+    assert len(counted) == 4 * 7 + sweeps + 2 * (5 + len(variants))
 
 
 def test_profile_and_first_calls_are_reported() -> None:

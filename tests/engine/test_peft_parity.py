@@ -16,8 +16,8 @@ import torch
 from peft import PeftModel
 from serving_support import (
     AdapterShape,
+    CheckedSide,
     EngineHarness,
-    InlineSide,
     build_test_model,
     make_peft_adapter,
     prefill_then_decode,
@@ -205,7 +205,7 @@ def test_logits_match_peft_in_mixed_batch(
     same with each shrink on a side stream beside its base matmul (--lora-overlap; inline
     here, checking the forward joins every fork)."""
     lora_kernels = adapter_path != "torch"
-    side = InlineSide() if adapter_path == "beside" else None
+    side = CheckedSide() if adapter_path == "beside" else None
     if lora_kernels and case.arch == "gpt2":
         pytest.skip("GPT-2 runs on the generic path, whose adapter term is the torch one")
     harness = _harness(case, tmp_path)

@@ -1,6 +1,6 @@
 """--lora-overlap: each fused projection's adapter shrink beside its base matmul (llama._project).
 
-Where there are no streams (CPU) InlineSide stands in for side_stream.SideStream and the
+Where there are no streams (CPU) CheckedSide stands in for side_stream.SideStream and the
 kernels run under Triton's interpreter: the result must equal the inline kernel path and the
 torch reference, and the launches must be shaped for overlap (the shrink inside beside(), the
 base matmul after it on the current stream and before join(), the expand after join()). On CUDA
@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import pytest
 import torch
-from serving_support import InlineSide
+from serving_support import CheckedSide
 from torch import nn
 
 from loraserve.server.engine import llama, lora_kernels
@@ -60,7 +60,7 @@ def test_shrink_beside_the_matmul_equals_inline_and_reference(
     rows = torch.tensor(TABLE, device=DEVICE)
     table = rows if seq == 1 else rows.repeat_interleave(seq, 0)  # each token's pages
 
-    side = InlineSide()
+    side = CheckedSide()
     calls = side.log  # one log: the side's fork / end / join and the launches between
     shrink, expand, linear = lora_kernels.shrink, lora_kernels.expand, llama.F.linear
     monkeypatch.setattr(
@@ -102,7 +102,7 @@ def test_rows_without_an_adapter_get_the_base_projection_beside_too() -> None:
     x = torch.randn(2, 1, D_IN, device=DEVICE)
     table = torch.zeros(2, 2, dtype=torch.long, device=DEVICE)  # no row has pages
     got = llama._project(
-        x, weight, bias, group, table, AdapterPath(kernels=True, side=InlineSide())
+        x, weight, bias, group, table, AdapterPath(kernels=True, side=CheckedSide())
     )
     torch.testing.assert_close(got, nn.functional.linear(x, weight, bias), rtol=0, atol=0)
 
