@@ -39,6 +39,14 @@ class AdapterWeights:
     """Full module name -> (A (r, d_in), B (d_out, r)); CPU, contiguous, finite; float32 (views
     of one buffer holding the whole adapter, when loaded by load_adapter_weights), or, loaded
     `as_stored`, in the file's own dtype: then read-only views of the file's bytes."""
+    flat: torch.Tensor | None = None
+    """The one buffer (elements,) every factor is a view of, when loaded by
+    load_adapter_weights: a cold load can copy it to the device as it is (one copy) and lay
+    the pages out there (server.engine.device_layout)."""
+    structure: object = None
+    """What the factors' names, shapes and places in `flat` follow from (the AdapterStructure
+    they were read with; a StructureCache hands the same one to every adapter of one
+    structure): adapters with the same `structure` lay out alike."""
 
     @property
     def nbytes(self) -> int:
@@ -226,7 +234,7 @@ def load_adapter_weights(
         name: (factors[key_a], factors[key_b])  # (r, d_in), (d_out, r)
         for name, key_a, key_b in structure.module_keys
     }
-    return AdapterWeights(config=structure.config, modules=modules)
+    return AdapterWeights(config=structure.config, modules=modules, flat=flat, structure=structure)
 
 
 def _tensors_in_place(

@@ -8,7 +8,10 @@ checksum beside validation and staging (what the server does) against one with t
 line, alternated in one run. The base model is described from
 the size's shapes alone, so `--size 1b` needs no 1b checkpoint.
 
-    python -m loraserve.bench.cold_load --size 1b --storage bfloat16
+    python -m loraserve.bench.cold_load --size 1b --storage bfloat16 [--device cuda]
+
+With `--device cuda` the pages go to the GPU as the server's do: laid out there from one upload
+of the adapter as read (server.engine.device_layout), the host layout timed beside it.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import torch
 
 from loraserve.adapters.spec import BaseModelSpec, TargetModule
 from loraserve.adapters.store import AdapterStore
+from loraserve.adapters.weights import AdapterWeights
 from loraserve.bench.adapter_factory import DEFAULT_TARGETS, AdapterFactory, LoraShape
 from loraserve.bench.adapter_factory import target_shapes as adapter_target_shapes
 from loraserve.bench.engine_runner import upload_adapter_dir
@@ -36,6 +40,7 @@ from loraserve.server.adapter_service import AdapterService, key_of
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine.cold_loader import PageLayout, stage
 from loraserve.server.engine.compute_threads import torch_ops_serially
+from loraserve.server.engine.device_layout import DeviceLayouts
 from loraserve.server.engine.types import AdapterKey
 
 log = logging.getLogger("bench")
@@ -61,6 +66,13 @@ def _parse(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--targets", default=",".join(DEFAULT_TARGETS))
     parser.add_argument("--storage", choices=("float32", "bfloat16"), default="float32")
     parser.add_argument("--page-dtype", choices=("float32", "bfloat16"), default="bfloat16")
+    parser.add_argument(
+        "--device",
+        choices=("cpu", "cuda"),
+        default="cpu",
+        help="where the pages go: on cuda they are laid out on the GPU (server.engine."
+        "device_layout), and the host layout is timed beside it as `stage, host layout`",
+    )
     parser.add_argument("--adapters", type=int, default=8, help="distinct adapters, loaded in turn")
     parser.add_argument("--rounds", type=int, default=3, help="alternated in-line/beside pairs")
     parser.add_argument("--json", type=Path, default=None)
@@ -127,18 +139,32 @@ def _main(args: argparse.Namespace, scratch: Path) -> dict:
     ]
     keys = [key_of(record) for record in records]
     page_dtype = torch.float32 if args.page_dtype == "float32" else torch.bfloat16
-    # The engine's default page rank, and its fused groups (q/k/v, gate/up of each layer).
-    layout = PageLayout(8, page_dtype, torch.device("cpu"), groups=_fused_groups(shapes))
+    # The engine's default page rank, and its fused groups (q/k/v, gate/up of each layer); on
+    # a GPU laid out there, as DevicePool does.
+    device = torch.device(args.device)
+    cuda = device.type == "cuda"
+    host_layout = PageLayout(8, page_dtype, device, groups=_fused_groups(shapes))
+    layout = PageLayout(
+        8,
+        page_dtype,
+        device,
+        groups=host_layout.groups,
+        on_device=DeviceLayouts(device) if cuda else None,
+    )
+
+    def staged_now(key: AdapterKey, weights: AdapterWeights, how: PageLayout) -> object:
+        """Staged, the copy (or the layout on the device) finished."""
+        staged = stage(key, weights, how, None, time.monotonic())
+        if cuda:
+            torch.cuda.synchronize()
+        return staged
 
     def load(key: AdapterKey) -> float:
         """One cold load as the cold loader runs it: pages laid out beside the checksum."""
         started = time.perf_counter()
         staged: list[object] = []
         service.load(
-            key,
-            beside_checksum=lambda weights: staged.append(
-                stage(key, weights, layout, None, time.monotonic())
-            ),
+            key, beside_checksum=lambda weights: staged.append(staged_now(key, weights, layout))
         )
         assert staged, "a read from disk stages beside the checksum"
         return time.perf_counter() - started
@@ -165,8 +191,10 @@ def _main(args: argparse.Namespace, scratch: Path) -> dict:
             job.result() for job in [beside_pool.submit(j) for j in files.checksum_jobs()]
         ],
         "validate": lambda: service.validate(files.config, files.weights, as_stored=True),
-        "stage": lambda: stage(keys[0], weights, layout, None, time.monotonic()),
+        "stage": lambda: staged_now(keys[0], weights, layout),
     }
+    if cuda:
+        parts["stage, host layout"] = lambda: staged_now(keys[0], weights, host_layout)
     part_times: dict[str, dict[str, float]] = {}
     for name, work in parts.items():
         seconds = []
@@ -199,7 +227,7 @@ def _main(args: argparse.Namespace, scratch: Path) -> dict:
         result["beside_over_in_line"],
     )
     for name, times in part_times.items():
-        log.info("  %-13s %.2f ms (best %.2f)", name, times["median_ms"], times["best_ms"])
+        log.info("  %-18s %.2f ms (best %.2f)", name, times["median_ms"], times["best_ms"])
     print(json.dumps(result, indent=2))
     return result
 

@@ -176,12 +176,12 @@ if [[ ",$skip," != *",overlap,"* ]]; then
 fi
 
 if [[ ",$skip," != *",coldload,"* ]]; then
-  echo "== one cold adapter's host work: read, checksum, validate, stage (1b rank-16 q/k/v/o, bf16)"
+  echo "== one cold adapter's host work: read, checksum, validate, stage on the GPU (and on the host) (1b rank-16 q/k/v/o, bf16)"
   start=$SECONDS
   timeout "${COLDLOAD_TIMEOUT:-60}" "$py" -m loraserve.bench.cold_load --size 1b --storage bfloat16 \
-    --page-dtype bfloat16 > "$out/coldload.log" 2>&1
+    --page-dtype bfloat16 --device cuda > "$out/coldload.log" 2>&1
   echo "coldload exit $? in $((SECONDS - start)) s"
-  grep -v "^ \\|^{\\|^}" "$out/coldload.log"; grep -A2 -E "\"(read|sha256|sha256 pieces|validate|stage)\"" "$out/coldload.log" | grep -v best | tr -s " \\n" " "; echo
+  grep -v "^ \\|^{\\|^}" "$out/coldload.log"; grep -A2 -E "\"(read|sha256|sha256 pieces|validate|stage|stage, host layout)\"" "$out/coldload.log" | grep -v best | tr -s " \\n" " "; echo
 fi
 
 if [[ ",$skip," != *",commit,"* ]]; then

@@ -6,13 +6,15 @@ adapter and the batch keeps decoding while a loader thread
 
 1. reads it through the host tier (disk read, checksum and validation on a miss),
 2. lays it out as the layers' pages (padding to whole pages, scale folded into B, the model's
-   dtype) in ONE host buffer, pinned on CUDA (on a disk read while the checksum is still
-   being computed: nothing staged is kept unless it matched); where a rank fits one page or
-   fills its pages, each fully targeted fused group (q/k/v) already as the group's stacks
-   hold pages, and
-3. copies that buffer to the device in one copy (a rank whose last page is partial has its
-   groups stacked there): on CUDA on the loader's own stream, with an event recorded after, so the
-   copy overlaps the engine's forwards.
+   dtype) in ONE buffer (on a disk read while the checksum is still being computed: nothing
+   staged is kept unless it matched); where a rank fits one page or fills its pages, each
+   fully targeted fused group (q/k/v) already as the group's stacks hold pages
+   (server.engine.page_plan), and
+3. has that buffer on the device: on a GPU laid out there, from one upload of the adapter as
+   read (server.engine.device_layout), else laid out on the host (pinned on CUDA) and copied
+   in one copy (a rank whose last page is partial has its groups stacked on the device); on
+   CUDA on the loader's own stream, with an event recorded after, so it overlaps the engine's
+   forwards.
 
 The result waits here, "staged", until the engine thread commits it into the adapter pages
 between two forwards (`DevicePool`): a device-local copy, ordered after the event on the GPU, so
@@ -26,11 +28,11 @@ engine iterations for the requests waiting on it, then forgotten, so a later req
 
 from __future__ import annotations
 
+import contextlib
 import logging
-import math
 import threading
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
 
@@ -38,6 +40,15 @@ import torch
 
 from loraserve.adapters.weights import AdapterWeights
 from loraserve.server.engine.compute_threads import helper_pool
+from loraserve.server.engine.device_layout import DeviceLayouts
+from loraserve.server.engine.page_plan import (
+    ArenaPlan,
+    GroupPages,
+    ModulePages,
+    PageShapes,
+    lay_out,
+    plan_views,
+)
 from loraserve.server.engine.types import AdapterKey, EngineError, ErrorKind
 
 log = logging.getLogger(__name__)
@@ -74,6 +85,9 @@ class PageLayout:
     """Module names of each fused group (LoRAGroup) of two or more members, in member order:
     an adapter that targets all of a group's members is also staged in the group's own
     layout (StagedAdapter.grouped), so its commit is two copies per group."""
+    on_device: DeviceLayouts | None = field(default=None, compare=False)
+    """Lays adapters out on the device (a GPU: DevicePool sets it), through indexes cached per
+    adapter structure; None, or an adapter it cannot take, lays out on the host."""
 
 
 @dataclass
@@ -121,175 +135,6 @@ class StagedAdapter:
             b.record_stream(stream)
 
 
-PageShapes = list[tuple[str, int, int]]
-"""(module name, d_in, d_out) of every module of an adapter, in its order."""
-
-
-@dataclass(frozen=True)
-class GroupBlock:
-    """Fused groups of one member signature, laid out as their stacks hold pages: per group,
-    its members' A pages side by side (n, M, page_rank, d_in), then per group its members' B
-    pages stacked along d_out (n, sum(d_outs), page_rank)."""
-
-    groups: tuple[tuple[str, ...], ...]
-    """Each group's member names, in member order (PageLayout.groups)."""
-    d_in: int
-    d_outs: tuple[int, ...]
-    """Each member's d_out, in member order."""
-
-
-@dataclass(frozen=True)
-class ShapeBlock:
-    """Modules of one shape, all their A pages (m, n, page_rank, d_in) then all their B pages
-    (m, n, d_out, page_rank)."""
-
-    names: tuple[str, ...]
-    d_in: int
-    d_out: int
-
-
-ArenaPlan = tuple[GroupBlock | ShapeBlock, ...]
-"""How an adapter's pages tile its staging buffer, block after block."""
-ModulePages = dict[str, tuple[torch.Tensor, torch.Tensor]]
-"""Module name -> (A pages (n, page_rank, d_in), B pages (n, d_out, page_rank))."""
-GroupPages = dict[tuple[str, ...], tuple[torch.Tensor, torch.Tensor]]
-"""Group members -> (A pages (n, M, page_rank, d_in), B pages (n, sum(d_out), page_rank))."""
-
-
-def arena_plan(
-    shapes: PageShapes, groups: tuple[tuple[str, ...], ...], rank: int, page_rank: int
-) -> ArenaPlan:
-    """The staging buffer's blocks. Where the rank fills its pages exactly or fits one (rank
-    16 or 8 in pages of 8, rank 5 in one), every fully targeted group whose members share
-    d_in is laid out in its stacks' layout right away, so the device holds it with no
-    stacking of its own (the loader thread launched a stack and a concatenation per group
-    otherwise, and kept both copies); the other modules are laid out by shape, in
-    first-seen order."""
-    present = {name: (d_in, d_out) for name, d_in, d_out in shapes}
-    signatures: dict[tuple[int, tuple[int, ...]], list[tuple[str, ...]]] = {}
-    if rank <= page_rank or rank % page_rank == 0:
-        for names in groups:
-            if not all(name in present for name in names):
-                continue
-            d_ins = {present[name][0] for name in names}
-            if len(d_ins) == 1:
-                signature = (d_ins.pop(), tuple(present[name][1] for name in names))
-                signatures.setdefault(signature, []).append(names)
-    in_groups = {name for members in signatures.values() for names in members for name in names}
-    by_shape: dict[tuple[int, int], list[str]] = {}
-    for name, d_in, d_out in shapes:
-        if name not in in_groups:
-            by_shape.setdefault((d_in, d_out), []).append(name)
-    return tuple(
-        GroupBlock(tuple(members), d_in, d_outs) for (d_in, d_outs), members in signatures.items()
-    ) + tuple(ShapeBlock(tuple(names), d_in, d_out) for (d_in, d_out), names in by_shape.items())
-
-
-def _plan_blocks(
-    arena: torch.Tensor, plan: ArenaPlan, n: int, page_rank: int
-) -> Iterator[tuple[GroupBlock | ShapeBlock, torch.Tensor, torch.Tensor]]:
-    """Each block of `plan` with its A and B pages, views of `arena`: a GroupBlock's
-    (G, n, M, page_rank, d_in) and (G, n, sum(d_outs), page_rank), a ShapeBlock's
-    (m, n, page_rank, d_in) and (m, n, d_out, page_rank)."""
-    offset = 0
-    for block in plan:
-        if isinstance(block, GroupBlock):
-            count, members, d_out = len(block.groups), len(block.d_outs), sum(block.d_outs)
-            a_shape = (count, n, members, page_rank, block.d_in)
-        else:
-            count, d_out = len(block.names), block.d_out
-            a_shape = (count, n, page_rank, block.d_in)
-        b_shape = (count, n, d_out, page_rank)
-        a_size, b_size = math.prod(a_shape), math.prod(b_shape)
-        a_all = arena[offset : offset + a_size].view(a_shape)
-        b_all = arena[offset + a_size : offset + a_size + b_size].view(b_shape)
-        yield block, a_all, b_all
-        offset += a_size + b_size
-
-
-def plan_views(
-    arena: torch.Tensor, shapes: PageShapes, plan: ArenaPlan, n: int, page_rank: int
-) -> tuple[ModulePages, GroupPages]:
-    """Views of `arena` (total,): module name -> (A pages (n, page_rank, d_in), B pages
-    (n, d_out, page_rank)) in module order, and each GroupBlock group -> its stacks' layout
-    (StagedAdapter.grouped)."""
-    modules: ModulePages = {}
-    grouped: GroupPages = {}
-    for block, a_all, b_all in _plan_blocks(arena, plan, n, page_rank):
-        if isinstance(block, ShapeBlock):
-            pairs = zip(a_all.unbind(0), b_all.unbind(0), strict=True)
-            modules.update(zip(block.names, pairs, strict=True))
-            continue
-        for names, a_group, b_group in zip(block.groups, a_all, b_all, strict=True):
-            grouped[names] = (a_group, b_group)  # (n, M, page, d_in), (n, sum(d_out), page)
-            start = 0
-            for j, (name, d_out) in enumerate(zip(names, block.d_outs, strict=True)):
-                modules[name] = (a_group[:, j], b_group[:, start : start + d_out])
-                start += d_out
-    return {name: modules[name] for name, _, _ in shapes}, grouped
-
-
-def lay_out(
-    weights: AdapterWeights,
-    page_rank: int,
-    n: int,
-    dtype: torch.dtype,
-    *,
-    pin: bool,
-    groups: tuple[tuple[str, ...], ...] = (),
-) -> tuple[torch.Tensor, PageShapes, ArenaPlan]:
-    """All of an adapter's pages in one host buffer, (total,) in `dtype`: exactly what
-    `adapter_pages` makes per module (scale folded into B in float32, rank rows past r
-    zero), written in place, so the copy to the device is one copy of one buffer (pinned
-    when `pin`) instead of two per module. Blocks as arena_plan says: a block's A pages in
-    one write, its B pages in one."""
-    rank = weights.config.rank
-    width = n * page_rank
-    shapes: PageShapes = [
-        (name, lora_a.shape[1], lora_b.shape[0])
-        for name, (lora_a, lora_b) in weights.modules.items()
-    ]
-    plan = arena_plan(shapes, groups, rank, page_rank)
-    total = sum(width * (d_in + d_out) for _, d_in, d_out in shapes)
-    arena = torch.empty(total, dtype=dtype, pin_memory=pin)  # (total,)
-    scale = weights.config.scale
-    for block, a_all, b_all in _plan_blocks(arena, plan, n, page_rank):
-        names = (
-            [name for members in block.groups for name in members]
-            if isinstance(block, GroupBlock)
-            else list(block.names)
-        )
-        # Each pass over an adapter's bytes costs a cold load milliseconds on a server core,
-        # so every write below is also the conversion to the pages' dtype (cast on store).
-        if isinstance(block, GroupBlock) and n > 1:  # rank == n * page_rank: no padding
-            # (G, n, M, page_rank, d_in) is G * n * M page-rank slices of the members' A, in
-            # (group, page, member) order.
-            slices = [
-                weights.modules[name][0][p * page_rank : (p + 1) * page_rank]
-                for members in block.groups
-                for p in range(n)
-                for name in members
-            ]
-            torch.stack(slices, out=a_all.view(-1, page_rank, block.d_in))
-        else:
-            a_rows = a_all.view(len(names), width, block.d_in)  # (modules, n * page_rank, d_in)
-            torch.stack([weights.modules[name][0] for name in names], out=a_rows[:, :rank])
-            a_rows[:, rank:].zero_()
-        if isinstance(block, GroupBlock):  # B: the members' rows in turn, per group
-            b = torch.cat([weights.modules[name][1] for name in names])  # (G * sum(d_out), r)
-            b = b.view(len(block.groups), sum(block.d_outs), rank)  # (G, rows, r)
-        else:
-            b = torch.stack([weights.modules[name][1] for name in names])  # (m, d_out, r)
-        if b.dtype != torch.float32:
-            b = b.float()
-        if rank < width:
-            b = torch.nn.functional.pad(b, (0, width - rank))  # (entries, rows, width)
-        # b_all[k, p, :, j] holds column p * page_rank + j of block entry k's B rows, times
-        # the scale: the product in float32 (as adapter_pages), rounded once as it is stored.
-        torch.mul(b.view(*b.shape[:2], n, page_rank), scale, out=b_all.permute(0, 2, 1, 3))
-    return arena, shapes, plan
-
-
 def stage(
     key: AdapterKey,
     weights: AdapterWeights,
@@ -297,25 +142,31 @@ def stage(
     stream: torch.cuda.Stream | None,
     started: float,
 ) -> StagedAdapter:
-    """Lays `weights` out as pages and copies them to the layout's device (on `stream`)."""
+    """Lays `weights` out as pages on the layout's device (on `stream`, else the caller's
+    stream, so ordered before what it does next with the pages): on the device itself where
+    `layout.on_device` can (one upload of the adapter as read, a gather), else on the host and
+    copied over in one copy."""
     rank = weights.config.rank
     n = max(1, -(-rank // layout.page_rank))
-    pin = layout.device.type == "cuda"
-    host, shapes, plan = lay_out(
-        weights, layout.page_rank, n, layout.dtype, pin=pin, groups=layout.groups
-    )
     copied: torch.cuda.Event | None = None
-    if stream is None:
-        # On the caller's stream, so ordered before what it does next with the pages (the
-        # commit's copies); pinned, the copy does not block the caller.
-        arena = host.to(layout.device, non_blocking=pin)
-        modules, grouped = _device_views(arena, shapes, plan, n, layout)
-    else:
-        with torch.cuda.stream(stream):
+    with torch.cuda.stream(stream) if stream is not None else contextlib.nullcontext():
+        laid = None
+        if layout.on_device is not None:
+            laid = layout.on_device.lay_out(
+                weights, layout.page_rank, n, layout.dtype, layout.groups
+            )
+        if laid is not None:
+            arena, shapes, plan = laid
+        else:
+            pin = layout.device.type == "cuda"
+            host, shapes, plan = lay_out(
+                weights, layout.page_rank, n, layout.dtype, pin=pin, groups=layout.groups
+            )
             # A pinned source makes the copy asynchronous; the caching host allocator keeps
             # the pinned block alive until the copy has run.
-            arena = host.to(layout.device, non_blocking=True)
-            modules, grouped = _device_views(arena, shapes, plan, n, layout)
+            arena = host.to(layout.device, non_blocking=pin)
+        modules, grouped = _device_views(arena, shapes, plan, n, layout)
+        if stream is not None:
             copied = torch.cuda.Event(blocking=True)  # a waiting loader thread sleeps
             copied.record(stream)
     return StagedAdapter(

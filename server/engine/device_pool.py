@@ -45,6 +45,7 @@ from loraserve.server.engine.cold_loader import (
     read_and_stage,
 )
 from loraserve.server.engine.device_copy import page_index
+from loraserve.server.engine.device_layout import DeviceLayouts
 from loraserve.server.engine.lora import LoRAGroup, MemberPages, MultiLoRALinear, PageCopies
 from loraserve.server.engine.types import (
     AdapterKey,
@@ -160,6 +161,9 @@ class DevicePool:
             dtype=weight.dtype,
             device=weight.device,
             groups=fused_groups(layers),
+            # On a GPU the pages are laid out there: a gather in a few launches where the host
+            # layout cost the loader thread milliseconds of CPU (server.engine.device_layout).
+            on_device=DeviceLayouts(weight.device) if weight.device.type == "cuda" else None,
         )
         self.page_bytes = sum(
             layer.page_bytes(page_rank, self._itemsize) for layer in layers.values()

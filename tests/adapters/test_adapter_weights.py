@@ -377,3 +377,31 @@ def test_as_stored_loads_mixed_dtypes_as_float32(make_adapter: Callable) -> None
     weights = load(saved, weights=saved.with_tensors(stored), as_stored=True)
     for a, b in weights.modules.values():
         assert a.dtype == b.dtype == torch.float32
+
+
+@pytest.mark.parametrize(
+    ("stored", "as_stored"),
+    [("bfloat16", True), ("bfloat16", False), ("float32", True), ("mixed", False)],
+)
+def test_every_factor_is_a_view_of_the_one_buffer_the_weights_carry(
+    make_adapter: Callable, stored: str, as_stored: bool
+) -> None:
+    """AdapterWeights.flat holds every factor (a cold load uploads it as it is and lays the
+    pages out on the device), and `structure` is what they were read with."""
+    saved = make_adapter("llama")
+    dtypes = (torch.bfloat16, torch.float16, torch.float32)
+    tensors = {
+        key: t.to(dtypes[i % 3] if stored == "mixed" else getattr(torch, stored))
+        for i, (key, t) in enumerate(sorted(saved.tensors().items()))
+    }
+    weights = load(saved, weights=saved.with_tensors(tensors), as_stored=as_stored)
+    flat = weights.flat
+    assert flat is not None and flat.dim() == 1 and weights.structure is not None
+    storage, base = flat.untyped_storage().data_ptr(), flat.storage_offset()
+    covered = 0
+    for a, b in weights.modules.values():
+        for factor in (a, b):
+            assert factor.untyped_storage().data_ptr() == storage and factor.dtype == flat.dtype
+            assert base <= factor.storage_offset() <= base + flat.numel() - factor.numel()
+            covered += factor.numel()
+    assert covered == flat.numel(), "the buffer holds the factors and nothing else"

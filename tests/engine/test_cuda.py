@@ -130,16 +130,20 @@ def test_cuda_mixed_batch_matches_peft(
     harness.close()
 
 
+@pytest.mark.parametrize("rank", [12, 16])
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-def test_cuda_cold_load_on_the_loader_stream(dtype: str, model_cache: Path, tmp_path: Path) -> None:
-    """A background load (pinned memory, the loader's own stream, an event) lands exactly the
-    pages a direct load writes, and a request admitted mid-decode that way generates what it
-    generates alone."""
+def test_cuda_cold_load_on_the_loader_stream(
+    dtype: str, rank: int, model_cache: Path, tmp_path: Path
+) -> None:
+    """A background load (laid out on the GPU from one upload, on the loader's own stream, an
+    event) lands exactly the pages a direct load writes, and a request admitted mid-decode that
+    way generates what it generates alone. Rank 12 in pages of 8 has its q/k/v groups stacked
+    on the device, rank 16 laid out in their stacks' layout by the gather itself."""
     from loraserve.server.engine.lora import adapter_pages
     from loraserve.server.engine.types import TokenEvent
 
     model_dir = build_test_model("llama", model_cache)
-    shape = AdapterShape(rank=12, alpha=16, targets="all-linear", seed=9)
+    shape = AdapterShape(rank=rank, alpha=16, targets="all-linear", seed=9)
     adapter_dir = make_peft_adapter(model_dir, tmp_path / "cold", shape)
     harness = EngineHarness(model_dir, tmp_path / "data", device="cuda", dtype=dtype)
     try:
@@ -159,6 +163,8 @@ def test_cuda_cold_load_on_the_loader_stream(dtype: str, model_cache: Path, tmp_
         pool = harness.engine.device_pool
         placement = pool.placement(key)
         assert placement is not None and pool.cold_pending() == 0
+        on_device = pool._layout.on_device
+        assert on_device is not None and on_device.builds == 1, "laid out on the GPU"
 
         weights = harness.service.load(key)
         for name, (lora_a, lora_b) in weights.modules.items():
