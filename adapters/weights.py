@@ -40,9 +40,9 @@ class AdapterWeights:
     of one buffer holding the whole adapter, when loaded by load_adapter_weights), or, loaded
     `as_stored`, in the file's own dtype: then read-only views of the file's bytes."""
     flat: torch.Tensor | None = None
-    """The one buffer (elements,) every factor is a view of, when loaded by
-    load_adapter_weights: a cold load can copy it to the device as it is (one copy) and lay
-    the pages out there (server.engine.device_layout)."""
+    """The one buffer (elements,) every factor is a view of and that holds nothing else, when
+    loaded by load_adapter_weights: a cold load can copy it to the device as it is (one copy)
+    and lay the pages out there (server.engine.device_layout)."""
     structure: object = None
     """What the factors' names, shapes and places in `flat` follow from (the AdapterStructure
     they were read with; a StructureCache hands the same one to every adapter of one
@@ -51,11 +51,15 @@ class AdapterWeights:
     @property
     def nbytes(self) -> int:
         """Bytes held by all A and B tensors."""
+        if self.flat is not None:  # holds the factors and nothing else: one call, not 2 per module
+            return self.flat.nbytes
         return sum(a.nbytes + b.nbytes for a, b in self.modules.values())
 
     @property
     def numel(self) -> int:
         """Elements of all A and B tensors (what the adapter takes in any dtype)."""
+        if self.flat is not None:
+            return self.flat.numel()
         return sum(a.numel() + b.numel() for a, b in self.modules.values())
 
 

@@ -137,12 +137,13 @@ def plan_views(
             pairs = zip(a_all.unbind(0), b_all.unbind(0), strict=True)
             modules.update(zip(block.names, pairs, strict=True))
             continue
-        for names, a_group, b_group in zip(block.groups, a_all, b_all, strict=True):
+        # One call per factor of a group makes all its members' views (a cold load's loader
+        # thread holds the GIL for each call it makes).
+        groups = zip(block.groups, a_all.unbind(0), b_all.unbind(0), strict=True)
+        for names, a_group, b_group in groups:
             grouped[names] = (a_group, b_group)  # (n, M, page, d_in), (n, sum(d_out), page)
-            start = 0
-            for j, (name, d_out) in enumerate(zip(names, block.d_outs, strict=True)):
-                modules[name] = (a_group[:, j], b_group[:, start : start + d_out])
-                start += d_out
+            members = zip(a_group.unbind(1), b_group.split_with_sizes(block.d_outs, 1), strict=True)
+            modules.update(zip(names, members, strict=True))
     return {name: modules[name] for name, _, _ in shapes}, grouped
 
 

@@ -405,3 +405,4 @@ def test_every_factor_is_a_view_of_the_one_buffer_the_weights_carry(
             assert base <= factor.storage_offset() <= base + flat.numel() - factor.numel()
             covered += factor.numel()
     assert covered == flat.numel(), "the buffer holds the factors and nothing else"
+    assert weights.numel == covered and weights.nbytes == covered * flat.element_size()
