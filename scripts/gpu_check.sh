@@ -25,7 +25,7 @@
 #   GPU_CHECK_GRPC=0 drops the bench's gRPC part; PARITY_TIMEOUT / PARITY_SYNC_TIMEOUT /
 #   KERNELS_TIMEOUT / BENCH_TIMEOUT / SYNC_TIMEOUT / SWITCH_TIMEOUT / ANCHOR_TIMEOUT /
 #   OVERLAP_TIMEOUT cap each part (s);
-#   PARITY_FILES (default: the CUDA engine, kernel and fused-op tests) picks the parity part's
+#   PARITY_FILES (default: the CUDA engine, side-stream, kernel and fused-op tests) picks the parity part's
 #   test files;
 #   KERNELS_ONLY (default lora,step) picks the kernel bench's parts: lora, step, profile,
 #   first_calls (python -m loraserve.bench.kernels --help).
@@ -74,7 +74,7 @@ if [[ ",$skip," != *",parity,"* ]]; then
   start=$SECONDS
   # shellcheck disable=SC2086  # PARITY_FILES is a list of paths
   timeout "${PARITY_TIMEOUT:-150}" "$py" -m pytest -q -p no:cacheprovider \
-    ${PARITY_FILES:-tests/engine/test_cuda.py tests/engine/test_lora_kernels.py tests/engine/test_fused_ops.py} \
+    ${PARITY_FILES:-tests/engine/test_cuda.py tests/engine/test_side_stream.py tests/engine/test_lora_kernels.py tests/engine/test_fused_ops.py} \
     > "$out/parity.log" 2>&1
   echo "parity exit $? in $((SECONDS - start)) s: $(tail -1 "$out/parity.log")"
 fi

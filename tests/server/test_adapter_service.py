@@ -17,7 +17,7 @@ from loraserve.adapters.errors import (
 )
 from loraserve.adapters.spec import BaseModelSpec
 from loraserve.adapters.store import AdapterStore
-from loraserve.server.adapter_service import AdapterService, FileDeclaration
+from loraserve.server.adapter_service import AdapterService, FileDeclaration, checksum_workers
 from loraserve.server.config import ServerConfig
 from loraserve.server.engine.model import load_base_model
 from loraserve.server.engine.types import AdapterKey, AdapterRef, EngineError, ErrorKind
@@ -696,3 +696,8 @@ def test_name_deletes_tell_usage_the_highest_version_and_pins_the_new_latest(
     h.service.rollback(TENANT, "qv", 1)
     h.service.delete(TENANT, "qv")
     assert deleted == [(TENANT, "qv", 3)]
+
+
+def test_checksum_threads_follow_the_cores_from_four_to_eight() -> None:
+    assert [checksum_workers(c) for c in (1, 2, 8, 10, 16, 64)] == [4, 4, 4, 5, 8, 8]
+    assert 4 <= checksum_workers() <= 8  # this machine's
