@@ -175,6 +175,7 @@ def lay_out(
 
 
 def page_shapes(modules: dict[str, tuple[torch.Tensor, torch.Tensor]]) -> PageShapes:
+    """(name, d_in, d_out) of each module, from its A (r, d_in) and B (d_out, r)."""
     return [(name, lora_a.shape[1], lora_b.shape[0]) for name, (lora_a, lora_b) in modules.items()]
 
 
@@ -195,7 +196,9 @@ def write_blocks(
     A rows as they are (rows past r zero), B's columns by page through `store_b(b, out)`, with
     b (entries, rows, n, page_rank) padded with zero columns and `out` the arena's view of
     those pages. Any dtype: lay_out writes values, device_layout element numbers."""
-    rank = next(iter(modules.values()))[0].shape[0]
+    if not modules:
+        return
+    rank = next(iter(modules.values()))[0].shape[0]  # A: (r, d_in)
     width = n * page_rank
     for block, a_all, b_all in plan_blocks(arena, plan, n, page_rank):
         names = (
