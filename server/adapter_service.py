@@ -58,6 +58,7 @@ def checksum_workers(cores: int | None = None) -> int:
         cores = cores or os.cpu_count() or 1
     return max(4, min(8, cores // 2))
 
+
 MAX_CHUNK_BYTES = 4 * 1024 * 1024
 """Largest FileChunk.data accepted (the proto's documented bound)."""
 
