@@ -522,7 +522,12 @@ class LoRAGroup:
         for member, _, _ in parts:
             member.occupied.update(pages)
             vars(member)["generation"] += 1  # past nn.Module.__setattr__, as in write_pages
-        self._note_live(list(pages))
+        # Every member now holds every page of the run: all live, no per-page member scan.
+        for page in pages:
+            if page not in self.live_pages:
+                self.live_pages.add(page)
+                if self.index is not None:
+                    self.index.update(self.kind, page, False, True)
         copies.add(self.live[first : first + n], self._ones[:n])  # (n,) int32
 
     def clear_pages(self, pages: list[int], index: torch.Tensor) -> None:

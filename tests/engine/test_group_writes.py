@@ -190,3 +190,27 @@ def test_an_unfused_layer_run_write_equals_an_indexed_write() -> None:
     assert torch.equal(by_run.lora_a, by_index.lora_a)
     assert torch.equal(by_run.lora_b, by_index.lora_b)
     assert by_run.occupied == by_index.occupied == {2, 3}
+
+
+def test_a_run_written_again_after_the_stacks_moved_lands_in_the_new_stacks() -> None:
+    """After the stacks are freed and made again (an unreserved group emptied, then written),
+    the same run of pages is written into the new stacks, all live again."""
+    group, index = _group(OUTS, reserve=False)
+
+    def write(seed: int) -> list[MemberPages]:
+        parts = [(m, *_pages(m, 2, seed + j)) for j, m in enumerate(group.members)]
+        copies = PageCopies()
+        group.write_run(3, NUM_PAGES, parts, _stacked(parts), copies)
+        copies.flush()
+        return parts
+
+    write(1)
+    group.clear_pages([3, 4], torch.tensor([3, 4]))
+    group.release_memory()
+    assert group.a is None
+    parts = write(5)  # the same run of pages, into stacks made anew
+    assert group.a is not None and group.b is not None and group.live is not None
+    stacked = _stacked(parts)
+    assert torch.equal(group.a[3:5], stacked[0]) and torch.equal(group.b[3:5], stacked[1])
+    assert group.live.tolist()[3:5] == [1, 1] and group.live_pages == {3, 4}
+    assert index.kinds_for([3]) == {"qkv"}
