@@ -14,9 +14,10 @@ pages out there, with a handful of launches whatever the adapter's size:
 
 `index` says, for every element of the staging buffer, which element of `flat` it holds (0:
 padding, a zero). It depends only on the adapter's structure (names, shapes and places of its
-factors, the rank) and the page layout, so it is computed once per structure, by running the
-host layout's own block writes over element numbers instead of values (so the two layouts
-cannot drift apart), and kept on the device, least recently used first out under a byte budget.
+factors, the rank: `layout_key`; not alpha) and the page layout, so it is computed once per
+structure, by running the host layout's own block writes over element numbers instead of
+values (so the two layouts cannot drift apart), and kept on the device, least recently used
+first out under a byte budget.
 An adapter whose index would not fit the budget, or whose factors are not views of one buffer,
 is laid out on the host as before. The pages are bit for bit the host layout's: A rounded once
 to the pages' dtype, B times the scale in float32, then rounded once.
@@ -26,11 +27,12 @@ from __future__ import annotations
 
 import threading
 from collections import OrderedDict
+from collections.abc import Hashable
 from dataclasses import dataclass
 
 import torch
 
-from loraserve.adapters.weights import AdapterWeights
+from loraserve.adapters.weights import AdapterStructure, AdapterWeights
 from loraserve.server.engine.page_plan import (
     ArenaPlan,
     PageShapes,
@@ -58,7 +60,8 @@ class LayoutIndex:
     shapes: PageShapes
     plan: ArenaPlan
     structure: object
-    """Held so that its id, part of the cache key, stays its own while cached."""
+    """The structure it was made for: held, so that an id in the cache key (layout_key) stays
+    that structure's while cached."""
 
 
 class DeviceLayouts:
@@ -119,10 +122,10 @@ class DeviceLayouts:
     ) -> LayoutIndex | None:
         if weights.flat is None or weights.structure is None or not weights.modules:
             return None
-        key = (id(weights.structure), page_rank, n, groups)
+        key = (layout_key(weights.structure), page_rank, n, groups)
         with self._lock:
             found = self._cache.get(key)
-            if found is not None and found.structure is weights.structure:
+            if found is not None:
                 self._cache.move_to_end(key)
                 return found
         shapes = page_shapes(weights.modules)
@@ -155,6 +158,16 @@ class DeviceLayouts:
                 _, evicted = self._cache.popitem(last=False)
                 self._bytes -= 4 * evicted.index.numel()
         return found
+
+
+def layout_key(structure: object) -> Hashable:
+    """What an adapter's staging layout follows from, given its structure: for an
+    AdapterStructure, which tensor holds each module's factors and where each tensor lies in
+    the buffer, and the rank (not the config's other fields: adapters that differ only in
+    alpha share an index); for anything else, the object itself."""
+    if isinstance(structure, AdapterStructure):
+        return (structure.module_keys, structure.in_place, structure.config.rank)
+    return ("object", id(structure))
 
 
 def element_numbers(

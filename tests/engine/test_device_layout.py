@@ -14,7 +14,7 @@ import pytest
 import torch
 
 from loraserve.adapters.config import LoraAdapterConfig
-from loraserve.adapters.weights import AdapterWeights
+from loraserve.adapters.weights import AdapterStructure, AdapterWeights, InPlacePlan
 from loraserve.server.engine.cold_loader import PageLayout, stage
 from loraserve.server.engine.device_layout import DeviceLayouts
 from loraserve.server.engine.lora import adapter_pages
@@ -39,8 +39,8 @@ def _weights(
     structure: object = None,
     use_rslora: bool = False,
 ) -> AdapterWeights:
-    """An adapter whose factors are views of one buffer, in another order than the modules'
-    (as a file may hold them), with a few elements of the buffer belonging to no factor."""
+    """An adapter whose factors are views of one buffer that holds them and nothing else, in
+    another order than the modules' (as a file may hold them)."""
     gen = torch.Generator().manual_seed(seed)
     sizes = {
         (name, i): (rank, d_in) if i == 0 else (d_out, rank)
@@ -48,9 +48,9 @@ def _weights(
         for i in (0, 1)
     }
     order = sorted(sizes, key=lambda k: (k[1], k[0]))  # every B first, names sorted
-    total = sum(r * c for r, c in sizes.values()) + 3
+    total = sum(r * c for r, c in sizes.values())
     flat = torch.randn(total, generator=gen).to(storage)  # (elements,)
-    views, offset = {}, 3  # three leading elements no factor uses
+    views, offset = {}, 0
     for k in order:
         rows, cols = sizes[k]
         views[k] = flat[offset : offset + rows * cols].view(rows, cols)
@@ -137,3 +137,38 @@ def test_what_the_gather_cannot_take_is_left_to_the_host_layout() -> None:
     staged = stage(AdapterKey("t", "a", 1, rank=8), weights, layout, None, time.monotonic())
     want_a, _ = adapter_pages(*weights.modules["q"], weights.config.scale, 8, 1, torch.float32)
     assert torch.equal(staged.modules["q"][0], want_a)
+
+
+def _as_read(rank: int, alpha: float, seed: int = 0) -> AdapterWeights:
+    """_weights with the AdapterStructure a load would attach: each module's keys, and where
+    each tensor lies in the buffer (fresh objects each call, as for files checked apart)."""
+    weights = _weights(rank, seed=seed)
+    flat = weights.flat
+    assert flat is not None
+    views = []
+    keys = []
+    for name, (a, b) in weights.modules.items():
+        keys.append((name, f"{name}.lora_A", f"{name}.lora_B"))
+        for key, t in ((f"{name}.lora_A", a), (f"{name}.lora_B", b)):
+            views.append((key, tuple(t.shape), t.stride(), t.storage_offset()))
+    config = LoraAdapterConfig(
+        rank=rank, alpha=alpha, use_rslora=False, target_modules="all-linear", raw={}
+    )
+    structure = AdapterStructure(
+        config, (), tuple(keys), InPlacePlan(flat.dtype, 0, tuple(sorted(views)))
+    )
+    return AdapterWeights(config, weights.modules, flat=flat, structure=structure)
+
+
+def test_adapters_that_differ_only_in_alpha_share_one_index() -> None:
+    layouts = DeviceLayouts(CPU)
+    first, other_alpha = _as_read(16, alpha=16), _as_read(16, alpha=64, seed=1)
+    assert first.structure is not other_alpha.structure
+    for weights in (first, other_alpha):
+        got = layouts.lay_out(weights, 8, 2, torch.float32)
+        assert got is not None
+        want, _, _ = lay_out(weights, 8, 2, torch.float32, pin=False)
+        assert torch.equal(got[0], want)  # each with its own scale
+    assert layouts.builds == 1
+    assert layouts.lay_out(_as_read(8, alpha=16), 8, 1, torch.float32) is not None
+    assert layouts.builds == 2, "another rank is another layout"
