@@ -17,6 +17,7 @@ of the adapter as read (server.engine.device_layout), the host layout timed besi
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import statistics
@@ -144,13 +145,7 @@ def _main(args: argparse.Namespace, scratch: Path) -> dict:
     device = torch.device(args.device)
     cuda = device.type == "cuda"
     host_layout = PageLayout(8, page_dtype, device, groups=_fused_groups(shapes))
-    layout = PageLayout(
-        8,
-        page_dtype,
-        device,
-        groups=host_layout.groups,
-        on_device=DeviceLayouts(device) if cuda else None,
-    )
+    layout = dataclasses.replace(host_layout, on_device=DeviceLayouts(device) if cuda else None)
 
     def staged_now(key: AdapterKey, weights: AdapterWeights, how: PageLayout) -> object:
         """Staged, the copy (or the layout on the device) finished."""
